@@ -1,0 +1,30 @@
+"""draftapprox: draft-based approximate inference (SpecKV, SpecPC, SpecKV-PC) for long-context LLMs."""
+
+from .errors import ConfigError, DraftApproxError, FetchError, InputError, ModelError
+from .generation import Compression, Record, Result, Sampling, compress, generate, new_state
+from .methods import (
+    METHODS,
+    AdaKV,
+    AdaSpecKV,
+    FullKV,
+    PyramidKV,
+    RandomPC,
+    RecencyPC,
+    SnapKV,
+    SpecKV,
+    SpecKVPC,
+    SpecPC,
+    StreamingLLM,
+    TargetPC,
+    make,
+)
+from .models.loading import Pair, check_tokenizers, load_model, load_pair, pair_from_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS", "AdaKV", "AdaSpecKV", "Compression", "ConfigError", "DraftApproxError", "FetchError", "FullKV",
+    "InputError", "ModelError", "Pair", "PyramidKV", "RandomPC", "RecencyPC", "Record", "Result", "Sampling",
+    "SnapKV", "SpecKV", "SpecKVPC", "SpecPC", "StreamingLLM", "TargetPC", "check_tokenizers", "compress",
+    "generate", "load_model", "load_pair", "make", "new_state", "pair_from_models",
+]

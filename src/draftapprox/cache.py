@@ -1,0 +1,137 @@
+"""Compressed KV caches built from per-layer keep masks.
+
+A KV method answers, for every layer, a boolean mask `(batch, kv_heads, n)` of prompt positions to keep. When every
+head of a layer keeps the same number of positions (StreamingLLM, SnapKV, PyramidKV, SpecKV) the layer becomes an
+ordinary contiguous `DynamicLayer` of that length, so decoding runs the model's own kernel and its cost follows the
+budget. When heads keep different numbers (AdaKV, Ada-SpecKV) the layer becomes a `HeadwiseLayer`, which really
+holds only the kept pairs in a flattened layout instead of masking evicted ones.
+Kept keys keep their original RoPE rotation; callers pass explicit position ids when decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+
+
+def _dense_layer(keys: torch.Tensor, values: torch.Tensor) -> DynamicLayer:
+    layer = DynamicLayer()
+    layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys.contiguous(), values.contiguous()
+    return layer
+
+
+class HeadwiseLayer(CacheLayerMixin):
+    """A cache layer whose KV heads hold different numbers of prompt pairs.
+
+    The compressed prompt part is stored flat: `prefix_keys[t]` belongs to the flattened (batch, kv_head) segment
+    `segment[t]`, so memory is exactly the number of kept pairs. Tokens decoded afterwards go to every head and are
+    kept in a dense `(batch, kv_heads, t, d)` tail. Attention over both is computed in `attend`, which the capture
+    wrapper calls instead of the model's kernel.
+    """
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor):
+        super().__init__()
+        b, g, n, d = keys.shape
+        flat = keep.reshape(b * g, n)
+        self.batch, self.heads, self.head_dim = b, g, d
+        self.segment = flat.nonzero(as_tuple=True)[0]
+        self.prefix_keys = keys.reshape(b * g, n, d)[flat]
+        self.prefix_values = values.reshape(b * g, n, d)[flat]
+        self.head_lengths = flat.sum(-1).view(b, g)
+        self.keys = keys.new_empty(b, g, 0, d)
+        self.values = values.new_empty(b, g, 0, d)
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return self.keys, self.values
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
+        """Attention of `query (b, H, q, d)` over the ragged prefix and the causal dense tail `key/value`."""
+        b, h, q, d = query.shape
+        g, t = self.heads, key.shape[2]
+        rows = query.reshape(b * g, (h // g) * q, d)
+        prefix = (rows @ self.prefix_keys.T) * scaling  # (b*g, rows, T): one matmul over all heads' pairs
+        foreign = self.segment[None, :] != torch.arange(b * g, device=query.device)[:, None]
+        prefix = prefix.masked_fill(foreign[:, None, :], float("-inf"))
+        tail = (rows @ key.reshape(b * g, t, d).transpose(1, 2)) * scaling
+        causal = torch.arange(t, device=query.device)[None, :] > (t - q + torch.arange(q, device=query.device))[:, None]
+        tail = tail.view(b * g, h // g, q, t).masked_fill(causal, float("-inf")).view(b * g, -1, t)
+        probs = torch.cat([prefix, tail], dim=-1).float().softmax(-1).to(query.dtype)
+        out = probs[..., :-t] @ self.prefix_values if t else probs @ self.prefix_values
+        if t:
+            out = out + probs[..., -t:] @ value.reshape(b * g, t, d)
+        out = out.view(b, h, q, d).transpose(1, 2).contiguous()
+        return out, None
+
+    def get_seq_length(self) -> int:
+        return int(self.head_lengths.max()) + self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in (self.prefix_keys, self.prefix_values, self.keys,
+                                                          self.values))
+
+
+def compress_cache(full: DynamicCache, keep: list[torch.Tensor]) -> DynamicCache:
+    """A new cache holding, per layer, the positions of `keep[layer]` (b, G, n) of the first n cached positions.
+
+    The full cache is not modified, so one prefill can serve several methods.
+    """
+    out = DynamicCache()
+    out.layers = []
+    for layer, mask in zip(full.layers, keep, strict=True):
+        n = mask.shape[-1]
+        keys, values = layer.keys[..., :n, :], layer.values[..., :n, :]
+        counts = mask.sum(-1)
+        if bool((counts == counts.flatten()[0]).all()):
+            k = int(counts.flatten()[0])
+            # Kept positions in increasing order: a stable sort puts the True entries first, in position order.
+            idx = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :k]
+            gather = idx[..., None].expand(-1, -1, -1, keys.shape[-1])
+            out.layers.append(_dense_layer(keys.gather(2, gather), values.gather(2, gather)))
+        else:
+            out.layers.append(HeadwiseLayer(keys, values, mask))
+    return out
+
+
+def truncate_cache(cache: DynamicCache, length: int) -> None:
+    """Drop cached positions from `length` on, in place (used to undo a lookahead forward)."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+
+
+def kv_bytes(cache: DynamicCache) -> int:
+    """Bytes of keys and values actually held by a cache."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, HeadwiseLayer):
+            total += layer.nbytes()
+        elif layer.keys is not None:
+            total += layer.keys.numel() * layer.keys.element_size() * 2
+    return total
+
+
+def kept_pairs(cache: DynamicCache) -> int:
+    """KV pairs (position x KV head x layer) held for the prompt part of a freshly compressed cache."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, HeadwiseLayer):
+            total += int(layer.head_lengths.sum())
+        else:
+            total += layer.keys.shape[0] * layer.keys.shape[1] * layer.keys.shape[2]
+    return total

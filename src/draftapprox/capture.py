@@ -1,0 +1,145 @@
+"""One attention-capture mechanism for every architecture that uses transformers' attention-function registry.
+
+Every modern transformers decoder (Llama, Qwen2, Qwen3, Mistral, ...) computes its post-RoPE queries and keys in
+its own attention module and then calls `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`. We register a thin
+wrapper around the model's own kernel (SDPA by default) under a new name and switch the model to it. Outside a
+`scope` the wrapper only forwards, so a prepared model behaves exactly as before. Inside a scope it
+- records the trailing query rows of each layer (post-RoPE, so position information is already applied), which is
+  all the window scores of every attention-based method need: keys come from the KV cache, and no `n x n` attention
+  matrix is ever formed;
+- lets layers of a compressed cache with per-head lengths compute their own attention (see `cache.HeadwiseLayer`).
+No per-model copy of attention code is involved, which is what lets one method file serve every architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from .errors import ModelError
+
+PREFIX = "draftapprox_"
+
+
+@dataclass
+class QueryCapture:
+    """Keeps the last `rows` query rows per layer, concatenated across successive forwards."""
+
+    rows: int
+    layers: frozenset[int] | None = None
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    scaling: dict[int, float] = field(default_factory=dict)
+
+    def record(self, layer: int, query: torch.Tensor, scaling: float) -> None:
+        if self.layers is not None and layer not in self.layers:
+            return
+        q = query[..., -self.rows:, :]
+        if layer in self.queries:
+            q = torch.cat([self.queries[layer], q], dim=2)[..., -self.rows:, :]
+        self.queries[layer] = q.detach().clone() if q.data_ptr() == query.data_ptr() else q.detach()
+        self.scaling[layer] = scaling
+
+
+@dataclass
+class _Scope:
+    capture: QueryCapture | None
+    cache: object | None
+    single_query_unmasked: bool
+
+
+_scope: ContextVar[_Scope | None] = ContextVar("draftapprox_scope", default=None)
+
+
+@contextmanager
+def scope(capture: QueryCapture | None = None, cache: object | None = None,
+          single_query_unmasked: bool = False) -> Iterator[QueryCapture | None]:
+    """Activate capture and/or compressed-cache attention for the forwards run inside the block.
+
+    `single_query_unmasked`: a single new query attends to every cached key, so its mask is dropped. That is what
+    makes decoding correct on caches whose layers hold different numbers of keys (PyramidKV, AdaKV), where a mask
+    built from layer 0's length would be wrong for the others.
+    """
+    token = _scope.set(_Scope(capture, cache, single_query_unmasked))
+    try:
+        yield capture
+    finally:
+        _scope.reset(token)
+
+
+def _base_function(base: str):
+    if base == "eager":
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        return eager_attention_forward
+    if base not in AttentionInterface._global_mapping:
+        raise ModelError(f"attention implementation {base!r} is not registered in transformers")
+    return AttentionInterface._global_mapping[base]
+
+
+def _make_wrapper(base: str):
+    base_fn = _base_function(base)
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        active = _scope.get()
+        if active is not None:
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            if active.capture is not None:
+                active.capture.record(module.layer_idx, query, scaling)
+            layers = getattr(active.cache, "layers", None)
+            if layers is not None and hasattr(layers[module.layer_idx], "attend"):
+                return layers[module.layer_idx].attend(query, key, value, scaling)
+            if active.single_query_unmasked and query.shape[2] == 1:
+                attention_mask = None
+        return base_fn(module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = f"{PREFIX}{base}"
+    return attention
+
+
+def _register(base: str) -> str:
+    name = f"{PREFIX}{base}"
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, _make_wrapper(base))
+        mask_base = base if base in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping else "sdpa"
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[mask_base])
+    return name
+
+
+def prepare(model: PreTrainedModel) -> PreTrainedModel:
+    """Route a model's attention through the capture wrapper; fails clearly for architectures it cannot handle."""
+    arch = type(model).__name__
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ModelError(f"{arch} does not route its attention through transformers' attention-function "
+                         "registry, so draftapprox cannot capture its queries (supported: Llama, Qwen2, Qwen3, "
+                         "Mistral and other decoders that use AttentionInterface)")
+    layers = decoder_layers(model)
+    if not all(hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx") for layer in layers):
+        raise ModelError(f"{arch}: decoder layers without a standard `self_attn` module are not supported")
+    current = model.config._attn_implementation or "sdpa"
+    if current.startswith(PREFIX):
+        return model
+    model.set_attn_implementation(_register(current))
+    return model
+
+
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ModelError(f"{type(model).__name__}: no decoder `layers` found; architecture not supported")
+    return layers
+
+
+def check_captured(model: PreTrainedModel, capture: QueryCapture) -> None:
+    """Fail loudly rather than score from nothing when a model bypassed the wrapper."""
+    wanted = capture.layers if capture.layers is not None else range(len(decoder_layers(model)))
+    missing = [i for i in wanted if i not in capture.queries]
+    if missing:
+        raise ModelError(f"{type(model).__name__}: no queries were captured in layers {missing[:5]}; its attention "
+                         "does not go through transformers' attention-function registry")

@@ -1,0 +1,119 @@
+"""What the draft model contributes: greedy lookahead tokens and its attention over the prompt.
+
+One draft run serves every method that agrees on it: `PromptState.lookahead` memoises the greedy tokens, so SpecPC
+(writing `L` tokens while it records attention), SpecKV, Ada-SpecKV and SpecKV-PC on the same prompt pay once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from .capture import QueryCapture, check_captured, decoder_layers
+from .forward import Timings, forward
+from .scoring import reduce, window_probs
+
+
+@dataclass
+class PromptState:
+    """One prompt and everything computed on it once, shared by all methods applied to it.
+
+    The target fields (`cache`, `queries`, `logits`) are filled by `generation.prefill`; `cache` then holds the n
+    prompt positions uncompressed and must be left that way (methods build new caches from it).
+    """
+
+    draft: PreTrainedModel | None
+    target: PreTrainedModel
+    input_ids: torch.Tensor
+    max_new_tokens: int
+    eos_ids: frozenset[int] = frozenset()
+    timings: Timings = field(default_factory=Timings)
+    cache: DynamicCache | None = None
+    queries: QueryCapture | None = None
+    logits: torch.Tensor | None = None
+    _lookahead: tuple[torch.Tensor, bool] | None = None  # (tokens (b, L), stopped at EOS)
+
+    @property
+    def n(self) -> int:
+        return self.input_ids.shape[1]
+
+    def require_draft(self, method: str) -> PreTrainedModel:
+        if self.draft is None:
+            from .errors import ConfigError
+
+            raise ConfigError(f"{method} needs a draft model; load a pair with a draft")
+        return self.draft
+
+    def lookahead(self, length: int) -> torch.Tensor:
+        """The draft's first `length` greedy tokens after the prompt (fewer if it stops at EOS)."""
+        if self._lookahead is not None:
+            tokens, stopped = self._lookahead
+            if stopped or tokens.shape[1] >= length:
+                return tokens[:, :length]
+        draft = self.require_draft("lookahead")
+        with self.timings.phase("draft", draft.device):
+            tokens = greedy(draft, self.input_ids, DynamicCache(), length, self.eos_ids)
+        self.remember_lookahead(tokens, length)
+        return tokens
+
+    def remember_lookahead(self, tokens: torch.Tensor, asked: int) -> None:
+        self._lookahead = (tokens, tokens.shape[1] < asked)
+
+
+@torch.inference_mode()
+def greedy(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache, length: int,
+           eos_ids: frozenset[int], capture: QueryCapture | None = None) -> torch.Tensor:
+    """Greedy tokens from a dense prefill and one cached forward per token; never recomputes the prompt.
+
+    The last token is not fed back (nothing needs its KV), so `length` tokens cost `length - 1` decode steps.
+    """
+    n = input_ids.shape[1]
+    logits = forward(model, input_ids, cache, 0, capture=capture)
+    tokens = []
+    for step in range(length):
+        token = logits.argmax(-1, keepdim=True)
+        tokens.append(token)
+        if int(token[0, 0]) in eos_ids or step == length - 1:
+            break
+        logits = forward(model, token, cache, n + step, capture=capture)
+    return torch.cat(tokens, dim=1)
+
+
+def token_scores(state: PromptState, model: PreTrainedModel, window: int, lookahead: int, start_layer: int,
+                 weighted: bool, reduction: str, phase: str = "draft") -> torch.Tensor:
+    """SpecPC's score per prompt token `(b, n)` from `model`'s attention (spec 3, steps 1-2).
+
+    Rows are the last `window` prompt queries (weighted 0..1 when `weighted`) and the query of every lookahead
+    token after the first; reduced over heads, rows, layers >= `start_layer` and steps. Every reduction is the
+    same max (or mean), so reducing all at once equals the reference's nested order.
+    """
+    draft, n = model, state.n
+    layers = len(decoder_layers(draft))
+    if not 0 <= start_layer < layers:
+        from .errors import ConfigError
+
+        raise ConfigError(f"start_layer={start_layer} is outside the model's {layers} layers")
+    w = min(window, n)
+    capture = QueryCapture(rows=w + max(lookahead, 1) - 1, layers=frozenset(range(start_layer, layers)))
+    cache = DynamicCache()
+    with state.timings.phase(phase, draft.device):
+        if lookahead <= 1:
+            forward(draft, state.input_ids, cache, 0, logits=False, capture=capture)
+        else:
+            tokens = greedy(draft, state.input_ids, cache, lookahead, state.eos_ids, capture=capture)
+            state.remember_lookahead(tokens, lookahead)
+    check_captured(draft, capture)
+    with state.timings.phase("scoring", draft.device):
+        per_layer = []
+        for layer, queries in capture.queries.items():
+            rows = queries.shape[2]
+            positions = torch.arange(n - w, n - w + rows)
+            probs = window_probs(queries, positions, cache.layers[layer].keys, n, capture.scaling[layer])
+            if weighted:
+                weights = torch.ones(rows, device=probs.device)
+                weights[:w] = torch.linspace(0, 1, w, device=probs.device)
+                probs = probs * weights[:, None]
+            per_layer.append(reduce(probs, (1, 2, 3), reduction))
+        return reduce(torch.stack(per_layer), (0,), reduction)

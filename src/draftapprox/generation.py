@@ -1,0 +1,262 @@
+"""Prefill, apply a method, decode: the only place that sequences phases and records what happened.
+
+Timings and byte counts are taken here alone, so the CLI, the evaluation harness, the benchmark and the server
+all report the same quantities. Decoding is a plain loop of single-token forwards with explicit positions, which
+is what a compressed cache needs: it holds fewer entries than the position decoding continues from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .cache import compress_cache, kv_bytes
+from .capture import QueryCapture, check_captured
+from .draft import PromptState
+from .errors import ConfigError, InputError
+from .forward import forward, shallow_copy
+from .methods import FullKV, KVMethod, Method, PromptMethod, SpecKVPC
+from .models.loading import Pair
+
+
+@dataclass
+class Sampling:
+    """Greedy when `temperature` is 0; otherwise temperature + nucleus (top-p) sampling from a seeded generator."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def sampler(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed if self.seed is not None else torch.seed())
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            if self.temperature == 0:
+                return logits.argmax(-1, keepdim=True)
+            probs = (logits.float() / self.temperature).softmax(-1).cpu()
+            if self.top_p < 1:
+                sorted_probs, order = probs.sort(-1, descending=True)
+                outside = sorted_probs.cumsum(-1) - sorted_probs > self.top_p
+                probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0))
+            return torch.multinomial(probs, 1, generator=generator).to(logits.device)
+
+        return pick
+
+
+@dataclass
+class Record:
+    """What a generation did: sizes before/after compression and seconds per phase."""
+
+    method: str
+    prompt_tokens: int
+    budget_tokens: int | None
+    kept_tokens: int | None  # prompt tokens the target saw (prompt methods and cascades)
+    kv_bytes_full: int  # the target's KV cache of the whole prompt
+    kv_bytes_kept: int  # the KV cache decoding started from
+    new_tokens: int = 0
+    stop_reason: str = "length"
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Result:
+    text: str
+    tokens: list[int]
+    record: Record
+
+
+def encode(pair: Pair, prompt: str, chat: bool = False, max_new_tokens: int = 0) -> torch.Tensor:
+    """Token ids `(1, n)` of a prompt, through the chat template when asked; rejects what cannot be run."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("the prompt is empty")
+    tokenizer = pair.tokenizer
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError("--chat was asked for but this tokenizer has no chat template")
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=not chat, return_tensors="pt").input_ids
+    limit = pair.context_length
+    if limit and ids.shape[1] + max_new_tokens > limit:
+        raise InputError(f"the prompt has {ids.shape[1]} tokens; with {max_new_tokens} new tokens that exceeds the "
+                         f"target's context of {limit}")
+    return ids
+
+
+def kv_bytes_per_token(pair: Pair) -> int:
+    cfg = pair.target.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    element = torch.finfo(pair.target.dtype).bits // 8
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * element
+
+
+def new_state(pair: Pair, input_ids: torch.Tensor, max_new_tokens: int) -> PromptState:
+    return PromptState(pair.draft, pair.target, input_ids, max_new_tokens, pair.eos_ids)
+
+
+def prefill(state: PromptState, rows: int) -> None:
+    """Dense target prefill of the prompt, capturing its last `rows` queries per layer; shared by KV methods.
+
+    Runs again only if an earlier prefill captured fewer rows than now needed.
+    """
+    if state.cache is not None and (rows == 0 or (state.queries and state.queries.rows >= rows)):
+        return
+    target = state.target
+    capture = QueryCapture(rows=min(rows, state.n)) if rows else None
+    state.cache = DynamicCache()
+    with state.timings.phase("target_prefill", target.device):
+        state.logits = forward(target, state.input_ids.to(target.device), state.cache, 0, capture=capture)
+    if capture is not None:
+        check_captured(target, capture)
+    state.queries = capture
+
+
+def _check_method(pair: Pair, method: Method) -> None:
+    if not isinstance(method, Method):
+        raise ConfigError(f"method must be a draftapprox method instance, got {method!r}")
+    if method.needs_draft and pair.draft is None:
+        raise ConfigError(f"{method.name} needs a draft model; load the pair with a draft")
+
+
+def apply_kv(state: PromptState, method: KVMethod) -> tuple[DynamicCache, torch.Tensor, int]:
+    """Prefill (if not done), compress, and return (cache, logits of the first new token, bytes kept)."""
+    prefill(state, method.rows if not method.is_noop(state.n) else 0)
+    if method.is_noop(state.n):
+        cache = shallow_copy(state.cache)
+        return cache, state.logits, kv_bytes(cache)
+    selection = method.select(state)
+    target = state.target
+    with state.timings.phase("compression", target.device):
+        cache = compress_cache(state.cache, selection.keep)
+    kept = kv_bytes(cache)
+    logits = state.logits
+    if selection.refeed:
+        with state.timings.phase("decode", target.device):
+            logits = forward(target, state.input_ids[:, -1:].to(target.device), cache, state.n - 1, compressed=True)
+    return cache, logits, kept
+
+
+def compress_prompt(state: PromptState, method: PromptMethod) -> torch.Tensor:
+    """Kept positions `(b, C)` of the prompt, in order (all of them when the budget covers the prompt)."""
+    if method.is_noop(state.n):
+        return torch.arange(state.n).expand(state.input_ids.shape[0], -1)
+    return method.select(state)
+
+
+def decode(state: PromptState, cache: DynamicCache, logits: torch.Tensor, position: int, max_new_tokens: int,
+           sampling: Sampling, stop: list[str], tokenizer) -> tuple[list[int], str]:
+    """Sample up to `max_new_tokens`, feeding each token at `position + i`; stops at EOS or a stop string."""
+    target, pick = state.target, sampling.sampler()
+    tokens: list[int] = []
+    reason = "length"
+    with state.timings.phase("decode", target.device):
+        for i in range(max_new_tokens):
+            token = pick(logits)
+            tokens.append(int(token[0, 0]))
+            if tokens[-1] in state.eos_ids:
+                reason = "eos"
+                break
+            if stop and any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stop):
+                reason = "stop"
+                break
+            if i + 1 < max_new_tokens:
+                logits = forward(target, token, cache, position + i, compressed=True)
+    return tokens, reason
+
+
+def _finish_text(tokenizer, tokens: list[int], stop: list[str]) -> str:
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    for s in stop:
+        if s in text:
+            text = text[: text.index(s)]
+    return text
+
+
+def generate(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None, *, max_new_tokens: int = 64,
+             chat: bool = False, sampling: Sampling | None = None, stop: list[str] | None = None,
+             state: PromptState | None = None) -> Result:
+    """Generate from `prompt` with `method` (default FullKV); returns the text and a `Record`.
+
+    `prompt` may be text or token ids `(1, n)`. Pass a `state` from `new_state` to share the target prefill and
+    the draft lookahead between several methods on the same prompt (its timings then accumulate).
+    """
+    method = method if method is not None else FullKV()
+    _check_method(pair, method)
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sampling, stop = sampling or Sampling(), [s for s in (stop or []) if s]
+    if state is None:
+        ids = prompt if isinstance(prompt, torch.Tensor) else encode(pair, prompt, chat, max_new_tokens)
+        state = new_state(pair, ids, max_new_tokens)
+    n, per_token = state.n, kv_bytes_per_token(pair)
+    budget = None if isinstance(method, FullKV) else min(method.tokens(n), n)
+    kept_tokens = None
+    start = dict(state.timings.seconds)
+    if isinstance(method, KVMethod):
+        cache, logits, kept_bytes = apply_kv(state, method)
+        position = n
+    else:
+        kv_stage = None
+        if isinstance(method, SpecKVPC):
+            pc, kv_stage = method.stages(max_new_tokens)
+        else:
+            pc = method
+        positions = compress_prompt(state, pc)
+        kept_ids = state.input_ids.gather(1, positions)
+        kept_tokens = kept_ids.shape[1]
+        sub = new_state(pair, kept_ids, max_new_tokens)
+        sub.timings, sub._lookahead = state.timings, state._lookahead
+        if kv_stage is not None:
+            cache, logits, kept_bytes = apply_kv(sub, kv_stage)
+            position = kept_tokens
+        else:
+            keep_positions = isinstance(pc, PromptMethod) and pc.keep_positions
+            cache = DynamicCache()
+            with state.timings.phase("target_prefill", pair.target.device):
+                # Kept tokens re-indexed 0..C-1 (the reference), or at their original positions.
+                logits = forward(pair.target, kept_ids.to(pair.target.device), cache,
+                                 positions if keep_positions else 0)
+            kept_bytes = kv_bytes(cache)
+            position = n if keep_positions else kept_tokens
+    tokens, reason = decode(state, cache, logits, position, max_new_tokens, sampling, stop, pair.tokenizer)
+    timings = {k: v - start.get(k, 0.0) for k, v in state.timings.seconds.items() if v - start.get(k, 0.0) > 0}
+    record = Record(method.name, n, budget, kept_tokens, per_token * n, kept_bytes, len(tokens), reason, timings)
+    return Result(_finish_text(pair.tokenizer, tokens, stop), tokens, record)
+
+
+@dataclass
+class Compression:
+    """A compressed prompt: the kept token ids, their positions in the original prompt, and the text."""
+
+    text: str
+    token_ids: list[int]
+    positions: list[int]
+    prompt_tokens: int
+    method: str
+    timings: dict[str, float]
+
+
+def compress(pair: Pair, prompt: str, method: PromptMethod, *, chat: bool = False) -> Compression:
+    """Compress a prompt for any engine: only the kept tokens, in their original order."""
+    if not isinstance(method, PromptMethod):
+        raise ConfigError(f"{getattr(method, 'name', method)} is not a prompt-compression method "
+                          "(choose specpc, targetpc, randompc or recencypc)")
+    _check_method(pair, method)
+    state = new_state(pair, encode(pair, prompt, chat), 1)
+    positions = compress_prompt(state, method)
+    ids = state.input_ids.gather(1, positions)[0].tolist()
+    return Compression(pair.tokenizer.decode(ids), ids, positions[0].tolist(), state.n, method.name,
+                       dict(state.timings.seconds))

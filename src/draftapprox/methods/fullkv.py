@@ -1,0 +1,18 @@
+"""FullKV: keep every pair; the ceiling every method is compared with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import KVMethod
+
+
+@dataclass
+class FullKV(KVMethod):
+    """The budget is ignored; generation decodes from the uncompressed prefill cache."""
+
+    name = "fullkv"
+    summary = "no compression: the uncompressed KV cache (ceiling)"
+
+    def is_noop(self, n: int) -> bool:
+        return True

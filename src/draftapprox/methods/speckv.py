@@ -1,0 +1,62 @@
+"""SpecKV: the draft writes an approximate answer; the target scores prompt KV pairs by the attention that the
+prompt's tail and that answer pay to them (Galim et al., 2026, section 4.1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import truncate_cache
+from ..capture import QueryCapture, check_captured
+from ..draft import PromptState
+from ..forward import forward
+from .base import positive
+from .scorer import ScorerKV, Scores
+
+
+@dataclass
+class SpecKV(ScorerKV):
+    """`lookahead`: draft tokens (None: the request's max_new_tokens, the reference default).
+
+    Window queries are the last `window + 1` prompt positions and every draft token; candidates are positions
+    `< n - window - 1`; positions `n-window-1 .. n-2` are kept and the last prompt token is fed again on the
+    compressed cache. The draft tokens run through the target on top of the shared prompt cache (the cheaper
+    order the spec allows) and their pairs are discarded afterwards.
+    """
+
+    lookahead: int | None = None
+    name = "speckv"
+    summary = "draft answer + prompt tail score the target's KV pairs; top pairs per KV head are kept"
+    needs_draft = True
+
+    def validate(self) -> None:
+        if self.lookahead is not None:
+            positive(self, "lookahead", self.lookahead, minimum=0)
+        super().validate()
+
+    @property
+    def rows(self) -> int:
+        return self.window + 1
+
+    def scores(self, state: PromptState) -> Scores:
+        n, w = state.n, self.window
+        length = state.max_new_tokens if self.lookahead is None else self.lookahead
+        tokens = state.lookahead(length) if length > 0 else state.input_ids[:, :0]
+        extra = QueryCapture(rows=max(tokens.shape[1], 1))
+        target = state.target
+        if tokens.shape[1]:
+            with state.timings.phase("target_lookahead", target.device):
+                forward(target, tokens.to(target.device), state.cache, n, logits=False, capture=extra)
+            check_captured(target, extra)
+        positions = torch.arange(n - w - 1, n + tokens.shape[1])
+        with state.timings.phase("scoring", target.device):
+            per_layer = []
+            for i, q in sorted(state.queries.queries.items()):
+                rows = q[..., -(w + 1):, :]
+                if tokens.shape[1]:
+                    rows = torch.cat([rows, extra.queries[i]], dim=2)
+                keys = state.cache.layers[i].keys
+                per_layer.append(self.layer_scores(rows, positions, keys, n - w - 1, state.queries.scaling[i]))
+        truncate_cache(state.cache, n)
+        return Scores(per_layer, range(n - w - 1, n - 1), refeed=True)

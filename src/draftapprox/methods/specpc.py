@@ -1,0 +1,57 @@
+"""SpecPC: the draft's own attention ranks prompt tokens; the target (any engine) receives only the important ones
+with their neighbours (Galim et al., 2026, section 4.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from ..draft import PromptState, token_scores
+from ..scoring import specpc_select
+from .base import PromptMethod, choice, positive
+
+
+@dataclass
+class SpecPC(PromptMethod):
+    """Reference defaults: `window=64`, `lookahead=1` (prefill attention only: no decoding step), `pool=max`,
+    `kernel=64`, `neighbors=kernel`, `reduction=max`, `start_layer=8`, `weighted=True` (window rows weighted 0..1).
+    """
+
+    window: int = 64
+    lookahead: int = 1
+    pool: str = "max"
+    kernel: int = 64
+    neighbors: int | None = None
+    reduction: str = "max"
+    start_layer: int = 8
+    weighted: bool = True
+    name = "specpc"
+    summary = "draft attention ranks prompt tokens; top tokens and their neighbours go to the target"
+    needs_draft = True
+
+    def validate(self) -> None:
+        positive(self, "window", self.window)
+        positive(self, "lookahead", self.lookahead)
+        positive(self, "kernel", self.kernel)
+        if self.neighbors is not None:
+            positive(self, "neighbors", self.neighbors, minimum=0)
+        positive(self, "start_layer", self.start_layer, minimum=0)
+        choice(self, "pool", self.pool, ("max", "avg"))
+        choice(self, "reduction", self.reduction, ("max", "mean"))
+        super().validate()
+
+    def scorer_model(self, state: PromptState) -> PreTrainedModel:
+        return state.require_draft(self.name)
+
+    def select(self, state: PromptState) -> torch.Tensor:
+        budget = self.tokens(state.n)
+        self.check_window(budget)
+        model = self.scorer_model(state)
+        phase = "draft" if model is state.draft else "target_scoring"
+        scores = token_scores(state, model, self.window, self.lookahead, self.start_layer, self.weighted,
+                              self.reduction, phase)
+        neighbors = self.kernel if self.neighbors is None else self.neighbors
+        with state.timings.phase("scoring", model.device):
+            return specpc_select(scores, budget, self.window, self.kernel, neighbors, self.pool)

@@ -1,0 +1,122 @@
+"""Loading models and pairing a draft with a target that shares its tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..capture import prepare
+from ..errors import ModelError
+from . import offline
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Pair:
+    """A target, an optional draft of the same tokenizer, and that tokenizer."""
+
+    target: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    draft: PreTrainedModel | None = None
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.target.config.get_text_config(), "max_position_embeddings", 0) or 0)
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        ids = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.target.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        return frozenset(ids)
+
+
+def _resolve(source: str | Path | None, cache: str | Path | None) -> tuple[Path | str, str | None]:
+    """(path or hub id, gguf file name) for a source; offline names are fetched into the cache on first use."""
+    if source is None:
+        source = offline.TARGET.name
+    text = str(source)
+    if text in offline.OFFLINE_MODELS:
+        return offline.fetch(text, cache), None
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        return path.parent, path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a model directory (no config.json)")
+        return path, None
+    if path.exists() or text.startswith((".", "/", "~")):
+        raise ModelError(f"model not found: {path}")
+    return text, None  # a Hugging Face hub id
+
+
+def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
+               threads: int | None = None, attn_implementation: str = "sdpa",
+               cache: str | Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a hub id, a local directory, a `.gguf` file or an offline name.
+
+    The model is prepared for attention capture (see `capture.prepare`) and put in eval mode.
+    """
+    if threads is not None:
+        if threads < 1:
+            raise ModelError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ModelError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    location, gguf_file = _resolve(source, cache)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation=attn_implementation,
+                                                     **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model {source}: {first}") from exc
+    model = prepare(model.to(device).eval())
+    return model, tokenizer
+
+
+def check_tokenizers(draft: PreTrainedTokenizerBase, target: PreTrainedTokenizerBase) -> None:
+    """Raise naming the first difference unless both tokenizers map every string to the same ids."""
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        a, b = getattr(draft, attr, None), getattr(target, attr, None)
+        if a != b:
+            raise ModelError(f"draft and target tokenizers differ: {attr} is {a} in the draft, {b} in the target")
+    va, vb = draft.get_vocab(), target.get_vocab()
+    if len(va) != len(vb):
+        raise ModelError(f"draft and target tokenizers differ: vocabularies of {len(va)} and {len(vb)} entries")
+    for token, index in sorted(va.items(), key=lambda item: item[1]):
+        if vb.get(token) != index:
+            raise ModelError(f"draft and target tokenizers differ: token {token!r} is id {index} in the draft, "
+                             f"{vb.get(token)} in the target")
+    probe = "Draft-based approximate inference: 12345 + ünïcode 日本語 \n\tdef f(x): return x**2"
+    if draft.encode(probe) != target.encode(probe):
+        raise ModelError("draft and target tokenizers differ: same vocabulary but different merges or normalisation")
+
+
+def load_pair(draft: str | Path | None = None, target: str | Path | None = None, *, with_draft: bool = True,
+              **kwargs) -> Pair:
+    """Load a draft/target pair (default: the offline Qwen2.5-Coder 0.5B/1.5B) and check they share a tokenizer."""
+    target_model, tokenizer = load_model(target if target is not None else offline.TARGET.name, **kwargs)
+    if not with_draft:
+        return Pair(target_model, tokenizer)
+    draft_model, draft_tokenizer = load_model(draft if draft is not None else offline.DRAFT.name, **kwargs)
+    check_tokenizers(draft_tokenizer, tokenizer)
+    return Pair(target_model, tokenizer, draft_model)
+
+
+def pair_from_models(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                     draft: PreTrainedModel | None = None) -> Pair:
+    """Wrap models the caller already holds (prepares them for capture)."""
+    return Pair(prepare(target.eval()), tokenizer, prepare(draft.eval()) if draft is not None else None)
