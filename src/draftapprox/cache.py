@@ -64,12 +64,12 @@ class HeadwiseLayer(CacheLayerMixin):
         foreign = self.segment[None, :] != torch.arange(b * g, device=query.device)[:, None]
         prefix = prefix.masked_fill(foreign[:, None, :], float("-inf"))
         tail = (rows @ key.reshape(b * g, t, d).transpose(1, 2)) * scaling
-        causal = torch.arange(t, device=query.device)[None, :] > (t - q + torch.arange(q, device=query.device))[:, None]
-        tail = tail.view(b * g, h // g, q, t).masked_fill(causal, float("-inf")).view(b * g, -1, t)
+        positions = torch.arange(q, device=query.device)
+        causal = torch.arange(t, device=query.device)[None, :] > (t - q + positions)[:, None]
+        tail = tail.view(b * g, h // g, q, t).masked_fill(causal, float("-inf")).view(b * g, (h // g) * q, t)
         probs = torch.cat([prefix, tail], dim=-1).float().softmax(-1).to(query.dtype)
-        out = probs[..., :-t] @ self.prefix_values if t else probs @ self.prefix_values
-        if t:
-            out = out + probs[..., -t:] @ value.reshape(b * g, t, d)
+        prefix_probs, tail_probs = probs.split([prefix.shape[-1], t], dim=-1)
+        out = prefix_probs @ self.prefix_values + tail_probs @ value.reshape(b * g, t, d)
         out = out.view(b, h, q, d).transpose(1, 2).contiguous()
         return out, None
 

@@ -1,0 +1,209 @@
+"""The `draftapprox` command: generate, compress, methods, models fetch/list.
+
+User mistakes end as one line on stderr and exit code 2; only bugs keep a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import DraftApproxError, InputError
+
+app = typer.Typer(help="Draft-based approximate inference (SpecKV, SpecPC) for long-context LLMs.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+models_app = typer.Typer(help="Fetch and list the offline Qwen2.5-Coder 0.5B (draft) / 1.5B (target) pair.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+err = Console(stderr=True)
+
+MethodOpt = Annotated[str, typer.Option("--method", "-m", help="Method name (see `draftapprox methods`).")]
+BudgetOpt = Annotated[str | None, typer.Option(
+    "--budget", "-b", help="Tokens (256) or a ratio of the prompt (0.25). Default: the method's own.")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", "-s", help="A method knob, KEY=VALUE; repeatable (e.g. --set window=32 --set kernel=7).")]
+PromptFileOpt = Annotated[Path | None, typer.Option(
+    "--prompt-file", "-f", help="Read the prompt from this file (default: standard input).")]
+ExampleOpt = Annotated[bool, typer.Option("--example", help="Use the built-in ~1.4k-token example prompt.")]
+DraftOpt = Annotated[str | None, typer.Option(help="Draft model: HF id, directory, .gguf file (default: offline 0.5B).")]
+TargetOpt = Annotated[str | None, typer.Option(help="Target model: HF id, directory, .gguf (default: offline 1.5B).")]
+ChatOpt = Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of plain text.")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch.")]
+CacheOpt = Annotated[Path | None, typer.Option(
+    "--cache-dir", help="Model cache directory (default: $DRAFTAPPROX_CACHE or the user cache dir).")]
+
+
+def _read_prompt(prompt_file: Path | None, example: bool) -> str:
+    if example:
+        from .examples import long_prompt
+
+        return long_prompt()
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise InputError(f"prompt file not found: {prompt_file}")
+        data = prompt_file.read_bytes()
+    else:
+        if sys.stdin.isatty():
+            raise InputError("no prompt: pass --prompt-file, --example, or pipe the prompt on standard input")
+        data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"the prompt is not valid UTF-8 (byte {exc.start})") from None
+    if not text.strip():
+        raise InputError("the prompt is empty")
+    return text
+
+
+def _method(name: str, budget: str | None, settings: list[str] | None):
+    from .methods import make, parse_budget
+
+    knobs = {}
+    for item in settings or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set expects KEY=VALUE, got {item!r}")
+        knobs[key.strip()] = value.strip()
+    return make(name, parse_budget(budget) if budget is not None else None, **knobs)
+
+
+def _pair(method, draft, target, dtype, device, threads, cache_dir):
+    from .models.loading import load_pair
+
+    return load_pair(draft, target, with_draft=method.needs_draft, dtype=dtype, device=device, threads=threads,
+                     cache=cache_dir)
+
+
+@app.command()
+def generate(
+    method: MethodOpt = "speckv",
+    budget: BudgetOpt = None,
+    knob: SetOpt = None,
+    prompt_file: PromptFileOpt = None,
+    example: ExampleOpt = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 64,
+    draft: DraftOpt = None,
+    target: TargetOpt = None,
+    chat: ChatOpt = False,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string; repeatable.")] = None,
+    as_json: JsonOpt = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Generate an answer with a method applied to the prompt."""
+    from .generation import Sampling
+    from .generation import generate as run
+
+    chosen = _method(method, budget, knob)
+    prompt = _read_prompt(prompt_file, example)
+    sampling = Sampling(temperature, top_p, seed)
+    pair = _pair(chosen, draft, target, dtype, device, threads, cache_dir)
+    result = run(pair, prompt, chosen, max_new_tokens=max_new_tokens, chat=chat, sampling=sampling, stop=stop)
+    if as_json:
+        print(json.dumps({"text": result.text, **result.record.to_dict(), "config": chosen.describe()}))
+    else:
+        print(result.text)
+
+
+@app.command()
+def compress(
+    method: MethodOpt = "specpc",
+    budget: BudgetOpt = None,
+    knob: SetOpt = None,
+    prompt_file: PromptFileOpt = None,
+    example: ExampleOpt = False,
+    draft: DraftOpt = None,
+    target: TargetOpt = None,
+    chat: ChatOpt = False,
+    as_json: JsonOpt = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Compress a prompt (SpecPC or another prompt method) so that any engine can run the shorter one."""
+    from .generation import compress as run
+    from .methods import PromptMethod
+
+    chosen = _method(method, budget, knob)
+    if not isinstance(chosen, PromptMethod):
+        raise InputError(f"{method} is not a prompt-compression method; choose specpc, targetpc, randompc or "
+                         "recencypc")
+    prompt = _read_prompt(prompt_file, example)
+    pair = _pair(chosen, draft, target, dtype, device, threads, cache_dir)
+    out = run(pair, prompt, chosen, chat=chat)
+    if as_json:
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "positions": out.positions,
+                          "prompt_tokens": out.prompt_tokens, "kept_tokens": len(out.token_ids),
+                          "method": out.method, "timings": out.timings}))
+    else:
+        print(out.text)
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """List every method with its knobs and defaults."""
+    import dataclasses
+
+    from .methods import METHODS, knob_fields
+
+    table = Table("method", "kind", "budget", "knobs (defaults)", "what it does")
+    for name, cls in METHODS.items():
+        default_budget = "-" if name == "fullkv" else next(f.default for f in dataclasses.fields(cls)
+                                                             if f.name == "budget")
+        knobs = ", ".join(f"{f.name}={f.default if f.default is not dataclasses.MISSING else '...'}"
+                          for f in knob_fields(cls))
+        table.add_row(name, cls.kind, str(default_budget), knobs or "-", cls.summary)
+    Console(width=200).print(table)
+
+
+@models_app.command("fetch")
+def models_fetch(
+    names: Annotated[list[str] | None, typer.Argument(help="Offline model names (default: the pair).")] = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Download, verify and convert the offline models (idempotent, resumable)."""
+    from .models import offline
+
+    for name in names or [offline.DRAFT.name, offline.TARGET.name]:
+        already = offline.is_fetched(name, cache_dir)
+        path = offline.fetch(name, cache_dir)
+        err.print(f"{name}: {'already cached' if already else 'ready'} at {path}")
+
+
+@models_app.command("list")
+def models_list(cache_dir: CacheOpt = None) -> None:
+    """Show the offline models and what is cached."""
+    from .models import offline
+    from .paths import cache_dir as root
+
+    table = Table("model", "state", "size", "path", title=f"cache: {root(cache_dir)}")
+    for row in offline.list_cached(cache_dir):
+        table.add_row(row.name, row.state, f"{row.bytes / 2**30:.2f} GiB" if row.bytes else "-", str(row.path))
+    Console(width=200).print(table)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except DraftApproxError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise SystemExit(130) from None

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny randomly initialised decoders of every supported architecture, built in the test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from draftapprox.models.loading import pair_from_models
+
+VOCAB = 512
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+
+
+def tiny_model(arch: str = "qwen2", layers: int = 4, heads: int = 4, kv_heads: int = 2, seed: int = 0,
+               context: int = 2048, attn: str = "sdpa"):
+    """A small decoder with random weights; GQA when kv_heads < heads. Scaled-up init gives peaky attention."""
+    config_cls, model_cls = ARCHS[arch]
+    extra = {"sliding_window": None} if arch == "mistral" else {}
+    config = config_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16,
+                        max_position_embeddings=context, tie_word_embeddings=False, initializer_range=0.2,
+                        eos_token_id=VOCAB - 1, bos_token_id=VOCAB - 2, pad_token_id=VOCAB - 2,
+                        attn_implementation=attn, **extra)
+    torch.manual_seed(seed)
+    return model_cls(config).eval()
+
+
+def tiny_tokenizer(shift: int = 0) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `VOCAB` entries; `shift` permutes ids to make an incompatible twin."""
+    vocab = {f"w{i}": (i + shift) % (VOCAB - 2) for i in range(VOCAB - 2)}
+    vocab.update({"<s>": VOCAB - 2, "</s>": VOCAB - 1})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<s>",
+                                   unk_token="w0")
+
+
+def prompt_ids(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB - 2, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=list(ARCHS))
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def pair(arch):
+    """Target and draft of one architecture (GQA target, non-GQA draft), sharing a tokenizer."""
+    return pair_from_models(tiny_model(arch, layers=4, seed=0), tiny_tokenizer(),
+                            tiny_model(arch, layers=3, heads=4, kv_heads=4, seed=1))
+
+
+@pytest.fixture
+def qwen_pair():
+    return pair_from_models(tiny_model("qwen2", layers=4, seed=0), tiny_tokenizer(),
+                            tiny_model("qwen2", layers=3, heads=4, kv_heads=4, seed=1))

@@ -1,0 +1,169 @@
+"""The matrix over every method and architecture: budgets honoured, no-op equals FullKV, determinism, and
+selections equal to the slow implementations of tests/reference.py."""
+
+import pytest
+import torch
+
+import draftapprox as da
+from draftapprox.cache import HeadwiseLayer, compress_cache, kept_pairs
+from draftapprox.errors import ConfigError
+from draftapprox.generation import compress_prompt, new_state, prefill
+from draftapprox.methods import METHODS, KVMethod, PromptMethod, make
+
+from ..conftest import prompt_ids
+from ..reference import snapkv_keep, specpc_positions, speckv_keep
+
+N = 160
+KV_METHODS = ["streamingllm", "snapkv", "pyramidkv", "adakv", "speckv", "adaspeckv"]
+SMALL = {"window": 8, "kernel": 5}  # knobs that fit a 160-token prompt
+PC_SMALL = {"window": 16, "kernel": 8, "start_layer": 1}
+
+
+def small(name: str, budget):
+    if name in ("streamingllm", "fullkv", "recencypc"):
+        return make(name, budget)
+    if name in ("specpc", "targetpc"):
+        return make(name, budget, **PC_SMALL)
+    if name == "randompc":
+        return make(name, budget, window=16)
+    if name == "speckvpc":
+        return make(name, budget, prompt_budget=120, pc_kernel=9, pc_start_layer=1, window=8, kernel=5)
+    return make(name, budget, **SMALL)
+
+
+def test_every_method_is_registered_with_a_kind_and_summary():
+    assert set(METHODS) == {"fullkv", "streamingllm", "snapkv", "pyramidkv", "adakv", "speckv", "adaspeckv",
+                            "specpc", "randompc", "recencypc", "targetpc", "speckvpc"}
+    for cls in METHODS.values():
+        assert cls.kind in ("kv", "prompt", "cascade") and cls.summary
+
+
+@pytest.mark.parametrize("name", KV_METHODS)
+def test_kv_budgets_are_honoured_exactly(pair, name):
+    method = small(name, 40)
+    state = new_state(pair, prompt_ids(N), 6)
+    prefill(state, method.rows)
+    selection = method.select(state)
+    layers, heads = len(selection.keep), pair.target.config.num_key_value_heads
+    counts = torch.stack([m.sum(-1) for m in selection.keep])  # (layers, b, G)
+    if name == "pyramidkv":
+        assert int(counts.sum()) == 40 * layers * heads  # the mean over layers is exactly the budget
+        per_layer = counts[:, 0, 0].tolist()
+        assert per_layer == sorted(per_layer, reverse=True) and per_layer[0] > per_layer[-1]
+    elif name.startswith("ada"):
+        assert counts.sum(-1).flatten().tolist() == [40 * heads] * layers  # total per layer
+    else:
+        assert counts.flatten().tolist() == [40] * (layers * heads)  # per head, per layer
+    if selection.refeed:
+        assert not any(bool(m[..., N - 1].any()) for m in selection.keep)
+    cache = compress_cache(state.cache, selection.keep)
+    assert kept_pairs(cache) == int(counts.sum())
+    if name.startswith("ada") and any(isinstance(layer, HeadwiseLayer) for layer in cache.layers):
+        ragged = [layer for layer in cache.layers if isinstance(layer, HeadwiseLayer)]
+        assert any(int(layer.head_lengths.max()) > 40 for layer in ragged)
+
+
+@pytest.mark.parametrize("name", KV_METHODS + ["fullkv"])
+def test_kv_method_with_budget_covering_prompt_equals_fullkv(pair, name):
+    ids = prompt_ids(60)
+    full = da.generate(pair, ids, da.FullKV(), max_new_tokens=8).tokens
+    assert da.generate(pair, ids, small(name, 60), max_new_tokens=8).tokens == full
+    assert da.generate(pair, ids, small(name, 1.0), max_new_tokens=8).tokens == full
+
+
+@pytest.mark.parametrize("name", ["specpc", "targetpc", "randompc", "recencypc"])
+def test_prompt_method_with_budget_covering_prompt_keeps_prompt(pair, name):
+    state = new_state(pair, prompt_ids(60), 4)
+    assert compress_prompt(state, small(name, 100))[0].tolist() == list(range(60))
+
+
+@pytest.mark.parametrize("name", ["specpc", "targetpc", "randompc", "recencypc"])
+def test_prompt_budgets_are_honoured_exactly(pair, name):
+    state = new_state(pair, prompt_ids(N), 4)
+    positions = compress_prompt(state, small(name, 50))
+    assert positions.shape == (1, 50)
+    assert positions[0].tolist() == sorted(set(positions[0].tolist()))
+    assert positions[0, -1] == N - 1  # the prompt's last token (the question) always survives
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"fullkv"}))
+def test_every_method_generates_and_is_deterministic(qwen_pair, name):
+    ids = prompt_ids(N)
+    first = da.generate(qwen_pair, ids, small(name, 48), max_new_tokens=6)
+    again = da.generate(qwen_pair, ids, small(name, 48), max_new_tokens=6)
+    assert first.tokens == again.tokens and 1 <= len(first.tokens) <= 6
+    record = first.record
+    assert record.prompt_tokens == N and record.kv_bytes_full > record.kv_bytes_kept
+    if isinstance(small(name, 48), KVMethod):
+        assert record.kv_bytes_kept / record.kv_bytes_full == pytest.approx(48 / N)
+    elif isinstance(small(name, 48), PromptMethod):
+        assert record.kept_tokens == 48
+
+
+def test_speckv_selection_equals_slow_reference(pair):
+    ids = prompt_ids(N)
+    method = da.SpecKV(40, window=8, kernel=5, lookahead=5)
+    state = new_state(pair, ids, 5)
+    prefill(state, method.rows)
+    keep = method.select(state).keep
+    with torch.no_grad():
+        draft_tokens = pair.draft.generate(ids, max_new_tokens=5, do_sample=False)[:, N:]
+    assert torch.equal(state.lookahead(5), draft_tokens)
+    slow = speckv_keep(pair.target, ids, draft_tokens, 40, 8, 5)
+    for layer, heads in enumerate(slow):
+        for g, expected in enumerate(heads):
+            assert set(keep[layer][0, g].nonzero().flatten().tolist()) == expected
+
+
+def test_snapkv_selection_equals_slow_reference(pair):
+    ids = prompt_ids(N)
+    method = da.SnapKV(40, window=8, kernel=5)
+    state = new_state(pair, ids, 4)
+    prefill(state, method.rows)
+    keep = method.select(state).keep
+    for layer, heads in enumerate(snapkv_keep(pair.target, ids, 40, 8, 5)):
+        for g, expected in enumerate(heads):
+            assert set(keep[layer][0, g].nonzero().flatten().tolist()) == expected
+
+
+def test_specpc_selection_equals_slow_reference(pair):
+    ids = prompt_ids(N)
+    method = da.SpecPC(48, window=16, kernel=8, start_layer=1)
+    ours = compress_prompt(new_state(pair, ids, 4), method)[0].tolist()
+    assert ours == specpc_positions(pair.draft, ids, 48, 16, 8, 8, 1)
+
+
+def test_speckv_draft_lookahead_is_shared_between_methods(qwen_pair):
+    ids = prompt_ids(N)
+    state = new_state(qwen_pair, ids, 6)
+    da.generate(qwen_pair, ids, small("speckv", 40), max_new_tokens=6, state=state)
+    draft_seconds = state.timings.seconds["draft"]
+    da.generate(qwen_pair, ids, small("adaspeckv", 40), max_new_tokens=6, state=state)
+    assert state.timings.seconds["draft"] == draft_seconds  # no second draft run
+    assert state.cache.layers[0].keys.shape[2] == N  # the shared prefill cache is left uncompressed
+
+
+@pytest.mark.parametrize(("name", "knobs", "message"), [
+    ("snapkv", {"kernel": 4}, "odd"),
+    ("snapkv", {"window": 64}, "larger than the budget"),
+    ("speckv", {"pool": "median"}, "pool"),
+    ("specpc", {"reduction": "sum"}, "reduction"),
+    ("pyramidkv", {"beta": 0.5}, "beta"),
+    ("adakv", {"alpha": 2.0}, "alpha"),
+    ("streamingllm", {"sinks": 40}, "sinks"),
+    ("snapkv", {"colour": "red"}, "unknown knob"),
+])
+def test_invalid_knobs_are_rejected(name, knobs, message):
+    with pytest.raises(ConfigError, match=message):
+        make(name, 32, **knobs)
+
+
+@pytest.mark.parametrize("budget", [0, -5, 0.0, 1.5, True, "many"])
+def test_invalid_budgets_are_rejected(budget):
+    with pytest.raises(ConfigError):
+        da.SnapKV(budget)
+
+
+def test_ratio_window_check_happens_when_the_budget_is_resolved(qwen_pair):
+    with pytest.raises(ConfigError, match="larger than the budget"):
+        da.generate(qwen_pair, prompt_ids(N), da.SnapKV(0.1, window=32), max_new_tokens=2)
