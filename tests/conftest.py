@@ -72,3 +72,11 @@ def pair(arch):
 def qwen_pair():
     return pair_from_models(tiny_model("qwen2", layers=4, seed=0), tiny_tokenizer(),
                             tiny_model("qwen2", layers=3, heads=4, kv_heads=4, seed=1))
+
+
+def save_tiny(directory, model, tokenizer) -> str:
+    """Save a tiny model and its tokenizer as a local model directory. (Use Llama-type models here: for a
+    `qwen2` config, AutoTokenizer rebuilds the word-level test tokenizer as a byte-level Qwen2Tokenizer.)"""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)

@@ -9,8 +9,7 @@ from .conftest import prompt_ids, tiny_model
 
 def _masked_dense_attention(query, keys, values, keep, scaling):
     """Reference: dense attention over all prompt keys with evicted ones masked out."""
-    b, h, q, d = query.shape
-    g = keys.shape[1]
+    h, g = query.shape[1], keys.shape[1]
     k = keys.repeat_interleave(h // g, 1)
     v = values.repeat_interleave(h // g, 1)
     logits = (query @ k.transpose(-1, -2)) * scaling

@@ -97,6 +97,7 @@ def compress_cache(full: DynamicCache, keep: list[torch.Tensor]) -> DynamicCache
     for layer, mask in zip(full.layers, keep, strict=True):
         n = mask.shape[-1]
         keys, values = layer.keys[..., :n, :], layer.values[..., :n, :]
+        mask = mask.to(keys.device)
         counts = mask.sum(-1)
         if bool((counts == counts.flatten()[0]).all()):
             k = int(counts.flatten()[0])

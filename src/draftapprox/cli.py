@@ -31,7 +31,7 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 PromptFileOpt = Annotated[Path | None, typer.Option(
     "--prompt-file", "-f", help="Read the prompt from this file (default: standard input).")]
 ExampleOpt = Annotated[bool, typer.Option("--example", help="Use the built-in ~1.4k-token example prompt.")]
-DraftOpt = Annotated[str | None, typer.Option(help="Draft model: HF id, directory, .gguf file (default: offline 0.5B).")]
+DraftOpt = Annotated[str | None, typer.Option(help="Draft model: HF id, directory, .gguf (default: offline 0.5B).")]
 TargetOpt = Annotated[str | None, typer.Option(help="Target model: HF id, directory, .gguf (default: offline 1.5B).")]
 ChatOpt = Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of plain text.")]

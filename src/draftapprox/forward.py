@@ -48,6 +48,7 @@ def forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache
 
     `compressed`: the cache is a compressed one (its length is not the position), see `capture.scope`.
     """
+    input_ids = input_ids.to(model.device)
     q = input_ids.shape[1]
     if isinstance(start, torch.Tensor):
         positions = start.to(input_ids.device)

@@ -118,7 +118,7 @@ def prefill(state: PromptState, rows: int) -> None:
     capture = QueryCapture(rows=min(rows, state.n)) if rows else None
     state.cache = DynamicCache()
     with state.timings.phase("target_prefill", target.device):
-        state.logits = forward(target, state.input_ids.to(target.device), state.cache, 0, capture=capture)
+        state.logits = forward(target, state.input_ids, state.cache, 0, capture=capture)
     if capture is not None:
         check_captured(target, capture)
     state.queries = capture
@@ -145,7 +145,7 @@ def apply_kv(state: PromptState, method: KVMethod) -> tuple[DynamicCache, torch.
     logits = state.logits
     if selection.refeed:
         with state.timings.phase("decode", target.device):
-            logits = forward(target, state.input_ids[:, -1:].to(target.device), cache, state.n - 1, compressed=True)
+            logits = forward(target, state.input_ids[:, -1:], cache, state.n - 1, compressed=True)
     return cache, logits, kept
 
 
@@ -215,7 +215,7 @@ def generate(pair: Pair, prompt: str | torch.Tensor, method: Method | None = Non
         else:
             pc = method
         positions = compress_prompt(state, pc)
-        kept_ids = state.input_ids.gather(1, positions)
+        kept_ids = state.input_ids.gather(1, positions.to(state.input_ids.device))
         kept_tokens = kept_ids.shape[1]
         sub = new_state(pair, kept_ids, max_new_tokens)
         sub.timings, sub._lookahead = state.timings, state._lookahead
@@ -227,7 +227,7 @@ def generate(pair: Pair, prompt: str | torch.Tensor, method: Method | None = Non
             cache = DynamicCache()
             with state.timings.phase("target_prefill", pair.target.device):
                 # Kept tokens re-indexed 0..C-1 (the reference), or at their original positions.
-                logits = forward(pair.target, kept_ids.to(pair.target.device), cache,
+                logits = forward(pair.target, kept_ids, cache,
                                  positions if keep_positions else 0)
             kept_bytes = kv_bytes(cache)
             position = n if keep_positions else kept_tokens
@@ -257,6 +257,6 @@ def compress(pair: Pair, prompt: str, method: PromptMethod, *, chat: bool = Fals
     _check_method(pair, method)
     state = new_state(pair, encode(pair, prompt, chat), 1)
     positions = compress_prompt(state, method)
-    ids = state.input_ids.gather(1, positions)[0].tolist()
+    ids = state.input_ids.gather(1, positions.to(state.input_ids.device))[0].tolist()
     return Compression(pair.tokenizer.decode(ids), ids, positions[0].tolist(), state.n, method.name,
                        dict(state.timings.seconds))

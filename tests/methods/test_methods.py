@@ -11,7 +11,7 @@ from draftapprox.generation import compress_prompt, new_state, prefill
 from draftapprox.methods import METHODS, KVMethod, PromptMethod, make
 
 from ..conftest import prompt_ids
-from ..reference import snapkv_keep, specpc_positions, speckv_keep
+from ..reference import snapkv_keep, speckv_keep, specpc_positions
 
 N = 160
 KV_METHODS = ["streamingllm", "snapkv", "pyramidkv", "adakv", "speckv", "adaspeckv"]
@@ -63,7 +63,7 @@ def test_kv_budgets_are_honoured_exactly(pair, name):
         assert any(int(layer.head_lengths.max()) > 40 for layer in ragged)
 
 
-@pytest.mark.parametrize("name", KV_METHODS + ["fullkv"])
+@pytest.mark.parametrize("name", [*KV_METHODS, "fullkv"])
 def test_kv_method_with_budget_covering_prompt_equals_fullkv(pair, name):
     ids = prompt_ids(60)
     full = da.generate(pair, ids, da.FullKV(), max_new_tokens=8).tokens

@@ -47,7 +47,7 @@ class SpecKV(ScorerKV):
         target = state.target
         if tokens.shape[1]:
             with state.timings.phase("target_lookahead", target.device):
-                forward(target, tokens.to(target.device), state.cache, n, logits=False, capture=extra)
+                forward(target, tokens, state.cache, n, logits=False, capture=extra)
             check_captured(target, extra)
         positions = torch.arange(n - w - 1, n + tokens.shape[1])
         with state.timings.phase("scoring", target.device):

@@ -1,0 +1,126 @@
+"""The command line: success paths on tiny local models, and every bad input as one line + non-zero exit."""
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from draftapprox.cli import main
+
+from .conftest import save_tiny, tiny_model, tiny_tokenizer
+
+PROMPT = " ".join(f"w{i % 300}" for i in range(120))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    made = {}
+    for name, kwargs, tok in (("target", {}, tiny_tokenizer()),
+                              ("draft", {"layers": 2, "seed": 1}, tiny_tokenizer()),
+                              ("other", {"seed": 2}, tiny_tokenizer(shift=3)),
+                              ("short", {"context": 64}, tiny_tokenizer())):
+        made[name] = save_tiny(root / name, tiny_model("llama", **kwargs), tok)
+    return made
+
+
+def cli(monkeypatch, capsys, args, stdin: bytes | None = PROMPT.encode()):
+    monkeypatch.setattr(sys, "argv", ["draftapprox", *args])
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin or b"")))
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out = capsys.readouterr()
+    return exit_info.value.code or 0, out.out, out.err
+
+
+def tiny(models, *extra):
+    return ["--draft", models["draft"], "--target", models["target"], *extra]
+
+
+def test_generate_json_reports_text_bytes_and_timings(monkeypatch, capsys, models):
+    code, out, _ = cli(monkeypatch, capsys, ["generate", "-m", "speckv", "-b", "0.25", "-n", "4", "--json",
+                                             "--set", "window=8", "--set", "kernel=5", *tiny(models)])
+    assert code == 0
+    record = json.loads(out)
+    assert record["method"] == "speckv" and record["prompt_tokens"] == 120
+    assert record["kv_bytes_kept"] / record["kv_bytes_full"] == pytest.approx(0.25, rel=0.05)
+    assert {"draft", "target_prefill", "decode"} <= set(record["timings"]) and isinstance(record["text"], str)
+
+
+def test_generate_from_prompt_file_prompt_method(monkeypatch, capsys, models, tmp_path):
+    path = tmp_path / "prompt.txt"
+    path.write_text(PROMPT)
+    code, out, _ = cli(monkeypatch, capsys, ["generate", "-m", "recencypc", "-b", "30", "-n", "3", "--json",
+                                             "--prompt-file", str(path), *tiny(models)], stdin=None)
+    assert code == 0 and json.loads(out)["kept_tokens"] == 30
+
+
+def test_compress_json_gives_ids_and_positions(monkeypatch, capsys, models):
+    code, out, _ = cli(monkeypatch, capsys, ["compress", "-b", "40", "--json", "--set", "window=8",
+                                             "--set", "kernel=4", "--set", "start_layer=1", *tiny(models)])
+    assert code == 0
+    record = json.loads(out)
+    words = PROMPT.split()
+    assert len(record["positions"]) == 40 == record["kept_tokens"]
+    assert record["text"].split() == [words[p] for p in record["positions"]]
+
+
+def test_methods_lists_every_method(monkeypatch, capsys):
+    code, out, _ = cli(monkeypatch, capsys, ["methods"])
+    assert code == 0
+    for name in ("fullkv", "snapkv", "speckv", "adaspeckv", "specpc", "speckvpc", "window=32", "kernel=64"):
+        assert name in out
+
+
+def test_models_list_with_a_cache_dir(monkeypatch, capsys, tmp_path):
+    code, out, _ = cli(monkeypatch, capsys, ["models", "list", "--cache-dir", str(tmp_path)])
+    assert code == 0 and "missing" in out and "qwen2.5-coder-1.5b-instruct" in out
+
+
+BAD = [
+    (["generate"], b"   \n", "prompt is empty"),
+    (["generate", "-b", "0"], None, "budget must be > 0"),
+    (["generate", "-b", "1.5"], None, "ratio must be in (0, 1]"),
+    (["generate", "-b", "lots"], None, "budget must be a token count"),
+    (["generate", "-m", "h2o"], None, "unknown method 'h2o'"),
+    (["generate", "-m", "snapkv", "--set", "colour=red"], None, "unknown knob 'colour'"),
+    (["generate", "-m", "snapkv", "--set", "kernel=6"], None, "kernel must be a positive odd number"),
+    (["generate", "-m", "snapkv", "-b", "16"], None, "window=32 is larger than the budget 16"),
+    (["generate", "--set", "window"], None, "KEY=VALUE"),
+    (["generate", "--set", "window=abc"], None, "cannot read 'abc'"),
+    (["generate"], b"\xff\xfe bad bytes", "not valid UTF-8"),
+    (["generate", "--prompt-file", "/nonexistent/prompt.txt"], None, "prompt file not found"),
+    (["compress", "-m", "snapkv"], None, "not a prompt-compression method"),
+]
+
+
+@pytest.mark.parametrize(("args", "stdin", "message"), BAD)
+def test_bad_input_is_one_line_and_non_zero(monkeypatch, capsys, models, args, stdin, message):
+    code, out, err = cli(monkeypatch, capsys, [*args, *tiny(models)], stdin=stdin or PROMPT.encode())
+    assert code == 2 and out == ""
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_model_problems_are_one_line_errors(monkeypatch, capsys, models, tmp_path):
+    corrupt = tmp_path / "broken.gguf"
+    corrupt.write_bytes(b"not a gguf file")
+    cases = [
+        (["--draft", models["other"], "--target", models["target"]], "tokenizers differ"),
+        (["--target", str(tmp_path / "missing.gguf")], "not found"),
+        (["--target", str(corrupt), "-m", "fullkv"], "cannot load model"),
+        (["--draft", models["draft"], "--target", models["short"]], "exceeds the target's context of 64"),
+    ]
+    for args, message in cases:
+        code, _, err = cli(monkeypatch, capsys, ["generate", "-m", "speckv", "--set", "window=8", *args]
+                           if "-m" not in args else ["generate", *args])
+        assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_real_entry_point_prints_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "draftapprox", "generate", "-m", "nope"], input=b"hello",
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.decode().strip().startswith("error: unknown method 'nope'")
+    assert b"Traceback" not in proc.stderr

@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+import draftapprox as da
+from draftapprox.errors import ConfigError, InputError
+from draftapprox.generation import encode
+
+from .conftest import prompt_ids
+
+
+def test_fullkv_equals_model_generate_token_for_token(pair):
+    ids = prompt_ids(120)
+    ours = da.generate(pair, ids, da.FullKV(), max_new_tokens=12)
+    with torch.no_grad():
+        ref = pair.target.generate(ids, max_new_tokens=12, do_sample=False)[0, 120:].tolist()
+    if ref and ref[-1] in pair.eos_ids:
+        ref = ref[: ref.index(ref[-1]) + 1]
+    assert ours.tokens == ref
+
+
+def test_record_reports_bytes_and_phases(qwen_pair):
+    result = da.generate(qwen_pair, prompt_ids(100), da.SpecKV(25, window=8, kernel=5), max_new_tokens=4)
+    record = result.record.to_dict()
+    assert record["kv_bytes_kept"] / record["kv_bytes_full"] == pytest.approx(0.25)
+    assert {"draft", "target_prefill", "target_lookahead", "scoring", "compression", "decode"} <= set(record["timings"])
+
+
+def test_seeded_sampling_is_reproducible_and_differs_from_greedy(qwen_pair):
+    ids = prompt_ids(50)
+    sampling = da.Sampling(temperature=1.5, top_p=0.95, seed=7)
+    a = da.generate(qwen_pair, ids, max_new_tokens=10, sampling=sampling).tokens
+    b = da.generate(qwen_pair, ids, max_new_tokens=10, sampling=sampling).tokens
+    greedy = da.generate(qwen_pair, ids, max_new_tokens=10).tokens
+    assert a == b and a != greedy
+
+
+def test_stop_string_cuts_text(qwen_pair):
+    ids = prompt_ids(40)
+    full = da.generate(qwen_pair, ids, max_new_tokens=6)
+    words = full.text.split()
+    stopped = da.generate(qwen_pair, ids, max_new_tokens=6, stop=[words[2]])
+    assert stopped.record.stop_reason == "stop" and words[2] not in stopped.text
+    assert len(stopped.tokens) == 3
+
+
+def test_text_prompts_and_chat_template(qwen_pair):
+    with pytest.raises(InputError, match="empty"):
+        encode(qwen_pair, "   ")
+    with pytest.raises(InputError, match="chat template"):
+        encode(qwen_pair, "w1 w2", chat=True)
+    qwen_pair.tokenizer.chat_template = "{% for m in messages %}w7 {{ m['content'] }} w8{% endfor %} w9"
+    assert encode(qwen_pair, "w1 w2", chat=True)[0].tolist() == [7, 1, 2, 8, 9]
+
+
+def test_prompt_longer_than_context_is_rejected(qwen_pair):
+    with pytest.raises(InputError, match="context"):
+        encode(qwen_pair, " ".join(["w5"] * 2100), max_new_tokens=8)
+
+
+def test_methods_needing_a_draft_refuse_a_target_only_pair(qwen_pair):
+    target_only = da.Pair(qwen_pair.target, qwen_pair.tokenizer)
+    with pytest.raises(ConfigError, match="draft"):
+        da.generate(target_only, prompt_ids(50), da.SpecKV(20, window=8), max_new_tokens=2)
+
+
+def test_keep_positions_continues_from_original_length(qwen_pair):
+    ids = prompt_ids(100)
+    def run(method):
+        return da.generate(qwen_pair, ids, method, max_new_tokens=5).tokens
+
+    # RoPE is relative: a contiguous tail gives the same answer at shifted positions, gaps do not.
+    assert run(da.RecencyPC(40)) == run(da.RecencyPC(40, keep_positions=True))
+    assert run(da.RandomPC(40, window=8)) != run(da.RandomPC(40, window=8, keep_positions=True))
+
+
+def test_compress_returns_positions_into_the_prompt(qwen_pair):
+    text = " ".join(f"w{i % 400}" for i in range(150))
+    out = da.compress(qwen_pair, text, da.SpecPC(30, window=8, kernel=4, start_layer=1))
+    words = text.split()
+    assert len(out.positions) == 30 == len(out.token_ids)
+    assert [f"w{t}" for t in out.token_ids] == [words[p] for p in out.positions]
+    with pytest.raises(ConfigError, match="not a prompt-compression"):
+        da.compress(qwen_pair, text, da.SnapKV(64))
