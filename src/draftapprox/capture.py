@@ -39,10 +39,11 @@ class QueryCapture:
     def record(self, layer: int, query: torch.Tensor, scaling: float) -> None:
         if self.layers is not None and layer not in self.layers:
             return
-        q = query[..., -self.rows:, :]
+        # A copy, not a view: a view would keep the whole prefill's queries of every layer alive.
+        q = query[..., -self.rows:, :].detach().clone()
         if layer in self.queries:
             q = torch.cat([self.queries[layer], q], dim=2)[..., -self.rows:, :]
-        self.queries[layer] = q.detach().clone() if q.data_ptr() == query.data_ptr() else q.detach()
+        self.queries[layer] = q
         self.scaling[layer] = scaling
 
 

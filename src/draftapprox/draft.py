@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from .capture import QueryCapture, check_captured, decoder_layers
+from .errors import ConfigError
 from .forward import Timings, forward
 from .scoring import reduce, window_probs
 
@@ -41,8 +42,6 @@ class PromptState:
 
     def require_draft(self, method: str) -> PreTrainedModel:
         if self.draft is None:
-            from .errors import ConfigError
-
             raise ConfigError(f"{method} needs a draft model; load a pair with a draft")
         return self.draft
 
@@ -92,8 +91,6 @@ def token_scores(state: PromptState, model: PreTrainedModel, window: int, lookah
     draft, n = model, state.n
     layers = len(decoder_layers(draft))
     if not 0 <= start_layer < layers:
-        from .errors import ConfigError
-
         raise ConfigError(f"start_layer={start_layer} is outside the model's {layers} layers")
     w = min(window, n)
     capture = QueryCapture(rows=w + max(lookahead, 1) - 1, layers=frozenset(range(start_layer, layers)))

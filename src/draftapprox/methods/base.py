@@ -120,6 +120,3 @@ class PromptMethod(Method):
         """Kept positions `(b, C)` in increasing order."""
         raise NotImplementedError
 
-
-def full_mask(state: PromptState, layers: int, heads: int) -> list[torch.Tensor]:
-    return [torch.ones(state.input_ids.shape[0], heads, state.n, dtype=torch.bool) for _ in range(layers)]
