@@ -1,8 +1,8 @@
 import torch
 from transformers import DynamicCache
 
-from draftapprox.cache import HeadwiseLayer, compress_cache, kept_pairs, kv_bytes
-from draftapprox.forward import forward, shallow_copy
+from draftapprox.cache import HeadwiseLayer, compress_cache, kept_pairs, kv_bytes, shallow_copy
+from draftapprox.forward import forward
 
 from .conftest import prompt_ids, tiny_model
 

@@ -110,6 +110,13 @@ def compress_cache(full: DynamicCache, keep: list[torch.Tensor]) -> DynamicCache
     return out
 
 
+def shallow_copy(cache: DynamicCache) -> DynamicCache:
+    """A cache sharing the tensors of `cache`; appending to it (torch.cat) leaves the original untouched."""
+    out = DynamicCache()
+    out.layers = [_dense_layer(layer.keys, layer.values) for layer in cache.layers]
+    return out
+
+
 def truncate_cache(cache: DynamicCache, length: int) -> None:
     """Drop cached positions from `length` on, in place (used to undo a lookahead forward)."""
     for layer in cache.layers:

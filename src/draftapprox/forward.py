@@ -62,11 +62,3 @@ def forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache
         model.get_decoder()(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True)
         return None
 
-
-def shallow_copy(cache: DynamicCache) -> DynamicCache:
-    """A cache sharing the tensors of `cache`; appending to it (torch.cat) leaves the original untouched."""
-    from .cache import _dense_layer
-
-    out = DynamicCache()
-    out.layers = [_dense_layer(layer.keys, layer.values) for layer in cache.layers]
-    return out

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .cache import compress_cache, kv_bytes
+from .cache import compress_cache, kv_bytes, shallow_copy
 from .capture import QueryCapture, check_captured
 from .draft import PromptState
 from .errors import ConfigError, InputError
-from .forward import forward, shallow_copy
+from .forward import forward
 from .methods import FullKV, KVMethod, Method, PromptMethod, SpecKVPC
 from .models.loading import Pair
 
