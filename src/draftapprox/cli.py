@@ -137,12 +137,10 @@ def compress(
 ) -> None:
     """Compress a prompt (SpecPC or another prompt method) so that any engine can run the shorter one."""
     from .generation import compress as run
-    from .methods import PromptMethod
+    from .generation import require_prompt_method
 
     chosen = _method(method, budget, knob)
-    if not isinstance(chosen, PromptMethod):
-        raise InputError(f"{method} is not a prompt-compression method; choose specpc, targetpc, randompc or "
-                         "recencypc")
+    require_prompt_method(chosen)
     prompt = _read_prompt(prompt_file, example)
     pair = _pair(chosen, draft, target, dtype, device, threads, cache_dir)
     out = run(pair, prompt, chosen, chat=chat)

@@ -18,7 +18,7 @@ from .capture import QueryCapture, check_captured
 from .draft import PromptState
 from .errors import ConfigError, InputError
 from .forward import forward
-from .methods import FullKV, KVMethod, Method, PromptMethod, SpecKVPC
+from .methods import METHODS, FullKV, KVMethod, Method, PromptMethod, SpecKVPC
 from .models.loading import Pair
 
 
@@ -150,10 +150,11 @@ def apply_kv(state: PromptState, method: KVMethod) -> tuple[DynamicCache, torch.
 
 
 def compress_prompt(state: PromptState, method: PromptMethod) -> torch.Tensor:
-    """Kept positions `(b, C)` of the prompt, in order (all of them when the budget covers the prompt)."""
+    """Kept positions `(b, C)` of the prompt, in order (all of them when the budget covers the prompt), on the
+    prompt's device so they index it directly."""
     if method.is_noop(state.n):
-        return torch.arange(state.n).expand(state.input_ids.shape[0], -1)
-    return method.select(state)
+        return torch.arange(state.n, device=state.input_ids.device).expand(state.input_ids.shape[0], -1)
+    return method.select(state).to(state.input_ids.device)
 
 
 def decode(state: PromptState, cache: DynamicCache, logits: torch.Tensor, position: int, max_new_tokens: int,
@@ -215,7 +216,7 @@ def generate(pair: Pair, prompt: str | torch.Tensor, method: Method | None = Non
         else:
             pc = method
         positions = compress_prompt(state, pc)
-        kept_ids = state.input_ids.gather(1, positions.to(state.input_ids.device))
+        kept_ids = state.input_ids.gather(1, positions)
         kept_tokens = kept_ids.shape[1]
         sub = new_state(pair, kept_ids, max_new_tokens)
         sub.timings, sub._lookahead = state.timings, state._lookahead
@@ -249,14 +250,19 @@ class Compression:
     timings: dict[str, float]
 
 
+def require_prompt_method(method: Method) -> None:
+    """Only prompt methods produce a shorter prompt; the CLI calls this before loading any model."""
+    if not isinstance(method, PromptMethod):
+        names = ", ".join(name for name, cls in METHODS.items() if issubclass(cls, PromptMethod))
+        raise ConfigError(f"{getattr(method, 'name', method)} is not a prompt-compression method (choose {names})")
+
+
 def compress(pair: Pair, prompt: str, method: PromptMethod, *, chat: bool = False) -> Compression:
     """Compress a prompt for any engine: only the kept tokens, in their original order."""
-    if not isinstance(method, PromptMethod):
-        raise ConfigError(f"{getattr(method, 'name', method)} is not a prompt-compression method "
-                          "(choose specpc, targetpc, randompc or recencypc)")
+    require_prompt_method(method)
     _check_method(pair, method)
     state = new_state(pair, encode(pair, prompt, chat), 1)
     positions = compress_prompt(state, method)
-    ids = state.input_ids.gather(1, positions.to(state.input_ids.device))[0].tolist()
+    ids = state.input_ids.gather(1, positions)[0].tolist()
     return Compression(pair.tokenizer.decode(ids), ids, positions[0].tolist(), state.n, method.name,
                        dict(state.timings.seconds))
