@@ -1,4 +1,4 @@
-"""The `draftapprox` command: generate, compress, methods, models fetch/list.
+"""The `draftapprox` command: generate, compress, methods, eval (+ report), models fetch/list.
 
 User mistakes end as one line on stderr and exit code 2; only bugs keep a traceback.
 """
@@ -167,6 +167,83 @@ def list_methods() -> None:
                           for f in knob_fields(cls))
         table.add_row(name, cls.kind, str(default_budget), knobs or "-", cls.summary)
     Console(width=200).print(table)
+
+
+eval_app = typer.Typer(help="Accuracy on an offline RULER grid: run it resumably (no subcommand), then report.",
+                       invoke_without_command=True)
+app.add_typer(eval_app, name="eval")
+DEFAULT_METHODS = ("fullkv,draft,streamingllm,snapkv,pyramidkv,adakv,speckv,adaspeckv,laq,speckvpc,"
+                   "specpc,targetpc,specprefill,randompc,recencypc")
+
+
+@eval_app.callback()
+def eval_grid(
+    ctx: typer.Context,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods; `draft` = the draft model alone.")] =
+    DEFAULT_METHODS,
+    budgets: Annotated[str, typer.Option(
+        help="Comma-separated; token counts go to KV methods, ratios (0.25) to prompt methods.")] =
+    "64,128,256,0.1,0.25,0.5",
+    lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "2048",
+    tasks: Annotated[str, typer.Option(help="Comma-separated RULER tasks (default: all 13).")] = "all",
+    samples: Annotated[int, typer.Option(help="Samples per task and length.")] = 10,
+    output: Annotated[Path, typer.Option(help="JSONL file answers are appended to (reruns skip what is there).")]
+    = Path("eval.jsonl"),
+    seed: Annotated[int, typer.Option(help="RULER generation seed.")] = 42,
+    knob: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="A method knob, METHOD.KEY=VALUE; repeatable (e.g. --set specpc.window=32).")] = None,
+    draft: DraftOpt = None,
+    target: TargetOpt = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Run every method x budget x length x task x sample not yet in OUTPUT, appending each answer as it ends."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .eval import harness, ruler
+    from .models.loading import load_pair
+
+    task_list = list(ruler.TASKS) if tasks == "all" else harness.parse_list(tasks, "tasks")
+    try:
+        length_list = [int(x) for x in harness.parse_list(lengths, "lengths")]
+    except ValueError:
+        raise InputError(f"--lengths must be whole token counts, got {lengths!r}") from None
+    settings: dict[str, dict[str, str]] = {}
+    for item in knob or []:
+        name, dot, rest = item.partition(".")
+        key, eq, value = rest.partition("=")
+        if not dot or not eq or not name or not key:
+            raise InputError(f"--set expects METHOD.KEY=VALUE, got {item!r}")
+        settings.setdefault(name.strip().lower(), {})[key.strip()] = value.strip()
+    jobs = harness.plan(harness.parse_list(methods, "methods"), harness.parse_list(budgets, "budgets"), settings)
+    if samples < 1:
+        raise InputError(f"--samples must be >= 1, got {samples}")
+    pair = load_pair(draft, target, dtype=dtype, device=device, threads=threads, cache=cache_dir)
+    models = {"draft_model": draft or "offline qwen2.5-coder-0.5b-instruct",
+              "target_model": target or "offline qwen2.5-coder-1.5b-instruct"}
+    written = harness.run(pair, jobs, task_list, length_list, samples, output, seed=seed, models=models)
+    err.print(f"{written} answers written to {output}")
+
+
+@eval_app.command("report")
+def eval_report(
+    inputs: Annotated[list[Path], typer.Argument(help="JSONL files written by `draftapprox eval`.")],
+    out: Annotated[Path, typer.Option(help="Directory for accuracy.md, accuracy.csv and the plots.")] =
+    Path("docs/results"),
+    command: Annotated[str | None, typer.Option(help="The command that produced the JSONL, quoted in the report.")]
+    = None,
+) -> None:
+    """Write the markdown and CSV tables and the plots of the evaluation protocol from answer files."""
+    from .eval import report
+
+    for path in inputs:
+        if not path.is_file():
+            raise InputError(f"no such file: {path}")
+    written = report.write(inputs, out, command=command)
+    for path in written:
+        err.print(f"wrote {path}")
 
 
 @models_app.command("fetch")

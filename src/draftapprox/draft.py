@@ -6,6 +6,7 @@ One draft run serves every method that agrees on it: `PromptState.lookahead` mem
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +15,7 @@ from transformers import DynamicCache, PreTrainedModel
 from .capture import QueryCapture, check_captured, decoder_layers
 from .errors import ConfigError
 from .forward import Timings, forward
-from .scoring import reduce, window_probs
+from .scoring import window_probs
 
 
 @dataclass
@@ -64,53 +65,61 @@ class PromptState:
 @torch.inference_mode()
 def greedy(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache, length: int,
            eos_ids: frozenset[int], capture: QueryCapture | None = None) -> torch.Tensor:
-    """Greedy tokens from a dense prefill and one cached forward per token; never recomputes the prompt.
-
-    The last token is not fed back (nothing needs its KV), so `length` tokens cost `length - 1` decode steps.
-    """
-    n = input_ids.shape[1]
+    """Greedy tokens from a dense prefill and one cached forward per token; never recomputes the prompt."""
     logits = forward(model, input_ids, cache, 0, capture=capture)
+    return greedy_from(model, logits, cache, input_ids.shape[1], length, eos_ids, capture)
+
+
+@torch.inference_mode()
+def greedy_from(model: PreTrainedModel, logits: torch.Tensor, cache: DynamicCache, position: int, length: int,
+                eos_ids: frozenset[int], capture: QueryCapture | None = None, compressed: bool = False
+                ) -> torch.Tensor:
+    """Greedy tokens `(b, <= length)` continuing from `logits`, the next one fed at `position`; stops at EOS.
+
+    The last token is not fed back (nothing needs its KV), so `length` tokens cost `length - 1` forwards.
+    `compressed`: `cache` is a compressed cache (LAQ's self-lookahead decodes from one).
+    """
     tokens = []
     for step in range(length):
         token = logits.argmax(-1, keepdim=True)
         tokens.append(token)
         if int(token[0, 0]) in eos_ids or step == length - 1:
             break
-        logits = forward(model, token, cache, n + step, capture=capture)
+        logits = forward(model, token, cache, position + step, capture=capture, compressed=compressed)
     return torch.cat(tokens, dim=1)
 
 
 def token_scores(state: PromptState, model: PreTrainedModel, window: int, lookahead: int, start_layer: int,
-                 weighted: bool, reduction: str, phase: str = "draft") -> torch.Tensor:
-    """SpecPC's score per prompt token `(b, n)` from `model`'s attention (spec 3, steps 1-2).
+                 layer_score: Callable[[torch.Tensor], torch.Tensor], phase: str = "draft",
+                 context_only: bool = False) -> torch.Tensor:
+    """Per-layer token scores `(layers, ...)` from `model`'s attention over the prompt (spec 3, step 1).
 
-    Rows are the last `window` prompt queries (weighted 0..1 when `weighted`) and the query of every lookahead
-    token after the first; reduced over heads, rows, layers >= `start_layer` and steps. Every reduction is the
-    same max (or mean), so reducing all at once equals the reference's nested order.
+    Query rows are the last `window` prompt positions and every lookahead token after the first (the first is
+    predicted by the last prompt position); `layer_score` reduces one layer's probabilities
+    `(b, G, H/G, rows, n)` float32, one layer at a time so that no layer's probabilities outlive it.
+    `context_only`: the softmax runs over prompt keys alone (SpecPrefill), not the lookahead tokens' keys too.
     """
-    draft, n = model, state.n
-    layers = len(decoder_layers(draft))
+    n = state.n
+    layers = len(decoder_layers(model))
     if not 0 <= start_layer < layers:
         raise ConfigError(f"start_layer={start_layer} is outside the model's {layers} layers")
     w = min(window, n)
     capture = QueryCapture(rows=w + max(lookahead, 1) - 1, layers=frozenset(range(start_layer, layers)))
     cache = DynamicCache()
-    with state.timings.phase(phase, draft.device):
+    with state.timings.phase(phase, model.device):
         if lookahead <= 1:
-            forward(draft, state.input_ids, cache, 0, logits=False, capture=capture)
+            forward(model, state.input_ids, cache, 0, logits=False, capture=capture)
         else:
-            tokens = greedy(draft, state.input_ids, cache, lookahead, state.eos_ids, capture=capture)
-            state.remember_lookahead(tokens, lookahead)
-    check_captured(draft, capture)
-    with state.timings.phase("scoring", draft.device):
+            tokens = greedy(model, state.input_ids, cache, lookahead, state.eos_ids, capture=capture)
+            if model is state.draft:
+                state.remember_lookahead(tokens, lookahead)
+    check_captured(model, capture)
+    with state.timings.phase("scoring", model.device):
         per_layer = []
         for layer, queries in capture.queries.items():
-            rows = queries.shape[2]
-            positions = torch.arange(n - w, n - w + rows)
-            probs = window_probs(queries, positions, cache.layers[layer].keys, n, capture.scaling[layer])
-            if weighted:
-                weights = torch.ones(rows, device=probs.device)
-                weights[:w] = torch.linspace(0, 1, w, device=probs.device)
-                probs = probs * weights[:, None]
-            per_layer.append(reduce(probs, (1, 2, 3), reduction))
-        return reduce(torch.stack(per_layer), (0,), reduction)
+            positions = torch.arange(n - w, n - w + queries.shape[2])
+            keys = cache.layers[layer].keys
+            probs = window_probs(queries, positions, keys[:, :, :n] if context_only else keys, n,
+                                 capture.scaling[layer])
+            per_layer.append(layer_score(probs))
+        return torch.stack(per_layer)

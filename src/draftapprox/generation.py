@@ -159,7 +159,8 @@ def compress_prompt(state: PromptState, method: PromptMethod) -> torch.Tensor:
 
 def decode(state: PromptState, cache: DynamicCache, logits: torch.Tensor, position: int, max_new_tokens: int,
            sampling: Sampling, stop: list[str], tokenizer) -> tuple[list[int], str]:
-    """Sample up to `max_new_tokens`, feeding each token at `position + i`; stops at EOS or a stop string."""
+    """Sample up to `max_new_tokens`, feeding each token at `position + i`; stops at EOS or a stop string (one
+    that follows some non-blank text)."""
     target, pick = state.target, sampling.sampler()
     tokens: list[int] = []
     reason = "length"
@@ -170,7 +171,7 @@ def decode(state: PromptState, cache: DynamicCache, logits: torch.Tensor, positi
             if tokens[-1] in state.eos_ids:
                 reason = "eos"
                 break
-            if stop and any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stop):
+            if stop and _cut(tokenizer.decode(tokens, skip_special_tokens=True), stop) is not None:
                 reason = "stop"
                 break
             if i + 1 < max_new_tokens:
@@ -178,12 +179,18 @@ def decode(state: PromptState, cache: DynamicCache, logits: torch.Tensor, positi
     return tokens, reason
 
 
+def _cut(text: str, stop: list[str]) -> int | None:
+    """Where the first stop string begins, ignoring leading whitespace (so a reply that opens with a blank line
+    is not cut to nothing); None if there is none."""
+    body = len(text) - len(text.lstrip())
+    hits = [i for i in (text.find(s, body) for s in stop) if i >= 0]
+    return min(hits) if hits else None
+
+
 def _finish_text(tokenizer, tokens: list[int], stop: list[str]) -> str:
     text = tokenizer.decode(tokens, skip_special_tokens=True)
-    for s in stop:
-        if s in text:
-            text = text[: text.index(s)]
-    return text
+    end = _cut(text, stop) if stop else None
+    return text if end is None else text[:end]
 
 
 def generate(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None, *, max_new_tokens: int = 64,

@@ -149,3 +149,18 @@ def _first_unique(row: torch.Tensor, limit: int) -> torch.Tensor:
     first = torch.full((values.numel(),), row.numel(), dtype=torch.long, device=row.device)
     first.scatter_reduce_(0, inverse, torch.arange(row.numel(), device=row.device), reduce="amin")
     return values[torch.argsort(first)][:limit]
+
+
+def chunk_select(scores: torch.Tensor, budget: int, chunk: int) -> torch.Tensor:
+    """SpecPrefill's selection: rank chunks of `chunk` consecutive positions by their mean score and keep whole
+    chunks in rank order (the last, shorter chunk averages its own length), cut to `budget`; sorted `(b, budget)`.
+    """
+    b, n = scores.shape
+    ids = torch.arange(n, device=scores.device) // chunk
+    chunks = int(ids[-1]) + 1
+    sums = torch.zeros(b, chunks, device=scores.device, dtype=scores.dtype).index_add_(1, ids, scores)
+    means = sums / torch.bincount(ids, minlength=chunks).to(scores.dtype)
+    chunk_rank = torch.empty_like(ids.expand(b, -1)[:, :chunks])
+    chunk_rank.scatter_(1, rank(means), torch.arange(chunks, device=scores.device).expand(b, -1))
+    order = torch.sort(chunk_rank[:, ids] * n + torch.arange(n, device=scores.device), dim=-1).indices
+    return order[:, :budget].sort(dim=-1).values

@@ -14,7 +14,7 @@ from ..conftest import prompt_ids
 from ..reference import snapkv_keep, speckv_keep, specpc_positions
 
 N = 160
-KV_METHODS = ["streamingllm", "snapkv", "pyramidkv", "adakv", "speckv", "adaspeckv"]
+KV_METHODS = ["streamingllm", "snapkv", "pyramidkv", "adakv", "speckv", "adaspeckv", "laq"]
 SMALL = {"window": 8, "kernel": 5}  # knobs that fit a 160-token prompt
 PC_SMALL = {"window": 16, "kernel": 8, "start_layer": 1}
 
@@ -26,6 +26,8 @@ def small(name: str, budget):
         return make(name, budget, **PC_SMALL)
     if name == "randompc":
         return make(name, budget, window=16)
+    if name == "specprefill":
+        return make(name, budget, lookahead=4, kernel=5, chunk=8)
     if name == "speckvpc":
         return make(name, budget, prompt_budget=120, pc_kernel=9, pc_start_layer=1, window=8, kernel=5)
     return make(name, budget, **SMALL)
@@ -33,7 +35,7 @@ def small(name: str, budget):
 
 def test_every_method_is_registered_with_a_kind_and_summary():
     assert set(METHODS) == {"fullkv", "streamingllm", "snapkv", "pyramidkv", "adakv", "speckv", "adaspeckv",
-                            "specpc", "randompc", "recencypc", "targetpc", "speckvpc"}
+                            "laq", "specpc", "randompc", "recencypc", "targetpc", "specprefill", "speckvpc"}
     for cls in METHODS.values():
         assert cls.kind in ("kv", "prompt", "cascade") and cls.summary
 

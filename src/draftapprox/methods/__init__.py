@@ -9,6 +9,7 @@ from .adakv import AdaKV
 from .adaspeckv import AdaSpecKV
 from .base import KVMethod, KVSelection, Method, PromptMethod
 from .fullkv import FullKV
+from .laq import LAQ
 from .pyramidkv import PyramidKV
 from .randompc import RandomPC
 from .recencypc import RecencyPC
@@ -17,17 +18,18 @@ from .snapkv import SnapKV
 from .speckv import SpecKV
 from .speckvpc import SpecKVPC
 from .specpc import SpecPC
+from .specprefill import SpecPrefill
 from .streamingllm import StreamingLLM
 from .targetpc import TargetPC
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (FullKV, StreamingLLM, SnapKV, PyramidKV, AdaKV, SpecKV, AdaSpecKV,
-                SpecPC, RandomPC, RecencyPC, TargetPC, SpecKVPC)
+    for cls in (FullKV, StreamingLLM, SnapKV, PyramidKV, AdaKV, SpecKV, AdaSpecKV, LAQ,
+                SpecPC, RandomPC, RecencyPC, TargetPC, SpecPrefill, SpecKVPC)
 }
 
-__all__ = ["METHODS", "AdaKV", "AdaSpecKV", "FullKV", "KVMethod", "KVSelection", "Method", "PromptMethod",
-           "PyramidKV", "RandomPC", "RecencyPC", "ScorerKV", "SnapKV", "SpecKV", "SpecKVPC", "SpecPC",
+__all__ = ["LAQ", "METHODS", "AdaKV", "AdaSpecKV", "FullKV", "KVMethod", "KVSelection", "Method", "PromptMethod",
+           "PyramidKV", "RandomPC", "RecencyPC", "ScorerKV", "SnapKV", "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill",
            "StreamingLLM", "TargetPC", "knob_fields", "make", "parse_budget"]
 
 

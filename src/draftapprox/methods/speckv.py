@@ -39,10 +39,14 @@ class SpecKV(ScorerKV):
     def rows(self) -> int:
         return self.window + 1
 
+    def lookahead_tokens(self, state: PromptState, length: int) -> torch.Tensor:
+        """The approximate answer whose attention scores the prompt: the draft's greedy tokens."""
+        return state.lookahead(length)
+
     def scores(self, state: PromptState) -> Scores:
         n, w = state.n, self.window
         length = state.max_new_tokens if self.lookahead is None else self.lookahead
-        tokens = state.lookahead(length) if length > 0 else state.input_ids[:, :0]
+        tokens = self.lookahead_tokens(state, length) if length > 0 else state.input_ids[:, :0]
         extra = QueryCapture(rows=max(tokens.shape[1], 1))
         target = state.target
         if tokens.shape[1]:

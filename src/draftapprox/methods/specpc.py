@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..draft import PromptState, token_scores
-from ..scoring import specpc_select
+from ..scoring import reduce, specpc_select
 from .base import PromptMethod, choice, positive
 
 
@@ -50,8 +50,17 @@ class SpecPC(PromptMethod):
         self.check_window(budget)
         model = self.scorer_model(state)
         phase = "draft" if model is state.draft else "target_scoring"
-        scores = token_scores(state, model, self.window, self.lookahead, self.start_layer, self.weighted,
-                              self.reduction, phase)
+        w = min(self.window, state.n)
+
+        def layer_score(probs: torch.Tensor) -> torch.Tensor:  # (b, G, H/G, rows, n) -> (b, n)
+            if self.weighted:  # window rows weighted 0..1, lookahead rows 1
+                weights = torch.ones(probs.shape[3], device=probs.device)
+                weights[:w] = torch.linspace(0, 1, w, device=probs.device)
+                probs = probs * weights[:, None]
+            return reduce(probs, (1, 2, 3), self.reduction)
+
+        per_layer = token_scores(state, model, self.window, self.lookahead, self.start_layer, layer_score, phase)
+        scores = reduce(per_layer, (0,), self.reduction)
         neighbors = self.kernel if self.neighbors is None else self.neighbors
         with state.timings.phase("scoring", model.device):
             return specpc_select(scores, budget, self.window, self.kernel, neighbors, self.pool)

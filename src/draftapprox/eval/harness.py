@@ -1,0 +1,217 @@
+"""The accuracy grid: every (sample, method, budget) on one draft/target pair, appended to a JSONL file as each
+answer finishes, so a grid can span several runs and survive a kill (at most the answer in flight is lost).
+
+Work is shared where the methods agree: per sample, one target prefill serves every KV method (captured with the
+most window rows any of them needs) and one draft lookahead serves SpecKV, Ada-SpecKV and SpecKV-PC. Samples are
+visited sample-major (index 0 of every task, then index 1, ...), so a partial grid covers every cell evenly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, InputError
+from ..generation import generate, new_state, prefill
+from ..methods import METHODS, FullKV, KVMethod, Method, PromptMethod, make, parse_budget
+from ..models.loading import Pair
+from . import ruler
+from .metrics import score
+
+DRAFT_ALONE = "draft"  # the draft model answering by itself: the floor the draft-based methods must beat
+
+
+@dataclass(frozen=True)
+class Job:
+    """One method at one budget (None for FullKV and the draft floor, which have none)."""
+
+    method: str
+    budget: int | float | None
+    knobs: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.method if self.budget is None else f"{self.method}@{self.budget}"
+
+    def build(self) -> Method:
+        return make(self.method, self.budget, **dict(self.knobs)) if self.method != DRAFT_ALONE else FullKV()
+
+    def describe(self) -> str:
+        if self.method == DRAFT_ALONE:
+            return "the draft model alone, full cache"
+        return self.method if self.budget is None else self.build().describe()
+
+
+def plan(methods: Iterable[str], budgets: Iterable[str], knobs: dict[str, dict[str, str]] | None = None
+         ) -> list[Job]:
+    """Jobs for every method at the budgets of its kind: token counts go to KV methods and SpecKV-PC, ratios to
+    prompt methods; FullKV and the draft run once. KV methods run first so they share the prefill.
+    `knobs`: per-method knob settings, e.g. {"specpc": {"window": "32"}}."""
+    parsed = [parse_budget(b) if isinstance(b, str) else b for b in budgets]
+    counts = [b for b in parsed if isinstance(b, int)]
+    ratios = [b for b in parsed if isinstance(b, float)]
+    jobs: list[Job] = []
+    for name in methods:
+        name = name.strip().lower()
+        if name in ("fullkv", DRAFT_ALONE):
+            jobs.append(Job(name, None))
+            continue
+        cls = METHODS.get(name)
+        if cls is None:
+            raise ConfigError(f"unknown method {name!r}; choose from {', '.join([*METHODS, DRAFT_ALONE])}")
+        own = tuple(sorted((knobs or {}).get(name, {}).items()))
+        mine = ratios if issubclass(cls, PromptMethod) else counts
+        if not mine:
+            kind = "ratios (0.25)" if issubclass(cls, PromptMethod) else "token counts (128)"
+            raise ConfigError(f"{name} needs budgets given as {kind}; none were given")
+        jobs += [Job(name, b, own) for b in mine]
+    for job in jobs:
+        job.build()  # reject bad knobs before any model loads
+    order = {"kv": 0, "cascade": 1, "prompt": 2}
+    return sorted(jobs, key=lambda j: 3 if j.method == DRAFT_ALONE else order[METHODS[j.method].kind])
+
+
+class Results:
+    """An append-only JSONL file of answers keyed by sample and job; a torn last line (a kill mid-write) is cut."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.done: set[str] = set()
+        if self.path.exists():
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(self.path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    self.done.add(json.loads(line)["key"])
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.add(row["key"])
+
+
+def key(sample: ruler.Sample, job: Job) -> str:
+    return f"{sample.id}|{job.label}"
+
+
+def samples(tokenizer, tasks: list[str], lengths: list[int], count: int, seed: int) -> Iterator[ruler.Sample]:
+    for index in range(count):
+        for length in lengths:
+            for task in tasks:
+                yield ruler.generate_sample(tokenizer, task, length, index, seed)
+
+
+def encode_sample(tokenizer, sample: ruler.Sample) -> torch.Tensor:
+    text = ruler.render(tokenizer, sample.context + sample.question, sample.answer_prefix)
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    return tokenizer(text, add_special_tokens=not chat, return_tensors="pt").input_ids
+
+
+def environment(pair: Pair) -> dict:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "device": str(pair.target.device), "dtype": str(pair.target.dtype)[6:],
+            "threads": torch.get_num_threads()}
+
+
+def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count: int, output: Path, *,
+        seed: int = 42, models: dict | None = None, progress: bool = True) -> int:
+    """Run every job on every sample not yet in `output`; returns the number of answers written."""
+    if not jobs:
+        raise ConfigError("no methods to run")
+    for task in tasks:
+        if task not in ruler.TASKS:
+            raise ConfigError(f"unknown task {task!r}; choose from {', '.join(ruler.TASKS)}")
+    if any(j.method == DRAFT_ALONE or j.build().needs_draft for j in jobs) and pair.draft is None:
+        raise ConfigError("these methods need the draft model; load the pair with a draft")
+    results = Results(output)
+    env = {**environment(pair), **(models or {})}
+    draft_pair = Pair(pair.draft, pair.tokenizer, None) if pair.draft is not None else None
+    total = count * len(lengths) * len(tasks) * len(jobs)
+    written = 0
+    bar = _progress(progress)
+    with bar:
+        tid = bar.add_task("RULER grid", total=total)
+        for sample in samples(pair.tokenizer, tasks, lengths, count, seed):
+            pending = [j for j in jobs if key(sample, j) not in results.done]
+            if not pending:
+                continue
+            written += _run_sample(pair, draft_pair, sample, pending, results, env, bar, tid)
+    return written
+
+
+def _run_sample(pair: Pair, draft_pair: Pair | None, sample: ruler.Sample, jobs: list[Job], results: Results,
+                env: dict, bar, tid) -> int:
+    ids = encode_sample(pair.tokenizer, sample)
+    if ids.shape[1] != sample.prompt_tokens:
+        raise InputError(f"{sample.id}: prompt re-encodes to {ids.shape[1]} tokens, not {sample.prompt_tokens}")
+    spec = ruler.TASKS[sample.task]
+    stop = ["\n"] if spec.single_line else None
+    state = new_state(pair, ids, sample.max_new_tokens)
+    methods = {j: j.build() for j in jobs}
+    rows = [m.rows for j, m in methods.items() if isinstance(m, KVMethod) and j.method != DRAFT_ALONE]
+    shared: dict[str, float] = {}
+    if rows:
+        prefill(state, max(rows))  # once, with the most rows any KV method needs
+        shared = dict(state.timings.seconds)
+    for job, method in methods.items():
+        bar.update(tid, description=f"{sample.task} #{sample.index} {job.label}")
+        start = time.perf_counter()
+        if job.method == DRAFT_ALONE:
+            result = generate(draft_pair, ids, method, max_new_tokens=sample.max_new_tokens, stop=stop)
+        else:
+            result = generate(pair, ids, method, max_new_tokens=sample.max_new_tokens, stop=stop, state=state)
+        record = result.record.to_dict()
+        results.append({
+            "key": key(sample, job), "sample": sample.id, "task": sample.task, "index": sample.index,
+            "length": sample.length, "seed": sample.seed, "method": job.method, "budget": job.budget,
+            "config": job.describe(),
+            "prediction": result.text, "expected": list(sample.outputs),
+            "score": score(sample.task, result.text, list(sample.outputs)),
+            "prompt_tokens": record["prompt_tokens"], "kept_tokens": record["kept_tokens"],
+            "budget_tokens": record["budget_tokens"], "kv_bytes_full": record["kv_bytes_full"],
+            "kv_bytes_kept": record["kv_bytes_kept"], "new_tokens": record["new_tokens"],
+            "stop_reason": record["stop_reason"], "timings": record["timings"],
+            "seconds": round(time.perf_counter() - start, 3), "shared_timings": shared, "finished": time.time(),
+            "env": env,
+        })
+        shared = {}  # the shared prefill is reported once, with the first answer that used it
+        bar.advance(tid)
+    return len(methods)
+
+
+def _progress(enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), disable=not enabled)
+
+
+def parse_list(text: str | list[str] | None, what: str) -> list[str]:
+    items = [x.strip() for part in ([text] if isinstance(text, str) else text or []) for x in part.split(",")]
+    items = [x for x in items if x]
+    if not items:
+        raise InputError(f"--{what}: give at least one value")
+    return items
+

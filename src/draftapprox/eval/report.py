@@ -1,0 +1,189 @@
+"""Tables and plots of the evaluation protocol from answer files (`draftapprox eval report`).
+
+Per length and budget: rows = methods, columns = tasks + the mean over tasks with its 95% bootstrap interval;
+FullKV (ceiling) and the draft alone (floor) appear in every table. `accuracy.csv` has one row per (method,
+length, budget, task), plus task "average". Peers (method names with a ':', e.g. `kvpress:snapkv`) are drawn
+dashed. Nothing here interprets the numbers: the prose of a report is written by a person reading them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from .metrics import bootstrap_mean_over_tasks, mean
+from .ruler import TASKS
+
+REFERENCES = ("fullkv", "draft")
+
+
+def load(paths: list[Path]) -> list[dict]:
+    rows: dict[str, dict] = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row["key"]] = row  # a later file overrides an earlier answer to the same question
+    return list(rows.values())
+
+
+def cells(rows: list[dict]) -> dict[tuple[int, str, object], dict[str, list[float]]]:
+    """(length, method, budget) -> task -> scores."""
+    out: dict[tuple[int, str, object], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        out[(r["length"], r["method"], r["budget"])][r["task"]].append(r["score"])
+    return out
+
+
+def _task_order(tasks: set[str]) -> list[str]:
+    return [t for t in TASKS if t in tasks] + sorted(tasks - set(TASKS))
+
+
+def _complete(scores: dict[str, list[float]], tasks: list[str]) -> bool:
+    return all(scores.get(t) for t in tasks)
+
+
+def write(paths: list[Path], out: Path, command: str | None = None) -> list[Path]:
+    rows = load(paths)
+    if not rows:
+        raise ValueError("no answers in the input files")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = cells(rows)
+    written = [_write_csv(table, out / "accuracy.csv"), _write_markdown(rows, table, out / "accuracy.md", command)]
+    written += _plot(table, out)
+    return written
+
+
+def _summaries(table) -> list[dict]:
+    summary = []
+    for (length, method, budget), by_task in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1],
+                                                                                    str(kv[0][2]))):
+        for task in _task_order(set(by_task)):
+            s = by_task[task]
+            _, lo, hi = bootstrap_mean_over_tasks({task: s})
+            summary.append(dict(method=method, length=length, budget=budget, task=task, score=round(mean(s), 2),
+                                n=len(s), ci_low=round(lo, 2), ci_high=round(hi, 2)))
+        point, lo, hi = bootstrap_mean_over_tasks(dict(by_task))
+        summary.append(dict(method=method, length=length, budget=budget, task="average", score=round(point, 2),
+                            n=sum(len(v) for v in by_task.values()), ci_low=round(lo, 2), ci_high=round(hi, 2)))
+    return summary
+
+
+def _write_csv(table, path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["method", "length", "budget", "task", "score", "n", "ci_low", "ci_high"])
+        writer.writeheader()
+        for row in _summaries(table):
+            writer.writerow({**row, "budget": "" if row["budget"] is None else row["budget"]})
+    return path
+
+
+def _budget_sort(b: object) -> tuple[int, float]:
+    return (0, float(b)) if isinstance(b, int) else (1, float(b))  # type: ignore[arg-type]
+
+
+def _write_markdown(rows: list[dict], table, path: Path, command: str | None) -> Path:
+    env = rows[0].get("env", {})
+    finished = sorted(r["finished"] for r in rows if "finished" in r)
+    compute = sum(r["seconds"] + sum(r.get("shared_timings", {}).values()) for r in rows)
+    lines = ["# RULER accuracy (generated tables)", ""]
+    if command:
+        lines += ["Command:", "", "```", command, "```", ""]
+    lines += [f"Answers: {len(rows)}. Compute time summed over answers: {compute / 3600:.2f} h"
+              + (f" (first to last answer: {(finished[-1] - finished[0]) / 3600:.2f} h)" if finished else "") + ".",
+              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".", "",
+              "Scores are RULER's (string_match_all; string_match_part for QA) x 100. `avg [lo, hi]` is the mean "
+              "over tasks with its 95% stratified bootstrap interval; `n` is answers per task.", ""]
+    by_length: dict[int, dict] = defaultdict(dict)
+    for (length, method, budget), by_task in table.items():
+        by_length[length][(method, budget)] = by_task
+    for length in sorted(by_length):
+        group = by_length[length]
+        budgets = sorted({b for (_, b) in group if b is not None}, key=_budget_sort)
+        for budget in budgets:
+            kind = "KV budget (pairs per head)" if isinstance(budget, int) else "prompt keep ratio"
+            members = [(m, b) for (m, b) in group if b == budget]
+            refs = [(m, None) for m in REFERENCES if (m, None) in group]
+            tasks = _task_order({t for key in members + refs for t in group[key]})
+            lines += [f"## {length} tokens, {kind} {budget}", "",
+                      "| method | " + " | ".join(tasks) + " | avg [95% CI] | n |",
+                      "|---" * (len(tasks) + 3) + "|"]
+            for key in refs + sorted(members, key=lambda k: _order(k[0])):
+                by_task = group[key]
+                cells_ = [f"{mean(by_task[t]):.1f}" if by_task.get(t) else "-" for t in tasks]
+                if _complete(by_task, tasks):
+                    point, lo, hi = bootstrap_mean_over_tasks({t: by_task[t] for t in tasks})
+                    avg = f"**{point:.1f}** [{lo:.1f}, {hi:.1f}]"
+                else:
+                    avg = "(incomplete)"
+                n = min(len(by_task.get(t, [])) for t in tasks)
+                lines.append(f"| {key[0]} | " + " | ".join(cells_) + f" | {avg} | {n} |")
+            lines.append("")
+    _splice(path, "\n".join(lines))
+    return path
+
+
+START, END = "<!-- generated tables: start -->", "<!-- generated tables: end -->"
+
+
+def _splice(path: Path, generated: str) -> None:
+    """Write the tables; in an existing report with the markers, replace only what is between them, so the
+    prose written around them survives a regeneration."""
+    block = f"{START}\n{generated}\n{END}\n"
+    if path.exists():
+        text = path.read_text()
+        if START in text and END in text:
+            head, rest = text.split(START, 1)
+            block = head + block + rest.split(END, 1)[1].lstrip("\n")
+    path.write_text(block)
+
+
+_ORDER = ("fullkv", "draft", "streamingllm", "snapkv", "pyramidkv", "adakv", "laq", "speckv", "adaspeckv", "speckvpc",
+          "recencypc", "randompc", "specprefill", "targetpc", "specpc")
+
+
+def _order(method: str) -> tuple[int, str]:
+    return (_ORDER.index(method), method) if method in _ORDER else (len(_ORDER), method)
+
+
+def _plot(table, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for length in sorted({k[0] for k in table}):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for ax, integer, title in ((axes[0], True, "KV cache methods (budget = pairs per KV head)"),
+                                   (axes[1], False, "prompt compression (keep ratio)")):
+            series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+            for (ln, method, budget), by_task in table.items():
+                if ln != length or budget is None or isinstance(budget, int) != integer:
+                    continue
+                if len(by_task) == len({t for k, v in table.items() if k[0] == length for t in v}):
+                    series[method].append((float(budget), mean([mean(v) for v in by_task.values()])))
+            for method, points in sorted(series.items(), key=lambda kv: _order(kv[0])):
+                xs, ys = zip(*sorted(points), strict=True)
+                ax.plot(xs, ys, "--" if ":" in method else "-", marker="o", label=method)
+            for ref, style in zip(REFERENCES, (":", "-."), strict=True):
+                by_task = table.get((length, ref, None))
+                if by_task:
+                    ax.axhline(mean([mean(v) for v in by_task.values()]), color="gray", linestyle=style, label=ref)
+            ax.set_title(title)
+            ax.set_xlabel("budget" if integer else "keep ratio")
+            ax.set_ylabel("mean RULER score over tasks")
+            if integer:
+                ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"RULER, {length}-token prompts")
+        fig.tight_layout()
+        path = out / f"accuracy-{length}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
