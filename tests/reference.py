@@ -95,3 +95,26 @@ def specpc_positions(draft, ids: torch.Tensor, budget: int, window: int, kernel:
         if p not in seen:
             seen.append(p)
     return sorted(seen[:budget])
+
+
+def specprefill_positions(draft, ids: torch.Tensor, lookahead_tokens: torch.Tensor, budget: int, kernel: int,
+                          chunk: int) -> list[int]:
+    """SpecPrefill: rows = last prompt position + the lookahead tokens fed back; softmax over the prompt only
+    (renormalised from the full rows); avg-pool per (layer, head, row); max over layers and heads; mean over rows;
+    chunks ranked by mean score, taken whole in rank order, cut to the budget."""
+    n = ids.shape[1]
+    full = torch.cat([ids, lookahead_tokens[:, :-1]], dim=1)
+    rows = range(n - 1, full.shape[1])
+    best = [[0.0] * n for _ in rows]
+    for attn in eager_attentions(draft, full):
+        for h in range(attn.shape[0]):
+            for i, r in enumerate(rows):
+                probs = [float(attn[h, r, k]) for k in range(n)]
+                total = sum(probs)
+                pooled = pool([p / total for p in probs], "avg", kernel)
+                best[i] = [max(a, b) for a, b in zip(best[i], pooled, strict=True)]
+    score = [sum(best[i][k] for i in range(len(rows))) / len(rows) for k in range(n)]
+    chunks = [list(range(s, min(s + chunk, n))) for s in range(0, n, chunk)]
+    means = [sum(score[k] for k in c) / len(c) for c in chunks]
+    order = [k for c in ranked(means) for k in chunks[c]]
+    return sorted(order[:budget])

@@ -3,6 +3,7 @@
 from .errors import ConfigError, DraftApproxError, FetchError, InputError, ModelError
 from .generation import Compression, Record, Result, Sampling, compress, generate, new_state
 from .methods import (
+    LAQ,
     METHODS,
     AdaKV,
     AdaSpecKV,
@@ -14,6 +15,7 @@ from .methods import (
     SpecKV,
     SpecKVPC,
     SpecPC,
+    SpecPrefill,
     StreamingLLM,
     TargetPC,
     make,
@@ -23,8 +25,8 @@ from .models.loading import Pair, check_tokenizers, load_model, load_pair, pair_
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "AdaKV", "AdaSpecKV", "Compression", "ConfigError", "DraftApproxError", "FetchError", "FullKV",
+    "LAQ", "METHODS", "AdaKV", "AdaSpecKV", "Compression", "ConfigError", "DraftApproxError", "FetchError", "FullKV",
     "InputError", "ModelError", "Pair", "PyramidKV", "RandomPC", "RecencyPC", "Record", "Result", "Sampling",
-    "SnapKV", "SpecKV", "SpecKVPC", "SpecPC", "StreamingLLM", "TargetPC", "check_tokenizers", "compress",
+    "SnapKV", "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "StreamingLLM", "TargetPC", "check_tokenizers", "compress",
     "generate", "load_model", "load_pair", "make", "new_state", "pair_from_models",
 ]

@@ -36,6 +36,7 @@ class PromptState:
     queries: QueryCapture | None = None
     logits: torch.Tensor | None = None
     _lookahead: tuple[torch.Tensor, bool] | None = None  # (tokens (b, L), stopped at EOS)
+    token_scores: dict[tuple, torch.Tensor] = field(default_factory=dict)  # prompt methods' scores, by settings
 
     @property
     def n(self) -> int:

@@ -225,10 +225,13 @@ def generate(pair: Pair, prompt: str | torch.Tensor, method: Method | None = Non
         positions = compress_prompt(state, pc)
         kept_ids = state.input_ids.gather(1, positions)
         kept_tokens = kept_ids.shape[1]
-        sub = new_state(pair, kept_ids, max_new_tokens)
-        sub.timings, sub._lookahead = state.timings, state._lookahead
         if kv_stage is not None:
+            # The cascade's KV stage runs on the kept prompt, reusing the draft tokens written on the full one;
+            # when the prompt stage kept everything, it is the full prompt's state, prefill included.
+            sub = state if kept_tokens == n else new_state(pair, kept_ids, max_new_tokens)
+            sub.timings, sub._lookahead = state.timings, state._lookahead
             cache, logits, kept_bytes = apply_kv(sub, kv_stage)
+            state._lookahead = sub._lookahead
             position = kept_tokens
         else:
             keep_positions = isinstance(pc, PromptMethod) and pc.keep_positions

@@ -8,6 +8,7 @@ visited sample-major (index 0 of every task, then index 1, ...), so a partial gr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -129,8 +130,10 @@ def environment(pair: Pair) -> dict:
 
 
 def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count: int, output: Path, *,
-        seed: int = 42, models: dict | None = None, progress: bool = True) -> int:
-    """Run every job on every sample not yet in `output`; returns the number of answers written."""
+        seed: int = 42, models: dict | None = None, progress: bool = True, max_new_tokens: int | None = None) -> int:
+    """Run every job on every sample not yet in `output`; returns the number of answers written.
+
+    `max_new_tokens` caps each task's answer length (RULER's by default), for quick smoke runs."""
     if not jobs:
         raise ConfigError("no methods to run")
     for task in tasks:
@@ -150,6 +153,8 @@ def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count
             pending = [j for j in jobs if key(sample, j) not in results.done]
             if not pending:
                 continue
+            if max_new_tokens is not None:
+                sample = dataclasses.replace(sample, max_new_tokens=min(max_new_tokens, sample.max_new_tokens))
             written += _run_sample(pair, draft_pair, sample, pending, results, env, bar, tid)
     return written
 

@@ -309,7 +309,7 @@ def generate_sample(tokenizer, task: str, length: int, index: int, seed: int = 4
         parts = build(random.Random(f"{seed}/{task}/{length}/{index}/{variant}"), size)
         return parts, tokens(render(tokenizer, parts[0] + parts[1], parts[2]))
 
-    for variant in range(8):  # a coarse haystack unit (a needle line, a document) can overshoot 2%: redraw
+    for variant in range(32):  # a coarse haystack unit (a needle line, a document) can overshoot 2%: redraw
         low, high = 8, 16  # 8: room for every task's needles, chain, or documents
         while attempt(variant, high)[1] <= length:  # exponential search for an upper bound, then bisect
             low, high = high, high * 2

@@ -43,7 +43,9 @@ class SpecPrefill(PromptMethod):
         def layer_score(probs: torch.Tensor) -> torch.Tensor:  # (b, G, H/G, rows, n) -> (b, rows, n)
             return pool1d(probs, "avg", self.kernel).amax(dim=(1, 2))
 
-        per_layer = token_scores(state, model, 1, self.lookahead, 0, layer_score, context_only=True)
+        memo = (self.name, self.lookahead, self.kernel)  # budget-independent: shared by several budgets
+        if memo not in state.token_scores:
+            per_layer = token_scores(state, model, 1, self.lookahead, 0, layer_score, context_only=True)
+            state.token_scores[memo] = per_layer.amax(0).mean(1)
         with state.timings.phase("scoring", model.device):
-            importance = per_layer.amax(0).mean(1)
-            return chunk_select(importance, min(self.tokens(state.n), state.n), self.chunk)
+            return chunk_select(state.token_scores[memo], min(self.tokens(state.n), state.n), self.chunk)

@@ -1,0 +1,119 @@
+"""The resumable grid on tiny random models: shared work, resume, kill safety, and the report."""
+
+import csv
+import json
+
+import pytest
+
+from draftapprox.errors import ConfigError
+from draftapprox.eval import harness, report
+from draftapprox.models.loading import pair_from_models
+
+from ..conftest import tiny_model, tiny_tokenizer
+
+TASKS = ["niah_single_1", "vt"]
+KNOBS = {"specpc": {"start_layer": "1", "window": "16", "kernel": "9"}}
+
+
+@pytest.fixture(scope="module")
+def pair():
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
+                         "{% if add_generation_prompt %}<s> {% endif %}")
+    return pair_from_models(tiny_model("qwen2", layers=4, seed=0), tok,
+                            tiny_model("qwen2", layers=3, heads=4, kv_heads=4, seed=1))
+
+
+def jobs():
+    return harness.plan(["fullkv", "draft", "snapkv", "speckv", "specpc"], ["64", "0.25"], KNOBS)
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_plan_gives_each_kind_its_budgets_and_runs_kv_methods_first():
+    labels = [j.label for j in jobs()]
+    assert labels == ["fullkv", "snapkv@64", "speckv@64", "specpc@0.25", "draft"]
+    with pytest.raises(ConfigError, match="ratios"):
+        harness.plan(["specpc"], ["128"])
+    with pytest.raises(ConfigError, match="unknown method"):
+        harness.plan(["magic"], ["128"])
+    with pytest.raises(ConfigError, match="unknown knob"):
+        harness.plan(["snapkv"], ["128"], {"snapkv": {"colour": "red"}})
+
+
+def test_grid_writes_every_answer_once_and_a_rerun_skips_them(pair, tmp_path, monkeypatch):
+    out = tmp_path / "answers.jsonl"
+    assert harness.run(pair, jobs(), TASKS, [1024], 2, out, progress=False, max_new_tokens=6) == 2 * 2 * 5
+    rows = lines(out)
+    assert len({r["key"] for r in rows}) == 20
+    assert all(0 <= r["score"] <= 100 and r["prompt_tokens"] <= 1024 for r in rows)
+    firsts = [r for r in rows if r["method"] == "fullkv"]
+    assert all(r["shared_timings"].get("target_prefill", 0) > 0 for r in firsts)  # one shared prefill per sample
+    assert all(not r["shared_timings"] for r in rows if r["method"] == "snapkv")
+
+    calls = []
+    monkeypatch.setattr(harness, "generate", lambda *a, **k: calls.append(1))
+    assert harness.run(pair, jobs(), TASKS, [1024], 2, out, progress=False, max_new_tokens=6) == 0 and not calls
+    assert len(lines(out)) == 20
+
+
+def test_a_killed_run_loses_at_most_the_answer_in_flight(pair, tmp_path, monkeypatch):
+    out = tmp_path / "answers.jsonl"
+    real, count = harness.generate, []
+
+    def dies_on_the_seventh(*args, **kwargs):
+        count.append(1)
+        if len(count) == 7:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "generate", dies_on_the_seventh)
+    with pytest.raises(KeyboardInterrupt):
+        harness.run(pair, jobs(), TASKS, [1024], 1, out, progress=False, max_new_tokens=6)
+    assert len(lines(out)) == 6
+    with open(out, "a") as f:
+        f.write('{"key": "torn')  # a kill in the middle of a write
+    monkeypatch.setattr(harness, "generate", real)
+    assert harness.run(pair, jobs(), TASKS, [1024], 1, out, progress=False, max_new_tokens=6) == 4
+    assert len({r["key"] for r in lines(out)}) == len(lines(out)) == 10
+
+
+FIXTURE = [
+    # (method, budget, task, scores)
+    ("fullkv", None, "niah_single_1", [100, 100]), ("fullkv", None, "vt", [100, 80]),
+    ("draft", None, "niah_single_1", [0, 100]), ("draft", None, "vt", [20, 20]),
+    ("snapkv", 64, "niah_single_1", [0, 0]), ("snapkv", 64, "vt", [40, 60]),
+    ("speckv", 64, "niah_single_1", [100, 100]), ("speckv", 64, "vt", [100, 60]),
+    ("specpc", 0.25, "niah_single_1", [100, 0]), ("specpc", 0.25, "vt", [60, 60]),
+    ("kvpress:snapkv", 64, "niah_single_1", [0, 100]),  # incomplete: one task only
+]
+
+
+def test_report_from_a_fixture(tmp_path):
+    src = tmp_path / "answers.jsonl"
+    with open(src, "w") as f:
+        for method, budget, task, scores in FIXTURE:
+            for i, s in enumerate(scores):
+                label = method if budget is None else f"{method}@{budget}"
+                f.write(json.dumps({"key": f"{task}/2048/42/{i}|{label}", "task": task, "length": 2048,
+                                    "method": method, "budget": budget, "score": s, "seconds": 1.0,
+                                    "env": {"device": "cpu"}}) + "\n")
+    out = tmp_path / "results"
+    (out).mkdir()
+    prose = f"# Accuracy\n\nProse before.\n\n{report.START}\nold\n{report.END}\nProse after.\n"
+    (out / "accuracy.md").write_text(prose)
+    report.write([src], out, command="draftapprox eval --samples 2")
+    with open(out / "accuracy.csv") as f:
+        rows = list(csv.DictReader(f))
+    avg = {(r["method"], r["budget"]): float(r["score"]) for r in rows if r["task"] == "average"}
+    assert avg[("speckv", "64")] == 90 and avg[("snapkv", "64")] == 25 and avg[("fullkv", "")] == 95
+    nvt = next(r for r in rows if r["method"] == "specpc" and r["task"] == "vt")
+    assert nvt["n"] == "2" and nvt["score"] == "60.0" and nvt["ci_low"] == nvt["ci_high"] == "60.0"
+    md = (out / "accuracy.md").read_text()
+    assert md.startswith("# Accuracy\n\nProse before.") and md.rstrip().endswith("Prose after.") and "old" not in md
+    assert "draftapprox eval --samples 2" in md and "| speckv | 100.0 | 80.0 | **90.0**" in md
+    assert "| kvpress:snapkv | 50.0 | - | (incomplete) |" in md
+    assert "## 2048 tokens, prompt keep ratio 0.25" in md
+    assert (out / "accuracy-2048.png").stat().st_size > 10_000
