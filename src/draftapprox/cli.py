@@ -246,6 +246,94 @@ def eval_report(
         err.print(f"wrote {path}")
 
 
+@eval_app.command("setup-peer")
+def eval_setup_peer(
+    name: Annotated[str, typer.Argument(help="Peer to install in its own virtual environment: kvpress, llmlingua.")],
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Create a peer's own virtual environment (its pins conflict with ours); idempotent."""
+    from .eval import peers
+
+    peers.setup(name, cache_dir, log=err.print)
+
+
+@eval_app.command("kvpress")
+def eval_kvpress(
+    presses: Annotated[str, typer.Option(help="Comma-separated kvpress presses.")] =
+    "snapkv,pyramidkv,adakv,streamingllm,expectedattention",
+    budgets: Annotated[str, typer.Option(help="Comma-separated KV budgets (pairs per head).")] = "128,256",
+    modes: Annotated[str, typer.Option(
+        help="agnostic (kvpress's pipeline: context compressed before the question) and/or aware.")] =
+    "agnostic,aware",
+    lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "2048",
+    tasks: Annotated[str, typer.Option(help="Comma-separated RULER tasks (default: all 13).")] = "all",
+    samples: Annotated[int, typer.Option(help="Samples per task and length.")] = 5,
+    output: Annotated[Path, typer.Option(help="JSONL file answers are appended to.")] = Path("eval.jsonl"),
+    seed: Annotated[int, typer.Option(help="RULER generation seed.")] = 42,
+    target: TargetOpt = None,
+    dtype: DtypeOpt = "bfloat16",
+    threads: ThreadsOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Run NVIDIA kvpress's presses on the same RULER prompts and target, in kvpress's own environment."""
+    from transformers import AutoTokenizer
+
+    from .eval import harness, peers, ruler
+    from .models import offline
+
+    task_list = list(ruler.TASKS) if tasks == "all" else harness.parse_list(tasks, "tasks")
+    try:
+        budget_list = [int(x) for x in harness.parse_list(budgets, "budgets")]
+        length_list = [int(x) for x in harness.parse_list(lengths, "lengths")]
+    except ValueError:
+        raise InputError("--budgets and --lengths must be whole token counts") from None
+    model_dir = Path(target) if target else offline.fetch(offline.TARGET.name, cache_dir)
+    if not model_dir.is_dir():
+        raise InputError(f"--target must be a local model directory for the peer to load, got {target}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    written = peers.run_kvpress(tokenizer, model_dir, harness.parse_list(presses, "presses"), budget_list,
+                                harness.parse_list(modes, "modes"), task_list, length_list, samples, output,
+                                seed=seed, dtype=dtype, threads=threads, cache=cache_dir, log=err.print)
+    err.print(f"{written} kvpress answers written to {output}")
+
+
+@eval_app.command("llmlingua")
+def eval_llmlingua(
+    ratios: Annotated[str, typer.Option(help="Comma-separated keep ratios.")] = "0.1,0.25,0.5",
+    lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "2048",
+    tasks: Annotated[str, typer.Option(help="Comma-separated RULER tasks (default: all 13).")] = "all",
+    samples: Annotated[int, typer.Option(help="Samples per task and length.")] = 10,
+    output: Annotated[Path, typer.Option(help="JSONL file answers are appended to.")] = Path("eval.jsonl"),
+    seed: Annotated[int, typer.Option(help="RULER generation seed.")] = 42,
+    draft: DraftOpt = None,
+    target: TargetOpt = None,
+    dtype: DtypeOpt = "bfloat16",
+    threads: ThreadsOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """LongLLMLingua (our draft as its small LM, in llmlingua's own environment) compresses the same RULER
+    prompts; our target answers the compressed prompts."""
+    from .eval import harness, peers, ruler
+    from .models import offline
+    from .models.loading import load_pair
+
+    task_list = list(ruler.TASKS) if tasks == "all" else harness.parse_list(tasks, "tasks")
+    try:
+        ratio_list = [float(x) for x in harness.parse_list(ratios, "ratios")]
+        length_list = [int(x) for x in harness.parse_list(lengths, "lengths")]
+    except ValueError:
+        raise InputError("--ratios must be fractions and --lengths whole token counts") from None
+    if not all(0 < r <= 1 for r in ratio_list):
+        raise InputError(f"--ratios must be in (0, 1], got {ratios}")
+    draft_dir = Path(draft) if draft else offline.fetch(offline.DRAFT.name, cache_dir)
+    if not draft_dir.is_dir():
+        raise InputError(f"--draft must be a local model directory for llmlingua to load, got {draft}")
+    pair = load_pair(None, target, with_draft=False, dtype=dtype, threads=threads, cache=cache_dir)
+    written = peers.run_llmlingua(pair, draft_dir, ratio_list, task_list, length_list, samples, output, seed=seed,
+                                  threads=threads, cache=cache_dir, log=err.print)
+    err.print(f"{written} LongLLMLingua answers written to {output}")
+
+
 @models_app.command("fetch")
 def models_fetch(
     names: Annotated[list[str] | None, typer.Argument(help="Offline model names (default: the pair).")] = None,

@@ -1,0 +1,213 @@
+"""Peer implementations run on the same prompts, each in its own virtual environment (their pins conflict with
+ours: kvpress 0.5.x wants transformers<5.3). `setup` builds the environment once; `run_kvpress` writes the
+requests, drives the worker as a subprocess, and turns its answers into rows of the same JSONL as our methods
+(method `kvpress:<press>` for kvpress's pipeline as users call it, `kvpress-qa:<press>` with the question inside
+the compressed context), scored by the same rules.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...errors import ConfigError, InputError
+from ...paths import cache_dir
+from .. import ruler
+from ..harness import Results, samples
+from ..metrics import score
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    requirements: tuple[str, ...]
+    worker: str
+
+
+PEERS = {
+    "kvpress": Peer("kvpress", ("kvpress==0.5.5",), "kvpress_worker.py"),
+    # llmlingua 0.2.2 slices legacy tuple caches, which transformers 5 dropped; 4.46 still returns them.
+    "llmlingua": Peer("llmlingua", ("llmlingua==0.2.2", "transformers==4.46.3"), "llmlingua_worker.py"),
+}
+KVPRESS_PRESSES = ("snapkv", "pyramidkv", "adakv", "streamingllm", "expectedattention")
+TORCH = "torch==2.13.0"  # the CPU wheel this project pins; installed first so no CUDA build is pulled in
+
+
+def venv(name: str, cache: str | Path | None = None) -> Path:
+    return cache_dir(cache) / "peers" / name
+
+
+def python(name: str, cache: str | Path | None = None) -> Path:
+    return venv(name, cache) / "bin" / "python"
+
+
+def setup(name: str, cache: str | Path | None = None, log=print) -> Path:
+    """Create the peer's virtual environment (idempotent): torch first, then the peer's pinned packages."""
+    peer = PEERS.get(name)
+    if peer is None:
+        raise ConfigError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
+    root = venv(name, cache)
+    marker = root / ".draftapprox-ready"
+    if marker.exists():
+        log(f"{name}: environment ready at {root}")
+        return root
+    log(f"{name}: creating {root}")
+    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
+    pip = [str(root / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    for step in ([TORCH], list(peer.requirements)):
+        log(f"{name}: pip install {' '.join(step)}")
+        subprocess.run(pip + step, check=True)
+    marker.write_text(" ".join(peer.requirements))
+    return root
+
+
+def _compressed_tokens(tokenizer, text: str) -> int:
+    """Tokens of what kvpress compresses: the chat template up to the end of `text` (its `preprocess` split)."""
+    separator = "#" * 16
+    head = tokenizer.apply_chat_template([{"role": "user", "content": text + separator}], add_generation_prompt=True,
+                                         tokenize=False).split(separator)[0]
+    return len(tokenizer.encode(head, add_special_tokens=False))
+
+
+def run_kvpress(tokenizer, model_dir: Path, presses: list[str], budgets: list[int], modes: list[str],
+                tasks: list[str], lengths: list[int], count: int, output: Path, *, seed: int = 42,
+                dtype: str = "bfloat16", threads: int | None = None, cache: str | Path | None = None,
+                log=print) -> int:
+    """Answer every (sample, press, budget, mode) not yet in `output` with kvpress; returns rows written.
+
+    A budget `C` (KV pairs per head, as for our methods) becomes kvpress's `compression_ratio = 1 - C / m`, `m`
+    the tokens kvpress compresses (the context, plus the question when query-aware).
+    """
+    for p in presses:
+        if p not in KVPRESS_PRESSES:
+            raise ConfigError(f"unknown kvpress press {p!r}; choose from {', '.join(KVPRESS_PRESSES)}")
+    for m in modes:
+        if m not in ("agnostic", "aware"):
+            raise ConfigError(f"mode must be 'agnostic' or 'aware', got {m!r}")
+    exe = python("kvpress", cache)
+    if not exe.exists():
+        raise InputError("kvpress's environment is missing: run `draftapprox eval setup-peer kvpress` first")
+    results = Results(output)
+    pending: dict[str, tuple[ruler.Sample, dict]] = {}
+    for sample in samples(tokenizer, tasks, lengths, count, seed):
+        for mode in modes:
+            aware = mode == "aware"
+            compressed = _compressed_tokens(tokenizer, sample.context + (sample.question if aware else ""))
+            for press in presses:
+                for budget in budgets:
+                    method = f"kvpress{'-qa' if aware else ''}:{press}"
+                    key = f"{sample.id}|{method}@{budget}"
+                    if key in results.done:
+                        continue
+                    ratio = max(0.0, 1 - budget / compressed)
+                    pending[key] = (sample, {
+                        "key": key, "context": sample.context, "question": sample.question,
+                        "answer_prefix": sample.answer_prefix.lstrip(), "max_new_tokens": sample.max_new_tokens,
+                        "press": press, "ratio": round(ratio, 6), "query_aware": aware, "method": method,
+                        "budget": budget, "compressed_tokens": compressed})
+    return _drive("kvpress", pending, output, results, _kvpress_row,
+                  ["--model", str(model_dir), "--dtype", dtype], threads, cache, log)
+
+
+def _kvpress_row(sample: ruler.Sample, req: dict, row: dict) -> dict:
+    return {
+        "key": row["key"], "sample": sample.id, "task": sample.task, "index": sample.index,
+        "length": sample.length, "seed": sample.seed, "method": req["method"], "budget": req["budget"],
+        "config": f"kvpress {req['press']} compression_ratio={req['ratio']} "
+                  f"({'query-aware' if req['query_aware'] else 'query-agnostic'}, defaults otherwise)",
+        "prediction": row["answer"], "expected": list(sample.outputs),
+        "score": score(sample.task, row["answer"], list(sample.outputs)),
+        "prompt_tokens": sample.prompt_tokens, "compressed_tokens": req["compressed_tokens"],
+        "seconds": row["seconds"], "finished": time.time(), "env": {"peer": row["versions"]},
+    }
+
+
+def run_llmlingua(pair, draft_dir: Path, ratios: list[float], tasks: list[str], lengths: list[int], count: int,
+                  output: Path, *, seed: int = 42, threads: int | None = None, cache: str | Path | None = None,
+                  log=print) -> int:
+    """LongLLMLingua (our draft as its small model) compresses each context to a keep ratio in its own
+    environment; our target then answers the compressed prompt here, as it does for SpecPC."""
+    if not python("llmlingua", cache).exists():
+        raise InputError("llmlingua's environment is missing: run `draftapprox eval setup-peer llmlingua` first")
+    results = Results(output)
+    pending: dict[str, tuple[ruler.Sample, dict]] = {}
+    for sample in samples(pair.tokenizer, tasks, lengths, count, seed):
+        for ratio in ratios:
+            key = f"{sample.id}|llmlingua:longllmlingua@{ratio}"
+            if key not in results.done:
+                pending[key] = (sample, {"key": key, "context": sample.context, "question": sample.question,
+                                         "rate": ratio})
+
+    def answer(sample: ruler.Sample, req: dict, row: dict) -> dict:
+        from ...generation import generate
+        from ...methods import FullKV
+
+        text = ruler.render(pair.tokenizer, row["compressed"], sample.answer_prefix)
+        ids = pair.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        stop = ["\n"] if ruler.TASKS[sample.task].single_line else None
+        start = time.perf_counter()
+        result = generate(pair, ids, FullKV(), max_new_tokens=sample.max_new_tokens, stop=stop)
+        return {
+            "key": row["key"], "sample": sample.id, "task": sample.task, "index": sample.index,
+            "length": sample.length, "seed": sample.seed, "method": "llmlingua:longllmlingua",
+            "budget": req["rate"], "config": "LongLLMLingua (llmlingua 0.2.2), draft as small LM, rate="
+            f"{req['rate']}, ~100-word pieces, question-aware coarse+fine ranking",
+            "prediction": result.text, "expected": list(sample.outputs),
+            "score": score(sample.task, result.text, list(sample.outputs)),
+            "prompt_tokens": sample.prompt_tokens, "kept_tokens": ids.shape[1],
+            "seconds": round(row["seconds"] + time.perf_counter() - start, 3),
+            "timings": {"compression": row["seconds"], **result.record.timings}, "finished": time.time(),
+            "env": {"peer": {"llmlingua": "0.2.2", "transformers": "4.46.3"}},
+        }
+
+    return _drive("llmlingua", pending, output, results, answer, ["--model", str(draft_dir)], threads, cache, log)
+
+
+def _drive(name: str, pending: dict, output: Path, results: Results, make_row, args: list[str],
+           threads: int | None, cache: str | Path | None, log) -> int:
+    """Write the requests, run the peer's worker, and turn its answers into rows as they arrive."""
+    if not pending:
+        return 0
+    requests = output.with_suffix(f".{name}-requests.jsonl")
+    answers = output.with_suffix(f".{name}-answers.jsonl")
+    requests.write_text("".join(json.dumps(req) + "\n" for _, req in pending.values()))
+    command = [str(python(name, cache)), str(Path(__file__).with_name(PEERS[name].worker)),
+               "--requests", str(requests), "--answers", str(answers), *args]
+    if threads:
+        command += ["--threads", str(threads)]
+    log(f"{name}: {len(pending)} answers to write ({requests})")
+    started, written = time.time(), 0
+    with subprocess.Popen(command) as proc:
+        try:
+            while proc.poll() is None:
+                time.sleep(5)
+                written += _collect(answers, pending, results, make_row)
+        except BaseException:
+            proc.kill()
+            raise
+    written += _collect(answers, pending, results, make_row)
+    if proc.returncode:
+        raise InputError(f"the {name} worker failed (exit {proc.returncode}); its answers so far are kept")
+    log(f"{name}: done in {time.time() - started:.0f} s")
+    return written
+
+
+def _collect(answers: Path, pending: dict, results: Results, make_row) -> int:
+    """Score the worker's new answers and append them to the results as rows like our methods'."""
+    if not answers.exists():
+        return 0
+    written = 0
+    for line in answers.read_text().splitlines():
+        if not line.endswith("}"):
+            continue  # being written
+        row = json.loads(line)
+        if row["key"] in results.done or row["key"] not in pending:
+            continue
+        sample, req = pending[row["key"]]
+        results.append(make_row(sample, req, row))
+        written += 1
+    return written

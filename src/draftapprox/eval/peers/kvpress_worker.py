@@ -1,0 +1,85 @@
+"""Runs inside kvpress's own virtual environment (kvpress 0.5.x pins transformers<5.3): it must not import
+draftapprox. Reads requests (JSONL), answers each with kvpress's pipeline, and appends one JSON line per answer as
+soon as it is done, skipping keys already answered, so a killed run resumes where it stopped.
+
+Request: {"key", "context", "question", "answer_prefix", "max_new_tokens", "press", "ratio", "query_aware"}.
+Query-agnostic (kvpress's pipeline as users call it): the context is compressed before the question is seen.
+Query-aware (kvpress's own evaluation with `query_aware`): the question is appended to the context, both compressed.
+"""
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def make_press(name: str, ratio: float):
+    import kvpress
+
+    presses = {
+        "snapkv": lambda: kvpress.SnapKVPress(compression_ratio=ratio),
+        "pyramidkv": lambda: kvpress.PyramidKVPress(compression_ratio=ratio),
+        "adakv": lambda: kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio)),
+        "streamingllm": lambda: kvpress.StreamingLLMPress(compression_ratio=ratio),
+        "expectedattention": lambda: kvpress.ExpectedAttentionPress(compression_ratio=ratio),
+        "none": lambda: None,
+    }
+    return presses[name]()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--requests", required=True)
+    parser.add_argument("--answers", required=True)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import kvpress  # noqa: F401  (registers the pipeline)
+    from transformers import pipeline
+
+    answers = Path(args.answers)
+    done = set()
+    if answers.exists():
+        data = answers.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(answers, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+        done = {json.loads(line)["key"] for line in answers.read_text().splitlines() if line.strip()}
+    requests = [json.loads(line) for line in Path(args.requests).read_text().splitlines() if line.strip()]
+    todo = [r for r in requests if r["key"] not in done]
+    if not todo:
+        return
+    pipe = pipeline("kv-press-text-generation", model=args.model, device="cpu",
+                    model_kwargs={"dtype": getattr(torch, args.dtype), "attn_implementation": "sdpa"})
+    for i, req in enumerate(todo):
+        context, question = req["context"], req["question"]
+        if req["query_aware"]:
+            context, question = context + question, ""
+        start = time.perf_counter()
+        out = pipe(context, question=question, answer_prefix=req["answer_prefix"], press=make_press(req["press"],
+                   req["ratio"]), max_new_tokens=req["max_new_tokens"])
+        row = {"key": req["key"], "answer": out["answer"], "seconds": round(time.perf_counter() - start, 3),
+               "versions": {"kvpress": _version("kvpress"), "transformers": _version("transformers"),
+                            "torch": torch.__version__}}
+        with open(answers, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        print(f"[{i + 1}/{len(todo)}] {req['key']} {row['seconds']:.1f}s", flush=True)
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+if __name__ == "__main__":
+    main()

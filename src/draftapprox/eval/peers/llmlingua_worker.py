@@ -1,0 +1,64 @@
+"""Runs inside llmlingua's own virtual environment (llmlingua 0.2.2 drives legacy tuple KV caches, which
+transformers 5 no longer accepts): it must not import draftapprox. Compresses each request's context with
+LongLLMLingua, using the given small model (our draft), and appends the compressed context as one JSON line per
+request, skipping keys already done.
+
+Request: {"key", "context", "question", "rate"}; `rate` is the fraction of tokens to keep, as our keep ratios.
+The context is split into ~100-word pieces so LongLLMLingua's coarse (per-piece) ranking has pieces to rank.
+"""
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def pieces(text: str, words: int = 100) -> list[str]:
+    tokens = text.split(" ")
+    return [" ".join(tokens[i:i + words]) for i in range(0, len(tokens), words)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--requests", required=True)
+    parser.add_argument("--answers", required=True)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from llmlingua import PromptCompressor
+
+    answers = Path(args.answers)
+    done = set()
+    if answers.exists():
+        data = answers.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(answers, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+        done = {json.loads(line)["key"] for line in answers.read_text().splitlines() if line.strip()}
+    todo = [json.loads(x) for x in Path(args.requests).read_text().splitlines() if x.strip()]
+    todo = [r for r in todo if r["key"] not in done]
+    if not todo:
+        return
+    compressor = PromptCompressor(model_name=args.model, device_map="cpu")
+    for i, req in enumerate(todo):
+        start = time.perf_counter()
+        out = compressor.compress_prompt(
+            pieces(req["context"]), question=req["question"], rate=req["rate"],
+            rank_method="longllmlingua", condition_in_question="after_condition", reorder_context="sort",
+            dynamic_context_compression_ratio=0.3, condition_compare=True, context_budget="+100")
+        row = {"key": req["key"], "compressed": out["compressed_prompt"], "origin_tokens": out["origin_tokens"],
+               "compressed_tokens": out["compressed_tokens"], "seconds": round(time.perf_counter() - start, 3)}
+        with open(answers, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        print(f"[{i + 1}/{len(todo)}] {req['key']} {row['seconds']:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
