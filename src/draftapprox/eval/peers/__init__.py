@@ -175,7 +175,7 @@ def _drive(name: str, pending: dict, output: Path, results: Results, make_row, a
     requests = output.with_suffix(f".{name}-requests.jsonl")
     answers = output.with_suffix(f".{name}-answers.jsonl")
     requests.write_text("".join(json.dumps(req) + "\n" for _, req in pending.values()))
-    command = [str(python(name, cache)), str(Path(__file__).with_name(PEERS[name].worker)),
+    command = [str(python(name, cache)), str(Path(__file__).parent / PEERS[name].worker),
                "--requests", str(requests), "--answers", str(answers), *args]
     if threads:
         command += ["--threads", str(threads)]

@@ -1,0 +1,99 @@
+"""The peer driver without the peers' environments: a stand-in worker (this interpreter) answers the requests,
+and the driver must score them into rows, resume, and refuse what it cannot run."""
+
+import json
+import sys
+
+import pytest
+
+from draftapprox.errors import ConfigError, InputError
+from draftapprox.eval import peers
+from draftapprox.models.loading import pair_from_models
+
+from ..conftest import tiny_model, tiny_tokenizer
+
+FAKE = '''
+import argparse, json
+p = argparse.ArgumentParser()
+p.add_argument("--requests"); p.add_argument("--answers"); p.add_argument("--model"); p.add_argument("--dtype")
+a = p.parse_args()
+done = set()
+try:
+    done = {json.loads(x)["key"] for x in open(a.answers)}
+except FileNotFoundError:
+    pass
+with open(a.answers, "a") as f:
+    for line in open(a.requests):
+        r = json.loads(line)
+        if r["key"] not in done:
+            # answers the planted value when "compression" keeps most of the context, nothing otherwise
+            value = r["context"].split("is: ")[1].split(".")[0] if r["ratio"] < 0.5 else "none"
+            f.write(json.dumps({"key": r["key"], "answer": " " + value, "seconds": 0.1, "versions": {}}) + "\\n")
+'''
+
+
+@pytest.fixture
+def tokenizer():
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
+                         "{% if add_generation_prompt %}<s> {% endif %}")
+    return tok
+
+
+@pytest.fixture
+def fake_kvpress(tmp_path, monkeypatch):
+    worker = tmp_path / "fake_worker.py"
+    worker.write_text(FAKE)
+    monkeypatch.setattr(peers, "python", lambda name, cache=None: type(worker)(sys.executable))
+    monkeypatch.setitem(peers.PEERS, "kvpress", peers.Peer("kvpress", (), str(worker)))
+    return worker
+
+
+def test_kvpress_answers_become_scored_rows_and_a_rerun_adds_none(tokenizer, fake_kvpress, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    args = (tokenizer, tmp_path, ["snapkv", "streamingllm"], [128, 800], ["agnostic", "aware"], ["niah_single_1"],
+            [1024], 1, out)
+    assert peers.run_kvpress(*args, log=lambda *_: None) == 8
+    rows = {r["key"]: r for r in map(json.loads, out.read_text().splitlines())}
+    low = rows["niah_single_1/1024/42/0|kvpress-qa:snapkv@800"]
+    assert low["score"] == 100 and low["method"] == "kvpress-qa:snapkv" and low["budget"] == 800
+    assert "query-aware" in low["config"] and low["compressed_tokens"] > 900  # the question is compressed too
+    high = rows["niah_single_1/1024/42/0|kvpress:streamingllm@128"]
+    assert high["score"] == 0 and "compression_ratio=0.8" in high["config"]  # 1 - 128 / ~1000
+    assert peers.run_kvpress(*args, log=lambda *_: None) == 0
+
+
+def test_peer_requests_are_checked_before_anything_runs(tokenizer, tmp_path):
+    with pytest.raises(ConfigError, match="unknown kvpress press"):
+        peers.run_kvpress(tokenizer, tmp_path, ["magic"], [128], ["aware"], ["vt"], [1024], 1, tmp_path / "a")
+    with pytest.raises(ConfigError, match="mode"):
+        peers.run_kvpress(tokenizer, tmp_path, ["snapkv"], [128], ["sideways"], ["vt"], [1024], 1, tmp_path / "a")
+    with pytest.raises(InputError, match="setup-peer kvpress"):
+        peers.run_kvpress(tokenizer, tmp_path, ["snapkv"], [128], ["aware"], ["vt"], [1024], 1, tmp_path / "a",
+                          cache=tmp_path / "empty")
+    with pytest.raises(ConfigError, match="unknown peer"):
+        peers.setup("vllm", tmp_path)
+
+
+def test_llmlingua_compressed_prompts_are_answered_by_our_target(tokenizer, tmp_path, monkeypatch):
+    worker = tmp_path / "fake_lingua.py"
+    worker.write_text('''
+import argparse, json
+p = argparse.ArgumentParser(); p.add_argument("--requests"); p.add_argument("--answers"); p.add_argument("--model")
+a = p.parse_args()
+with open(a.answers, "a") as f:
+    for line in open(a.requests):
+        r = json.loads(line)
+        words = r["context"].split()
+        kept = " ".join(words[-int(len(words) * r["rate"]):]) + "\\n" + r["question"]
+        f.write(json.dumps({"key": r["key"], "compressed": kept, "origin_tokens": len(words),
+                            "compressed_tokens": len(kept.split()), "seconds": 0.2}) + "\\n")
+''')
+    monkeypatch.setattr(peers, "python", lambda name, cache=None: type(worker)(sys.executable))
+    monkeypatch.setitem(peers.PEERS, "llmlingua", peers.Peer("llmlingua", (), str(worker)))
+    pair = pair_from_models(tiny_model("llama", layers=2, seed=0), tokenizer)
+    out = tmp_path / "answers.jsonl"
+    assert peers.run_llmlingua(pair, tmp_path, [0.25], ["vt"], [1024], 1, out, log=lambda *_: None) == 1
+    row = json.loads(out.read_text())
+    assert row["method"] == "llmlingua:longllmlingua" and row["budget"] == 0.25
+    assert 200 < row["kept_tokens"] < 400 and row["timings"]["compression"] == 0.2
