@@ -172,8 +172,9 @@ def _drive(name: str, pending: dict, output: Path, results: Results, make_row, a
     """Write the requests, run the peer's worker, and turn its answers into rows as they arrive."""
     if not pending:
         return 0
-    requests = output.with_suffix(f".{name}-requests.jsonl")
-    answers = output.with_suffix(f".{name}-answers.jsonl")
+    work = output.parent / ".peer-work"  # the worker's own files, beside (not among) the result files
+    work.mkdir(parents=True, exist_ok=True)
+    requests, answers = work / f"{output.stem}.{name}-requests.jsonl", work / f"{output.stem}.{name}-answers.jsonl"
     requests.write_text("".join(json.dumps(req) + "\n" for _, req in pending.values()))
     command = [str(python(name, cache)), str(Path(__file__).parent / PEERS[name].worker),
                "--requests", str(requests), "--answers", str(answers), *args]

@@ -5,6 +5,7 @@ request, skipping keys already done.
 
 Request: {"key", "context", "question", "rate"}; `rate` is the fraction of tokens to keep, as our keep ratios.
 The context is split into ~100-word pieces so LongLLMLingua's coarse (per-piece) ranking has pieces to rank.
+Budgets are counted in the target's tokens (see `_offline_token_counter`).
 """
 
 import argparse
@@ -21,6 +22,24 @@ def pieces(text: str, words: int = 100) -> list[str]:
     return [" ".join(tokens[i:i + words]) for i in range(0, len(tokens), words)]
 
 
+def _offline_token_counter(model: str) -> None:
+    """llmlingua counts budgets with OpenAI's cl100k tokenizer, which tiktoken downloads at start; offline we give
+    it the small model's own tokenizer (here the draft's, which is the target's), so budgets are target tokens."""
+    import tiktoken
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+
+    class Counter:
+        def encode(self, text: str, **_) -> list[int]:
+            return tokenizer.encode(text, add_special_tokens=False)
+
+        def decode(self, ids: list[int]) -> str:
+            return tokenizer.decode(ids)
+
+    tiktoken.encoding_for_model = lambda _name: Counter()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -30,6 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    _offline_token_counter(args.model)
     from llmlingua import PromptCompressor
 
     answers = Path(args.answers)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The accuracy protocol of ../shared/spec/evaluation.md on the offline pair, resumable: rerun it and it continues
+# where it stopped (every answer is appended to a JSONL file as it finishes). Hours of CPU time; run it in the
+# background (`nohup scripts/accuracy-grid.sh > grid.log 2>&1 &`) and commit docs/results as it fills.
+# STAGES (default: all) picks what to run, e.g. STAGES="main report".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RAW=docs/results/raw
+DTYPE=${DTYPE:-bfloat16}
+STAGES=${STAGES:-"main length kvpress llmlingua report"}
+mkdir -p "$RAW"
+for stage in $STAGES; do
+  case $stage in
+    main)    # 13 tasks x 10 samples at 2048 tokens; KV budgets 64/128/256, keep ratios 0.1/0.25/0.5
+      draftapprox eval --dtype "$DTYPE" --lengths 2048 --samples 10 --output "$RAW/ruler-2048-cpu.jsonl" ;;
+    length)  # the length check at 4096 tokens
+      draftapprox eval --dtype "$DTYPE" --lengths 4096 --samples 10 --budgets 128,256,0.25 \
+        --tasks niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery,vt,fwe \
+        --output "$RAW/ruler-4096-cpu.jsonl" ;;
+    kvpress)
+      draftapprox eval setup-peer kvpress
+      draftapprox eval kvpress --budgets 128,256 --samples 5 --output "$RAW/ruler-2048-cpu-kvpress.jsonl" ;;
+    llmlingua)
+      draftapprox eval setup-peer llmlingua
+      draftapprox eval llmlingua --ratios 0.1,0.25,0.5 --samples 10 --output "$RAW/ruler-2048-cpu-llmlingua.jsonl" ;;
+    report)
+      draftapprox eval report "$RAW"/ruler-*-cpu*.jsonl --out docs/results \
+        --command "scripts/accuracy-grid.sh (STAGES=\"$STAGES\" DTYPE=$DTYPE)" ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
+done
