@@ -74,7 +74,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     _niah("niah_multikey_3", "needle", "uuids", "uuids"),
     _niah("niah_multivalue", "essay", "words", "numbers", v=4),
     _niah("niah_multiquery", "essay", "words", "numbers", q=4),
-    Task("vt", "vt", dict(num_chains=1, num_hops=4), 64, "all", single_line=True),
+    Task("vt", "vt", dict(num_chains=1, num_hops=4), 64, "all", single_line=False),  # a list may wrap
     Task("cwe", "cwe", dict(num_cw=10), 120, "all", single_line=False),
     Task("fwe", "fwe", dict(alpha=2.0, coded_wordlen=6), 64, "all", single_line=False),
     Task("qa_1", "qa", dict(hops=1), 64, "part", single_line=True),
