@@ -114,6 +114,7 @@ def test_report_from_a_fixture(tmp_path):
     md = (out / "accuracy.md").read_text()
     assert md.startswith("# Accuracy\n\nProse before.") and md.rstrip().endswith("Prose after.") and "old" not in md
     assert "draftapprox eval --samples 2" in md and "| speckv | 100.0 | 80.0 | **90.0**" in md
-    assert "| kvpress:snapkv | 50.0 | - | (incomplete) |" in md
+    assert "### Peers at 2048 tokens, KV budget (pairs per head) 64" in md
+    assert "| kvpress:snapkv | 50.0 | - | (incomplete) | **50.0** [0.0, 100.0] | 2 |" in md  # common: niah_single_1
     assert "## 2048 tokens, prompt keep ratio 0.25" in md
     assert (out / "accuracy-2048.png").stat().st_size > 10_000

@@ -96,34 +96,49 @@ def _write_markdown(rows: list[dict], table, path: Path, command: str | None) ->
               + (f" (first to last answer: {(finished[-1] - finished[0]) / 3600:.2f} h)" if finished else "") + ".",
               "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".", "",
               "Scores are RULER's (string_match_all; string_match_part for QA) x 100. `avg [lo, hi]` is the mean "
-              "over tasks with its 95% stratified bootstrap interval; `n` is answers per task.", ""]
+              "over tasks with its 95% stratified bootstrap interval; `n` is the fewest answers of any task in a row. "
+              "Peers (`kvpress:` query-agnostic pipeline, `kvpress-qa:` question inside the compressed context, "
+              "`llmlingua:`) get their own tables beside our methods of the same name.", ""]
     by_length: dict[int, dict] = defaultdict(dict)
     for (length, method, budget), by_task in table.items():
         by_length[length][(method, budget)] = by_task
     for length in sorted(by_length):
         group = by_length[length]
-        budgets = sorted({b for (_, b) in group if b is not None}, key=_budget_sort)
-        for budget in budgets:
+        refs = [(m, None) for m in REFERENCES if (m, None) in group]
+        for budget in sorted({b for (_, b) in group if b is not None}, key=_budget_sort):
             kind = "KV budget (pairs per head)" if isinstance(budget, int) else "prompt keep ratio"
-            members = [(m, b) for (m, b) in group if b == budget]
-            refs = [(m, None) for m in REFERENCES if (m, None) in group]
-            tasks = _task_order({t for key in members + refs for t in group[key]})
-            lines += [f"## {length} tokens, {kind} {budget}", "",
-                      "| method | " + " | ".join(tasks) + " | avg [95% CI] | n |",
-                      "|---" * (len(tasks) + 3) + "|"]
-            for key in refs + sorted(members, key=lambda k: _order(k[0])):
-                by_task = group[key]
-                cells_ = [f"{mean(by_task[t]):.1f}" if by_task.get(t) else "-" for t in tasks]
-                if _complete(by_task, tasks):
-                    point, lo, hi = bootstrap_mean_over_tasks({t: by_task[t] for t in tasks})
-                    avg = f"**{point:.1f}** [{lo:.1f}, {hi:.1f}]"
-                else:
-                    avg = "(incomplete)"
-                n = min(len(by_task.get(t, [])) for t in tasks)
-                lines.append(f"| {key[0]} | " + " | ".join(cells_) + f" | {avg} | {n} |")
-            lines.append("")
+            members = sorted([(m, b) for (m, b) in group if b == budget], key=lambda k: _order(k[0]))
+            ours = [k for k in members if ":" not in k[0]]
+            peers = [k for k in members if ":" in k[0]]
+            lines += _table(f"## {length} tokens, {kind} {budget}", group, refs + ours)
+            if peers:
+                same = [k for k in ours if any(p[0].split(":", 1)[1] == k[0] for p in peers)]
+                lines += _table(f"### Peers at {length} tokens, {kind} {budget}", group, refs + same + peers)
     _splice(path, "\n".join(lines))
     return path
+
+
+def _table(title: str, group: dict, keys: list) -> list[str]:
+    """One table: per-task means, the mean over all tasks when a row has them all, and the mean over the tasks
+    every row of the table has (what a partial grid can already compare), each with its bootstrap interval."""
+    tasks = _task_order({t for key in keys for t in group[key]})
+    common = [t for t in tasks if all(group[key].get(t) for key in keys)]
+    lines = [title, "", f"Common tasks (every row has them): {len(common)} of {len(tasks)}.", "",
+             "| method | " + " | ".join(tasks) + " | avg, all tasks [95% CI] | avg, common tasks [95% CI] | n |",
+             "|---" * (len(tasks) + 4) + "|"]
+    for key in keys:
+        by_task = group[key]
+        cells_ = [f"{mean(by_task[t]):.1f}" if by_task.get(t) else "-" for t in tasks]
+        full = _avg({t: by_task[t] for t in tasks}) if _complete(by_task, tasks) else "(incomplete)"
+        shared = _avg({t: by_task[t] for t in common}) if common else "-"
+        n = min(len(v) for v in by_task.values())
+        lines.append(f"| {key[0]} | " + " | ".join(cells_) + f" | {full} | {shared} | {n} |")
+    return [*lines, ""]
+
+
+def _avg(scores: dict[str, list[float]]) -> str:
+    point, lo, hi = bootstrap_mean_over_tasks(scores)
+    return f"**{point:.1f}** [{lo:.1f}, {hi:.1f}]"
 
 
 START, END = "<!-- generated tables: start -->", "<!-- generated tables: end -->"
