@@ -220,6 +220,7 @@ def eval_grid(
     jobs = harness.plan(harness.parse_list(methods, "methods"), harness.parse_list(budgets, "budgets"), settings)
     if samples < 1:
         raise InputError(f"--samples must be >= 1, got {samples}")
+    harness.check_grid(task_list, length_list)  # before the models load
     pair = load_pair(draft, target, dtype=dtype, device=device, threads=threads, cache=cache_dir)
     models = {"draft_model": draft or "offline qwen2.5-coder-0.5b-instruct",
               "target_model": target or "offline qwen2.5-coder-1.5b-instruct"}

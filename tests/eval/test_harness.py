@@ -118,3 +118,15 @@ def test_report_from_a_fixture(tmp_path):
     assert "| kvpress:snapkv | 50.0 | - | (incomplete) | **50.0** [0.0, 100.0] | 2 |" in md  # common: niah_single_1
     assert "## 2048 tokens, prompt keep ratio 0.25" in md
     assert (out / "accuracy-2048.png").stat().st_size > 10_000
+
+
+def test_report_refuses_files_that_are_not_answers(tmp_path):
+    from draftapprox.errors import InputError
+
+    empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
+    empty.write_text("")
+    bad.write_text('{"not": "an answer"}\n')
+    with pytest.raises(InputError, match="no answers"):
+        report.write([empty], tmp_path / "out")
+    with pytest.raises(InputError, match="bad.jsonl:1"):
+        report.write([bad], tmp_path / "out")

@@ -129,6 +129,15 @@ def environment(pair: Pair) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def check_grid(tasks: list[str], lengths: list[int]) -> None:
+    for task in tasks:
+        if task not in ruler.TASKS:
+            raise ConfigError(f"unknown task {task!r}; choose from {', '.join(ruler.TASKS)}")
+    for length in lengths:
+        if length < 256:
+            raise ConfigError(f"prompt lengths must be at least 256 tokens, got {length}")
+
+
 def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count: int, output: Path, *,
         seed: int = 42, models: dict | None = None, progress: bool = True, max_new_tokens: int | None = None) -> int:
     """Run every job on every sample not yet in `output`; returns the number of answers written.
@@ -136,9 +145,7 @@ def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count
     `max_new_tokens` caps each task's answer length (RULER's by default), for quick smoke runs."""
     if not jobs:
         raise ConfigError("no methods to run")
-    for task in tasks:
-        if task not in ruler.TASKS:
-            raise ConfigError(f"unknown task {task!r}; choose from {', '.join(ruler.TASKS)}")
+    check_grid(tasks, lengths)
     if any(j.method == DRAFT_ALONE or j.build().needs_draft for j in jobs) and pair.draft is None:
         raise ConfigError("these methods need the draft model; load the pair with a draft")
     results = Results(output)

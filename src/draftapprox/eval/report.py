@@ -13,6 +13,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from ..errors import InputError
 from .metrics import bootstrap_mean_over_tasks, mean
 from .ruler import TASKS
 
@@ -22,10 +23,14 @@ REFERENCES = ("fullkv", "draft")
 def load(paths: list[Path]) -> list[dict]:
     rows: dict[str, dict] = {}
     for path in paths:
-        for line in Path(path).read_text().splitlines():
-            if line.strip():
+        for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
                 row = json.loads(line)
                 rows[row["key"]] = row  # a later file overrides an earlier answer to the same question
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InputError(f"{path}:{number}: not an answer line written by `draftapprox eval`") from None
     return list(rows.values())
 
 
@@ -48,7 +53,7 @@ def _complete(scores: dict[str, list[float]], tasks: list[str]) -> bool:
 def write(paths: list[Path], out: Path, command: str | None = None) -> list[Path]:
     rows = load(paths)
     if not rows:
-        raise ValueError("no answers in the input files")
+        raise InputError("no answers in the input files")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = cells(rows)
