@@ -151,17 +151,18 @@ def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count
     results = Results(output)
     env = {**environment(pair), **(models or {})}
     draft_pair = Pair(pair.draft, pair.tokenizer, None) if pair.draft is not None else None
-    total = count * len(lengths) * len(tasks) * len(jobs)
+    todo = []  # (sample, jobs not yet answered), in sample-major order
+    for sample in samples(pair.tokenizer, tasks, lengths, count, seed):
+        pending = [j for j in jobs if key(sample, j) not in results.done]
+        if pending:
+            if max_new_tokens is not None:
+                sample = dataclasses.replace(sample, max_new_tokens=min(max_new_tokens, sample.max_new_tokens))
+            todo.append((sample, pending))
     written = 0
     bar = _progress(progress)
     with bar:
-        tid = bar.add_task("RULER grid", total=total)
-        for sample in samples(pair.tokenizer, tasks, lengths, count, seed):
-            pending = [j for j in jobs if key(sample, j) not in results.done]
-            if not pending:
-                continue
-            if max_new_tokens is not None:
-                sample = dataclasses.replace(sample, max_new_tokens=min(max_new_tokens, sample.max_new_tokens))
+        tid = bar.add_task("RULER grid", total=sum(len(p) for _, p in todo))
+        for sample, pending in todo:
             written += _run_sample(pair, draft_pair, sample, pending, results, env, bar, tid)
     return written
 
