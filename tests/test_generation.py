@@ -81,3 +81,30 @@ def test_compress_returns_positions_into_the_prompt(qwen_pair):
     assert [f"w{t}" for t in out.token_ids] == [words[p] for p in out.positions]
     with pytest.raises(ConfigError, match="not a prompt-compression"):
         da.compress(qwen_pair, text, da.SnapKV(64))
+
+
+def test_work_is_shared_across_budgets_on_one_prompt_state(qwen_pair):
+    ids = prompt_ids(160)
+    state = da.new_state(qwen_pair, ids, 4)
+    da.generate(qwen_pair, ids, da.SpecKV(40, window=8, kernel=5), max_new_tokens=4, state=state)
+    seconds = dict(state.timings.seconds)
+    # a cascade whose prompt stage keeps everything runs on the same prefill and the same draft tokens
+    da.generate(qwen_pair, ids, da.SpecKVPC(48, prompt_budget=200, window=8, kernel=5, pc_kernel=9,
+                                            pc_start_layer=1), max_new_tokens=4, state=state)
+    assert state.timings.seconds["target_prefill"] == seconds["target_prefill"]
+    assert state.timings.seconds["draft"] == seconds["draft"]
+    # prompt scores do not depend on the budget: a second budget scores nothing again
+    for budget in (0.25, 0.5):
+        da.generate(qwen_pair, ids, da.SpecPC(budget, window=16, kernel=8, start_layer=1), max_new_tokens=2,
+                    state=state)
+        if budget == 0.25:
+            seconds = dict(state.timings.seconds)
+    assert state.timings.seconds["draft"] == seconds["draft"]
+
+
+def test_a_stop_string_counts_only_after_some_text():
+    from draftapprox.generation import _cut
+
+    assert _cut("\n\n 123\n456", ["\n"]) == 6
+    assert _cut("  \n", ["\n"]) is None
+    assert _cut("abc", ["\n"]) is None
