@@ -128,5 +128,5 @@ def test_report_refuses_files_that_are_not_answers(tmp_path):
     bad.write_text('{"not": "an answer"}\n')
     with pytest.raises(InputError, match="no answers"):
         report.write([empty], tmp_path / "out")
-    with pytest.raises(InputError, match="bad.jsonl:1"):
+    with pytest.raises(InputError, match=r"bad\.jsonl:1"):
         report.write([bad], tmp_path / "out")
