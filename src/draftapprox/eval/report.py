@@ -180,19 +180,22 @@ def _plot(table, out: Path) -> list[Path]:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         for ax, integer, title in ((axes[0], True, "KV cache methods (budget = pairs per KV head)"),
                                    (axes[1], False, "prompt compression (keep ratio)")):
+            cells_ = {k: v for k, v in table.items()
+                      if k[0] == length and k[2] is not None and isinstance(k[2], int) == integer}
+            refs = {m: table[(length, m, None)] for m in REFERENCES if (length, m, None) in table}
+            # every point is a mean over the same tasks: those that every plotted cell has (all, once complete)
+            common = set.intersection(*(set(v) for v in [*cells_.values(), *refs.values()])) if cells_ else set()
             series: dict[str, list[tuple[float, float]]] = defaultdict(list)
-            for (ln, method, budget), by_task in table.items():
-                if ln != length or budget is None or isinstance(budget, int) != integer:
-                    continue
-                if len(by_task) == len({t for k, v in table.items() if k[0] == length for t in v}):
-                    series[method].append((float(budget), mean([mean(v) for v in by_task.values()])))
+            for (_, method, budget), by_task in cells_.items():
+                if common:
+                    series[method].append((float(budget), mean([mean(by_task[t]) for t in common])))
             for method, points in sorted(series.items(), key=lambda kv: _order(kv[0])):
                 xs, ys = zip(*sorted(points), strict=True)
                 ax.plot(xs, ys, "--" if ":" in method else "-", marker="o", label=method)
-            for ref, style in zip(REFERENCES, (":", "-."), strict=True):
-                by_task = table.get((length, ref, None))
-                if by_task:
-                    ax.axhline(mean([mean(v) for v in by_task.values()]), color="gray", linestyle=style, label=ref)
+            for (ref, by_task), style in zip(refs.items(), (":", "-."), strict=False):
+                if common:
+                    ax.axhline(mean([mean(by_task[t]) for t in common]), color="gray", linestyle=style, label=ref)
+            title = f"{title}\nmean over the {len(common)} tasks every line has"
             ax.set_title(title)
             ax.set_xlabel("budget" if integer else "keep ratio")
             ax.set_ylabel("mean RULER score over tasks")
