@@ -64,16 +64,20 @@ def _read_prompt(prompt_file: Path | None, example: bool) -> str:
     return text
 
 
+def _pairs(items: list[str] | None, option: str) -> dict[str, str]:
+    knobs = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"{option} expects KEY=VALUE, got {item!r}")
+        knobs[key.strip()] = value.strip()
+    return knobs
+
+
 def _method(name: str, budget: str | None, settings: list[str] | None):
     from .methods import make, parse_budget
 
-    knobs = {}
-    for item in settings or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InputError(f"--set expects KEY=VALUE, got {item!r}")
-        knobs[key.strip()] = value.strip()
-    return make(name, parse_budget(budget) if budget is not None else None, **knobs)
+    return make(name, parse_budget(budget) if budget is not None else None, **_pairs(settings, "--set"))
 
 
 def _pair(method, draft, target, dtype, device, threads, cache_dir):
@@ -271,6 +275,8 @@ def eval_kvpress(
     samples: Annotated[int, typer.Option(help="Samples per task and length.")] = 5,
     output: Annotated[Path, typer.Option(help="JSONL file answers are appended to.")] = Path("eval.jsonl"),
     seed: Annotated[int, typer.Option(help="RULER generation seed.")] = 42,
+    knob: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="A press field, KEY=VALUE; repeatable (e.g. --set window_size=32).")] = None,
     target: TargetOpt = None,
     dtype: DtypeOpt = "bfloat16",
     threads: ThreadsOpt = None,
@@ -294,7 +300,8 @@ def eval_kvpress(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     written = peers.run_kvpress(tokenizer, model_dir, harness.parse_list(presses, "presses"), budget_list,
                                 harness.parse_list(modes, "modes"), task_list, length_list, samples, output,
-                                seed=seed, dtype=dtype, threads=threads, cache=cache_dir, log=err.print)
+                                seed=seed, dtype=dtype, threads=threads, cache=cache_dir,
+                                knobs=_pairs(knob, "--set"), log=err.print)
     err.print(f"{written} kvpress answers written to {output}")
 
 

@@ -117,7 +117,7 @@ def _write_markdown(rows: list[dict], table, path: Path, command: str | None) ->
             peers = [k for k in members if ":" in k[0]]
             lines += _table(f"## {length} tokens, {kind} {budget}", group, refs + ours)
             if peers:
-                same = [k for k in ours if any(p[0].split(":", 1)[1] == k[0] for p in peers)]
+                same = [k for k in ours if any(p[0].split(":", 1)[1].split("(")[0] == k[0] for p in peers)]
                 lines += _table(f"### Peers at {length} tokens, {kind} {budget}", group, refs + same + peers)
     _splice(path, "\n".join(lines))
     return path

@@ -76,8 +76,11 @@ def _compressed_tokens(tokenizer, text: str) -> int:
 def run_kvpress(tokenizer, model_dir: Path, presses: list[str], budgets: list[int], modes: list[str],
                 tasks: list[str], lengths: list[int], count: int, output: Path, *, seed: int = 42,
                 dtype: str = "bfloat16", threads: int | None = None, cache: str | Path | None = None,
-                log=print) -> int:
+                knobs: dict[str, str] | None = None, log=print) -> int:
     """Answer every (sample, press, budget, mode) not yet in `output` with kvpress; returns rows written.
+
+    `knobs` set press fields (e.g. window_size=32, kernel_size=7, to match our SnapKV's window and kernel); the
+    method is then labelled `kvpress:snapkv(window_size=32,kernel_size=7)`.
 
     A budget `C` (KV pairs per head, as for our methods) becomes kvpress's `compression_ratio = 1 - C / m`, `m`
     the tokens kvpress compresses (the context, plus the question when query-aware).
@@ -91,6 +94,8 @@ def run_kvpress(tokenizer, model_dir: Path, presses: list[str], budgets: list[in
     exe = python("kvpress", cache)
     if not exe.exists():
         raise InputError("kvpress's environment is missing: run `draftapprox eval setup-peer kvpress` first")
+    settings = {k: _number(v) for k, v in sorted((knobs or {}).items())}
+    suffix = "(" + ",".join(f"{k}={v}" for k, v in settings.items()) + ")" if settings else ""
     results = Results(output)
     pending: dict[str, tuple[ruler.Sample, dict]] = {}
     for sample in samples(tokenizer, tasks, lengths, count, seed):
@@ -99,7 +104,7 @@ def run_kvpress(tokenizer, model_dir: Path, presses: list[str], budgets: list[in
             compressed = _compressed_tokens(tokenizer, sample.context + (sample.question if aware else ""))
             for press in presses:
                 for budget in budgets:
-                    method = f"kvpress{'-qa' if aware else ''}:{press}"
+                    method = f"kvpress{'-qa' if aware else ''}:{press}{suffix}"
                     key = f"{sample.id}|{method}@{budget}"
                     if key in results.done:
                         continue
@@ -107,17 +112,27 @@ def run_kvpress(tokenizer, model_dir: Path, presses: list[str], budgets: list[in
                     pending[key] = (sample, {
                         "key": key, "context": sample.context, "question": sample.question,
                         "answer_prefix": sample.answer_prefix.lstrip(), "max_new_tokens": sample.max_new_tokens,
-                        "press": press, "ratio": round(ratio, 6), "query_aware": aware, "method": method,
+                        "press": press, "ratio": round(ratio, 6), "knobs": settings, "query_aware": aware,
+                        "method": method,
                         "budget": budget, "compressed_tokens": compressed})
     return _drive("kvpress", pending, output, results, _kvpress_row,
                   ["--model", str(model_dir), "--dtype", dtype], threads, cache, log)
+
+
+def _number(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _kvpress_row(sample: ruler.Sample, req: dict, row: dict) -> dict:
     return {
         "key": row["key"], "sample": sample.id, "task": sample.task, "index": sample.index,
         "length": sample.length, "seed": sample.seed, "method": req["method"], "budget": req["budget"],
-        "config": f"kvpress {req['press']} compression_ratio={req['ratio']} "
+        "config": f"kvpress {req['press']} compression_ratio={req['ratio']} {req.get('knobs') or ''} "
                   f"({'query-aware' if req['query_aware'] else 'query-agnostic'}, defaults otherwise)",
         "prediction": row["answer"], "expected": list(sample.outputs),
         "score": score(sample.task, row["answer"], list(sample.outputs)),

@@ -2,7 +2,8 @@
 draftapprox. Reads requests (JSONL), answers each with kvpress's pipeline, and appends one JSON line per answer as
 soon as it is done, skipping keys already answered, so a killed run resumes where it stopped.
 
-Request: {"key", "context", "question", "answer_prefix", "max_new_tokens", "press", "ratio", "query_aware"}.
+Request: {"key", "context", "question", "answer_prefix", "max_new_tokens", "press", "ratio", "knobs",
+"query_aware"}.
 Query-agnostic (kvpress's pipeline as users call it): the context is compressed before the question is seen.
 Query-aware (kvpress's own evaluation with `query_aware`): the question is appended to the context, both compressed.
 """
@@ -16,16 +17,16 @@ from pathlib import Path
 import torch
 
 
-def make_press(name: str, ratio: float):
+def make_press(name: str, ratio: float, knobs: dict):
+    """A press by name; `knobs` are its own dataclass fields (for AdaKV, those of the SnapKV it wraps)."""
     import kvpress
 
     presses = {
-        "snapkv": lambda: kvpress.SnapKVPress(compression_ratio=ratio),
-        "pyramidkv": lambda: kvpress.PyramidKVPress(compression_ratio=ratio),
-        "adakv": lambda: kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio)),
-        "streamingllm": lambda: kvpress.StreamingLLMPress(compression_ratio=ratio),
-        "expectedattention": lambda: kvpress.ExpectedAttentionPress(compression_ratio=ratio),
-        "none": lambda: None,
+        "snapkv": lambda: kvpress.SnapKVPress(compression_ratio=ratio, **knobs),
+        "pyramidkv": lambda: kvpress.PyramidKVPress(compression_ratio=ratio, **knobs),
+        "adakv": lambda: kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio, **knobs)),
+        "streamingllm": lambda: kvpress.StreamingLLMPress(compression_ratio=ratio, **knobs),
+        "expectedattention": lambda: kvpress.ExpectedAttentionPress(compression_ratio=ratio, **knobs),
     }
     return presses[name]()
 
@@ -64,7 +65,7 @@ def main() -> None:
             context, question = context + question, ""
         start = time.perf_counter()
         out = pipe(context, question=question, answer_prefix=req["answer_prefix"], press=make_press(req["press"],
-                   req["ratio"]), max_new_tokens=req["max_new_tokens"])
+                   req["ratio"], req.get("knobs", {})), max_new_tokens=req["max_new_tokens"])
         row = {"key": req["key"], "answer": out["answer"], "seconds": round(time.perf_counter() - start, 3),
                "versions": {"kvpress": _version("kvpress"), "transformers": _version("transformers"),
                             "torch": torch.__version__}}
