@@ -19,7 +19,10 @@ for stage in $STAGES; do
         --output "$RAW/ruler-4096-cpu.jsonl" ;;
     kvpress)
       draftapprox eval setup-peer kvpress
-      draftapprox eval kvpress --budgets 128,256 --samples 5 --output "$RAW/ruler-2048-cpu-kvpress.jsonl" ;;
+      draftapprox eval kvpress --budgets 128,256 --samples 5 --output "$RAW/ruler-2048-cpu-kvpress.jsonl"
+      # the same scorers at our window and kernel, query-aware, to separate settings from implementation
+      draftapprox eval kvpress --presses snapkv,pyramidkv,adakv --modes aware --budgets 64,128,256 --samples 5 \
+        --set window_size=32 --set kernel_size=7 --output "$RAW/ruler-2048-cpu-kvpress.jsonl" ;;
     llmlingua)
       draftapprox eval setup-peer llmlingua
       draftapprox eval llmlingua --ratios 0.1,0.25,0.5 --samples 10 --output "$RAW/ruler-2048-cpu-llmlingua.jsonl" ;;
