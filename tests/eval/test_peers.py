@@ -97,3 +97,13 @@ with open(a.answers, "a") as f:
     row = json.loads(out.read_text())
     assert row["method"] == "llmlingua:longllmlingua" and row["budget"] == 0.25
     assert 200 < row["kept_tokens"] < 400 and row["timings"]["compression"] == 0.2
+
+
+def test_press_settings_are_passed_on_and_named_in_the_method(tokenizer, fake_kvpress, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    peers.run_kvpress(tokenizer, tmp_path, ["snapkv"], [800], ["aware"], ["niah_single_1"], [1024], 1, out,
+                      knobs={"window_size": "32", "kernel_size": "7"}, log=lambda *_: None)
+    row = json.loads(out.read_text())
+    assert row["method"] == "kvpress-qa:snapkv(kernel_size=7,window_size=32)"
+    requests = (tmp_path / ".peer-work" / "answers.kvpress-requests.jsonl").read_text()
+    assert json.loads(requests)["knobs"] == {"kernel_size": 7, "window_size": 32}
