@@ -9,8 +9,6 @@ visited sample-major (index 0 of every task, then index 1, ...), so a partial gr
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import platform
 import time
 from collections.abc import Iterable, Iterator
@@ -24,6 +22,7 @@ from ..generation import generate, new_state, prefill
 from ..methods import METHODS, FullKV, KVMethod, Method, PromptMethod, make, parse_budget
 from ..models.loading import Pair
 from . import ruler
+from .answer_log import Results
 from .metrics import score
 
 DRAFT_ALONE = "draft"  # the draft model answering by itself: the floor the draft-based methods must beat
@@ -77,31 +76,6 @@ def plan(methods: Iterable[str], budgets: Iterable[str], knobs: dict[str, dict[s
         job.build()  # reject bad knobs before any model loads
     order = {"kv": 0, "cascade": 1, "prompt": 2}
     return sorted(jobs, key=lambda j: 3 if j.method == DRAFT_ALONE else order[METHODS[j.method].kind])
-
-
-class Results:
-    """An append-only JSONL file of answers keyed by sample and job; a torn last line (a kill mid-write) is cut."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.done: set[str] = set()
-        if self.path.exists():
-            data = self.path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                with open(self.path, "r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
-            for line in self.path.read_text().splitlines():
-                if line.strip():
-                    self.done.add(json.loads(line)["key"])
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def append(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.done.add(row["key"])
 
 
 def key(sample: ruler.Sample, job: Job) -> str:

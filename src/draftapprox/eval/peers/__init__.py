@@ -17,7 +17,8 @@ from pathlib import Path
 from ...errors import ConfigError, InputError
 from ...paths import cache_dir
 from .. import ruler
-from ..harness import Results, samples
+from ..answer_log import Results
+from ..harness import samples
 from ..metrics import score
 
 

@@ -9,12 +9,14 @@ Query-aware (kvpress's own evaluation with `query_aware`): the question is appen
 """
 
 import argparse
-import json
-import os
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the answer log, without draftapprox
+from answer_log import Results, read
 
 
 def make_press(name: str, ratio: float, knobs: dict):
@@ -45,16 +47,8 @@ def main() -> None:
     import kvpress  # noqa: F401  (registers the pipeline)
     from transformers import pipeline
 
-    answers = Path(args.answers)
-    done = set()
-    if answers.exists():
-        data = answers.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(answers, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
-        done = {json.loads(line)["key"] for line in answers.read_text().splitlines() if line.strip()}
-    requests = [json.loads(line) for line in Path(args.requests).read_text().splitlines() if line.strip()]
-    todo = [r for r in requests if r["key"] not in done]
+    answers = Results(args.answers)
+    todo = [r for r in read(args.requests) if r["key"] not in answers.done]
     if not todo:
         return
     pipe = pipeline("kv-press-text-generation", model=args.model, device="cpu",
@@ -69,10 +63,7 @@ def main() -> None:
         row = {"key": req["key"], "answer": out["answer"], "seconds": round(time.perf_counter() - start, 3),
                "versions": {"kvpress": _version("kvpress"), "transformers": _version("transformers"),
                             "torch": torch.__version__}}
-        with open(answers, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        answers.append(row)
         print(f"[{i + 1}/{len(todo)}] {req['key']} {row['seconds']:.1f}s", flush=True)
 
 

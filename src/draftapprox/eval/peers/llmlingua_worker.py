@@ -9,12 +9,14 @@ Budgets are counted in the target's tokens (see `_offline_token_counter`).
 """
 
 import argparse
-import json
-import os
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the answer log, without draftapprox
+from answer_log import Results, read
 
 
 def pieces(text: str, words: int = 100) -> list[str]:
@@ -52,16 +54,8 @@ def main() -> None:
     _offline_token_counter(args.model)
     from llmlingua import PromptCompressor
 
-    answers = Path(args.answers)
-    done = set()
-    if answers.exists():
-        data = answers.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(answers, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
-        done = {json.loads(line)["key"] for line in answers.read_text().splitlines() if line.strip()}
-    todo = [json.loads(x) for x in Path(args.requests).read_text().splitlines() if x.strip()]
-    todo = [r for r in todo if r["key"] not in done]
+    answers = Results(args.answers)
+    todo = [r for r in read(args.requests) if r["key"] not in answers.done]
     if not todo:
         return
     compressor = PromptCompressor(model_name=args.model, device_map="cpu")
@@ -73,10 +67,7 @@ def main() -> None:
             dynamic_context_compression_ratio=0.3, condition_compare=True, context_budget="+100")
         row = {"key": req["key"], "compressed": out["compressed_prompt"], "origin_tokens": out["origin_tokens"],
                "compressed_tokens": out["compressed_tokens"], "seconds": round(time.perf_counter() - start, 3)}
-        with open(answers, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        answers.append(row)
         print(f"[{i + 1}/{len(todo)}] {req['key']} {row['seconds']:.1f}s", flush=True)
 
 

@@ -1,0 +1,38 @@
+"""The append-only JSONL answer log shared by the grid and the peers' workers: one line per answer, written and
+fsynced as soon as the answer exists, keyed so that a rerun skips what is done. A torn last line (a kill in the
+middle of a write) is cut on opening, so a killed run loses at most the answer in flight.
+
+Standard library only: the peers' workers run in their own virtual environments, without draftapprox installed,
+and import this file by path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class Results:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.done: set[str] = set()
+        if self.path.exists():
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(self.path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+            self.done = {row["key"] for row in read(self.path)}
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.add(row["key"])
+
+
+def read(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
