@@ -176,8 +176,38 @@ def list_methods() -> None:
 eval_app = typer.Typer(help="Accuracy on an offline RULER grid: run it resumably (no subcommand), then report.",
                        invoke_without_command=True)
 app.add_typer(eval_app, name="eval")
+LengthsOpt = Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")]
+TasksOpt = Annotated[str, typer.Option(help="Comma-separated RULER tasks (default: all 13).")]
+SamplesOpt = Annotated[int, typer.Option(help="Samples per task and length.")]
+OutputOpt = Annotated[Path, typer.Option(help="JSONL file answers are appended to (reruns skip what is there).")]
+SeedOpt = Annotated[int, typer.Option(help="RULER generation seed.")]
 DEFAULT_METHODS = ("fullkv,draft,streamingllm,snapkv,pyramidkv,adakv,speckv,adaspeckv,laq,speckvpc,"
                    "specpc,targetpc,specprefill,randompc,recencypc")
+
+
+def _grid(tasks: str, lengths: str, samples: int) -> tuple[list[str], list[int]]:
+    """The tasks and lengths of a grid, checked (with the sample count) before any model loads."""
+    from .eval import harness, ruler
+
+    task_list = list(ruler.TASKS) if tasks == "all" else harness.parse_list(tasks, "tasks")
+    try:
+        length_list = [int(x) for x in harness.parse_list(lengths, "lengths")]
+    except ValueError:
+        raise InputError(f"--lengths must be whole token counts, got {lengths!r}") from None
+    if samples < 1:
+        raise InputError(f"--samples must be >= 1, got {samples}")
+    harness.check_grid(task_list, length_list)
+    return task_list, length_list
+
+
+def _local_model(source: str | None, default: str, option: str, cache_dir: Path | None) -> Path:
+    """A model directory a peer can load from its own environment (default: the offline model, fetched)."""
+    from .models import offline
+
+    path = Path(source) if source else offline.fetch(default, cache_dir)
+    if not path.is_dir():
+        raise InputError(f"{option} must be a local model directory for the peer to load, got {source}")
+    return path
 
 
 @eval_app.callback()
@@ -188,12 +218,11 @@ def eval_grid(
     budgets: Annotated[str, typer.Option(
         help="Comma-separated; token counts go to KV methods, ratios (0.25) to prompt methods.")] =
     "64,128,256,0.1,0.25,0.5",
-    lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "2048",
-    tasks: Annotated[str, typer.Option(help="Comma-separated RULER tasks (default: all 13).")] = "all",
-    samples: Annotated[int, typer.Option(help="Samples per task and length.")] = 10,
-    output: Annotated[Path, typer.Option(help="JSONL file answers are appended to (reruns skip what is there).")]
-    = Path("eval.jsonl"),
-    seed: Annotated[int, typer.Option(help="RULER generation seed.")] = 42,
+    lengths: LengthsOpt = "2048",
+    tasks: TasksOpt = "all",
+    samples: SamplesOpt = 10,
+    output: OutputOpt = Path("eval.jsonl"),
+    seed: SeedOpt = 42,
     knob: Annotated[list[str] | None, typer.Option(
         "--set", "-s", help="A method knob, METHOD.KEY=VALUE; repeatable (e.g. --set specpc.window=32).")] = None,
     draft: DraftOpt = None,
@@ -206,14 +235,10 @@ def eval_grid(
     """Run every method x budget x length x task x sample not yet in OUTPUT, appending each answer as it ends."""
     if ctx.invoked_subcommand is not None:
         return
-    from .eval import harness, ruler
+    from .eval import harness
     from .models.loading import load_pair
 
-    task_list = list(ruler.TASKS) if tasks == "all" else harness.parse_list(tasks, "tasks")
-    try:
-        length_list = [int(x) for x in harness.parse_list(lengths, "lengths")]
-    except ValueError:
-        raise InputError(f"--lengths must be whole token counts, got {lengths!r}") from None
+    task_list, length_list = _grid(tasks, lengths, samples)
     settings: dict[str, dict[str, str]] = {}
     for item in knob or []:
         name, dot, rest = item.partition(".")
@@ -222,9 +247,6 @@ def eval_grid(
             raise InputError(f"--set expects METHOD.KEY=VALUE, got {item!r}")
         settings.setdefault(name.strip().lower(), {})[key.strip()] = value.strip()
     jobs = harness.plan(harness.parse_list(methods, "methods"), harness.parse_list(budgets, "budgets"), settings)
-    if samples < 1:
-        raise InputError(f"--samples must be >= 1, got {samples}")
-    harness.check_grid(task_list, length_list)  # before the models load
     pair = load_pair(draft, target, dtype=dtype, device=device, threads=threads, cache=cache_dir)
     models = {"draft_model": draft or "offline qwen2.5-coder-0.5b-instruct",
               "target_model": target or "offline qwen2.5-coder-1.5b-instruct"}
@@ -270,11 +292,11 @@ def eval_kvpress(
     modes: Annotated[str, typer.Option(
         help="agnostic (kvpress's pipeline: context compressed before the question) and/or aware.")] =
     "agnostic,aware",
-    lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "2048",
-    tasks: Annotated[str, typer.Option(help="Comma-separated RULER tasks (default: all 13).")] = "all",
-    samples: Annotated[int, typer.Option(help="Samples per task and length.")] = 5,
-    output: Annotated[Path, typer.Option(help="JSONL file answers are appended to.")] = Path("eval.jsonl"),
-    seed: Annotated[int, typer.Option(help="RULER generation seed.")] = 42,
+    lengths: LengthsOpt = "2048",
+    tasks: TasksOpt = "all",
+    samples: SamplesOpt = 5,
+    output: OutputOpt = Path("eval.jsonl"),
+    seed: SeedOpt = 42,
     knob: Annotated[list[str] | None, typer.Option(
         "--set", "-s", help="A press field, KEY=VALUE; repeatable (e.g. --set window_size=32).")] = None,
     target: TargetOpt = None,
@@ -285,18 +307,15 @@ def eval_kvpress(
     """Run NVIDIA kvpress's presses on the same RULER prompts and target, in kvpress's own environment."""
     from transformers import AutoTokenizer
 
-    from .eval import harness, peers, ruler
+    from .eval import harness, peers
     from .models import offline
 
-    task_list = list(ruler.TASKS) if tasks == "all" else harness.parse_list(tasks, "tasks")
+    task_list, length_list = _grid(tasks, lengths, samples)
     try:
         budget_list = [int(x) for x in harness.parse_list(budgets, "budgets")]
-        length_list = [int(x) for x in harness.parse_list(lengths, "lengths")]
     except ValueError:
-        raise InputError("--budgets and --lengths must be whole token counts") from None
-    model_dir = Path(target) if target else offline.fetch(offline.TARGET.name, cache_dir)
-    if not model_dir.is_dir():
-        raise InputError(f"--target must be a local model directory for the peer to load, got {target}")
+        raise InputError(f"--budgets must be whole token counts, got {budgets!r}") from None
+    model_dir = _local_model(target, offline.TARGET.name, "--target", cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     written = peers.run_kvpress(tokenizer, model_dir, harness.parse_list(presses, "presses"), budget_list,
                                 harness.parse_list(modes, "modes"), task_list, length_list, samples, output,
@@ -308,11 +327,11 @@ def eval_kvpress(
 @eval_app.command("llmlingua")
 def eval_llmlingua(
     ratios: Annotated[str, typer.Option(help="Comma-separated keep ratios.")] = "0.1,0.25,0.5",
-    lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "2048",
-    tasks: Annotated[str, typer.Option(help="Comma-separated RULER tasks (default: all 13).")] = "all",
-    samples: Annotated[int, typer.Option(help="Samples per task and length.")] = 10,
-    output: Annotated[Path, typer.Option(help="JSONL file answers are appended to.")] = Path("eval.jsonl"),
-    seed: Annotated[int, typer.Option(help="RULER generation seed.")] = 42,
+    lengths: LengthsOpt = "2048",
+    tasks: TasksOpt = "all",
+    samples: SamplesOpt = 10,
+    output: OutputOpt = Path("eval.jsonl"),
+    seed: SeedOpt = 42,
     draft: DraftOpt = None,
     target: TargetOpt = None,
     dtype: DtypeOpt = "bfloat16",
@@ -321,21 +340,18 @@ def eval_llmlingua(
 ) -> None:
     """LongLLMLingua (our draft as its small LM, in llmlingua's own environment) compresses the same RULER
     prompts; our target answers the compressed prompts."""
-    from .eval import harness, peers, ruler
+    from .eval import harness, peers
     from .models import offline
     from .models.loading import load_pair
 
-    task_list = list(ruler.TASKS) if tasks == "all" else harness.parse_list(tasks, "tasks")
+    task_list, length_list = _grid(tasks, lengths, samples)
     try:
         ratio_list = [float(x) for x in harness.parse_list(ratios, "ratios")]
-        length_list = [int(x) for x in harness.parse_list(lengths, "lengths")]
     except ValueError:
-        raise InputError("--ratios must be fractions and --lengths whole token counts") from None
+        raise InputError(f"--ratios must be fractions, got {ratios!r}") from None
     if not all(0 < r <= 1 for r in ratio_list):
         raise InputError(f"--ratios must be in (0, 1], got {ratios}")
-    draft_dir = Path(draft) if draft else offline.fetch(offline.DRAFT.name, cache_dir)
-    if not draft_dir.is_dir():
-        raise InputError(f"--draft must be a local model directory for llmlingua to load, got {draft}")
+    draft_dir = _local_model(draft, offline.DRAFT.name, "--draft", cache_dir)
     pair = load_pair(None, target, with_draft=False, dtype=dtype, threads=threads, cache=cache_dir)
     written = peers.run_llmlingua(pair, draft_dir, ratio_list, task_list, length_list, samples, output, seed=seed,
                                   threads=threads, cache=cache_dir, log=err.print)
