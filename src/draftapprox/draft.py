@@ -36,7 +36,7 @@ class PromptState:
     queries: QueryCapture | None = None
     logits: torch.Tensor | None = None
     _lookahead: tuple[torch.Tensor, bool] | None = None  # (tokens (b, L), stopped at EOS)
-    token_scores: dict[tuple, torch.Tensor] = field(default_factory=dict)  # prompt methods' scores, by settings
+    _scores: dict[tuple, torch.Tensor] = field(default_factory=dict)  # prompt methods' scores, by settings
 
     @property
     def n(self) -> int:
@@ -58,6 +58,13 @@ class PromptState:
             tokens = greedy(draft, self.input_ids, DynamicCache(), length, self.eos_ids)
         self.remember_lookahead(tokens, length)
         return tokens
+
+    def scores_for(self, settings: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A prompt method's token scores, computed once per prompt and `settings`: they do not depend on the
+        budget, so several budgets on one prompt pay for one scoring run."""
+        if settings not in self._scores:
+            self._scores[settings] = compute()
+        return self._scores[settings]
 
     def remember_lookahead(self, tokens: torch.Tensor, asked: int) -> None:
         self._lookahead = (tokens, tokens.shape[1] < asked)

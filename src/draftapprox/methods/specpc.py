@@ -59,12 +59,12 @@ class SpecPC(PromptMethod):
                 probs = probs * weights[:, None]
             return reduce(probs, (1, 2, 3), self.reduction)
 
-        # Scores do not depend on the budget: several budgets on one prompt pay for one scoring run.
-        memo = (self.name, self.window, self.lookahead, self.start_layer, self.weighted, self.reduction)
-        if memo not in state.token_scores:
+        def compute() -> torch.Tensor:
             per_layer = token_scores(state, model, self.window, self.lookahead, self.start_layer, layer_score, phase)
-            state.token_scores[memo] = reduce(per_layer, (0,), self.reduction)
-        scores = state.token_scores[memo]
+            return reduce(per_layer, (0,), self.reduction)
+
+        settings = (self.name, self.window, self.lookahead, self.start_layer, self.weighted, self.reduction)
+        scores = state.scores_for(settings, compute)
         neighbors = self.kernel if self.neighbors is None else self.neighbors
         with state.timings.phase("scoring", model.device):
             return specpc_select(scores, budget, self.window, self.kernel, neighbors, self.pool)

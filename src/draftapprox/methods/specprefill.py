@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
 
 from ..draft import PromptState, token_scores
 from ..scoring import chunk_select, pool1d
@@ -34,18 +33,15 @@ class SpecPrefill(PromptMethod):
         positive(self, "chunk", self.chunk)
         super().validate()
 
-    def scorer_model(self, state: PromptState) -> PreTrainedModel:
-        return state.require_draft(self.name)
-
     def select(self, state: PromptState) -> torch.Tensor:
-        model = self.scorer_model(state)
+        model = state.require_draft(self.name)
 
         def layer_score(probs: torch.Tensor) -> torch.Tensor:  # (b, G, H/G, rows, n) -> (b, rows, n)
             return pool1d(probs, "avg", self.kernel).amax(dim=(1, 2))
 
-        memo = (self.name, self.lookahead, self.kernel)  # budget-independent: shared by several budgets
-        if memo not in state.token_scores:
-            per_layer = token_scores(state, model, 1, self.lookahead, 0, layer_score, context_only=True)
-            state.token_scores[memo] = per_layer.amax(0).mean(1)
+        def compute() -> torch.Tensor:  # max over layers, mean over lookahead steps
+            return token_scores(state, model, 1, self.lookahead, 0, layer_score, context_only=True).amax(0).mean(1)
+
+        scores = state.scores_for((self.name, self.lookahead, self.kernel), compute)
         with state.timings.phase("scoring", model.device):
-            return chunk_select(state.token_scores[memo], min(self.tokens(state.n), state.n), self.chunk)
+            return chunk_select(scores, min(self.tokens(state.n), state.n), self.chunk)
