@@ -89,12 +89,6 @@ def samples(tokenizer, tasks: list[str], lengths: list[int], count: int, seed: i
                 yield ruler.generate_sample(tokenizer, task, length, index, seed)
 
 
-def encode_sample(tokenizer, sample: ruler.Sample) -> torch.Tensor:
-    text = ruler.render(tokenizer, sample.context + sample.question, sample.answer_prefix)
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    return tokenizer(text, add_special_tokens=not chat, return_tensors="pt").input_ids
-
-
 def environment(pair: Pair) -> dict:
     import transformers
 
@@ -143,11 +137,10 @@ def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count
 
 def _run_sample(pair: Pair, draft_pair: Pair | None, sample: ruler.Sample, jobs: list[Job], results: Results,
                 env: dict, bar, tid) -> int:
-    ids = encode_sample(pair.tokenizer, sample)
+    ids = ruler.encode(pair.tokenizer, sample.context + sample.question, sample.answer_prefix)
     if ids.shape[1] != sample.prompt_tokens:
         raise InputError(f"{sample.id}: prompt re-encodes to {ids.shape[1]} tokens, not {sample.prompt_tokens}")
-    spec = ruler.TASKS[sample.task]
-    stop = ["\n"] if spec.single_line else None
+    stop = ruler.TASKS[sample.task].stop
     state = new_state(pair, ids, sample.max_new_tokens)
     methods = {j: j.build() for j in jobs}
     rows = [m.rows for j, m in methods.items() if isinstance(m, KVMethod) and j.method != DRAFT_ALONE]

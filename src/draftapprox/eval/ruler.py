@@ -18,6 +18,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import ConfigError
 from . import sources
 
@@ -58,6 +60,10 @@ class Task:
     max_new_tokens: int  # the reference implementation's values (niah 128, vt 64, cwe 120, fwe 64, qa 64)
     metric: str  # "all": fraction of expected strings present; "part": any of them (QA)
     single_line: bool  # the answer fits on one line, so decoding may stop at a newline
+
+    @property
+    def stop(self) -> list[str] | None:
+        return ["\n"] if self.single_line else None
 
 
 def _niah(name, haystack, key, value, k=1, v=1, q=1) -> Task:
@@ -119,8 +125,18 @@ def render(tokenizer, user: str, answer_prefix: str) -> str:
     return user + answer_prefix
 
 
+def tokenize(tokenizer, text: str) -> list[int]:
+    """Token ids of a rendered prompt: the chat template already holds the special tokens, if there is one."""
+    return tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None)).input_ids
+
+
 def count_tokens(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None)).input_ids)
+    return len(tokenize(tokenizer, text))
+
+
+def encode(tokenizer, user: str, answer_prefix: str) -> torch.Tensor:
+    """The ids `(1, n)` a model is fed for a user turn and an answer prefix (`render`, then `tokenize`)."""
+    return torch.tensor([tokenize(tokenizer, render(tokenizer, user, answer_prefix))])
 
 
 # --- task builders: (rng, size) -> (context, question, answer_prefix, outputs) --------------------------------------

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import ConfigError, InputError
+from ...generation import generate
+from ...methods import FullKV
 from ...paths import cache_dir
 from .. import ruler
 from ..answer_log import Results
@@ -159,14 +161,10 @@ def run_llmlingua(pair, draft_dir: Path, ratios: list[float], tasks: list[str], 
                                          "rate": ratio})
 
     def answer(sample: ruler.Sample, req: dict, row: dict) -> dict:
-        from ...generation import generate
-        from ...methods import FullKV
-
-        text = ruler.render(pair.tokenizer, row["compressed"], sample.answer_prefix)
-        ids = pair.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-        stop = ["\n"] if ruler.TASKS[sample.task].single_line else None
+        ids = ruler.encode(pair.tokenizer, row["compressed"], sample.answer_prefix)
         start = time.perf_counter()
-        result = generate(pair, ids, FullKV(), max_new_tokens=sample.max_new_tokens, stop=stop)
+        result = generate(pair, ids, FullKV(), max_new_tokens=sample.max_new_tokens,
+                          stop=ruler.TASKS[sample.task].stop)
         return {
             "key": row["key"], "sample": sample.id, "task": sample.task, "index": sample.index,
             "length": sample.length, "seed": sample.seed, "method": "llmlingua:longllmlingua",
