@@ -47,11 +47,16 @@ class QueryCapture:
         self.scaling[layer] = scaling
 
 
+class StopForward(Exception):
+    """Ends a forward early once the last layer it needs has been reached; `forward.forward` catches it."""
+
+
 @dataclass
 class _Scope:
     capture: QueryCapture | None
     cache: object | None
     single_query_unmasked: bool
+    stop_after: int | None
 
 
 _scope: ContextVar[_Scope | None] = ContextVar("draftapprox_scope", default=None)
@@ -59,14 +64,16 @@ _scope: ContextVar[_Scope | None] = ContextVar("draftapprox_scope", default=None
 
 @contextmanager
 def scope(capture: QueryCapture | None = None, cache: object | None = None,
-          single_query_unmasked: bool = False) -> Iterator[QueryCapture | None]:
+          single_query_unmasked: bool = False, stop_after: int | None = None) -> Iterator[QueryCapture | None]:
     """Activate capture and/or compressed-cache attention for the forwards run inside the block.
 
     `single_query_unmasked`: a single new query attends to every cached key, so its mask is dropped. That is what
     makes decoding correct on caches whose layers hold different numbers of keys (PyramidKV, AdaKV), where a mask
     built from layer 0's length would be wrong for the others.
+    `stop_after`: end the forward (raising `StopForward`) once this layer has cached its keys and recorded its
+    queries, skipping that layer's attention and everything after it.
     """
-    token = _scope.set(_Scope(capture, cache, single_query_unmasked))
+    token = _scope.set(_Scope(capture, cache, single_query_unmasked, stop_after))
     try:
         yield capture
     finally:
@@ -92,6 +99,8 @@ def _make_wrapper(base: str):
             scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
             if active.capture is not None:
                 active.capture.record(module.layer_idx, query, scaling)
+            if active.stop_after == module.layer_idx:
+                raise StopForward
             layers = getattr(active.cache, "layers", None)
             if layers is not None and hasattr(layers[module.layer_idx], "attend"):
                 return layers[module.layer_idx].attend(query, key, value, scaling)

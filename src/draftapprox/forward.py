@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from .capture import QueryCapture, scope
+from .capture import QueryCapture, StopForward, scope
 
 
 @dataclass
@@ -39,26 +39,45 @@ class Timings:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+PREFILL_CHUNK = 2048
+"""Longest piece a multi-token forward runs at once. Attention activations of a piece grow with piece x cache
+length, so chunking keeps peak activation memory linear in the prompt length; 2048 costs nothing measurable at
+the lengths where it does not bind (see docs/results/performance.md)."""
+
+
 @torch.inference_mode()
 def forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache | None, start: int | torch.Tensor, *,
-            logits: bool = True, capture: QueryCapture | None = None,
-            compressed: bool = False) -> torch.Tensor | None:
+            logits: bool = True, capture: QueryCapture | None = None, compressed: bool = False,
+            chunk: int | None = None) -> torch.Tensor | None:
     """Run `input_ids (b, q)` at positions `start .. start+q-1` (or at the given position ids `(b, q)`); returns
     last-position logits `(b, vocab)` or None.
 
     `compressed`: the cache is a compressed one (its length is not the position), see `capture.scope`.
+    `chunk`: longest piece run at once (default `PREFILL_CHUNK`); pieces extend the cache in order, so the result
+    is the same as one forward up to float rounding.
+    Without logits, a forward that captures a known set of layers stops after the last of them: nothing later is
+    needed (its keys are cached and its queries recorded before the layer's attention runs).
     """
     input_ids = input_ids.to(model.device)
-    q = input_ids.shape[1]
+    b, q = input_ids.shape
     if isinstance(start, torch.Tensor):
         positions = start.to(input_ids.device)
     else:
-        positions = torch.arange(start, start + q, device=input_ids.device).expand(input_ids.shape[0], q)
-    with scope(capture=capture, cache=cache if compressed else None, single_query_unmasked=compressed):
-        if logits:
-            out = model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True,
-                        logits_to_keep=1)
-            return out.logits[:, -1, :]
-        model.get_decoder()(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True)
-        return None
-
+        positions = torch.arange(start, start + q, device=input_ids.device).expand(b, q)
+    step = chunk or PREFILL_CHUNK
+    stop_after = max(capture.layers) if capture is not None and capture.layers and not logits else None
+    out = None
+    for begin in range(0, q, step):
+        ids, pos = input_ids[:, begin:begin + step], positions[:, begin:begin + step]
+        last = begin + step >= q
+        with scope(capture=capture, cache=cache if compressed else None, single_query_unmasked=compressed,
+                   stop_after=stop_after):
+            try:
+                if logits and last:
+                    out = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,
+                                logits_to_keep=1).logits[:, -1, :]
+                else:
+                    model.get_decoder()(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
+            except StopForward:
+                pass
+    return out
