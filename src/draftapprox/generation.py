@@ -8,6 +8,7 @@ is what a compressed cache needs: it holds fewer entries than the position decod
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +67,7 @@ class Record:
     new_tokens: int = 0
     stop_reason: str = "length"
     timings: dict[str, float] = field(default_factory=dict)
+    first_token_seconds: float = 0.0  # wall time until the first new token's logits, all phases included
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -144,7 +146,7 @@ def apply_kv(state: PromptState, method: KVMethod) -> tuple[DynamicCache, torch.
     kept = kv_bytes(cache)
     logits = state.logits
     if selection.refeed:
-        with state.timings.phase("decode", target.device):
+        with state.timings.phase("refeed", target.device):
             logits = forward(target, state.input_ids[:, -1:], cache, state.n - 1, compressed=True)
     return cache, logits, kept
 
@@ -158,9 +160,9 @@ def compress_prompt(state: PromptState, method: PromptMethod) -> torch.Tensor:
 
 
 def decode(state: PromptState, cache: DynamicCache, logits: torch.Tensor, position: int, max_new_tokens: int,
-           sampling: Sampling, stop: list[str], tokenizer) -> tuple[list[int], str]:
-    """Sample up to `max_new_tokens`, feeding each token at `position + i`; stops at EOS or a stop string (one
-    that follows some non-blank text)."""
+           sampling: Sampling, stop: list[str], tokenizer, ignore_eos: bool = False) -> tuple[list[int], str]:
+    """Sample up to `max_new_tokens`, feeding each token at `position + i`; stops at EOS (unless `ignore_eos`, for
+    benchmarks that need a fixed length) or a stop string (one that follows some non-blank text)."""
     target, pick = state.target, sampling.sampler()
     tokens: list[int] = []
     reason = "length"
@@ -168,7 +170,7 @@ def decode(state: PromptState, cache: DynamicCache, logits: torch.Tensor, positi
         for i in range(max_new_tokens):
             token = pick(logits)
             tokens.append(int(token[0, 0]))
-            if tokens[-1] in state.eos_ids:
+            if tokens[-1] in state.eos_ids and not ignore_eos:
                 reason = "eos"
                 break
             if stop and _cut(tokenizer.decode(tokens, skip_special_tokens=True), stop) is not None:
@@ -195,12 +197,13 @@ def _finish_text(tokenizer, tokens: list[int], stop: list[str]) -> str:
 
 def generate(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None, *, max_new_tokens: int = 64,
              chat: bool = False, sampling: Sampling | None = None, stop: list[str] | None = None,
-             state: PromptState | None = None) -> Result:
+             state: PromptState | None = None, ignore_eos: bool = False) -> Result:
     """Generate from `prompt` with `method` (default FullKV); returns the text and a `Record`.
 
     `prompt` may be text or token ids `(1, n)`. Pass a `state` from `new_state` to share the target prefill and
     the draft lookahead between several methods on the same prompt (its timings then accumulate).
     """
+    began = time.perf_counter()
     method = method if method is not None else FullKV()
     _check_method(pair, method)
     if max_new_tokens < 1:
@@ -242,9 +245,12 @@ def generate(pair: Pair, prompt: str | torch.Tensor, method: Method | None = Non
                                  positions if keep_positions else 0)
             kept_bytes = kv_bytes(cache)
             position = n if keep_positions else kept_tokens
-    tokens, reason = decode(state, cache, logits, position, max_new_tokens, sampling, stop, pair.tokenizer)
+    first_token = time.perf_counter() - began
+    tokens, reason = decode(state, cache, logits, position, max_new_tokens, sampling, stop, pair.tokenizer,
+                            ignore_eos)
     timings = {k: v - start.get(k, 0.0) for k, v in state.timings.seconds.items() if v - start.get(k, 0.0) > 0}
-    record = Record(method.name, n, budget, kept_tokens, per_token * n, kept_bytes, len(tokens), reason, timings)
+    record = Record(method.name, n, budget, kept_tokens, per_token * n, kept_bytes, len(tokens), reason, timings,
+                    first_token)
     return Result(_finish_text(pair.tokenizer, tokens, stop), tokens, record)
 
 

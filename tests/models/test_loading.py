@@ -50,3 +50,28 @@ def test_missing_and_corrupt_model_files(tmp_path):
         load_model(tmp_path / "empty")
     with pytest.raises(ModelError, match="dtype"):
         load_model(tmp_path / "empty", dtype="float8")
+
+
+def test_dtypes_auto_int8_and_a_cheaper_draft(tmp_path, monkeypatch):
+    import torch
+
+    from draftapprox.generation import generate
+    from draftapprox.methods import make
+    from draftapprox.models import loading
+
+    target, draft = save(tmp_path, "t"), save(tmp_path, "d", layers=2)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert loading.auto_dtype("cpu") == "bfloat16"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert loading.auto_dtype("cpu") == "float32"
+    assert loading.precision(load_model(target, dtype="auto")[0]) == "float32"
+
+    pair = load_pair(draft, target, dtype="float32", draft_dtype="int8")
+    assert loading.precision(pair.target) == "float32" and loading.precision(pair.draft) == "int8"
+    result = generate(pair, torch.randint(0, 500, (1, 120)), make("specpc", 0.5, start_layer=0, window=16,
+                                                                   kernel=9), max_new_tokens=3)
+    assert len(result.tokens) >= 1
+    with pytest.raises(ModelError, match="CPU only"):
+        load_model(target, dtype="int8", device="cuda")
+    with pytest.raises(ModelError, match="dtype must be one of auto, float32"):
+        load_model(target, dtype="float8")

@@ -20,7 +20,7 @@ import torch
 from ..errors import ConfigError, InputError
 from ..generation import generate, new_state, prefill
 from ..methods import METHODS, FullKV, KVMethod, Method, PromptMethod, make, parse_budget
-from ..models.loading import Pair
+from ..models.loading import Pair, precision
 from . import ruler
 from .answer_log import Results
 from .metrics import score
@@ -93,7 +93,8 @@ def environment(pair: Pair) -> dict:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "device": str(pair.target.device), "dtype": str(pair.target.dtype)[6:],
+            "machine": platform.machine(), "device": str(pair.target.device), "dtype": precision(pair.target),
+            **({"draft_dtype": precision(pair.draft)} if pair.draft is not None else {}),
             "threads": torch.get_num_threads()}
 
 
