@@ -35,7 +35,10 @@ DraftOpt = Annotated[str | None, typer.Option(help="Draft model: HF id, director
 TargetOpt = Annotated[str | None, typer.Option(help="Target model: HF id, directory, .gguf (default: offline 1.5B).")]
 ChatOpt = Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of plain text.")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+DtypeOpt = Annotated[str, typer.Option(
+    help="auto (bfloat16 where the device computes it natively, else float32/float16), float32, bfloat16, float16, "
+         "or int8 (CPU: dynamic quantisation of linear layers).")]
+DraftDtypeOpt = Annotated[str | None, typer.Option(help="The draft's own dtype (default: --dtype), e.g. int8.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch.")]
 CacheOpt = Annotated[Path | None, typer.Option(
@@ -80,11 +83,11 @@ def _method(name: str, budget: str | None, settings: list[str] | None):
     return make(name, parse_budget(budget) if budget is not None else None, **_pairs(settings, "--set"))
 
 
-def _pair(method, draft, target, dtype, device, threads, cache_dir):
+def _pair(method, draft, target, dtype, draft_dtype, device, threads, cache_dir):
     from .models.loading import load_pair
 
-    return load_pair(draft, target, with_draft=method.needs_draft, dtype=dtype, device=device, threads=threads,
-                     cache=cache_dir)
+    return load_pair(draft, target, with_draft=method.needs_draft, dtype=dtype, draft_dtype=draft_dtype,
+                     device=device, threads=threads, cache=cache_dir)
 
 
 @app.command()
@@ -103,7 +106,8 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string; repeatable.")] = None,
     as_json: JsonOpt = False,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
+    draft_dtype: DraftDtypeOpt = None,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     cache_dir: CacheOpt = None,
@@ -115,7 +119,7 @@ def generate(
     chosen = _method(method, budget, knob)
     prompt = _read_prompt(prompt_file, example)
     sampling = Sampling(temperature, top_p, seed)
-    pair = _pair(chosen, draft, target, dtype, device, threads, cache_dir)
+    pair = _pair(chosen, draft, target, dtype, draft_dtype, device, threads, cache_dir)
     result = run(pair, prompt, chosen, max_new_tokens=max_new_tokens, chat=chat, sampling=sampling, stop=stop)
     if as_json:
         print(json.dumps({"text": result.text, **result.record.to_dict(), "config": chosen.describe()}))
@@ -134,7 +138,8 @@ def compress(
     target: TargetOpt = None,
     chat: ChatOpt = False,
     as_json: JsonOpt = False,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
+    draft_dtype: DraftDtypeOpt = None,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     cache_dir: CacheOpt = None,
@@ -146,7 +151,7 @@ def compress(
     chosen = _method(method, budget, knob)
     require_prompt_method(chosen)
     prompt = _read_prompt(prompt_file, example)
-    pair = _pair(chosen, draft, target, dtype, device, threads, cache_dir)
+    pair = _pair(chosen, draft, target, dtype, draft_dtype, device, threads, cache_dir)
     out = run(pair, prompt, chosen, chat=chat)
     if as_json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "positions": out.positions,
@@ -200,6 +205,22 @@ def _grid(tasks: str, lengths: str, samples: int) -> tuple[list[str], list[int]]
     return task_list, length_list
 
 
+def _method_knobs(items: list[str] | None) -> dict[str, dict[str, str]]:
+    """`--set METHOD.KEY=VALUE` options as {method: {key: value}}."""
+    settings: dict[str, dict[str, str]] = {}
+    for item in items or []:
+        name, dot, rest = item.partition(".")
+        key, eq, value = rest.partition("=")
+        if not dot or not eq or not name or not key:
+            raise InputError(f"--set expects METHOD.KEY=VALUE, got {item!r}")
+        settings.setdefault(name.strip().lower(), {})[key.strip()] = value.strip()
+    return settings
+
+
+MethodKnobsOpt = Annotated[list[str] | None, typer.Option(
+    "--set", "-s", help="A method knob, METHOD.KEY=VALUE; repeatable (e.g. --set specpc.window=32).")]
+
+
 def _local_model(source: str | None, default: str, option: str, cache_dir: Path | None) -> Path:
     """A model directory a peer can load from its own environment (default: the offline model, fetched)."""
     from .models import offline
@@ -223,11 +244,11 @@ def eval_grid(
     samples: SamplesOpt = 10,
     output: OutputOpt = Path("eval.jsonl"),
     seed: SeedOpt = 42,
-    knob: Annotated[list[str] | None, typer.Option(
-        "--set", "-s", help="A method knob, METHOD.KEY=VALUE; repeatable (e.g. --set specpc.window=32).")] = None,
+    knob: MethodKnobsOpt = None,
     draft: DraftOpt = None,
     target: TargetOpt = None,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
+    draft_dtype: DraftDtypeOpt = None,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     cache_dir: CacheOpt = None,
@@ -239,15 +260,10 @@ def eval_grid(
     from .models.loading import load_pair
 
     task_list, length_list = _grid(tasks, lengths, samples)
-    settings: dict[str, dict[str, str]] = {}
-    for item in knob or []:
-        name, dot, rest = item.partition(".")
-        key, eq, value = rest.partition("=")
-        if not dot or not eq or not name or not key:
-            raise InputError(f"--set expects METHOD.KEY=VALUE, got {item!r}")
-        settings.setdefault(name.strip().lower(), {})[key.strip()] = value.strip()
-    jobs = harness.plan(harness.parse_list(methods, "methods"), harness.parse_list(budgets, "budgets"), settings)
-    pair = load_pair(draft, target, dtype=dtype, device=device, threads=threads, cache=cache_dir)
+    jobs = harness.plan(harness.parse_list(methods, "methods"), harness.parse_list(budgets, "budgets"),
+                        _method_knobs(knob))
+    pair = load_pair(draft, target, dtype=dtype, draft_dtype=draft_dtype, device=device, threads=threads,
+                     cache=cache_dir)
     models = {"draft_model": draft or "offline qwen2.5-coder-0.5b-instruct",
               "target_model": target or "offline qwen2.5-coder-1.5b-instruct"}
     written = harness.run(pair, jobs, task_list, length_list, samples, output, seed=seed, models=models)
@@ -265,11 +281,14 @@ def eval_report(
     """Write the markdown and CSV tables and the plots of the evaluation protocol from answer files."""
     from .eval import report
 
+    _report(report.write, inputs, out, command)
+
+
+def _report(write, inputs: list[Path], out: Path, command: str | None) -> None:
     for path in inputs:
         if not path.is_file():
             raise InputError(f"no such file: {path}")
-    written = report.write(inputs, out, command=command)
-    for path in written:
+    for path in write(inputs, out, command=command):
         err.print(f"wrote {path}")
 
 
@@ -356,6 +375,64 @@ def eval_llmlingua(
     written = peers.run_llmlingua(pair, draft_dir, ratio_list, task_list, length_list, samples, output, seed=seed,
                                   threads=threads, cache=cache_dir, log=err.print)
     err.print(f"{written} LongLLMLingua answers written to {output}")
+
+
+bench_app = typer.Typer(help="Latency and memory of each method against FullKV: run it (no subcommand), then "
+                        "report.", invoke_without_command=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback()
+def bench_run(
+    ctx: typer.Context,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods; `draft` = the draft model alone.")] =
+    "fullkv,streamingllm,snapkv,adakv,speckv,specpc,speckvpc,specprefill",
+    budgets: Annotated[str, typer.Option(
+        help="Comma-separated; token counts go to KV methods, ratios (0.25) to prompt methods.")] = "256,0.25",
+    lengths: LengthsOpt = "1024,2048,4096,8192",
+    repeats: Annotated[int, typer.Option(help="Timed runs per (method, length), after one warm-up.")] = 3,
+    new_tokens: Annotated[int, typer.Option(help="Tokens decoded per run (EOS ignored).")] = 64,
+    floors: Annotated[bool, typer.Option(help="Also time the draft's prefill and the target's prefill of the "
+                                              "kept tokens alone (the floors prompt compression is held to).")] =
+    True,
+    task: Annotated[str, typer.Option(help="RULER task the prompts come from.")] = "niah_multikey_1",
+    output: OutputOpt = Path("bench.jsonl"),
+    seed: SeedOpt = 42,
+    knob: MethodKnobsOpt = None,
+    draft: DraftOpt = None,
+    target: TargetOpt = None,
+    dtype: DtypeOpt = "auto",
+    draft_dtype: DraftDtypeOpt = None,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Measure every method x length not yet in OUTPUT (one process per method, so its memory is its own)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .bench import run
+    from .eval import harness
+
+    _, length_list = _grid(task, lengths, 1)
+    jobs = run.plan(harness.parse_list(methods, "methods"), harness.parse_list(budgets, "budgets"),
+                    _method_knobs(knob), floors)
+    settings = run.Settings(length_list, repeats, new_tokens, task, seed, draft, target, dtype, draft_dtype, device,
+                            threads, str(cache_dir) if cache_dir else None)
+    written = run.run(jobs, settings, output)
+    err.print(f"{written} measurements written to {output}")
+
+
+@bench_app.command("report")
+def bench_report(
+    inputs: Annotated[list[Path], typer.Argument(help="JSONL files written by `draftapprox bench`.")],
+    out: Annotated[Path, typer.Option(help="Directory for performance.md and the plots.")] = Path("docs/results"),
+    command: Annotated[str | None, typer.Option(help="The command that produced the JSONL, quoted in the report.")]
+    = None,
+) -> None:
+    """Write performance.md (tables, targets) and the plots from benchmark files."""
+    from .bench import report
+
+    _report(report.write, inputs, out, command)
 
 
 @models_app.command("fetch")

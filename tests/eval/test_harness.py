@@ -7,6 +7,7 @@ import pytest
 
 from draftapprox.errors import ConfigError
 from draftapprox.eval import harness, report
+from draftapprox.markdown import END, START
 from draftapprox.models.loading import pair_from_models
 
 from ..conftest import tiny_model, tiny_tokenizer
@@ -102,7 +103,7 @@ def test_report_from_a_fixture(tmp_path):
                                     "env": {"device": "cpu"}}) + "\n")
     out = tmp_path / "results"
     (out).mkdir()
-    prose = f"# Accuracy\n\nProse before.\n\n{report.START}\nold\n{report.END}\nProse after.\n"
+    prose = f"# Accuracy\n\nProse before.\n\n{START}\nold\n{END}\nProse after.\n"
     (out / "accuracy.md").write_text(prose)
     report.write([src], out, command="draftapprox eval --samples 2")
     with open(out / "accuracy.csv") as f:

@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import InputError
+from ..markdown import splice
 from .metrics import bootstrap_mean_over_tasks, mean
 from .ruler import TASKS
 
@@ -119,7 +120,7 @@ def _write_markdown(rows: list[dict], table, path: Path, command: str | None) ->
             if peers:
                 same = [k for k in ours if any(p[0].split(":", 1)[1].split("(")[0] == k[0] for p in peers)]
                 lines += _table(f"### Peers at {length} tokens, {kind} {budget}", group, refs + same + peers)
-    _splice(path, "\n".join(lines))
+    splice(path, "\n".join(lines))
     return path
 
 
@@ -144,21 +145,6 @@ def _table(title: str, group: dict, keys: list) -> list[str]:
 def _avg(scores: dict[str, list[float]]) -> str:
     point, lo, hi = bootstrap_mean_over_tasks(scores)
     return f"**{point:.1f}** [{lo:.1f}, {hi:.1f}]"
-
-
-START, END = "<!-- generated tables: start -->", "<!-- generated tables: end -->"
-
-
-def _splice(path: Path, generated: str) -> None:
-    """Write the tables; in an existing report with the markers, replace only what is between them, so the
-    prose written around them survives a regeneration."""
-    block = f"{START}\n{generated}\n{END}\n"
-    if path.exists():
-        text = path.read_text()
-        if START in text and END in text:
-            head, rest = text.split(START, 1)
-            block = head + block + rest.split(END, 1)[1].lstrip("\n")
-    path.write_text(block)
 
 
 _ORDER = ("fullkv", "draft", "streamingllm", "snapkv", "pyramidkv", "adakv", "laq", "speckv", "adaspeckv", "speckvpc",

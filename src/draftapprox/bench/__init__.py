@@ -1,0 +1,1 @@
+"""Latency and memory benchmarks: `run` measures (one process per job), `report` writes tables and plots."""

@@ -1,0 +1,202 @@
+"""Tables and plots of a benchmark JSONL (`draftapprox bench report`): time to first token and its phases, decode
+time per token, memory, each as a ratio to FullKV at the same length, and the performance issue's targets checked
+against the floors measured in the same run."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from ..errors import InputError
+from ..markdown import splice, table
+from .run import DRAFT_PREFILL, FLOORS, TARGET_PREFILL
+
+PHASES = ("draft", "self_lookahead", "target_scoring", "scoring", "target_prefill", "target_lookahead",
+          "compression", "refeed", DRAFT_PREFILL, TARGET_PREFILL)
+MB = 2**20
+
+
+def load(paths: list[Path]) -> dict[tuple[str, int], dict]:
+    rows: dict[tuple[str, int], dict] = {}
+    for path in paths:
+        for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                rows[(row["key"].split("|")[0], row["length"])] = row
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise InputError(f"{path}:{number}: not a row written by `draftapprox bench`") from None
+    if not rows:
+        raise InputError("no benchmark rows in the input files")
+    return rows
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return "" if value is None or not base else f" ({value / base:.2f}x)"
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    return "-" if value is None else f"{value / scale:.{digits}f}"
+
+
+def _jobs(rows) -> list[str]:
+    labels = dict.fromkeys(label for label, _ in rows)
+    return sorted(labels, key=lambda j: (j != "fullkv", j.split("@")[0] in FLOORS, j))
+
+
+def write(paths: list[Path], out: Path, command: str | None = None) -> list[Path]:
+    rows = load(paths)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lengths = sorted({n for _, n in rows})
+    jobs = _jobs(rows)
+    full = {n: rows.get(("fullkv", n)) for n in lengths}
+    env = next(iter(rows.values()))["env"]
+    settings = env.get("settings", {})
+    target_dtypes = {r["env"]["dtype"] for (label, _), r in rows.items() if label != DRAFT_PREFILL}
+    draft_dtypes = {r["env"].get("draft_dtype") for r in rows.values()} | {
+        r["env"]["dtype"] for (label, _), r in rows.items() if label == DRAFT_PREFILL}
+    lines = [f"Machine: {env.get('cpu', env.get('machine'))}, device {env.get('device')}, {env.get('threads')} "
+             f"threads; torch {env.get('torch')}, transformers {env.get('transformers')}, python {env.get('python')}.",
+             f"Target {'/'.join(sorted(target_dtypes))}, draft {'/'.join(sorted(draft_dtypes - {None}))}; "
+             f"prompts: RULER `{settings.get('task')}` (seed {settings.get('seed')}); median of "
+             f"{settings.get('repeats')} runs after one warm-up; decode over {settings.get('new_tokens')} tokens.",
+             ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+
+    def grid(title: str, cell) -> None:
+        body = [[job, *(cell(rows.get((job, n)), full.get(n)) for n in lengths)] for job in jobs]
+        lines.extend([f"### {title}", "", *table(["job", *(f"{n} tokens" for n in lengths)], body), ""])
+
+    grid("Time to first token, seconds (x FullKV)",
+         lambda r, f: "" if r is None else _fmt(r["first_token"]) + _ratio(r["first_token"], f and f["first_token"]))
+    grid("Decode, seconds per token (x FullKV)",
+         lambda r, f: "" if r is None or r["decode_per_token"] is None else
+         _fmt(r["decode_per_token"], digits=3) + _ratio(r["decode_per_token"], f and f["decode_per_token"]))
+    grid("KV cache held while decoding, MiB (x FullKV)",
+         lambda r, f: "" if r is None or r["kv_bytes"] is None else
+         _fmt(r["kv_bytes"], MB, 1) + _ratio(r["kv_bytes"], f and f["kv_bytes"]))
+    grid("Peak process memory (RSS), MiB (difference to FullKV)",
+         lambda r, f: "" if r is None or r["peak_rss"] is None else _fmt(r["peak_rss"], MB, 0) + (
+             "" if not f or f["peak_rss"] is None else f" ({(r['peak_rss'] - f['peak_rss']) / MB:+.0f})"))
+    grid("Peak activation memory (RSS above the weights during the run), MiB",
+         lambda r, f: "" if r is None or r["extra_rss"] is None else _fmt(r["extra_rss"], MB, 0))
+    for n in lengths:
+        present = [j for j in jobs if (j, n) in rows]
+        phases = [p for p in PHASES if any(p in rows[(j, n)]["phases"] for j in present)]
+        body = [[j, *(_fmt(rows[(j, n)]["phases"].get(p)) if p in rows[(j, n)]["phases"] else "" for p in phases),
+                 _fmt(rows[(j, n)]["first_token"])] for j in present]
+        lines.extend([f"### Phases of the time to first token at {n} tokens, seconds", "",
+                      *table(["job", *phases, "first token"], body), ""])
+    lines.extend(["### The performance issue's targets, from this run", "", *targets(rows, lengths), ""])
+    path = out / "performance.md"
+    splice(path, "\n".join(lines))
+    return [path, *_plot(rows, jobs, lengths, out)]
+
+
+def _first(rows, lengths, prefix: str, n: int) -> dict | None:
+    for (label, length), row in rows.items():
+        if length == n and label.split("@")[0] == prefix:
+            return row
+    return None
+
+
+def targets(rows, lengths) -> list[str]:
+    """Each target of the performance issue that this run measured, with its numbers and whether it holds."""
+    body = []
+
+    def check(name: str, n: int, value: float, limit: float, holds: bool) -> None:
+        body.append([name, str(n), f"{value:.3f}", f"{limit:.3f}", "yes" if holds else "**no**"])
+
+    for n in lengths:
+        full, specpc = rows.get(("fullkv", n)), _first(rows, lengths, "specpc", n)
+        draft = rows.get((DRAFT_PREFILL, n))
+        if specpc is not None:
+            kept = rows.get((f"{TARGET_PREFILL}@{specpc['budget']}", n))
+            if draft and kept:
+                floor = draft["first_token"] + kept["first_token"]
+                check(f"{specpc['key'].split('|')[0]} first token / (draft prefill + target prefill of kept)", n,
+                      specpc["first_token"] / floor, 1.10, specpc["first_token"] <= 1.10 * floor)
+            if full:
+                check(f"{specpc['key'].split('|')[0]} first token / FullKV's", n,
+                      specpc["first_token"] / full["first_token"], 0.60,
+                      specpc["first_token"] <= 0.60 * full["first_token"])
+        speckv = _first(rows, lengths, "speckv", n)
+        if speckv is not None and full:
+            label = speckv["key"].split("|")[0]
+            extra = sum(speckv["phases"].get(p, 0.0) for p in ("target_lookahead", "scoring", "compression",
+                                                               "refeed"))
+            check(f"{label} target-side extra work / FullKV first token", n, extra / full["first_token"], 0.05,
+                  extra <= 0.05 * full["first_token"])
+            check(f"{label} decode per token / FullKV's", n, speckv["decode_per_token"] / full["decode_per_token"],
+                  1.0, speckv["decode_per_token"] <= full["decode_per_token"])
+            expected = min(speckv["budget"], n) / speckv["prompt_tokens"]
+            actual = speckv["kv_bytes"] / speckv["kv_bytes_full"]
+            check(f"{label} KV bytes / FullKV's (budget/prompt = {expected:.4f})", n, actual, expected * 1.05,
+                  abs(actual - expected) <= 0.05 * expected)
+            if draft and draft["env"].get("loaded_rss") and speckv["peak_rss"] and full["peak_rss"]:
+                draft_resident = draft["env"]["loaded_rss"]  # what loading the draft adds to a process
+                over = speckv["peak_rss"] - full["peak_rss"]
+                check(f"{label} peak RSS over FullKV's / draft's resident size", n, over / draft_resident, 1.10,
+                      over <= 1.10 * draft_resident)
+    if not body:
+        return ["(this run measured none of them: it needs fullkv, specpc with its floors, or speckv)"]
+    return table(["target", "tokens", "measured", "limit", "holds"], body)
+
+
+def _plot(rows, jobs: list[str], lengths: list[int], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    series = defaultdict(list)
+    for (job, n), row in rows.items():
+        series[job].append((n, row))
+    for job in jobs:
+        points = sorted(series[job], key=lambda p: p[0])
+        style = ":" if job.split("@")[0] in FLOORS else "-"
+        xs = [n for n, _ in points]
+        axes[0].plot(xs, [r["first_token"] for _, r in points], style, marker="o", label=job)
+        if all(r["peak_rss"] is not None for _, r in points):
+            axes[2].plot(xs, [r["peak_rss"] / MB for _, r in points], style, marker="o", label=job)
+        if all(r["kv_bytes"] is not None for _, r in points):
+            axes[1].plot(xs, [r["kv_bytes"] / MB for _, r in points], style, marker="o", label=job)
+    for ax, title, unit in ((axes[0], "time to first token", "seconds"),
+                            (axes[1], "KV cache held while decoding", "MiB"),
+                            (axes[2], "peak process memory (RSS)", "MiB")):
+        ax.set_title(title)
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel(unit)
+        ax.set_xscale("log", base=2)
+        if ax is not axes[2]:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    scaling = out / "performance-scaling.png"
+    fig.savefig(scaling, dpi=120)
+    plt.close(fig)
+
+    n = lengths[-1]
+    present = [j for j in jobs if (j, n) in rows and j.split("@")[0] not in FLOORS]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(present) + 1.5))
+    left = [0.0] * len(present)
+    for phase in PHASES:
+        widths = [rows[(j, n)]["phases"].get(phase, 0.0) for j in present]
+        if any(widths):
+            ax.barh(present, widths, left=left, label=phase)
+            left = [a + b for a, b in zip(left, widths, strict=True)]
+    ax.set_xlabel("seconds")
+    ax.set_title(f"phases of the time to first token, {n}-token prompt")
+    ax.invert_yaxis()
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    phases = out / "performance-phases.png"
+    fig.savefig(phases, dpi=120)
+    plt.close(fig)
+    return [scaling, phases]

@@ -1,0 +1,271 @@
+"""Latency and memory of every method against FullKV, measured side by side in one run (`draftapprox bench`).
+
+Each job (a method at a budget, or a floor) runs in its own process, which loads only the models the job needs:
+the process's resident set is then what a user running that method would pay, so "SpecKV's RSS over FullKV's"
+really measures the draft's cost. Inside the process, lengths run in increasing order, each with one warm-up
+and `repeats` timed generations of exactly `new_tokens` tokens (EOS ignored). Every (job, length) becomes one
+fsynced JSONL row as soon as it is measured, so a benchmark resumes where a kill left it.
+
+Floors (what the SpecPC/SpecKV targets of the performance issue are stated against):
+- `draft-prefill`: the draft's forward over the whole prompt, no logits (all SpecPC's draft needs);
+- `target-prefill@r`: the target's prefill of the first `r * n` prompt tokens (what SpecPC's target runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from ..errors import ConfigError, DraftApproxError, InputError
+from ..eval import harness, ruler
+from ..eval.answer_log import Results
+from ..forward import forward
+from ..generation import generate
+from ..models.loading import Pair, load_model, load_pair
+
+DRAFT_PREFILL, TARGET_PREFILL = "draft-prefill", "target-prefill"
+FLOORS = (DRAFT_PREFILL, TARGET_PREFILL)
+
+
+@dataclass
+class Settings:
+    """Everything a worker needs to load its models and build its prompts; recorded with every row."""
+
+    lengths: list[int]
+    repeats: int = 3
+    new_tokens: int = 64
+    task: str = "niah_multikey_1"
+    seed: int = 42
+    draft: str | None = None
+    target: str | None = None
+    dtype: str = "bfloat16"
+    draft_dtype: str | None = None
+    device: str = "cpu"
+    threads: int | None = None
+    cache_dir: str | None = None
+
+
+def plan(methods: list[str], budgets: list[str], knobs: dict[str, dict[str, str]] | None = None,
+         floors: bool = True) -> list[harness.Job]:
+    """The eval grid's jobs (token budgets to KV methods, ratios to prompt methods), plus the floors."""
+    jobs = harness.plan(methods, budgets, knobs)
+    if floors:
+        ratios = sorted({j.budget for j in jobs if isinstance(j.budget, float)})
+        jobs += [harness.Job(DRAFT_PREFILL, None)] + [harness.Job(TARGET_PREFILL, r) for r in ratios]
+    return jobs
+
+
+def key(job: harness.Job, length: int) -> str:
+    return f"{job.label}|{length}"
+
+
+def run(jobs: list[harness.Job], settings: Settings, output: Path, progress: bool = True) -> int:
+    """Measure every (job, length) not yet in `output`, one worker process per job; returns rows written."""
+    if settings.repeats < 1 or settings.new_tokens < 2:
+        raise ConfigError("bench needs --repeats >= 1 and --new-tokens >= 2 (decode time is per token after the "
+                          "first)")
+    harness.check_grid([settings.task], settings.lengths)
+    done = Results(output).done
+    todo = [(job, [n for n in sorted(settings.lengths) if key(job, n) not in done]) for job in jobs]
+    todo = [(job, lengths) for job, lengths in todo if lengths]
+    bar = harness._progress(progress)
+    written = 0
+    with bar:
+        tid = bar.add_task("bench", total=sum(len(lengths) for _, lengths in todo))
+        for job, lengths in todo:
+            bar.update(tid, description=f"{job.label} ({', '.join(map(str, lengths))} tokens)")
+            spec = json.dumps({"job": asdict(job), "lengths": lengths, "settings": asdict(settings),
+                               "output": str(output)})
+            proc = subprocess.Popen([sys.executable, "-m", "draftapprox.bench.run", spec], stdout=subprocess.PIPE,
+                                    text=True)
+            for _ in proc.stdout:  # one line per measured length
+                written += 1
+                bar.advance(tid)
+            if proc.wait() != 0:
+                raise DraftApproxError(f"the benchmark worker for {job.label} failed (exit {proc.returncode}); "
+                                       "its error is above")
+    return written
+
+
+# --- inside the worker process -----------------------------------------------------------------------------------
+
+
+def _trim() -> None:
+    """Hand freed heap back to the OS so the next measurement's baseline is not inflated by the last one."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _rss() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+class Memory:
+    """Peak memory of a block: process RSS sampled every millisecond by a thread (torch releases the GIL while it
+    computes), and on CUDA the allocator's own peak. `extra_*` is the peak minus what was held on entry: the
+    activations and caches of the block, the weights excluded."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def __enter__(self) -> Memory:
+        _trim()
+        self.base_rss = self.peak_rss = _rss()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base_device = torch.cuda.memory_allocated(self.device)
+        self._running = self.base_rss is not None
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self._running:
+            self.peak_rss = max(self.peak_rss, _rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc) -> None:
+        self._running = False
+        self._thread.join()
+        if self.base_rss is not None:
+            self.peak_rss = max(self.peak_rss, _rss())
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def result(self) -> dict:
+        out = {"peak_rss": self.peak_rss,
+               "extra_rss": None if self.base_rss is None else self.peak_rss - self.base_rss}
+        if self.cuda:
+            peak = torch.cuda.max_memory_allocated(self.device)
+            out.update(peak_device=peak, extra_device=peak - self.base_device)
+        return out
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _models(job: harness.Job, settings: Settings) -> tuple[Pair | None, object, object]:
+    """(pair for a generation job, the model a floor times, tokenizer); only what the job needs is loaded."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    common = {"device": settings.device, "threads": settings.threads, "cache": settings.cache_dir}
+    draft_dtype = settings.draft_dtype or settings.dtype
+    if job.method == DRAFT_PREFILL:
+        model, tokenizer = load_model(settings.draft or "qwen2.5-coder-0.5b-instruct", dtype=draft_dtype, **common)
+        return None, model, tokenizer
+    if job.method == harness.DRAFT_ALONE:
+        model, tokenizer = load_model(settings.draft or "qwen2.5-coder-0.5b-instruct", dtype=draft_dtype, **common)
+        return Pair(model, tokenizer), None, tokenizer
+    needs_draft = job.method != TARGET_PREFILL and job.build().needs_draft
+    pair = load_pair(settings.draft, settings.target, with_draft=needs_draft, dtype=settings.dtype,
+                     draft_dtype=draft_dtype, **common)
+    return pair, pair.target, pair.tokenizer
+
+
+def _timed_floor(job: harness.Job, model, ids: torch.Tensor) -> dict:
+    if job.method == TARGET_PREFILL:
+        ids = ids[:, : max(1, int(job.budget * ids.shape[1]))]
+    sync = model.device.type == "cuda"
+    start = time.perf_counter()
+    forward(model, ids, DynamicCache(), 0, logits=job.method == TARGET_PREFILL)
+    if sync:
+        torch.cuda.synchronize(model.device)
+    seconds = time.perf_counter() - start
+    return {"first_token": seconds, "phases": {job.method: seconds}, "decode_per_token": None, "kv_bytes": None,
+            "kv_bytes_full": None, "prompt_tokens": ids.shape[1]}
+
+
+def _timed_generation(job: harness.Job, pair: Pair, ids: torch.Tensor, new_tokens: int) -> dict:
+    record = generate(pair, ids, job.build(), max_new_tokens=new_tokens, ignore_eos=True).record
+    phases = {k: v for k, v in record.timings.items() if k != "decode"}
+    return {"first_token": record.first_token_seconds, "phases": phases,
+            "decode_per_token": record.timings.get("decode", 0.0) / max(record.new_tokens - 1, 1),
+            "kv_bytes": record.kv_bytes_kept, "kv_bytes_full": record.kv_bytes_full,
+            "prompt_tokens": record.prompt_tokens, "kept_tokens": record.kept_tokens}
+
+
+def _median(runs: list[dict]) -> dict:
+    """Median of each number over the repetitions (phases too), and the per-repetition raw values."""
+    out: dict = {}
+    for name in ("first_token", "decode_per_token", "peak_rss", "extra_rss", "peak_device", "extra_device"):
+        values = [r[name] for r in runs if r.get(name) is not None]
+        out[name] = statistics.median(values) if values else None
+    out["phases"] = {p: statistics.median(r["phases"].get(p, 0.0) for r in runs)
+                     for p in dict.fromkeys(p for r in runs for p in r["phases"])}
+    for name in ("kv_bytes", "kv_bytes_full", "prompt_tokens", "kept_tokens"):
+        out[name] = runs[-1].get(name)
+    out["runs"] = [{"first_token": r["first_token"], "decode_per_token": r["decode_per_token"]} for r in runs]
+    return out
+
+
+def worker(job: harness.Job, lengths: list[int], settings: Settings, output: Path) -> None:
+    results = Results(output)
+    _trim()
+    before = _rss()
+    pair, model, tokenizer = _models(job, settings)
+    _trim()
+    loaded = None if before is None else _rss() - before  # what the job's models add to a process
+    device = (model if model is not None else pair.target).device
+    env = {**harness.environment(pair or Pair(model, tokenizer)), "cpu": _cpu_name(), "loaded_rss": loaded,
+           "settings": asdict(settings)}
+    for length in lengths:
+        sample = ruler.generate_sample(tokenizer, settings.task, length, 0, settings.seed)
+        ids = ruler.encode(tokenizer, sample.context + sample.question, sample.answer_prefix)
+
+        def once(new_tokens: int, ids=ids) -> dict:
+            with Memory(device) as memory:
+                if pair is None or job.method == TARGET_PREFILL:
+                    measured = _timed_floor(job, model, ids)
+                else:
+                    measured = _timed_generation(job, pair, ids, new_tokens)
+            return {**measured, **memory.result()}
+
+        once(2)  # warm-up: same shapes, short decode
+        runs = [once(settings.new_tokens) for _ in range(settings.repeats)]
+        results.append({"key": key(job, length), "method": job.method, "budget": job.budget,
+                        "config": job.describe() if job.method not in FLOORS else job.label, "length": length,
+                        **_median(runs), "finished": time.time(), "env": env})
+        print(length, flush=True)
+
+
+def _main(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    job = harness.Job(spec["job"]["method"], spec["job"]["budget"],
+                      tuple(tuple(kv) for kv in spec["job"]["knobs"]))
+    try:
+        worker(job, spec["lengths"], Settings(**spec["settings"]), Path(spec["output"]))
+    except (DraftApproxError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
