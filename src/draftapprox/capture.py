@@ -57,6 +57,7 @@ class _Scope:
     cache: object | None
     single_query_unmasked: bool
     stop_after: int | None
+    sparse: object | None
 
 
 _scope: ContextVar[_Scope | None] = ContextVar("draftapprox_scope", default=None)
@@ -64,7 +65,8 @@ _scope: ContextVar[_Scope | None] = ContextVar("draftapprox_scope", default=None
 
 @contextmanager
 def scope(capture: QueryCapture | None = None, cache: object | None = None,
-          single_query_unmasked: bool = False, stop_after: int | None = None) -> Iterator[QueryCapture | None]:
+          single_query_unmasked: bool = False, stop_after: int | None = None,
+          sparse: object | None = None) -> Iterator[QueryCapture | None]:
     """Activate capture and/or compressed-cache attention for the forwards run inside the block.
 
     `single_query_unmasked`: a single new query attends to every cached key, so its mask is dropped. That is what
@@ -72,8 +74,9 @@ def scope(capture: QueryCapture | None = None, cache: object | None = None,
     built from layer 0's length would be wrong for the others.
     `stop_after`: end the forward (raising `StopForward`) once this layer has cached its keys and recorded its
     queries, skipping that layer's attention and everything after it.
+    `sparse`: a `sparse.VerticalSlash` that computes multi-query attention instead of the model's kernel.
     """
-    token = _scope.set(_Scope(capture, cache, single_query_unmasked, stop_after))
+    token = _scope.set(_Scope(capture, cache, single_query_unmasked, stop_after, sparse))
     try:
         yield capture
     finally:
@@ -101,6 +104,8 @@ def _make_wrapper(base: str):
                 active.capture.record(module.layer_idx, query, scaling)
             if active.stop_after == module.layer_idx:
                 raise StopForward
+            if active.sparse is not None and query.shape[2] > 1:
+                return active.sparse.attend(module.layer_idx, query, key, value, scaling), None
             layers = getattr(active.cache, "layers", None)
             if layers is not None and hasattr(layers[module.layer_idx], "attend"):
                 return layers[module.layer_idx].attend(query, key, value, scaling)

@@ -48,13 +48,15 @@ the lengths where it does not bind (see docs/results/performance.md)."""
 @torch.inference_mode()
 def forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache | None, start: int | torch.Tensor, *,
             logits: bool = True, capture: QueryCapture | None = None, compressed: bool = False,
-            chunk: int | None = None) -> torch.Tensor | None:
+            chunk: int | None = None, sparse: object | None = None) -> torch.Tensor | None:
     """Run `input_ids (b, q)` at positions `start .. start+q-1` (or at the given position ids `(b, q)`); returns
     last-position logits `(b, vocab)` or None.
 
     `compressed`: the cache is a compressed one (its length is not the position), see `capture.scope`.
     `chunk`: longest piece run at once (default `PREFILL_CHUNK`); pieces extend the cache in order, so the result
     is the same as one forward up to float rounding.
+    `sparse`: a `sparse.VerticalSlash` computing the attention; it needs every query of a layer at once (its
+    columns are chosen from the sequence's tail), so such a forward is never chunked.
     Without logits, a forward that captures a known set of layers stops after the last of them: nothing later is
     needed (its keys are cached and its queries recorded before the layer's attention runs).
     """
@@ -64,14 +66,14 @@ def forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache
         positions = start.to(input_ids.device)
     else:
         positions = torch.arange(start, start + q, device=input_ids.device).expand(b, q)
-    step = chunk or PREFILL_CHUNK
+    step = q if sparse is not None else chunk or PREFILL_CHUNK
     stop_after = max(capture.layers) if capture is not None and capture.layers and not logits else None
     out = None
     for begin in range(0, q, step):
         ids, pos = input_ids[:, begin:begin + step], positions[:, begin:begin + step]
         last = begin + step >= q
         with scope(capture=capture, cache=cache if compressed else None, single_query_unmasked=compressed,
-                   stop_after=stop_after):
+                   stop_after=stop_after, sparse=sparse):
             try:
                 if logits and last:
                     out = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,

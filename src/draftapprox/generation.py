@@ -134,15 +134,18 @@ def _check_method(pair: Pair, method: Method) -> None:
 
 
 def apply_kv(state: PromptState, method: KVMethod) -> tuple[DynamicCache, torch.Tensor, int]:
-    """Prefill (if not done), compress, and return (cache, logits of the first new token, bytes kept)."""
-    prefill(state, method.rows if not method.is_noop(state.n) else 0)
+    """Prefill (if not done, and unless the method runs its own), compress, and return (cache, logits of the first
+    new token, bytes kept)."""
     if method.is_noop(state.n):
+        prefill(state, 0)
         cache = shallow_copy(state.cache)
         return cache, state.logits, kv_bytes(cache)
+    if method.prefills(state.n):
+        prefill(state, method.rows)
     selection = method.select(state)
     target = state.target
     with state.timings.phase("compression", target.device):
-        cache = compress_cache(state.cache, selection.keep)
+        cache = compress_cache(state.cache if selection.cache is None else selection.cache, selection.keep)
     kept = kv_bytes(cache)
     logits = state.logits
     if selection.refeed:

@@ -44,6 +44,9 @@ class AdaKV(KVMethod):
     def rows(self) -> int:
         return self.scorer.rows
 
+    def prefills(self, n: int) -> bool:
+        return self.scorer.prefills(n)
+
     def select(self, state: PromptState) -> KVSelection:
         return select_with(self, state, self.scorer.scores, self.allocate)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from transformers import DynamicCache
 
 from ..draft import PromptState
 from ..errors import ConfigError
@@ -75,10 +76,12 @@ class KVSelection:
 
     `refeed`: the last prompt token's pair is dropped and the token is fed again on the compressed cache (SpecKV);
     otherwise the first new token comes from the prefill's logits.
+    `cache`: the cache `keep` indexes when the method ran its own prefill (sparse prefill); else the shared one.
     """
 
     keep: list[torch.Tensor]
     refeed: bool = False
+    cache: DynamicCache | None = None
 
 
 @dataclass
@@ -89,6 +92,10 @@ class KVMethod(Method):
     def rows(self) -> int:
         """Trailing prompt query rows the target's prefill must capture for this method."""
         return 0
+
+    def prefills(self, n: int) -> bool:
+        """Whether the method selects from the shared dense prefill (False: it runs its own, e.g. sparse)."""
+        return True
 
     def select(self, state: PromptState) -> KVSelection:
         raise NotImplementedError

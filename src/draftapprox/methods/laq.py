@@ -10,6 +10,7 @@ import torch
 
 from ..cache import compress_cache
 from ..draft import PromptState, greedy_from
+from ..errors import ConfigError
 from .snapkv import SnapKV
 from .speckv import SpecKV
 
@@ -22,6 +23,12 @@ class LAQ(SpecKV):
     name = "laq"
     summary = "SpecKV with the target's own answer from a SnapKV cache as the lookahead (no draft)"
     needs_draft = False
+
+    def validate(self) -> None:
+        if self.sparse_prefill:
+            raise ConfigError(f"{self.name}: sparse_prefill is not available (the self-lookahead decodes from the "
+                              "dense prefill, so there is no lookahead before it)")
+        super().validate()
 
     def lookahead_tokens(self, state: PromptState, length: int) -> torch.Tensor:
         snap = SnapKV(budget=self.budget, window=self.window, kernel=self.kernel, pool=self.pool,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from ..draft import PromptState
 from ..scoring import kv_head_scores, topk_mask, window_probs
@@ -23,6 +24,7 @@ class Scores:
     per_layer: list[torch.Tensor]
     window: range
     refeed: bool
+    cache: DynamicCache | None = None  # the method's own prefill cache, when it ran one
 
 
 @dataclass
@@ -67,4 +69,4 @@ def select_with(method: KVMethod, state: PromptState, scorer: Callable[[PromptSt
         keep = allocate(scores, budget - len(scores.window), state.n)
         for mask in keep:
             mask[..., scores.window.start:scores.window.stop] = True
-    return KVSelection(keep, scores.refeed)
+    return KVSelection(keep, scores.refeed, scores.cache)

@@ -6,11 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from ..cache import truncate_cache
 from ..capture import QueryCapture, check_captured
 from ..draft import PromptState
 from ..forward import forward
+from ..sparse import VerticalSlash
 from .base import positive
 from .scorer import ScorerKV, Scores
 
@@ -23,9 +25,16 @@ class SpecKV(ScorerKV):
     `< n - window - 1`; positions `n-window-1 .. n-2` are kept and the last prompt token is fed again on the
     compressed cache. The draft tokens run through the target on top of the shared prompt cache (the cheaper
     order the spec allows) and their pairs are discarded afterwards.
+
+    `sparse_prefill` (the paper's sparse prefill, off by default as in our accuracy grid): for prompts longer than
+    `prefill_window + prefill_vertical`, the target prefills prompt and draft tokens in one forward whose attention
+    is vertical-slash sparse (`sparse.VerticalSlash`), the columns picked per layer from these same scores.
     """
 
     lookahead: int | None = None
+    sparse_prefill: bool = False
+    prefill_window: int = 2048
+    prefill_vertical: int = 2048
     name = "speckv"
     summary = "draft answer + prompt tail score the target's KV pairs; top pairs per KV head are kept"
     needs_draft = True
@@ -33,7 +42,12 @@ class SpecKV(ScorerKV):
     def validate(self) -> None:
         if self.lookahead is not None:
             positive(self, "lookahead", self.lookahead, minimum=0)
+        positive(self, "prefill_window", self.prefill_window)
+        positive(self, "prefill_vertical", self.prefill_vertical)
         super().validate()
+
+    def prefills(self, n: int) -> bool:
+        return not (self.sparse_prefill and n > self.prefill_window + self.prefill_vertical)
 
     @property
     def rows(self) -> int:
@@ -47,13 +61,15 @@ class SpecKV(ScorerKV):
         n, w = state.n, self.window
         length = state.max_new_tokens if self.lookahead is None else self.lookahead
         tokens = self.lookahead_tokens(state, length) if length > 0 else state.input_ids[:, :0]
+        positions = torch.arange(n - w - 1, n + tokens.shape[1])
+        if not self.prefills(n):
+            return self._sparse_prefill_scores(state, tokens, positions)
         extra = QueryCapture(rows=max(tokens.shape[1], 1))
         target = state.target
         if tokens.shape[1]:
             with state.timings.phase("target_lookahead", target.device):
                 forward(target, tokens, state.cache, n, logits=False, capture=extra)
             check_captured(target, extra)
-        positions = torch.arange(n - w - 1, n + tokens.shape[1])
         with state.timings.phase("scoring", target.device):
             per_layer = []
             for i, q in sorted(state.queries.queries.items()):
@@ -64,3 +80,20 @@ class SpecKV(ScorerKV):
                 per_layer.append(self.layer_scores(rows, positions, keys, n - w - 1, state.queries.scaling[i]))
         truncate_cache(state.cache, n)
         return Scores(per_layer, range(n - w - 1, n - 1), refeed=True)
+
+    def _sparse_prefill_scores(self, state: PromptState, tokens: torch.Tensor, positions: torch.Tensor) -> Scores:
+        """One sparse forward of prompt + draft tokens; each layer's scores choose its vertical columns and are
+        the scores selection then uses (computed once)."""
+        n, rows = state.n, positions.numel()
+
+        def columns(layer: int, query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+            return self.layer_scores(query[..., -rows:, :], positions, keys, n - self.window - 1, scaling)
+
+        plan = VerticalSlash(self.prefill_vertical, self.prefill_window, columns)
+        cache = DynamicCache()
+        ids = torch.cat([state.input_ids, tokens.to(state.input_ids.device)], dim=1)
+        with state.timings.phase("target_prefill", state.target.device):
+            forward(state.target, ids, cache, 0, logits=False, sparse=plan)
+        truncate_cache(cache, n)
+        return Scores([plan.scores[i] for i in sorted(plan.scores)], range(n - self.window - 1, n - 1), refeed=True,
+                      cache=cache)
