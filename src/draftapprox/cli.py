@@ -396,6 +396,8 @@ def bench_run(
                                               "kept tokens alone (the floors prompt compression is held to).")] =
     True,
     task: Annotated[str, typer.Option(help="RULER task the prompts come from.")] = "niah_multikey_1",
+    prefill_chunk: Annotated[int | None, typer.Option(
+        help="Longest prefill piece (default 2048); rows measured with another value are labelled apart.")] = None,
     output: OutputOpt = Path("bench.jsonl"),
     seed: SeedOpt = 42,
     knob: MethodKnobsOpt = None,
@@ -417,7 +419,7 @@ def bench_run(
     jobs = run.plan(harness.parse_list(methods, "methods"), harness.parse_list(budgets, "budgets"),
                     _method_knobs(knob), floors)
     settings = run.Settings(length_list, repeats, new_tokens, task, seed, draft, target, dtype, draft_dtype, device,
-                            threads, str(cache_dir) if cache_dir else None)
+                            threads, str(cache_dir) if cache_dir else None, prefill_chunk)
     written = run.run(jobs, settings, output)
     err.print(f"{written} measurements written to {output}")
 
@@ -433,6 +435,33 @@ def bench_report(
     from .bench import report
 
     _report(report.write, inputs, out, command)
+
+
+@bench_app.command("overlap")
+def bench_overlap(
+    dtypes: Annotated[str, typer.Option(help="Comma-separated draft precisions to compare.")] = "bfloat16,int8",
+    against: Annotated[str, typer.Option(help="The reference precision.")] = "float32",
+    lengths: LengthsOpt = "2048",
+    tasks: TasksOpt = "all",
+    samples: SamplesOpt = 1,
+    ratio: Annotated[float, typer.Option(help="SpecPC keep ratio.")] = 0.25,
+    out: Annotated[Path, typer.Option(help="Markdown file the table is written (spliced) into.")] =
+    Path("docs/results/draft-precision.md"),
+    command: Annotated[str | None, typer.Option(help="The command quoted in the report.")] = None,
+    seed: SeedOpt = 42,
+    draft: DraftOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Overlap of SpecPC's selection with a cheaper draft against a reference precision, and the draft's speed-up."""
+    from .bench import overlap
+    from .eval import harness
+
+    task_list, length_list = _grid(tasks, lengths, samples)
+    if len(length_list) != 1 or not 0 < ratio < 1:
+        raise InputError("bench overlap takes one length and a keep ratio in (0, 1)")
+    rows = overlap.measure(draft, harness.parse_list(dtypes, "dtypes"), against, task_list, length_list[0], samples,
+                           ratio, seed, str(cache_dir) if cache_dir else None)
+    err.print(f"wrote {overlap.write(rows, out, command)}")
 
 
 @models_app.command("fetch")

@@ -41,9 +41,13 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
     return "-" if value is None else f"{value / scale:.{digits}f}"
 
 
+def _floor(rows, label: str) -> bool:
+    return any(r["method"] in FLOORS for (job, _), r in rows.items() if job == label)
+
+
 def _jobs(rows) -> list[str]:
     labels = dict.fromkeys(label for label, _ in rows)
-    return sorted(labels, key=lambda j: (j != "fullkv", j.split("@")[0] in FLOORS, j))
+    return sorted(labels, key=lambda j: (j != "fullkv", _floor(rows, j), j))
 
 
 def write(paths: list[Path], out: Path, command: str | None = None) -> list[Path]:
@@ -97,9 +101,10 @@ def write(paths: list[Path], out: Path, command: str | None = None) -> list[Path
     return [path, *_plot(rows, jobs, lengths, out)]
 
 
-def _first(rows, lengths, prefix: str, n: int) -> dict | None:
-    for (label, length), row in rows.items():
-        if length == n and label.split("@")[0] == prefix:
+def _first(rows, method: str, n: int) -> dict | None:
+    """The first row of `method` at `n` tokens measured with the default settings (no variant)."""
+    for (_, length), row in rows.items():
+        if length == n and row["method"] == method and not row.get("variant"):
             return row
     return None
 
@@ -112,7 +117,7 @@ def targets(rows, lengths) -> list[str]:
         body.append([name, str(n), f"{value:.3f}", f"{limit:.3f}", "yes" if holds else "**no**"])
 
     for n in lengths:
-        full, specpc = rows.get(("fullkv", n)), _first(rows, lengths, "specpc", n)
+        full, specpc = rows.get(("fullkv", n)), _first(rows, "specpc", n)
         draft = rows.get((DRAFT_PREFILL, n))
         if specpc is not None:
             kept = rows.get((f"{TARGET_PREFILL}@{specpc['budget']}", n))
@@ -120,11 +125,12 @@ def targets(rows, lengths) -> list[str]:
                 floor = draft["first_token"] + kept["first_token"]
                 check(f"{specpc['key'].split('|')[0]} first token / (draft prefill + target prefill of kept)", n,
                       specpc["first_token"] / floor, 1.10, specpc["first_token"] <= 1.10 * floor)
-            if full:
-                check(f"{specpc['key'].split('|')[0]} first token / FullKV's", n,
-                      specpc["first_token"] / full["first_token"], 0.60,
-                      specpc["first_token"] <= 0.60 * full["first_token"])
-        speckv = _first(rows, lengths, "speckv", n)
+            cheaper = [r for (_, length), r in rows.items() if length == n and r["method"] == "specpc"
+                       and r["budget"] == specpc["budget"] and "draft=" in r.get("variant", "")]
+            for row, limit in [(specpc, 0.60), *((r, 0.45) for r in cheaper)] if full else []:
+                check(f"{row['key'].split('|')[0]} first token / FullKV's", n, row["first_token"] / full["first_token"],
+                      limit, row["first_token"] <= limit * full["first_token"])
+        speckv = _first(rows, "speckv", n)
         if speckv is not None and full:
             label = speckv["key"].split("|")[0]
             extra = sum(speckv["phases"].get(p, 0.0) for p in ("target_lookahead", "scoring", "compression",
@@ -159,7 +165,7 @@ def _plot(rows, jobs: list[str], lengths: list[int], out: Path) -> list[Path]:
         series[job].append((n, row))
     for job in jobs:
         points = sorted(series[job], key=lambda p: p[0])
-        style = ":" if job.split("@")[0] in FLOORS else "-"
+        style = ":" if _floor(rows, job) else "-"
         xs = [n for n, _ in points]
         axes[0].plot(xs, [r["first_token"] for _, r in points], style, marker="o", label=job)
         if all(r["peak_rss"] is not None for _, r in points):
@@ -183,7 +189,7 @@ def _plot(rows, jobs: list[str], lengths: list[int], out: Path) -> list[Path]:
     plt.close(fig)
 
     n = lengths[-1]
-    present = [j for j in jobs if (j, n) in rows and j.split("@")[0] not in FLOORS]
+    present = [j for j in jobs if (j, n) in rows and not _floor(rows, j)]
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(present) + 1.5))
     left = [0.0] * len(present)
     for phase in PHASES:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from .. import forward as forward_module
 from ..errors import ConfigError, DraftApproxError, InputError
 from ..eval import harness, ruler
 from ..eval.answer_log import Results
@@ -56,30 +57,45 @@ class Settings:
     device: str = "cpu"
     threads: int | None = None
     cache_dir: str | None = None
+    prefill_chunk: int | None = None  # None: forward.PREFILL_CHUNK; rows measured otherwise are labelled apart
 
 
-def plan(methods: list[str], budgets: list[str], knobs: dict[str, dict[str, str]] | None = None,
-         floors: bool = True) -> list[harness.Job]:
-    """The eval grid's jobs (token budgets to KV methods, ratios to prompt methods), plus the floors."""
-    jobs = harness.plan(methods, budgets, knobs)
-    if floors:
-        ratios = sorted({j.budget for j in jobs if isinstance(j.budget, float)})
-        jobs += [harness.Job(DRAFT_PREFILL, None)] + [harness.Job(TARGET_PREFILL, r) for r in ratios]
-    return jobs
+def _uses_draft(job: harness.Job) -> bool:
+    if job.method in (DRAFT_PREFILL, harness.DRAFT_ALONE):
+        return True
+    return job.method != TARGET_PREFILL and job.build().needs_draft
 
 
-def key(job: harness.Job, length: int) -> str:
-    return f"{job.label}|{length}"
+def variant(job: harness.Job, settings: Settings) -> str:
+    """What this run sets apart from the defaults (a draft dtype, a prefill chunk), so rows of different settings
+    sit side by side in one file."""
+    parts = []
+    if settings.draft_dtype is not None and _uses_draft(job):
+        parts.append(f"draft={settings.draft_dtype}")
+    if settings.prefill_chunk is not None:
+        parts.append(f"chunk={settings.prefill_chunk}")
+    return " ".join(parts)
+
+
+def label(job: harness.Job, settings: Settings) -> str:
+    """The job (method@budget and its knobs) and the run's variant."""
+    return " ".join([job.label, *(f"{k}={v}" for k, v in job.knobs), variant(job, settings)]).strip()
+
+
+def key(job: harness.Job, settings: Settings, length: int) -> str:
+    return f"{label(job, settings)}|{length}"
 
 
 def run(jobs: list[harness.Job], settings: Settings, output: Path, progress: bool = True) -> int:
     """Measure every (job, length) not yet in `output`, one worker process per job; returns rows written."""
+    if settings.prefill_chunk is not None and settings.prefill_chunk < 1:
+        raise ConfigError(f"--prefill-chunk must be >= 1, got {settings.prefill_chunk}")
     if settings.repeats < 1 or settings.new_tokens < 2:
         raise ConfigError("bench needs --repeats >= 1 and --new-tokens >= 2 (decode time is per token after the "
                           "first)")
     harness.check_grid([settings.task], settings.lengths)
     done = Results(output).done
-    todo = [(job, [n for n in sorted(settings.lengths) if key(job, n) not in done]) for job in jobs]
+    todo = [(job, [n for n in sorted(settings.lengths) if key(job, settings, n) not in done]) for job in jobs]
     todo = [(job, lengths) for job, lengths in todo if lengths]
     bar = harness._progress(progress)
     written = 0
@@ -183,8 +199,7 @@ def _models(job: harness.Job, settings: Settings) -> tuple[Pair | None, object, 
     if job.method == harness.DRAFT_ALONE:
         model, tokenizer = load_model(settings.draft or "qwen2.5-coder-0.5b-instruct", dtype=draft_dtype, **common)
         return Pair(model, tokenizer), None, tokenizer
-    needs_draft = job.method != TARGET_PREFILL and job.build().needs_draft
-    pair = load_pair(settings.draft, settings.target, with_draft=needs_draft, dtype=settings.dtype,
+    pair = load_pair(settings.draft, settings.target, with_draft=_uses_draft(job), dtype=settings.dtype,
                      draft_dtype=draft_dtype, **common)
     return pair, pair.target, pair.tokenizer
 
@@ -227,6 +242,8 @@ def _median(runs: list[dict]) -> dict:
 
 def worker(job: harness.Job, lengths: list[int], settings: Settings, output: Path) -> None:
     results = Results(output)
+    if settings.prefill_chunk is not None:
+        forward_module.PREFILL_CHUNK = settings.prefill_chunk
     _trim()
     before = _rss()
     pair, model, tokenizer = _models(job, settings)
@@ -249,7 +266,8 @@ def worker(job: harness.Job, lengths: list[int], settings: Settings, output: Pat
 
         once(2)  # warm-up: same shapes, short decode
         runs = [once(settings.new_tokens) for _ in range(settings.repeats)]
-        results.append({"key": key(job, length), "method": job.method, "budget": job.budget,
+        results.append({"key": key(job, settings, length), "method": job.method, "budget": job.budget,
+                        "variant": variant(job, settings),
                         "config": job.describe() if job.method not in FLOORS else job.label, "length": length,
                         **_median(runs), "finished": time.time(), "env": env})
         print(length, flush=True)
