@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RAW=docs/results/raw
 OUT=$RAW/bench-cpu.jsonl
-STAGES=${STAGES:-"main long chunk int8 report"}
+STAGES=${STAGES:-"main long sparse drafts chunk report"}
 METHODS=fullkv,streamingllm,snapkv,adakv,speckv,specpc,speckvpc,specprefill
 LOOKAHEAD=(--set speckv.lookahead=32 --set speckvpc.lookahead=32)
+SPARSE=(--set speckv.sparse_prefill=true)
 mkdir -p "$RAW"
 for stage in $STAGES; do
   case $stage in
@@ -16,13 +17,23 @@ for stage in $STAGES; do
       draftapprox bench --methods "$METHODS" --budgets 256,0.25 --lengths 1024,2048,4096 --repeats 3 \
         "${LOOKAHEAD[@]}" --output "$OUT" ;;
     long)   # 8k tokens: one timed run each (a FullKV prefill alone takes minutes here)
-      draftapprox bench --methods fullkv,snapkv,speckv,specpc --budgets 256,0.25 --lengths 8192 --repeats 1 \
+      draftapprox bench --methods fullkv,speckv,specpc --budgets 256,0.25 --lengths 8192 --repeats 1 \
         "${LOOKAHEAD[@]}" --output "$OUT" ;;
-    chunk)  # the same prefill unchunked, to show what chunking costs and saves
-      draftapprox bench --methods fullkv --no-floors --lengths 2048,4096,8192 --repeats 1 --prefill-chunk 1000000 \
+    sparse) # SpecKV's sparse prefill: the reference's pattern (2048 + 2048) at 8k, a narrower one from 2k
+      draftapprox bench --methods speckv --budgets 256 --no-floors --lengths 8192 --repeats 1 "${LOOKAHEAD[@]}" \
+        "${SPARSE[@]}" --set speckv.prefill_window=2048 --set speckv.prefill_vertical=2048 --output "$OUT"
+      draftapprox bench --methods speckv --budgets 256 --no-floors --lengths 2048,4096,8192 --repeats 1 \
+        "${LOOKAHEAD[@]}" "${SPARSE[@]}" --set speckv.prefill_window=512 --set speckv.prefill_vertical=512 \
         --output "$OUT" ;;
-    int8)   # SpecPC with a dynamically quantised int8 draft
-      draftapprox bench --methods specpc --budgets 0.25 --lengths 1024,2048,4096 --repeats 3 --draft-dtype int8 \
+    drafts) # SpecPC with a dynamically quantised int8 draft and a float32 one; selection overlap per precision
+      draftapprox bench --methods specpc --budgets 0.25 --lengths 2048,4096 --repeats 3 --draft-dtype int8 \
+        --output "$OUT"
+      draftapprox bench --methods specpc --budgets 0.25 --lengths 4096 --repeats 3 --draft-dtype float32 \
+        --output "$OUT"
+      draftapprox bench overlap --dtypes bfloat16,int8 --against float32 --lengths 2048 --samples 1 \
+        --command "draftapprox bench overlap --dtypes bfloat16,int8 --against float32 --lengths 2048 --samples 1" ;;
+    chunk)  # FullKV's prefill unchunked, to show what chunking costs and saves
+      draftapprox bench --methods fullkv --no-floors --lengths 4096,8192 --repeats 1 --prefill-chunk 1000000 \
         --output "$OUT" ;;
     report)
       draftapprox bench report "$OUT" --out docs/results --command "scripts/benchmark.sh (STAGES=\"$STAGES\")" ;;

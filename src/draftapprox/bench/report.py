@@ -95,18 +95,36 @@ def write(paths: list[Path], out: Path, command: str | None = None) -> list[Path
                  _fmt(rows[(j, n)]["first_token"])] for j in present]
         lines.extend([f"### Phases of the time to first token at {n} tokens, seconds", "",
                       *table(["job", *phases, "first token"], body), ""])
+    sparse = sparse_prefill(rows)
+    if sparse:
+        lines.extend(["### Sparse (vertical-slash) prefill against the dense one", "", *sparse, ""])
     lines.extend(["### The performance issue's targets, from this run", "", *targets(rows, lengths), ""])
     path = out / "performance.md"
     splice(path, "\n".join(lines))
     return [path, *_plot(rows, jobs, lengths, out)]
 
 
+def _sparse(row: dict) -> bool:
+    return str(row.get("knobs", {}).get("sparse_prefill", "")).lower() in ("true", "1", "yes")
+
+
 def _first(rows, method: str, n: int) -> dict | None:
-    """The first row of `method` at `n` tokens measured with the default settings (no variant)."""
+    """The first row of `method` at `n` tokens measured with the default settings (no variant, dense prefill)."""
     for (_, length), row in rows.items():
-        if length == n and row["method"] == method and not row.get("variant"):
+        if length == n and row["method"] == method and not row.get("variant") and not _sparse(row):
             return row
     return None
+
+
+def sparse_prefill(rows) -> list[str]:
+    """Target prefill with the vertical-slash pattern against SpecKV's dense one at the same length."""
+    body = []
+    for (label, n), row in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        dense = _first(rows, row["method"], n) if _sparse(row) else None
+        if dense is not None:
+            sparse_s, dense_s = row["phases"]["target_prefill"], dense["phases"]["target_prefill"]
+            body.append([label, str(n), _fmt(dense_s), _fmt(sparse_s), f"{sparse_s / dense_s:.2f}x"])
+    return table(["job", "tokens", "dense target prefill, s", "sparse, s", "ratio"], body) if body else []
 
 
 def targets(rows, lengths) -> list[str]:

@@ -267,7 +267,7 @@ def worker(job: harness.Job, lengths: list[int], settings: Settings, output: Pat
         once(2)  # warm-up: same shapes, short decode
         runs = [once(settings.new_tokens) for _ in range(settings.repeats)]
         results.append({"key": key(job, settings, length), "method": job.method, "budget": job.budget,
-                        "variant": variant(job, settings),
+                        "variant": variant(job, settings), "knobs": dict(job.knobs),
                         "config": job.describe() if job.method not in FLOORS else job.label, "length": length,
                         **_median(runs), "finished": time.time(), "env": env})
         print(length, flush=True)
