@@ -294,13 +294,16 @@ def _report(write, inputs: list[Path], out: Path, command: str | None) -> None:
 
 @eval_app.command("setup-peer")
 def eval_setup_peer(
-    name: Annotated[str, typer.Argument(help="Peer to install in its own virtual environment: kvpress, llmlingua.")],
+    name: Annotated[str, typer.Argument(
+        help="Peer to install in its own virtual environment: kvpress, llmlingua, reference.")],
+    source: Annotated[str | None, typer.Option(
+        help="Where to clone a peer's code from (reference: default its GitHub URL; a local clone works).")] = None,
     cache_dir: CacheOpt = None,
 ) -> None:
     """Create a peer's own virtual environment (its pins conflict with ours); idempotent."""
     from .eval import peers
 
-    peers.setup(name, cache_dir, log=err.print)
+    peers.setup(name, cache_dir, log=err.print, source=source)
 
 
 @eval_app.command("kvpress")
@@ -359,22 +362,62 @@ def eval_llmlingua(
 ) -> None:
     """LongLLMLingua (our draft as its small LM, in llmlingua's own environment) compresses the same RULER
     prompts; our target answers the compressed prompts."""
-    from .eval import harness, peers
+    from .eval import peers
     from .models import offline
     from .models.loading import load_pair
 
     task_list, length_list = _grid(tasks, lengths, samples)
-    try:
-        ratio_list = [float(x) for x in harness.parse_list(ratios, "ratios")]
-    except ValueError:
-        raise InputError(f"--ratios must be fractions, got {ratios!r}") from None
-    if not all(0 < r <= 1 for r in ratio_list):
-        raise InputError(f"--ratios must be in (0, 1], got {ratios}")
+    ratio_list = _ratios(ratios)
     draft_dir = _local_model(draft, offline.DRAFT.name, "--draft", cache_dir)
     pair = load_pair(None, target, with_draft=False, dtype=dtype, threads=threads, cache=cache_dir)
     written = peers.run_llmlingua(pair, draft_dir, ratio_list, task_list, length_list, samples, output, seed=seed,
                                   threads=threads, cache=cache_dir, log=err.print)
     err.print(f"{written} LongLLMLingua answers written to {output}")
+
+
+def _ratios(text: str) -> list[float]:
+    from .eval import harness
+
+    try:
+        ratios = [float(x) for x in harness.parse_list(text, "ratios")]
+    except ValueError:
+        raise InputError(f"--ratios must be fractions, got {text!r}") from None
+    if not all(0 < r <= 1 for r in ratios):
+        raise InputError(f"--ratios must be in (0, 1], got {text}")
+    return ratios
+
+
+@eval_app.command("reference")
+def eval_reference(
+    ratios: Annotated[str, typer.Option(help="Comma-separated SpecPC keep ratios.")] = "0.1,0.25,0.5",
+    lengths: LengthsOpt = "2048",
+    tasks: TasksOpt = "all",
+    samples: SamplesOpt = 1,
+    output: OutputOpt = Path("reference.jsonl"),
+    report: Annotated[Path, typer.Option(help="Markdown file the comparison table is written (spliced) into.")] =
+    Path("docs/results/reference.md"),
+    command: Annotated[str | None, typer.Option(help="The command quoted in the report.")] = None,
+    seed: SeedOpt = 42,
+    draft: DraftOpt = None,
+    dtype: Annotated[str, typer.Option(help="The draft's dtype on both sides.")] = "float32",
+    threads: ThreadsOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """SpecPC's selection by the authors' reference implementation (its own environment) against ours."""
+    from .eval import peers
+    from .eval.answer_log import read
+    from .models import offline
+    from .models.loading import Pair, load_model
+
+    task_list, length_list = _grid(tasks, lengths, samples)
+    ratio_list = _ratios(ratios)
+    draft_dir = _local_model(draft, offline.DRAFT.name, "--draft", cache_dir)
+    model, tokenizer = load_model(draft_dir, dtype=dtype, threads=threads)
+    written = peers.run_reference(Pair(model, tokenizer, model), draft_dir, ratio_list, task_list, length_list,
+                                  samples, output, seed=seed, dtype=dtype, threads=threads, cache=cache_dir,
+                                  log=err.print)
+    err.print(f"{written} comparisons written to {output}")
+    err.print(f"wrote {peers.reference_report(read(output), report, command)}")
 
 
 bench_app = typer.Typer(help="Latency and memory of each method against FullKV: run it (no subcommand), then "

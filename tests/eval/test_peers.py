@@ -107,3 +107,41 @@ def test_press_settings_are_passed_on_and_named_in_the_method(tokenizer, fake_kv
     assert row["method"] == "kvpress-qa:snapkv(kernel_size=7,window_size=32)"
     requests = (tmp_path / ".peer-work" / "answers.kvpress-requests.jsonl").read_text()
     assert json.loads(requests)["knobs"] == {"kernel_size": 7, "window_size": 32}
+
+
+FAKE_REFERENCE = '''
+import argparse, json
+p = argparse.ArgumentParser()
+for name in ("--requests", "--answers", "--model", "--source", "--dtype"):
+    p.add_argument(name)
+a = p.parse_args()
+with open(a.answers, "a") as f:
+    for line in open(a.requests):
+        r = json.loads(line)
+        kept = r["ours"] if r["ratio"] < 0.5 else r["ours"][1:] + [r["ours"][0] + 1]  # one position differs
+        f.write(json.dumps({"key": r["key"], "kept": kept, "seconds": 0.5, "versions": {"transformers": "4.51.3"}})
+                + "\\n")
+'''
+
+
+def test_reference_selections_are_compared_with_ours(tokenizer, tmp_path, monkeypatch):
+    from draftapprox.eval.answer_log import read
+
+    worker = tmp_path / "fake_reference.py"
+    worker.write_text(FAKE_REFERENCE)
+    monkeypatch.setattr(peers, "python", lambda name, cache=None: type(worker)(sys.executable))
+    monkeypatch.setattr(peers, "venv", lambda name, cache=None: tmp_path / "venv")
+    monkeypatch.setitem(peers.PEERS, "reference", peers.Peer("reference", (), str(worker)))
+    (tmp_path / "venv" / "src").mkdir(parents=True)
+    draft = tiny_model("qwen2", layers=3, heads=4, kv_heads=4, seed=1)
+    pair = pair_from_models(draft, tokenizer, draft)
+    out = tmp_path / "reference.jsonl"
+    args = (pair, tmp_path, [0.25, 0.5], ["niah_single_1"], [1024], 1, out)
+    small = {"start_layer": 1, "window": 16, "kernel": 9}
+    assert peers.run_reference(*args, log=lambda *_: None, knobs=small) == 2
+    rows = {r["ratio"]: r for r in read(out)}
+    assert rows[0.25]["identical"] and rows[0.25]["overlap"] == 1 and rows[0.25]["ours_seconds"] > 0
+    assert not rows[0.5]["identical"] and len(rows[0.5]["only_ours"]) <= 1 and rows[0.5]["overlap"] > 0.99
+    assert peers.run_reference(*args, log=lambda *_: None, knobs=small) == 0
+    text = peers.reference_report(read(out), tmp_path / "reference.md", "draftapprox eval reference").read_text()
+    assert "| 0.25 | 1 | 1 | 100.00% |" in text and "Prompts whose selections differ" in text
