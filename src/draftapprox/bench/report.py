@@ -151,10 +151,11 @@ def targets(rows, lengths) -> list[str]:
         speckv = _first(rows, "speckv", n)
         if speckv is not None and full:
             label = speckv["key"].split("|")[0]
-            extra = sum(speckv["phases"].get(p, 0.0) for p in ("target_lookahead", "scoring", "compression",
-                                                               "refeed"))
-            check(f"{label} target-side extra work / FullKV first token", n, extra / full["first_token"], 0.05,
-                  extra <= 0.05 * full["first_token"])
+            # the definition: draft-token forward + scoring + compression (the refeed of the last prompt
+            # token is one decode step, shown in the phase table)
+            extra = sum(speckv["phases"].get(p, 0.0) for p in ("target_lookahead", "scoring", "compression"))
+            check(f"{label} target-side extra work (draft-token forward + scoring + compression) / FullKV first "
+                  "token", n, extra / full["first_token"], 0.05, extra <= 0.05 * full["first_token"])
             check(f"{label} decode per token / FullKV's", n, speckv["decode_per_token"] / full["decode_per_token"],
                   1.0, speckv["decode_per_token"] <= full["decode_per_token"])
             expected = min(speckv["budget"], n) / speckv["prompt_tokens"]
