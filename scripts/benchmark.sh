@@ -19,10 +19,10 @@ for stage in $STAGES; do
     long)   # 8k tokens: one timed run each (a FullKV prefill alone takes minutes here)
       draftapprox bench --methods fullkv,speckv,specpc --budgets 256,0.25 --lengths 8192 --repeats 1 \
         "${LOOKAHEAD[@]}" --output "$OUT" ;;
-    sparse) # SpecKV's sparse prefill: the reference's pattern (2048 + 2048) at 8k, a narrower one from 2k
+    sparse) # SpecKV's sparse prefill: the reference's pattern (2048 + 2048) at 8k, a narrower one (512 + 512) at 4k and 8k
       draftapprox bench --methods speckv --budgets 256 --no-floors --lengths 8192 --repeats 1 "${LOOKAHEAD[@]}" \
         "${SPARSE[@]}" --set speckv.prefill_window=2048 --set speckv.prefill_vertical=2048 --output "$OUT"
-      draftapprox bench --methods speckv --budgets 256 --no-floors --lengths 2048,4096,8192 --repeats 1 \
+      draftapprox bench --methods speckv --budgets 256 --no-floors --lengths 4096,8192 --repeats 1 \
         "${LOOKAHEAD[@]}" "${SPARSE[@]}" --set speckv.prefill_window=512 --set speckv.prefill_vertical=512 \
         --output "$OUT" ;;
     drafts) # SpecPC with a dynamically quantised int8 draft and a float32 one; selection overlap per precision
@@ -33,7 +33,7 @@ for stage in $STAGES; do
       draftapprox bench overlap --dtypes bfloat16,int8 --against float32 --lengths 2048 --samples 1 \
         --command "draftapprox bench overlap --dtypes bfloat16,int8 --against float32 --lengths 2048 --samples 1" ;;
     chunk)  # FullKV's prefill unchunked, to show what chunking costs and saves
-      draftapprox bench --methods fullkv --no-floors --lengths 4096,8192 --repeats 1 --prefill-chunk 1000000 \
+      draftapprox bench --methods fullkv --no-floors --lengths 4096 --repeats 1 --prefill-chunk 1000000 \
         --output "$OUT" ;;
     report)
       draftapprox bench report "$OUT" --out docs/results --command "scripts/benchmark.sh (STAGES=\"$STAGES\")" ;;
