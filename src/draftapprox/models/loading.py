@@ -84,7 +84,7 @@ def _resolve(source: str | Path | None, cache: str | Path | None) -> tuple[Path 
     return text, None  # a Hugging Face hub id
 
 
-def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
+def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
                threads: int | None = None, attn_implementation: str = "sdpa",
                cache: str | Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a hub id, a local directory, a `.gguf` file or an offline name.
