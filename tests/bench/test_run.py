@@ -41,9 +41,12 @@ def test_bench_measures_every_job_and_length_once_and_reports(models, tmp_path):
     jobs = run.plan(["fullkv", "specpc"], ["0.25"], KNOBS)
     assert run.run(jobs, settings(models), out, progress=False) == 4 * 2
     rows = {(r["key"]): r for r in read(out)}
-    assert set(rows) == {f"{j.label}|{n}" for j in jobs for n in (400, 600)}
+    pc_label = "specpc@0.25 kernel=9 start_layer=1 window=16"  # knobs are part of a row's label
+    assert set(rows) == {run.key(j, settings(models), n) for j in jobs for n in (400, 600)}
+    assert {r["key"].split("|")[0] for r in rows.values()} == {"fullkv", pc_label, "draft-prefill",
+                                                               "target-prefill@0.25"}
     for n in (400, 600):
-        full, pc = rows[f"fullkv|{n}"], rows[f"specpc@0.25|{n}"]
+        full, pc = rows[f"fullkv|{n}"], rows[f"{pc_label}|{n}"]
         assert full["kv_bytes"] == full["kv_bytes_full"] and pc["kv_bytes"] / full["kv_bytes"] == pytest.approx(
             0.25, abs=0.01)
         assert len(full["runs"]) == 2 and full["decode_per_token"] > 0 and full["first_token"] > 0
@@ -56,7 +59,7 @@ def test_bench_measures_every_job_and_length_once_and_reports(models, tmp_path):
     written = report.write([out], tmp_path / "docs", command="draftapprox bench ...")
     text = written[0].read_text()
     assert "| fullkv | " in text and "(1.00x)" in text and "`draftapprox bench ...`" in text
-    assert "specpc@0.25 first token / (draft prefill + target prefill of kept)" in text
+    assert f"{pc_label} first token / (draft prefill + target prefill of kept)" in text
     assert all(p.exists() and p.stat().st_size > 0 for p in written)
 
 

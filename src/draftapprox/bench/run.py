@@ -82,6 +82,16 @@ def label(job: harness.Job, settings: Settings) -> str:
     return " ".join([job.label, *(f"{k}={v}" for k, v in job.knobs), variant(job, settings)]).strip()
 
 
+def plan(methods: list[str], budgets: list[str], knobs: dict[str, dict[str, str]] | None = None,
+         floors: bool = True) -> list[harness.Job]:
+    """The eval grid's jobs (token budgets to KV methods, ratios to prompt methods), plus the floors."""
+    jobs = harness.plan(methods, budgets, knobs)
+    if floors:
+        ratios = sorted({j.budget for j in jobs if isinstance(j.budget, float)})
+        jobs += [harness.Job(DRAFT_PREFILL, None)] + [harness.Job(TARGET_PREFILL, r) for r in ratios]
+    return jobs
+
+
 def key(job: harness.Job, settings: Settings, length: int) -> str:
     return f"{label(job, settings)}|{length}"
 

@@ -1,7 +1,7 @@
 """Where the time goes: torch.profiler over one generation per method on a RULER prompt, summarised as the top
 operators by self CPU time, written between the generated-table markers of docs/results/profile.md.
 
-    python scripts/profile.py --length 2048 --methods specpc,speckv --out docs/results/profile.md
+    python scripts/profile_methods.py --length 2048 --methods specpc,speckv --out docs/results/profile.md
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     ids = ruler.encode(pair.tokenizer, sample.context + sample.question, sample.answer_prefix)
     lines = [f"One generation of {args.new_tokens} tokens on a {ids.shape[1]}-token RULER prompt, after a warm-up; "
              f"target {pair.target.dtype}, draft {pair.draft.dtype}, {torch.get_num_threads()} threads.", "",
-             f"Command: `python scripts/profile.py --length {args.length} --methods {args.methods} "
+             f"Command: `python scripts/profile_methods.py --length {args.length} --methods {args.methods} "
              f"--new-tokens {args.new_tokens}`", ""]
     for spec in args.methods.split(","):
         name, _, budget = spec.partition("@")
