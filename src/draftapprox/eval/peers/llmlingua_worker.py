@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the answer log, without draftapprox
 from answer_log import Results, read
+from compat import patch as read_transformers5_configs
 
 
 def pieces(text: str, words: int = 100) -> list[str]:
@@ -51,6 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    read_transformers5_configs()
     _offline_token_counter(args.model)
     from llmlingua import PromptCompressor
 

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the answer log, without draftapprox
 from answer_log import Results, read
+from compat import patch as read_transformers5_configs
 
 
 def main() -> None:
@@ -29,6 +30,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, args.source)
+    read_transformers5_configs()
     import transformers
     from draft_approx_llm import SpecPCConfig
     from draft_approx_llm.specpc.specpc import specpc_select_input_token_indices

@@ -1,0 +1,23 @@
+"""Reading our model directories (written by transformers 5) with the older transformers some peers pin.
+
+transformers 5 stores RoPE's base frequency under `rope_parameters`; 4.x does not know that key and silently falls
+back to `rope_theta = 10000`, while the Qwen2.5 models use 1e6. The model then loads without a warning and
+computes different attention: a peer would be judged on a broken model. `patch()` puts the value back on every
+config 4.x loads. Standard library and transformers only: the peers' workers import this file by path.
+"""
+
+
+def patch() -> None:
+    import transformers
+
+    original = transformers.AutoConfig.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        params = getattr(config, "rope_parameters", None)
+        if isinstance(params, dict) and "rope_theta" in params:
+            config.rope_theta = params["rope_theta"]
+        return loaded
+
+    transformers.AutoConfig.from_pretrained = from_pretrained
