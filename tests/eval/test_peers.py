@@ -145,3 +145,22 @@ def test_reference_selections_are_compared_with_ours(tokenizer, tmp_path, monkey
     assert peers.run_reference(*args, log=lambda *_: None, knobs=small) == 0
     text = peers.reference_report(read(out), tmp_path / "reference.md", "draftapprox eval reference").read_text()
     assert "| 0.25 | 1 | 1 | 100.00% |" in text and "Prompts whose selections differ" in text
+
+
+def test_configs_written_by_transformers_5_keep_their_rope_base_on_4x(monkeypatch):
+    """transformers 4.x ignores `rope_parameters` and would run Qwen2.5 at rope_theta=10000; a stand-in for its
+    AutoConfig shows the patch puts the real base back (plain and `return_unused_kwargs` forms)."""
+    import types
+
+    import transformers
+
+    from draftapprox.eval.peers import compat
+
+    def old_loader(path, return_unused_kwargs=False):
+        config = types.SimpleNamespace(rope_theta=10000.0, rope_parameters={"rope_theta": 1e6})
+        return (config, {}) if return_unused_kwargs else config
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", old_loader)
+    compat.patch()
+    assert transformers.AutoConfig.from_pretrained("x").rope_theta == 1e6
+    assert transformers.AutoConfig.from_pretrained("x", return_unused_kwargs=True)[0].rope_theta == 1e6
