@@ -47,7 +47,7 @@ def _floor(rows, label: str) -> bool:
 
 def _jobs(rows) -> list[str]:
     labels = dict.fromkeys(label for label, _ in rows)
-    return sorted(labels, key=lambda j: (j != "fullkv", _floor(rows, j), j))
+    return sorted(labels, key=lambda j: (j.split()[0] != "fullkv", _floor(rows, j), j))
 
 
 def write(paths: list[Path], out: Path, command: str | None = None) -> list[Path]:
@@ -59,14 +59,16 @@ def write(paths: list[Path], out: Path, command: str | None = None) -> list[Path
     full = {n: rows.get(("fullkv", n)) for n in lengths}
     env = next(iter(rows.values()))["env"]
     settings = env.get("settings", {})
-    target_dtypes = {r["env"]["dtype"] for (label, _), r in rows.items() if label != DRAFT_PREFILL}
+    target_dtypes = {r["env"]["dtype"] for r in rows.values() if r["method"] != DRAFT_PREFILL}
+    repeats = sorted({len(r["runs"]) for r in rows.values()})
     draft_dtypes = {r["env"].get("draft_dtype") for r in rows.values()} | {
-        r["env"]["dtype"] for (label, _), r in rows.items() if label == DRAFT_PREFILL}
+        r["env"]["dtype"] for r in rows.values() if r["method"] == DRAFT_PREFILL}
     lines = [f"Machine: {env.get('cpu', env.get('machine'))}, device {env.get('device')}, {env.get('threads')} "
              f"threads; torch {env.get('torch')}, transformers {env.get('transformers')}, python {env.get('python')}.",
              f"Target {'/'.join(sorted(target_dtypes))}, draft {'/'.join(sorted(draft_dtypes - {None}))}; "
-             f"prompts: RULER `{settings.get('task')}` (seed {settings.get('seed')}); median of "
-             f"{settings.get('repeats')} runs after one warm-up; decode over {settings.get('new_tokens')} tokens.",
+             f"prompts: RULER `{settings.get('task')}` (seed {settings.get('seed')}); each cell the median of "
+             f"{' or '.join(map(str, repeats))} timed runs after one warm-up (per row: `runs` in the JSONL); "
+             f"decode over {settings.get('new_tokens')} tokens.",
              ""]
     if command:
         lines += [f"Command: `{command}`", ""]
@@ -184,6 +186,8 @@ def _plot(rows, jobs: list[str], lengths: list[int], out: Path) -> list[Path]:
         series[job].append((n, row))
     for job in jobs:
         points = sorted(series[job], key=lambda p: p[0])
+        if points[0][1].get("variant") or _sparse(points[0][1]):
+            continue  # variants are in the tables; the plots show the default settings
         style = ":" if _floor(rows, job) else "-"
         xs = [n for n, _ in points]
         axes[0].plot(xs, [r["first_token"] for _, r in points], style, marker="o", label=job)
@@ -201,8 +205,9 @@ def _plot(rows, jobs: list[str], lengths: list[int], out: Path) -> list[Path]:
         if ax is not axes[2]:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=6, fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     scaling = out / "performance-scaling.png"
     fig.savefig(scaling, dpi=120)
     plt.close(fig)
