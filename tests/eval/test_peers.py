@@ -154,13 +154,13 @@ def test_configs_written_by_transformers_5_keep_their_rope_base_on_4x(monkeypatc
 
     import transformers
 
-    from draftapprox.eval.peers import compat
+    from draftapprox.eval.peers import common
 
     def old_loader(path, return_unused_kwargs=False):
         config = types.SimpleNamespace(rope_theta=10000.0, rope_parameters={"rope_theta": 1e6})
         return (config, {}) if return_unused_kwargs else config
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", old_loader)
-    compat.patch()
+    common.patch()
     assert transformers.AutoConfig.from_pretrained("x").rope_theta == 1e6
     assert transformers.AutoConfig.from_pretrained("x", return_unused_kwargs=True)[0].rope_theta == 1e6

@@ -4,11 +4,11 @@ against the floors measured in the same run."""
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 from ..errors import InputError
+from ..eval.report import read_keyed
 from ..markdown import splice, table
 from .run import DRAFT_PREFILL, FLOORS, TARGET_PREFILL
 
@@ -18,16 +18,8 @@ MB = 2**20
 
 
 def load(paths: list[Path]) -> dict[tuple[str, int], dict]:
-    rows: dict[tuple[str, int], dict] = {}
-    for path in paths:
-        for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows[(row["key"].split("|")[0], row["length"])] = row
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                raise InputError(f"{path}:{number}: not a row written by `draftapprox bench`") from None
+    rows = read_keyed(paths, lambda row: (row["key"].split("|")[0], row["length"]),
+                      "a row written by `draftapprox bench`")
     if not rows:
         raise InputError("no benchmark rows in the input files")
     return rows

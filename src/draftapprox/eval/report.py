@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InputError
@@ -21,18 +22,24 @@ from .ruler import TASKS
 REFERENCES = ("fullkv", "draft")
 
 
-def load(paths: list[Path]) -> list[dict]:
-    rows: dict[str, dict] = {}
+def read_keyed(paths: list[Path], key: Callable[[dict], object], what: str) -> dict:
+    """The rows of JSONL files by `key(row)`, a later row overriding an earlier one of the same key (a rerun's
+    answer replaces the old one); a line that is not such a row is an InputError naming its file and line."""
+    rows: dict = {}
     for path in paths:
         for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                rows[row["key"]] = row  # a later file overrides an earlier answer to the same question
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise InputError(f"{path}:{number}: not an answer line written by `draftapprox eval`") from None
-    return list(rows.values())
+                rows[key(row)] = row
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise InputError(f"{path}:{number}: not {what}") from None
+    return rows
+
+
+def load(paths: list[Path]) -> list[dict]:
+    return list(read_keyed(paths, lambda row: row["key"], "an answer line written by `draftapprox eval`").values())
 
 
 def cells(rows: list[dict]) -> dict[tuple[int, str, object], dict[str, list[float]]]:

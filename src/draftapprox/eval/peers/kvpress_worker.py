@@ -8,7 +8,6 @@ Query-agnostic (kvpress's pipeline as users call it): the context is compressed 
 Query-aware (kvpress's own evaluation with `query_aware`): the question is appended to the context, both compressed.
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the answer log, without draftapprox
 from answer_log import Results, read
+from common import arguments
 
 
 def make_press(name: str, ratio: float, knobs: dict):
@@ -34,15 +34,7 @@ def make_press(name: str, ratio: float, knobs: dict):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--requests", required=True)
-    parser.add_argument("--answers", required=True)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = arguments(("--dtype", {"default": "bfloat16"}))
 
     import kvpress  # noqa: F401  (registers the pipeline)
     from transformers import pipeline

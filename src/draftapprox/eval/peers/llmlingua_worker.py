@@ -8,16 +8,14 @@ The context is split into ~100-word pieces so LongLLMLingua's coarse (per-piece)
 Budgets are counted in the target's tokens (see `_offline_token_counter`).
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the answer log, without draftapprox
 from answer_log import Results, read
-from compat import patch as read_transformers5_configs
+from common import arguments
+from common import patch as read_transformers5_configs
 
 
 def pieces(text: str, words: int = 100) -> list[str]:
@@ -44,14 +42,7 @@ def _offline_token_counter(model: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--requests", required=True)
-    parser.add_argument("--answers", required=True)
-    parser.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = arguments()
     read_transformers5_configs()
     _offline_token_counter(args.model)
     from llmlingua import PromptCompressor

@@ -6,7 +6,6 @@ appended as one JSON line.
 Request: {"key", "input_ids", "budget", "window", "kernel", "start_layer", "lookahead"}.
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -15,20 +14,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the answer log, without draftapprox
 from answer_log import Results, read
-from compat import patch as read_transformers5_configs
+from common import arguments
+from common import patch as read_transformers5_configs
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--source", required=True, help="checkout of the reference implementation")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--requests", required=True)
-    parser.add_argument("--answers", required=True)
-    parser.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = arguments(("--source", {"required": True, "help": "checkout of the reference implementation"}),
+                     ("--dtype", {"default": "float32"}))
     sys.path.insert(0, args.source)
     read_transformers5_configs()
     import transformers
