@@ -24,14 +24,14 @@ def measure(draft: str | None, dtypes: list[str], against: str, tasks: list[str]
             knobs: dict[str, str] | None = None) -> list[dict]:
     """One row per (dtype, task, sample): the overlap with the reference dtype's selection and the draft's
     seconds (scoring included)."""
-    from ..eval.harness import _progress
+    from ..eval.harness import progress_bar
 
     models = {d: load_model(draft or "qwen2.5-coder-0.5b-instruct", dtype=d, cache=cache_dir)
               for d in dict.fromkeys([against, *dtypes])}
     tokenizer = models[against][1]
     method = make("specpc", ratio, **(knobs or {}))
     rows = []
-    bar = _progress(progress)
+    bar = progress_bar(progress)
     with bar:
         tid = bar.add_task("SpecPC selections", total=len(tasks) * samples * len(models))
         for index in range(samples):

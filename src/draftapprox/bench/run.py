@@ -107,7 +107,7 @@ def run(jobs: list[harness.Job], settings: Settings, output: Path, progress: boo
     done = Results(output).done
     todo = [(job, [n for n in sorted(settings.lengths) if key(job, settings, n) not in done]) for job in jobs]
     todo = [(job, lengths) for job, lengths in todo if lengths]
-    bar = harness._progress(progress)
+    bar = harness.progress_bar(progress)
     written = 0
     with bar:
         tid = bar.add_task("bench", total=sum(len(lengths) for _, lengths in todo))

@@ -128,7 +128,7 @@ def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count
                 sample = dataclasses.replace(sample, max_new_tokens=min(max_new_tokens, sample.max_new_tokens))
             todo.append((sample, pending))
     written = 0
-    bar = _progress(progress)
+    bar = progress_bar(progress)
     with bar:
         tid = bar.add_task("RULER grid", total=sum(len(p) for _, p in todo))
         for sample, pending in todo:
@@ -175,7 +175,8 @@ def _run_sample(pair: Pair, draft_pair: Pair | None, sample: ruler.Sample, jobs:
     return len(methods)
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool):
+    """The rich progress bar every long run shows (grid, bench, overlap)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
