@@ -108,3 +108,29 @@ def test_a_stop_string_counts_only_after_some_text():
     assert _cut("\n\n 123\n456", ["\n"]) == 6
     assert _cut("  \n", ["\n"]) is None
     assert _cut("abc", ["\n"]) is None
+
+
+def test_batched_decoding_gives_each_request_the_tokens_it_gets_alone(pair):
+    """Every cache layout (contiguous, per-layer and per-head lengths, refeed, shorter prompts, original position
+    ids) in one batch, requests of different lengths leaving it as they finish; float64 so that the batched
+    matmuls cannot flip a greedy choice by rounding."""
+    pair.target.double()
+    pair.draft.double()
+    ids = prompt_ids(96)
+    methods = [da.FullKV(), da.SnapKV(40, window=8), da.PyramidKV(40, window=8), da.AdaKV(40, scorer=da.SnapKV(40, window=8)),
+               da.StreamingLLM(40), da.SpecKV(40, window=8, lookahead=4),
+               da.SpecPC(0.25, window=8, kernel=5, start_layer=1), da.SpecPrefill(0.25)]
+    state = da.new_state(pair, ids, 10)
+    prepared = [da.prepare(pair, ids, m, max_new_tokens=3 + i, state=state) for i, m in enumerate(methods)]
+    together = dict(da.generate_batched(pair, prepared, max_batch=4))
+    assert sorted(together) == list(range(len(methods)))
+    for i, method in enumerate(methods):
+        alone = da.generate(pair, ids, method, max_new_tokens=3 + i)
+        assert together[i].tokens == alone.tokens, method.name
+        assert together[i].record.stop_reason == alone.record.stop_reason
+    assert max(r.record.decode_batch for r in together.values()) == 4
+
+
+def test_batch_size_must_be_positive(qwen_pair):
+    with pytest.raises(ConfigError, match="max_batch"):
+        list(da.generate_batched(qwen_pair, [], max_batch=0))

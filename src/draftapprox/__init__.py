@@ -1,7 +1,18 @@
 """draftapprox: draft-based approximate inference (SpecKV, SpecPC, SpecKV-PC) for long-context LLMs."""
 
 from .errors import ConfigError, DraftApproxError, FetchError, InputError, ModelError
-from .generation import Compression, Record, Result, Sampling, compress, generate, new_state
+from .generation import (
+    Compression,
+    Prepared,
+    Record,
+    Result,
+    Sampling,
+    compress,
+    generate,
+    generate_batched,
+    new_state,
+    prepare,
+)
 from .methods import (
     LAQ,
     METHODS,
@@ -26,7 +37,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LAQ", "METHODS", "AdaKV", "AdaSpecKV", "Compression", "ConfigError", "DraftApproxError", "FetchError", "FullKV",
-    "InputError", "ModelError", "Pair", "PyramidKV", "RandomPC", "RecencyPC", "Record", "Result", "Sampling",
-    "SnapKV", "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "StreamingLLM", "TargetPC", "check_tokenizers", "compress",
-    "generate", "load_model", "load_pair", "make", "new_state", "pair_from_models",
+    "InputError", "ModelError", "Pair", "Prepared", "PyramidKV", "RandomPC", "RecencyPC", "Record", "Result",
+    "Sampling", "SnapKV", "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "StreamingLLM", "TargetPC", "check_tokenizers",
+    "compress", "generate", "generate_batched", "load_model", "load_pair", "make", "new_state", "pair_from_models",
+    "prepare",
 ]

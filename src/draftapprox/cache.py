@@ -6,6 +6,8 @@ ordinary contiguous `DynamicLayer` of that length, so decoding runs the model's 
 budget. When heads keep different numbers (AdaKV, Ada-SpecKV) the layer becomes a `HeadwiseLayer`, which really
 holds only the kept pairs in a flattened layout instead of masking evicted ones.
 Kept keys keep their original RoPE rotation; callers pass explicit position ids when decoding.
+`batch_caches` stacks several sequences' caches (any mix of the two kinds) into `BatchLayer`s, so that they decode
+together: one pass over the weights per step serves every sequence.
 """
 
 from __future__ import annotations
@@ -85,6 +87,96 @@ class HeadwiseLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         return sum(x.numel() * x.element_size() for x in (self.prefix_keys, self.prefix_values, self.keys,
                                                           self.values))
+
+
+class BatchLayer(CacheLayerMixin):
+    """One layer of several sequences decoded together: every (sequence, KV head) keeps its own prompt pairs,
+    padded to the longest with a validity mask, plus a dense tail of the tokens decoded since, which all sequences
+    share in length. Single-query attention only (decoding); `attend` replaces the model's kernel.
+    """
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
+        super().__init__()
+        b, g, _, d = keys.shape
+        self.prefix_keys, self.prefix_values, self.valid = keys, values, valid
+        self.keys, self.values = keys.new_empty(b, g, 0, d), values.new_empty(b, g, 0, d)
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return self.keys, self.values
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
+        b, h, q, d = query.shape
+        if q != 1:
+            raise ValueError("a batch of compressed caches decodes one token per sequence at a time")
+        g = self.prefix_keys.shape[1]
+        rows = query.view(b, g, h // g, d)  # a KV head's query heads are consecutive (repeat_kv's order)
+        prefix = (rows @ self.prefix_keys.transpose(-1, -2)) * scaling
+        prefix = prefix.masked_fill(~self.valid[:, :, None, :], float("-inf"))
+        tail = (rows @ key.transpose(-1, -2)) * scaling
+        probs = torch.cat([prefix, tail], dim=-1).float().softmax(-1).to(query.dtype)
+        prefix_probs, tail_probs = probs.split([prefix.shape[-1], tail.shape[-1]], dim=-1)
+        out = prefix_probs @ self.prefix_values + tail_probs @ value
+        return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the sequences `rows` (the others finished)."""
+        for name in ("prefix_keys", "prefix_values", "valid", "keys", "values"):
+            setattr(self, name, getattr(self, name).index_select(0, rows))
+
+    def get_seq_length(self) -> int:
+        return self.prefix_keys.shape[2] + self.keys.shape[2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+def _head_pairs(layer: CacheLayerMixin) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A single sequence's layer as (keys, values) `(m_h, d)` per KV head, whatever its layout."""
+    if isinstance(layer, HeadwiseLayer):
+        if layer.batch != 1:
+            raise ValueError("batch_caches stacks single-sequence caches")
+        return [(torch.cat([layer.prefix_keys[layer.segment == h], layer.keys[0, h]]),
+                 torch.cat([layer.prefix_values[layer.segment == h], layer.values[0, h]]))
+                for h in range(layer.heads)]
+    if layer.keys.shape[0] != 1:
+        raise ValueError("batch_caches stacks single-sequence caches")
+    return [(layer.keys[0, h], layer.values[0, h]) for h in range(layer.keys.shape[1])]
+
+
+def batch_caches(caches: list[DynamicCache]) -> DynamicCache:
+    """Stack single-sequence caches of one model (contiguous, per-head or per-layer lengths, decoded tokens
+    included) into one cache of `BatchLayer`s; each sequence keeps exactly its own pairs."""
+    out = DynamicCache()
+    out.layers = []
+    for layers in zip(*(c.layers for c in caches), strict=True):
+        heads = [_head_pairs(layer) for layer in layers]
+        longest = max(k.shape[0] for seq in heads for k, _ in seq)
+        first = heads[0][0][0]
+        shape = (len(heads), len(heads[0]), longest, first.shape[-1])
+        keys, values = first.new_zeros(shape), first.new_zeros(shape)
+        valid = torch.zeros(shape[:3], dtype=torch.bool, device=first.device)
+        for i, seq in enumerate(heads):
+            for h, (k, v) in enumerate(seq):
+                keys[i, h, :k.shape[0]], values[i, h, :k.shape[0]], valid[i, h, :k.shape[0]] = k, v, True
+        out.layers.append(BatchLayer(keys, values, valid))
+    return out
+
+
+def cache_length(cache: DynamicCache) -> int:
+    """The most positions any layer and head holds: what a batch of caches is padded to."""
+    return max(layer.get_seq_length() for layer in cache.layers)
 
 
 def compress_cache(full: DynamicCache, keep: list[torch.Tensor]) -> DynamicCache:

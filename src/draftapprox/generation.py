@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
-from .cache import compress_cache, kv_bytes, shallow_copy
+from .cache import batch_caches, cache_length, compress_cache, kv_bytes, shallow_copy
 from .capture import QueryCapture, check_captured
 from .draft import PromptState
 from .errors import ConfigError, InputError
@@ -68,6 +69,7 @@ class Record:
     stop_reason: str = "length"
     timings: dict[str, float] = field(default_factory=dict)
     first_token_seconds: float = 0.0  # wall time until the first new token's logits, all phases included
+    decode_batch: int = 1  # sequences decoded together with this one (`generate_batched`)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -162,26 +164,19 @@ def compress_prompt(state: PromptState, method: PromptMethod) -> torch.Tensor:
     return method.select(state).to(state.input_ids.device)
 
 
-def decode(state: PromptState, cache: DynamicCache, logits: torch.Tensor, position: int, max_new_tokens: int,
-           sampling: Sampling, stop: list[str], tokenizer, ignore_eos: bool = False) -> tuple[list[int], str]:
+def decode(p: Prepared, tokenizer) -> tuple[list[int], str]:
     """Sample up to `max_new_tokens`, feeding each token at `position + i`; stops at EOS (unless `ignore_eos`, for
     benchmarks that need a fixed length) or a stop string (one that follows some non-blank text)."""
-    target, pick = state.target, sampling.sampler()
+    target, pick, logits = p.state.target, p.sampling.sampler(), p.logits
     tokens: list[int] = []
-    reason = "length"
-    with state.timings.phase("decode", target.device):
-        for i in range(max_new_tokens):
+    with p.state.timings.phase("decode", target.device):
+        while True:
             token = pick(logits)
             tokens.append(int(token[0, 0]))
-            if tokens[-1] in state.eos_ids and not ignore_eos:
-                reason = "eos"
-                break
-            if stop and _cut(tokenizer.decode(tokens, skip_special_tokens=True), stop) is not None:
-                reason = "stop"
-                break
-            if i + 1 < max_new_tokens:
-                logits = forward(target, token, cache, position + i, compressed=True)
-    return tokens, reason
+            reason = _stopped(p, tokens, tokenizer)
+            if reason is not None:
+                return tokens, reason
+            logits = forward(target, token, p.cache, p.position + len(tokens) - 1, compressed=True)
 
 
 def _cut(text: str, stop: list[str]) -> int | None:
@@ -198,14 +193,26 @@ def _finish_text(tokenizer, tokens: list[int], stop: list[str]) -> str:
     return text if end is None else text[:end]
 
 
-def generate(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None, *, max_new_tokens: int = 64,
-             chat: bool = False, sampling: Sampling | None = None, stop: list[str] | None = None,
-             state: PromptState | None = None, ignore_eos: bool = False) -> Result:
-    """Generate from `prompt` with `method` (default FullKV); returns the text and a `Record`.
+@dataclass
+class Prepared:
+    """A request up to its first new token: the cache decoding starts from, that token's logits, the position it
+    is fed at, and the record so far (sizes, and the seconds of every phase before decoding)."""
 
-    `prompt` may be text or token ids `(1, n)`. Pass a `state` from `new_state` to share the target prefill and
-    the draft lookahead between several methods on the same prompt (its timings then accumulate).
-    """
+    state: PromptState
+    cache: DynamicCache
+    logits: torch.Tensor
+    position: int
+    record: Record
+    max_new_tokens: int
+    sampling: Sampling
+    stop: list[str]
+    ignore_eos: bool
+
+
+def prepare(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None, *, max_new_tokens: int = 64,
+            chat: bool = False, sampling: Sampling | None = None, stop: list[str] | None = None,
+            state: PromptState | None = None, ignore_eos: bool = False) -> Prepared:
+    """Everything `generate` does before decoding: prefill, select, compress."""
     began = time.perf_counter()
     method = method if method is not None else FullKV()
     _check_method(pair, method)
@@ -248,13 +255,107 @@ def generate(pair: Pair, prompt: str | torch.Tensor, method: Method | None = Non
                                  positions if keep_positions else 0)
             kept_bytes = kv_bytes(cache)
             position = n if keep_positions else kept_tokens
-    first_token = time.perf_counter() - began
-    tokens, reason = decode(state, cache, logits, position, max_new_tokens, sampling, stop, pair.tokenizer,
-                            ignore_eos)
     timings = {k: v - start.get(k, 0.0) for k, v in state.timings.seconds.items() if v - start.get(k, 0.0) > 0}
-    record = Record(method.name, n, budget, kept_tokens, per_token * n, kept_bytes, len(tokens), reason, timings,
-                    first_token)
-    return Result(_finish_text(pair.tokenizer, tokens, stop), tokens, record)
+    record = Record(method.name, n, budget, kept_tokens, per_token * n, kept_bytes, timings=timings,
+                    first_token_seconds=time.perf_counter() - began)
+    return Prepared(state, cache, logits, position, record, max_new_tokens, sampling, stop, ignore_eos)
+
+
+def finish(pair: Pair, prepared: Prepared, tokens: list[int], reason: str, decode_seconds: float,
+           batch: int = 1) -> Result:
+    record = dataclasses.replace(prepared.record, new_tokens=len(tokens), stop_reason=reason, decode_batch=batch,
+                                 timings={**prepared.record.timings, "decode": decode_seconds})
+    return Result(_finish_text(pair.tokenizer, tokens, prepared.stop), tokens, record)
+
+
+def generate(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None, *, max_new_tokens: int = 64,
+             chat: bool = False, sampling: Sampling | None = None, stop: list[str] | None = None,
+             state: PromptState | None = None, ignore_eos: bool = False) -> Result:
+    """Generate from `prompt` with `method` (default FullKV); returns the text and a `Record`.
+
+    `prompt` may be text or token ids `(1, n)`. Pass a `state` from `new_state` to share the target prefill and
+    the draft lookahead between several methods on the same prompt (its timings then accumulate).
+    """
+    return generate_prepared(pair, prepare(pair, prompt, method, max_new_tokens=max_new_tokens, chat=chat,
+                                           sampling=sampling, stop=stop, state=state, ignore_eos=ignore_eos))
+
+
+def generate_batched(pair: Pair, prepared: list[Prepared], max_batch: int = 32) -> Iterator[tuple[int, Result]]:
+    """Decode prepared requests of one target together, yielding `(index, result)` as each one finishes.
+
+    Requests are sorted by cache length and grouped, at most `max_batch` to a group; each step is one forward of
+    the group's live sequences, which reads the weights once for all of them (on a CPU, decoding is bound by reading
+    the weights: twenty sequences cost a few times one sequence's step, not twenty times). A group's caches are
+    padded to its longest, so a group closes before its padded KV bytes would outgrow the weights: past that, a
+    separate pass over the weights is the cheaper way. A request's `decode` seconds run from its group's start
+    until it finished, and its record names the group's size.
+    """
+    if max_batch < 1:
+        raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+    weights = sum(t.numel() * t.element_size() for t in pair.target.parameters())
+    per_token = kv_bytes_per_token(pair)
+    lengths = [cache_length(p.cache) for p in prepared]
+    group: list[int] = []
+    for i in sorted(range(len(prepared)), key=lambda i: lengths[i]):
+        if group and (len(group) == max_batch or (len(group) + 1) * lengths[i] * per_token > weights):
+            yield from _decode_group(pair, prepared, group)
+            group = []
+        group.append(i)
+    if group:
+        yield from _decode_group(pair, prepared, group)
+
+
+def _decode_group(pair: Pair, prepared: list[Prepared], group: list[int]) -> Iterator[tuple[int, Result]]:
+    if len(group) == 1:
+        yield group[0], generate_prepared(pair, prepared[group[0]])
+        return
+    items = [prepared[i] for i in group]
+    target, device = pair.target, pair.target.device
+    pickers = [p.sampling.sampler() for p in items]
+    tokens: list[list[int]] = [[] for _ in items]
+    logits = [p.logits for p in items]
+    live = list(range(len(items)))
+    start = time.perf_counter()
+    cache = batch_caches([p.cache for p in items])
+    while live:
+        fed, kept = [], []
+        for slot, i in enumerate(live):
+            token = pickers[i](logits[slot])
+            tokens[i].append(int(token[0, 0]))
+            reason = _stopped(items[i], tokens[i], pair.tokenizer)
+            if reason is None:
+                fed.append(token)
+                kept.append(slot)
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            yield group[i], finish(pair, items[i], tokens[i], reason, time.perf_counter() - start, len(group))
+        if not kept:
+            return
+        if len(kept) < len(live):
+            rows = torch.tensor(kept, device=device)
+            for layer in cache.layers:
+                layer.select(rows)
+            live = [live[s] for s in kept]
+        positions = torch.tensor([[items[i].position + len(tokens[i]) - 1] for i in live], device=device)
+        out = forward(target, torch.cat(fed), cache, positions, compressed=True)
+        logits = list(out.split(1))
+
+
+def generate_prepared(pair: Pair, p: Prepared) -> Result:
+    """Decode one prepared request on its own."""
+    before = p.state.timings.seconds.get("decode", 0.0)
+    tokens, reason = decode(p, pair.tokenizer)
+    return finish(pair, p, tokens, reason, p.state.timings.seconds["decode"] - before)
+
+
+def _stopped(p: Prepared, tokens: list[int], tokenizer) -> str | None:
+    """Why decoding of `tokens` ends here (EOS, a stop string, the length), or None: the rules of `decode`."""
+    if tokens[-1] in p.state.eos_ids and not p.ignore_eos:
+        return "eos"
+    if p.stop and _cut(tokenizer.decode(tokens, skip_special_tokens=True), p.stop) is not None:
+        return "stop"
+    return "length" if len(tokens) >= p.max_new_tokens else None
 
 
 @dataclass

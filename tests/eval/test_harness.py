@@ -60,6 +60,18 @@ def test_grid_writes_every_answer_once_and_a_rerun_skips_them(pair, tmp_path, mo
     assert len(lines(out)) == 20
 
 
+def test_batched_decoding_writes_the_same_answers_once(pair, tmp_path):
+    one, many = tmp_path / "one.jsonl", tmp_path / "many.jsonl"
+    harness.run(pair, jobs(), TASKS, [1024], 1, one, progress=False, max_new_tokens=6)
+    assert harness.run(pair, jobs(), TASKS, [1024], 1, many, progress=False, max_new_tokens=6, decode_batch=4) == 10
+    alone, together = ({r["key"]: r for r in lines(f)} for f in (one, many))
+    assert alone.keys() == together.keys()
+    assert max(r["decode_batch"] for r in together.values()) > 1 and all(r["seconds"] > 0 for r in together.values())
+    same = sum(alone[k]["prediction"] == together[k]["prediction"] for k in alone)
+    assert same >= 8  # float32 rounding may flip a near-tie of the random tiny model, rarely
+    assert harness.run(pair, jobs(), TASKS, [1024], 1, many, progress=False, decode_batch=4) == 0
+
+
 def test_a_killed_run_loses_at_most_the_answer_in_flight(pair, tmp_path, monkeypatch):
     out = tmp_path / "answers.jsonl"
     real, count = harness.generate, []

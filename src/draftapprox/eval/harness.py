@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, InputError
-from ..generation import generate, new_state, prefill
+from ..generation import Prepared, generate, generate_batched, new_state, prefill, prepare
 from ..methods import METHODS, FullKV, KVMethod, Method, PromptMethod, make, parse_budget
 from ..models.loading import Pair, precision
 from . import ruler
@@ -108,12 +108,19 @@ def check_grid(tasks: list[str], lengths: list[int]) -> None:
 
 
 def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count: int, output: Path, *,
-        seed: int = 42, models: dict | None = None, progress: bool = True, max_new_tokens: int | None = None) -> int:
+        seed: int = 42, models: dict | None = None, progress: bool = True, max_new_tokens: int | None = None,
+        decode_batch: int = 1) -> int:
     """Run every job on every sample not yet in `output`; returns the number of answers written.
 
-    `max_new_tokens` caps each task's answer length (RULER's by default), for quick smoke runs."""
+    `max_new_tokens` caps each task's answer length (RULER's by default), for quick smoke runs.
+    `decode_batch` > 1: a sample's answers on the target are prepared first, then decoded together in groups of up
+    to that many (`generation.generate_batched`), each written as soon as it finishes; a kill then loses the
+    sample's answers still in flight, at most one group's. 1: one answer at a time, each written when done.
+    """
     if not jobs:
         raise ConfigError("no methods to run")
+    if decode_batch < 1:
+        raise ConfigError(f"decode_batch must be >= 1, got {decode_batch}")
     check_grid(tasks, lengths)
     if any(j.method == DRAFT_ALONE or j.build().needs_draft for j in jobs) and pair.draft is None:
         raise ConfigError("these methods need the draft model; load the pair with a draft")
@@ -132,32 +139,60 @@ def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count
     with bar:
         tid = bar.add_task("RULER grid", total=sum(len(p) for _, p in todo))
         for sample, pending in todo:
-            written += _run_sample(pair, draft_pair, sample, pending, results, env, bar, tid)
+            written += _Sample(pair, draft_pair, sample, results, env, bar, tid).run(pending, decode_batch)
     return written
 
 
-def _run_sample(pair: Pair, draft_pair: Pair | None, sample: ruler.Sample, jobs: list[Job], results: Results,
-                env: dict, bar, tid) -> int:
-    ids = ruler.encode(pair.tokenizer, sample.context + sample.question, sample.answer_prefix)
-    if ids.shape[1] != sample.prompt_tokens:
-        raise InputError(f"{sample.id}: prompt re-encodes to {ids.shape[1]} tokens, not {sample.prompt_tokens}")
-    stop = ruler.TASKS[sample.task].stop
-    state = new_state(pair, ids, sample.max_new_tokens)
-    methods = {j: j.build() for j in jobs}
-    rows = [m.rows for j, m in methods.items() if isinstance(m, KVMethod) and j.method != DRAFT_ALONE]
-    shared: dict[str, float] = {}
-    if rows:
-        prefill(state, max(rows))  # once, with the most rows any KV method needs
-        shared = dict(state.timings.seconds)
-    for job, method in methods.items():
-        bar.update(tid, description=f"{sample.task} #{sample.index} {job.label}")
-        start = time.perf_counter()
-        if job.method == DRAFT_ALONE:
-            result = generate(draft_pair, ids, method, max_new_tokens=sample.max_new_tokens, stop=stop)
-        else:
-            result = generate(pair, ids, method, max_new_tokens=sample.max_new_tokens, stop=stop, state=state)
-        record = result.record.to_dict()
-        results.append({
+@dataclass
+class _Sample:
+    """One sample's answers: one shared target prefill for the KV methods, then each job's answer."""
+
+    pair: Pair
+    draft_pair: Pair | None
+    sample: ruler.Sample
+    results: Results
+    env: dict
+    bar: object
+    tid: object
+    shared: dict[str, float] = dataclasses.field(default_factory=dict)  # the prefill's phases, until reported
+
+    def run(self, jobs: list[Job], decode_batch: int) -> int:
+        pair, sample = self.pair, self.sample
+        ids = ruler.encode(pair.tokenizer, sample.context + sample.question, sample.answer_prefix)
+        if ids.shape[1] != sample.prompt_tokens:
+            raise InputError(f"{sample.id}: prompt re-encodes to {ids.shape[1]} tokens, not {sample.prompt_tokens}")
+        stop = ruler.TASKS[sample.task].stop
+        state = new_state(pair, ids, sample.max_new_tokens)
+        methods = {j: j.build() for j in jobs}
+        rows = [m.rows for j, m in methods.items() if isinstance(m, KVMethod) and j.method != DRAFT_ALONE]
+        if rows:
+            prefill(state, max(rows))  # once, with the most rows any KV method needs
+            self.shared = dict(state.timings.seconds)
+        options = {"max_new_tokens": sample.max_new_tokens, "stop": stop}
+        batched: list[tuple[Job, Prepared, float]] = []
+        for job, method in methods.items():
+            self._status(job)
+            start = time.perf_counter()
+            if job.method == DRAFT_ALONE:
+                self._write(job, generate(self.draft_pair, ids, method, **options), time.perf_counter() - start)
+            elif decode_batch == 1:
+                self._write(job, generate(pair, ids, method, state=state, **options), time.perf_counter() - start)
+            else:
+                batched.append((job, prepare(pair, ids, method, state=state, **options), time.perf_counter() - start))
+        if batched:
+            self.bar.update(self.tid, description=f"{sample.task} #{sample.index}: decoding {len(batched)} together")
+            prepared = [p for _, p, _ in batched]
+            for i, result in generate_batched(pair, prepared, decode_batch):
+                job, _, seconds = batched[i]
+                self._write(job, result, seconds + result.record.timings["decode"])
+        return len(methods)
+
+    def _status(self, job: Job) -> None:
+        self.bar.update(self.tid, description=f"{self.sample.task} #{self.sample.index} {job.label}")
+
+    def _write(self, job: Job, result, seconds: float) -> None:
+        sample, record = self.sample, result.record.to_dict()
+        self.results.append({
             "key": key(sample, job), "sample": sample.id, "task": sample.task, "index": sample.index,
             "length": sample.length, "seed": sample.seed, "method": job.method, "budget": job.budget,
             "config": job.describe(),
@@ -167,12 +202,11 @@ def _run_sample(pair: Pair, draft_pair: Pair | None, sample: ruler.Sample, jobs:
             "budget_tokens": record["budget_tokens"], "kv_bytes_full": record["kv_bytes_full"],
             "kv_bytes_kept": record["kv_bytes_kept"], "new_tokens": record["new_tokens"],
             "stop_reason": record["stop_reason"], "timings": record["timings"],
-            "seconds": round(time.perf_counter() - start, 3), "shared_timings": shared, "finished": time.time(),
-            "env": env,
+            "decode_batch": record["decode_batch"], "seconds": round(seconds, 3), "shared_timings": self.shared,
+            "finished": time.time(), "env": self.env,
         })
-        shared = {}  # the shared prefill is reported once, with the first answer that used it
-        bar.advance(tid)
-    return len(methods)
+        self.shared = {}  # the shared prefill is reported once, with the first answer that used it
+        self.bar.advance(self.tid)
 
 
 def progress_bar(enabled: bool):
