@@ -12,9 +12,9 @@ mkdir -p "$RAW"
 for stage in $STAGES; do
   case $stage in
     main)    # 13 tasks x 10 samples at 2048 tokens; KV budgets 64/128/256, keep ratios 0.1/0.25/0.5
-      draftapprox eval --dtype "$DTYPE" --lengths 2048 --samples 10 --output "$RAW/ruler-2048-cpu.jsonl" ;;
+      draftapprox eval --dtype "$DTYPE" --decode-batch 48 --lengths 2048 --samples 10 --output "$RAW/ruler-2048-cpu.jsonl" ;;
     length)  # the length check at 4096 tokens
-      draftapprox eval --dtype "$DTYPE" --lengths 4096 --samples 10 --budgets 128,256,0.25 \
+      draftapprox eval --dtype "$DTYPE" --decode-batch 48 --lengths 4096 --samples 10 --budgets 128,256,0.25 \
         --tasks niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery,vt,fwe \
         --output "$RAW/ruler-4096-cpu.jsonl" ;;
     kvpress)

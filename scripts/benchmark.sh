@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RAW=docs/results/raw
 OUT=$RAW/bench-cpu.jsonl
-STAGES=${STAGES:-"main long sparse drafts chunk report"}
+STAGES=${STAGES:-"main long sparse drafts chunk peers report"}
 METHODS=fullkv,streamingllm,snapkv,adakv,speckv,specpc,speckvpc,specprefill
 LOOKAHEAD=(--set speckv.lookahead=32 --set speckvpc.lookahead=32)
 SPARSE=(--set speckv.sparse_prefill=true)
@@ -35,6 +35,10 @@ for stage in $STAGES; do
     chunk)  # FullKV's prefill unchunked, to show what chunking costs and saves
       draftapprox bench --methods fullkv --no-floors --lengths 4096 --repeats 1 --prefill-chunk 1000000 \
         --output "$OUT" ;;
+    peers)  # our SnapKV scoring + compression against kvpress's SnapKVPress, same input, each in its own environment
+      draftapprox eval setup-peer kvpress
+      draftapprox bench kvpress --lengths 1024,2048,4096 --repeats 5 --output "$RAW/kvpress-timing-cpu.jsonl" \
+        --command "scripts/benchmark.sh (STAGES=peers)" ;;
     report)
       draftapprox bench report "$OUT" --out docs/results --command "scripts/benchmark.sh (STAGES=\"$STAGES\")" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;

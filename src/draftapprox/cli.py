@@ -251,6 +251,9 @@ def eval_grid(
     draft_dtype: DraftDtypeOpt = None,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
+    decode_batch: Annotated[int, typer.Option(
+        help="Decode up to this many of a sample's answers together (one pass over the weights per step); "
+             "1: one at a time.")] = 16,
     cache_dir: CacheOpt = None,
 ) -> None:
     """Run every method x budget x length x task x sample not yet in OUTPUT, appending each answer as it ends."""
@@ -260,13 +263,16 @@ def eval_grid(
     from .models.loading import load_pair
 
     task_list, length_list = _grid(tasks, lengths, samples)
+    if decode_batch < 1:
+        raise InputError(f"--decode-batch must be >= 1, got {decode_batch}")
     jobs = harness.plan(harness.parse_list(methods, "methods"), harness.parse_list(budgets, "budgets"),
                         _method_knobs(knob))
     pair = load_pair(draft, target, dtype=dtype, draft_dtype=draft_dtype, device=device, threads=threads,
                      cache=cache_dir)
     models = {"draft_model": draft or "offline qwen2.5-coder-0.5b-instruct",
               "target_model": target or "offline qwen2.5-coder-1.5b-instruct"}
-    written = harness.run(pair, jobs, task_list, length_list, samples, output, seed=seed, models=models)
+    written = harness.run(pair, jobs, task_list, length_list, samples, output, seed=seed, models=models,
+                          decode_batch=decode_batch)
     err.print(f"{written} answers written to {output}")
 
 
@@ -389,35 +395,51 @@ def _ratios(text: str) -> list[float]:
 
 @eval_app.command("reference")
 def eval_reference(
+    method: Annotated[str, typer.Option(help="specpc (the draft's prompt selection) or speckv (the target's KV "
+                                             "selection; below 4096 tokens on CPU).")] = "specpc",
     ratios: Annotated[str, typer.Option(help="Comma-separated SpecPC keep ratios.")] = "0.1,0.25,0.5",
+    budgets: Annotated[str, typer.Option(help="Comma-separated SpecKV budgets (KV pairs per head).")] = "128,256",
     lengths: LengthsOpt = "2048",
     tasks: TasksOpt = "all",
     samples: SamplesOpt = 1,
     output: OutputOpt = Path("reference.jsonl"),
-    report: Annotated[Path, typer.Option(help="Markdown file the comparison table is written (spliced) into.")] =
+    report: Annotated[Path, typer.Option(help="Markdown file the comparison tables are written (spliced) into.")] =
     Path("docs/results/reference.md"),
     command: Annotated[str | None, typer.Option(help="The command quoted in the report.")] = None,
     seed: SeedOpt = 42,
     draft: DraftOpt = None,
-    dtype: Annotated[str, typer.Option(help="The draft's dtype on both sides.")] = "float32",
+    target: TargetOpt = None,
+    dtype: Annotated[str, typer.Option(help="The models' dtype on both sides.")] = "float32",
     threads: ThreadsOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
-    """SpecPC's selection by the authors' reference implementation (its own environment) against ours."""
-    from .eval import peers
+    """Our selections against the authors' reference implementation (its own environment), same prompts."""
+    from .eval import harness
     from .eval.answer_log import read
+    from .eval.peers import reference
+    from .methods import parse_budget
     from .models import offline
     from .models.loading import Pair, load_model
 
     task_list, length_list = _grid(tasks, lengths, samples)
-    ratio_list = _ratios(ratios)
+    if method not in ("specpc", "speckv"):
+        raise InputError(f"--method must be specpc or speckv, got {method!r}")
     draft_dir = _local_model(draft, offline.DRAFT.name, "--draft", cache_dir)
-    model, tokenizer = load_model(draft_dir, dtype=dtype, threads=threads)
-    written = peers.run_reference(Pair(model, tokenizer, model), draft_dir, ratio_list, task_list, length_list,
-                                  samples, output, seed=seed, dtype=dtype, threads=threads, cache=cache_dir,
-                                  log=err.print)
+    draft_model, tokenizer = load_model(draft_dir, dtype=dtype, threads=threads)
+    common = {"seed": seed, "dtype": dtype, "threads": threads, "cache": cache_dir, "log": err.print}
+    if method == "specpc":
+        written = reference.run_specpc(Pair(draft_model, tokenizer, draft_model), draft_dir, _ratios(ratios),
+                                       task_list, length_list, samples, output, **common)
+    else:
+        budget_list = [parse_budget(b) for b in harness.parse_list(budgets, "budgets")]
+        if not all(isinstance(b, int) for b in budget_list):
+            raise InputError("SpecKV's --budgets are KV pairs per head (whole numbers)")
+        target_dir = _local_model(target, offline.TARGET.name, "--target", cache_dir)
+        target_model, _ = load_model(target_dir, dtype=dtype, threads=threads)
+        written = reference.run_speckv(Pair(target_model, tokenizer, draft_model), target_dir, draft_dir,
+                                       budget_list, task_list, length_list, samples, output, **common)
     err.print(f"{written} comparisons written to {output}")
-    err.print(f"wrote {peers.reference_report(read(output), report, command)}")
+    err.print(f"wrote {reference.report(read(output), report, command)}")
 
 
 bench_app = typer.Typer(help="Latency and memory of each method against FullKV: run it (no subcommand), then "
@@ -505,6 +527,37 @@ def bench_overlap(
     rows = overlap.measure(draft, harness.parse_list(dtypes, "dtypes"), against, task_list, length_list[0], samples,
                            ratio, seed, str(cache_dir) if cache_dir else None)
     err.print(f"wrote {overlap.write(rows, out, command)}")
+
+
+@bench_app.command("kvpress")
+def bench_kvpress(
+    lengths: LengthsOpt = "1024,2048,4096",
+    budget: Annotated[int, typer.Option(help="KV pairs kept per head.")] = 256,
+    repeats: Annotated[int, typer.Option(help="Timed runs per length, after one warm-up.")] = 5,
+    output: OutputOpt = Path("kvpress-timing.jsonl"),
+    report: Annotated[Path, typer.Option(help="Markdown file the table is written (spliced) into.")] =
+    Path("docs/results/kvpress-timing.md"),
+    command: Annotated[str | None, typer.Option(help="The command quoted in the report.")] = None,
+    target: TargetOpt = None,
+    dtype: Annotated[str, typer.Option(help="The target's dtype on both sides.")] = "bfloat16",
+    threads: ThreadsOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Our SnapKV scoring + compression against kvpress's SnapKVPress, same input, in one run."""
+    from .bench import kvpress
+    from .eval.answer_log import read
+    from .models import offline
+    from .models.loading import Pair, load_model
+
+    if repeats < 1:
+        raise InputError(f"--repeats must be >= 1, got {repeats}")
+    _, length_list = _grid("niah_single_2", lengths, 1)
+    target_dir = _local_model(target, offline.TARGET.name, "--target", cache_dir)
+    model, tokenizer = load_model(target_dir, dtype=dtype, threads=threads)
+    written = kvpress.measure(Pair(model, tokenizer), target_dir, length_list, budget, repeats, output,
+                              dtype=dtype, threads=threads, cache=cache_dir, log=err.print)
+    err.print(f"{written} lengths written to {output}")
+    err.print(f"wrote {kvpress.write(read(output), report, command)}")
 
 
 @models_app.command("fetch")

@@ -112,39 +112,81 @@ def test_press_settings_are_passed_on_and_named_in_the_method(tokenizer, fake_kv
 FAKE_REFERENCE = '''
 import argparse, json
 p = argparse.ArgumentParser()
-for name in ("--requests", "--answers", "--model", "--source", "--dtype"):
+for name in ("--requests", "--answers", "--model", "--target", "--source", "--dtype"):
     p.add_argument(name)
 a = p.parse_args()
 with open(a.answers, "a") as f:
     for line in open(a.requests):
         r = json.loads(line)
-        kept = r["ours"] if r["ratio"] < 0.5 else r["ours"][1:] + [r["ours"][0] + 1]  # one position differs
-        f.write(json.dumps({"key": r["key"], "kept": kept, "seconds": 0.5, "versions": {"transformers": "4.51.3"}})
-                + "\\n")
+        if r["method"] == "specpc":
+            kept = r["ours"] if r["ratio"] < 0.5 else r["ours"][1:] + [r["ours"][0] + 1]  # one position differs
+            row = {"kept": kept, "lookahead_ids": None}
+        else:  # the reference reports its top-k without the window; at the larger budget one head differs
+            n, w = len(r["input_ids"]), r["window"]
+            kept = [[[p for p in head if p < n - w - 1] for head in layer] for layer in r["ours"]]
+            if r["budget"] > 64:
+                kept[0][0] = kept[0][0][1:] + [min(set(range(n - w - 1)) - set(kept[0][0]))]
+            tokens = r["lookahead_ids"] if r["budget"] > 64 else r["lookahead_ids"][:-1] + [0]
+            row = {"kept": kept, "lookahead_ids": tokens}
+        row.update(key=r["key"], seconds=0.5, versions={"transformers": "4.51.3"})
+        f.write(json.dumps(row) + "\\n")
 '''
 
 
-def test_reference_selections_are_compared_with_ours(tokenizer, tmp_path, monkeypatch):
-    from draftapprox.eval.answer_log import read
+@pytest.fixture
+def fake_reference(tmp_path, monkeypatch):
+    from draftapprox.eval.peers import reference
 
     worker = tmp_path / "fake_reference.py"
     worker.write_text(FAKE_REFERENCE)
-    monkeypatch.setattr(peers, "python", lambda name, cache=None: type(worker)(sys.executable))
-    monkeypatch.setattr(peers, "venv", lambda name, cache=None: tmp_path / "venv")
+    python = lambda name, cache=None: type(worker)(sys.executable)  # noqa: E731
+    venv = lambda name, cache=None: tmp_path / "venv"  # noqa: E731
+    for module in (peers, reference):
+        monkeypatch.setattr(module, "python", python)
+        monkeypatch.setattr(module, "venv", venv)
     monkeypatch.setitem(peers.PEERS, "reference", peers.Peer("reference", (), str(worker)))
     (tmp_path / "venv" / "src").mkdir(parents=True)
+    return reference
+
+
+def test_reference_specpc_selections_are_compared_with_ours(tokenizer, tmp_path, fake_reference):
+    from draftapprox.eval.answer_log import read
+
     draft = tiny_model("qwen2", layers=3, heads=4, kv_heads=4, seed=1)
     pair = pair_from_models(draft, tokenizer, draft)
     out = tmp_path / "reference.jsonl"
     args = (pair, tmp_path, [0.25, 0.5], ["niah_single_1"], [1024], 1, out)
     small = {"start_layer": 1, "window": 16, "kernel": 9}
-    assert peers.run_reference(*args, log=lambda *_: None, knobs=small) == 2
+    assert fake_reference.run_specpc(*args, log=lambda *_: None, knobs=small) == 2
     rows = {r["ratio"]: r for r in read(out)}
     assert rows[0.25]["identical"] and rows[0.25]["overlap"] == 1 and rows[0.25]["ours_seconds"] > 0
     assert not rows[0.5]["identical"] and len(rows[0.5]["only_ours"]) <= 1 and rows[0.5]["overlap"] > 0.99
-    assert peers.run_reference(*args, log=lambda *_: None, knobs=small) == 0
-    text = peers.reference_report(read(out), tmp_path / "reference.md", "draftapprox eval reference").read_text()
-    assert "| 0.25 | 1 | 1 | 100.00% |" in text and "Prompts whose selections differ" in text
+    assert fake_reference.run_specpc(*args, log=lambda *_: None, knobs=small) == 0
+    text = fake_reference.report(read(out), tmp_path / "reference.md", "draftapprox eval reference").read_text()
+    assert "| 0.25 | 1 | 1 | 100.00% |" in text and "Prompts whose SpecPC selections differ" in text
+
+
+def test_reference_speckv_selections_are_compared_per_layer_and_head(tokenizer, tmp_path, fake_reference):
+    from draftapprox.eval.answer_log import read
+
+    draft = tiny_model("qwen2", layers=2, heads=4, kv_heads=2, seed=1)
+    target = tiny_model("qwen2", layers=3, heads=4, kv_heads=2, seed=2)
+    pair = pair_from_models(target, tokenizer, draft)
+    out = tmp_path / "reference.jsonl"
+    args = (pair, tmp_path, tmp_path, [64, 128], ["niah_single_1"], [1024], 1, out)
+    small = {"window": 16, "lookahead": 4}
+    assert fake_reference.run_speckv(*args, log=lambda *_: None, knobs=small) == 2
+    rows = {r["budget"]: r for r in read(out)}
+    assert rows[64]["identical"] and rows[64]["overlap"] == 1 and not rows[64]["lookahead_identical"]
+    assert rows[128]["lookahead_identical"] and not rows[128]["identical"]
+    assert rows[128]["heads"] == 6 and rows[128]["heads_identical"] == 5 and rows[128]["min_overlap"] == 127 / 128
+    assert fake_reference.run_speckv(*args, log=lambda *_: None, knobs=small) == 0
+    text = fake_reference.report(read(out), tmp_path / "reference.md").read_text()
+    assert "| 64 | 1 | 0 | 1 | 6 / 6 | 100.00% | 100.0% |" in text and "| 128 | 1 | 1 | 0 | 5 / 6 |" in text
+    with pytest.raises(InputError, match="CUDA"):
+        narrow = {**small, "prefill_window": 512, "prefill_vertical": 256}  # dense below 768 tokens only
+        fake_reference.run_speckv(pair, tmp_path, tmp_path, [32], ["niah_single_1"], [1024], 1, out, knobs=narrow,
+                                  log=lambda *_: None)
 
 
 def test_configs_written_by_transformers_5_keep_their_rope_base_on_4x(monkeypatch):

@@ -127,7 +127,7 @@ def run_kvpress(tokenizer, model_dir: Path, presses: list[str], budgets: list[in
                         "press": press, "ratio": round(ratio, 6), "knobs": settings, "query_aware": aware,
                         "method": method,
                         "budget": budget, "compressed_tokens": compressed})
-    return _drive("kvpress", pending, output, results, _kvpress_row,
+    return drive("kvpress", pending, output, results, _kvpress_row,
                   ["--model", str(model_dir), "--dtype", dtype], threads, cache, log)
 
 
@@ -187,95 +187,10 @@ def run_llmlingua(pair, draft_dir: Path, ratios: list[float], tasks: list[str], 
             "env": {"peer": {"llmlingua": "0.2.2", "transformers": "4.46.3"}},
         }
 
-    return _drive("llmlingua", pending, output, results, answer, ["--model", str(draft_dir)], threads, cache, log)
+    return drive("llmlingua", pending, output, results, answer, ["--model", str(draft_dir)], threads, cache, log)
 
 
-def run_reference(pair, draft_dir: Path, ratios: list[float], tasks: list[str], lengths: list[int], count: int,
-                  output: Path, *, seed: int = 42, dtype: str = "float32", threads: int | None = None,
-                  cache: str | Path | None = None, log=print, knobs: dict | None = None) -> int:
-    """SpecPC's selection by the reference implementation against ours, on the same prompts with the same draft
-    and settings (the paper's defaults, or `knobs`); one row per (sample, ratio) with both selections'
-    differences and times.
-
-    Ours runs first for every request, then the reference's worker: the two never share the CPU."""
-    from ...generation import compress_prompt, new_state
-    from ...methods import SpecPC
-
-    src = venv("reference", cache) / "src"
-    if not python("reference", cache).exists() or not src.is_dir():
-        raise InputError("the reference environment is missing: run `draftapprox eval setup-peer reference` first")
-    results = Results(output)
-    pending: dict[str, tuple[ruler.Sample, dict]] = {}
-    warm = False
-    for sample in samples(pair.tokenizer, tasks, lengths, count, seed):
-        ids = ruler.encode(pair.tokenizer, sample.context + sample.question, sample.answer_prefix)
-        for ratio in ratios:
-            key = f"{sample.id}|reference:specpc@{ratio}"
-            if key in results.done:
-                continue
-            method = SpecPC(ratio, **(knobs or {}))
-            for _ in range(1 if warm else 2):  # the process's first call pays one-off setup: run it twice
-                start = time.perf_counter()
-                ours = compress_prompt(new_state(pair, ids, 1), method)[0].tolist()
-                seconds = time.perf_counter() - start
-            warm = True
-            pending[key] = (sample, {"key": key, "input_ids": ids[0].tolist(), "budget": method.tokens(ids.shape[1]),
-                                     "window": method.window, "kernel": method.kernel,
-                                     "start_layer": method.start_layer, "lookahead": method.lookahead,
-                                     "ratio": ratio, "ours": ours, "ours_seconds": seconds})
-
-    def compare(sample: ruler.Sample, req: dict, row: dict) -> dict:
-        ours, theirs = set(req["ours"]), set(row["kept"])
-        return {"key": row["key"], "sample": sample.id, "task": sample.task, "length": sample.length,
-                "ratio": req["ratio"], "prompt_tokens": len(req["input_ids"]), "kept": len(theirs),
-                "identical": ours == theirs, "overlap": len(ours & theirs) / max(len(theirs), 1),
-                "only_ours": sorted(ours - theirs), "only_reference": sorted(theirs - ours),
-                "ours_seconds": req["ours_seconds"], "reference_seconds": row["seconds"], "dtype": dtype,
-                "finished": time.time(), "env": {"reference": row["versions"]}}
-
-    return _drive("reference", pending, output, results, compare,
-                  ["--model", str(draft_dir), "--source", str(src), "--dtype", dtype], threads, cache, log)
-
-
-def reference_report(rows: list[dict], path: Path, command: str | None = None) -> Path:
-    """Per keep ratio: prompts compared, identical selections, mean overlap, and median seconds of each side."""
-    import statistics
-
-    from ...markdown import splice, table
-
-    body = []
-    for ratio in sorted({r["ratio"] for r in rows}):
-        mine = [r for r in rows if r["ratio"] == ratio]
-        body.append([str(ratio), str(len(mine)), str(sum(r["identical"] for r in mine)),
-                     f"{100 * statistics.mean(r['overlap'] for r in mine):.2f}%",
-                     f"{statistics.median(r['ours_seconds'] for r in mine):.2f}",
-                     f"{statistics.median(r['reference_seconds'] for r in mine):.2f}"])
-    lengths = sorted({r["length"] for r in rows})
-    lines = [f"SpecPC (paper defaults) on {len({r['sample'] for r in rows})} RULER prompts of "
-             f"{', '.join(map(str, lengths))} tokens, draft in {rows[0]['dtype']}, reference "
-             f"{rows[0]['env']['reference']}.", ""]
-    if command:
-        lines += [f"Command: `{command}`", ""]
-    lines += table(["keep ratio", "prompts", "identical selections", "mean overlap", "ours, s (median)",
-                    "reference, s (median)"], body)
-    differing = [r for r in rows if not r["identical"]]
-    if differing:
-        lines += ["", "Prompts whose selections differ (positions kept by one side only):", ""]
-        lines += table(["prompt", "ratio", "only ours", "only reference"],
-                       [[r["sample"], str(r["ratio"]), _span(r["only_ours"]), _span(r["only_reference"])]
-                        for r in differing])
-    splice(path, "\n".join(lines))
-    return path
-
-
-def _span(positions: list[int]) -> str:
-    if not positions:
-        return "-"
-    shown = ", ".join(map(str, positions[:8]))
-    return f"{len(positions)} ({shown}{', ...' if len(positions) > 8 else ''})"
-
-
-def _drive(name: str, pending: dict, output: Path, results: Results, make_row, args: list[str],
+def drive(name: str, pending: dict, output: Path, results: Results, make_row, args: list[str],
            threads: int | None, cache: str | Path | None, log) -> int:
     """Write the requests, run the peer's worker, and turn its answers into rows as they arrive."""
     if not pending:

@@ -6,6 +6,10 @@ Request: {"key", "context", "question", "answer_prefix", "max_new_tokens", "pres
 "query_aware"}.
 Query-agnostic (kvpress's pipeline as users call it): the context is compressed before the question is seen.
 Query-aware (kvpress's own evaluation with `query_aware`): the question is appended to the context, both compressed.
+
+Timing request (`draftapprox bench kvpress`): {"key", "mode": "time", "input_ids", "press", "ratio", "knobs",
+"repeats"}: one prefill of `input_ids` under the press, per repeat, timing only the press's `compress` calls (its
+scoring and pruning, every layer); the answer holds each repeat's seconds, after one warm-up.
 """
 
 import sys
@@ -43,6 +47,8 @@ def main() -> None:
     todo = [r for r in read(args.requests) if r["key"] not in answers.done]
     if not todo:
         return
+    if all(r.get("mode") == "time" for r in todo):
+        return time_presses(args, todo, answers)
     pipe = pipeline("kv-press-text-generation", model=args.model, device="cpu",
                     model_kwargs={"dtype": getattr(torch, args.dtype), "attn_implementation": "sdpa"})
     for i, req in enumerate(todo):
@@ -57,6 +63,36 @@ def main() -> None:
                             "torch": torch.__version__}}
         answers.append(row)
         print(f"[{i + 1}/{len(todo)}] {req['key']} {row['seconds']:.1f}s", flush=True)
+
+
+def time_presses(args, todo: list[dict], answers: Results) -> None:
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
+                                                 attn_implementation="sdpa").eval()
+    for req in todo:
+        press = make_press(req["press"], req["ratio"], req.get("knobs", {}))
+        spent, compress = [], press.compress
+
+        def timed(*a, _compress=compress, _spent=spent, **k):
+            start = time.perf_counter()
+            out = _compress(*a, **k)
+            _spent.append(time.perf_counter() - start)
+            return out
+
+        press.compress = timed
+        ids = torch.tensor([req["input_ids"]])
+        seconds = []
+        for _ in range(1 + req["repeats"]):  # the first is a warm-up
+            spent.clear()
+            cache = DynamicCache()
+            with torch.inference_mode(), press(model):
+                model.model(ids, past_key_values=cache)  # the decoder only: no logits are needed to prefill
+            seconds.append(sum(spent))
+        answers.append({"key": req["key"], "seconds": seconds[1:], "kept": cache.get_seq_length(),
+                        "versions": {"kvpress": _version("kvpress"), "transformers": _version("transformers"),
+                                     "torch": torch.__version__}})
+        print(f"{req['key']} {min(seconds[1:]):.3f}s", flush=True)
 
 
 def _version(name: str) -> str:

@@ -1,0 +1,47 @@
+"""`bench kvpress` without kvpress's environment: a stand-in worker (this interpreter) times the requests, and the
+driver must measure our side, pair the two, resume, and write the table."""
+
+from __future__ import annotations
+
+import sys
+
+from draftapprox.bench import kvpress
+from draftapprox.eval import peers
+from draftapprox.eval.answer_log import read
+from draftapprox.models.loading import pair_from_models
+
+from ..conftest import tiny_model, tiny_tokenizer
+
+FAKE = '''
+import argparse, json
+p = argparse.ArgumentParser()
+for flag in ("--requests", "--answers", "--model", "--dtype"):
+    p.add_argument(flag)
+a = p.parse_args()
+with open(a.answers, "a") as f:
+    for line in open(a.requests):
+        r = json.loads(line)
+        assert r["mode"] == "time" and r["press"] == "snapkv"
+        kept = round(len(r["input_ids"]) * (1 - r["ratio"]))
+        f.write(json.dumps({"key": r["key"], "seconds": [0.2] * r["repeats"], "kept": kept,
+                            "versions": {"kvpress": "0.5.5"}}) + "\\n")
+'''
+
+
+def test_ours_and_kvpress_are_timed_on_the_same_input(tmp_path, monkeypatch):
+    worker = tmp_path / "fake_worker.py"
+    worker.write_text(FAKE)
+    monkeypatch.setattr(peers, "python", lambda name, cache=None: type(worker)(sys.executable))
+    monkeypatch.setitem(peers.PEERS, "kvpress", peers.Peer("kvpress", (), str(worker)))
+    target = tiny_model("qwen2", layers=2, heads=4, kv_heads=2, seed=3)
+    pair = pair_from_models(target, tiny_tokenizer())
+    out = tmp_path / "timing.jsonl"
+    args = (pair, tmp_path, [512, 1024], 64, 2, out)
+    assert kvpress.measure(*args, dtype="float32", log=lambda *_: None) == 2
+    rows = {r["length"]: r for r in read(out)}
+    assert rows[1024]["kvpress_kept"] == 64 and rows[1024]["knobs"] == {"window_size": 32, "kernel_size": 7}
+    assert all(len(r["ours_seconds"]) == 2 and all(s > 0 for s in r["ours_seconds"]) for r in rows.values())
+    assert kvpress.measure(*args, dtype="float32", log=lambda *_: None) == 0  # a rerun resumes: nothing left
+    text = kvpress.write(read(out), tmp_path / "kvpress.md", "draftapprox bench kvpress").read_text()
+    assert "| 512 | 64 |" in text and "| 1024 | 64 |" in text and "kvpress 0.5.5" in text
+    assert "`draftapprox bench kvpress`" in text and "| 200.0 |" in text  # kvpress side: median of 0.2 s
