@@ -117,8 +117,8 @@ def test_batched_decoding_gives_each_request_the_tokens_it_gets_alone(pair):
     pair.target.double()
     pair.draft.double()
     ids = prompt_ids(96)
-    methods = [da.FullKV(), da.SnapKV(40, window=8), da.PyramidKV(40, window=8), da.AdaKV(40, scorer=da.SnapKV(40, window=8)),
-               da.StreamingLLM(40), da.SpecKV(40, window=8, lookahead=4),
+    methods = [da.FullKV(), da.SnapKV(40, window=8), da.PyramidKV(40, window=8),
+               da.AdaKV(40, scorer=da.SnapKV(40, window=8)), da.StreamingLLM(40), da.SpecKV(40, window=8, lookahead=4),
                da.SpecPC(0.25, window=8, kernel=5, start_layer=1), da.SpecPrefill(0.25)]
     state = da.new_state(pair, ids, 10)
     prepared = [da.prepare(pair, ids, m, max_new_tokens=3 + i, state=state) for i, m in enumerate(methods)]

@@ -24,7 +24,34 @@ def _dense_layer(keys: torch.Tensor, values: torch.Tensor) -> DynamicLayer:
     return layer
 
 
-class HeadwiseLayer(CacheLayerMixin):
+class _TailLayer(CacheLayerMixin):
+    """A compressed prompt part that a subclass lays out and attends to itself (`attend`), plus a dense tail
+    `(batch, kv_heads, t, d)` of the tokens decoded since, appended to every head."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def _start_tail(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        b, g, _, d = keys.shape
+        self.keys, self.values = keys.new_empty(b, g, 0, d), values.new_empty(b, g, 0, d)
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class HeadwiseLayer(_TailLayer):
     """A cache layer whose KV heads hold different numbers of prompt pairs.
 
     The compressed prompt part is stored flat: `prefix_keys[t]` belongs to the flattened (batch, kv_head) segment
@@ -32,9 +59,6 @@ class HeadwiseLayer(CacheLayerMixin):
     kept in a dense `(batch, kv_heads, t, d)` tail. Attention over both is computed in `attend`, which the capture
     wrapper calls instead of the model's kernel.
     """
-
-    is_compileable = False
-    is_sliding = False
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor):
         super().__init__()
@@ -45,17 +69,7 @@ class HeadwiseLayer(CacheLayerMixin):
         self.prefix_keys = keys.reshape(b * g, n, d)[flat]
         self.prefix_values = values.reshape(b * g, n, d)[flat]
         self.head_lengths = flat.sum(-1).view(b, g)
-        self.keys = keys.new_empty(b, g, 0, d)
-        self.values = values.new_empty(b, g, 0, d)
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        pass
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        return self.keys, self.values
+        self._start_tail(keys, values)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
         """Attention of `query (b, H, q, d)` over the ragged prefix and the causal dense tail `key/value`."""
@@ -78,40 +92,21 @@ class HeadwiseLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return int(self.head_lengths.max()) + self.keys.shape[-2]
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
     def nbytes(self) -> int:
         return sum(x.numel() * x.element_size() for x in (self.prefix_keys, self.prefix_values, self.keys,
                                                           self.values))
 
 
-class BatchLayer(CacheLayerMixin):
+class BatchLayer(_TailLayer):
     """One layer of several sequences decoded together: every (sequence, KV head) keeps its own prompt pairs,
     padded to the longest with a validity mask, plus a dense tail of the tokens decoded since, which all sequences
     share in length. Single-query attention only (decoding); `attend` replaces the model's kernel.
     """
 
-    is_compileable = False
-    is_sliding = False
-
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
         super().__init__()
-        b, g, _, d = keys.shape
         self.prefix_keys, self.prefix_values, self.valid = keys, values, valid
-        self.keys, self.values = keys.new_empty(b, g, 0, d), values.new_empty(b, g, 0, d)
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        pass
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        return self.keys, self.values
+        self._start_tail(keys, values)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
         b, h, q, d = query.shape
@@ -134,12 +129,6 @@ class BatchLayer(CacheLayerMixin):
 
     def get_seq_length(self) -> int:
         return self.prefix_keys.shape[2] + self.keys.shape[2]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
 
 
 def _head_pairs(layer: CacheLayerMixin) -> list[tuple[torch.Tensor, torch.Tensor]]:

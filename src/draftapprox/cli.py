@@ -403,8 +403,9 @@ def eval_reference(
     tasks: TasksOpt = "all",
     samples: SamplesOpt = 1,
     output: OutputOpt = Path("reference.jsonl"),
-    report: Annotated[Path, typer.Option(help="Markdown file the comparison tables are written (spliced) into.")] =
-    Path("docs/results/reference.md"),
+    report: Annotated[Path | None, typer.Option(
+        help="Markdown file the comparison table is written (spliced) into [default: docs/results/reference.md, "
+             "reference-speckv.md for speckv].")] = None,
     command: Annotated[str | None, typer.Option(help="The command quoted in the report.")] = None,
     seed: SeedOpt = 42,
     draft: DraftOpt = None,
@@ -439,7 +440,8 @@ def eval_reference(
         written = reference.run_speckv(Pair(target_model, tokenizer, draft_model), target_dir, draft_dir,
                                        budget_list, task_list, length_list, samples, output, **common)
     err.print(f"{written} comparisons written to {output}")
-    err.print(f"wrote {reference.report(read(output), report, command)}")
+    default = Path("docs/results") / ("reference.md" if method == "specpc" else "reference-speckv.md")
+    err.print(f"wrote {reference.report(read(output), report or default, command)}")
 
 
 bench_app = typer.Typer(help="Latency and memory of each method against FullKV: run it (no subcommand), then "

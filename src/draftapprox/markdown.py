@@ -24,3 +24,11 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     align = [":--"] + ["--:"] * (len(header) - 1)
     return ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |",
             *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def publish(path: Path, intro: list[str], command: str | None, body: list[str]) -> Path:
+    """Splice a measurement's page: what was measured (`intro`), the command that measured it, then `body`."""
+    lines = [*intro, *([f"Command: `{command}`", ""] if command else []), *body]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    splice(path, "\n".join(lines))
+    return path

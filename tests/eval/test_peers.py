@@ -180,9 +180,11 @@ def test_reference_speckv_selections_are_compared_per_layer_and_head(tokenizer, 
     assert rows[64]["identical"] and rows[64]["overlap"] == 1 and not rows[64]["lookahead_identical"]
     assert rows[128]["lookahead_identical"] and not rows[128]["identical"]
     assert rows[128]["heads"] == 6 and rows[128]["heads_identical"] == 5 and rows[128]["min_overlap"] == 127 / 128
+    assert rows[128]["differing_ties"] + rows[128]["differing_other"] == 2  # one position swapped for another
+    assert rows[64]["differing_ties"] == rows[64]["differing_other"] == 0
     assert fake_reference.run_speckv(*args, log=lambda *_: None, knobs=small) == 0
     text = fake_reference.report(read(out), tmp_path / "reference.md").read_text()
-    assert "| 64 | 1 | 0 | 1 | 6 / 6 | 100.00% | 100.0% |" in text and "| 128 | 1 | 1 | 0 | 5 / 6 |" in text
+    assert "| 64 | 1 | 0 | 1 | 6 / 6 | 100.00% | 100.0% | 0 / 0 |" in text and "| 128 | 1 | 1 | 0 | 5 / 6 |" in text
     with pytest.raises(InputError, match="CUDA"):
         narrow = {**small, "prefill_window": 512, "prefill_vertical": 256}  # dense below 768 tokens only
         fake_reference.run_speckv(pair, tmp_path, tmp_path, [32], ["niah_single_1"], [1024], 1, out, knobs=narrow,

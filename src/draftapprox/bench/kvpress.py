@@ -17,7 +17,7 @@ from ..eval import ruler
 from ..eval.answer_log import Results
 from ..eval.peers import drive
 from ..generation import apply_kv, new_state, prefill
-from ..markdown import splice, table
+from ..markdown import publish, table
 from ..methods import SnapKV
 from ..models.loading import Pair
 
@@ -69,12 +69,8 @@ def write(rows: list[dict], path: Path, command: str | None = None) -> Path:
         body.append([str(r["prompt_tokens"]), str(r["budget"]), f"{1000 * ours:.1f}", f"{1000 * theirs:.1f}",
                      f"{ours / theirs:.2f}x"])
     r0 = rows[0]
-    lines = [f"SnapKV scoring + compression on the target, {r0['dtype']}, window {r0['knobs']['window_size']}, "
+    intro = [f"SnapKV scoring + compression on the target, {r0['dtype']}, window {r0['knobs']['window_size']}, "
              f"kernel {r0['knobs']['kernel_size']}, median of {len(r0['ours_seconds'])} runs after a warm-up; "
              "kvpress side: " + ", ".join(f"{k} {v}" for k, v in r0["env"]["kvpress"].items()) + ".", ""]
-    if command:
-        lines += [f"Command: `{command}`", ""]
-    lines += table(["prompt tokens", "budget", "ours, ms", "kvpress SnapKVPress, ms", "ours / kvpress"], body)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    splice(path, "\n".join(lines))
-    return path
+    return publish(path, intro, command,
+                   table(["prompt tokens", "budget", "ours, ms", "kvpress SnapKVPress, ms", "ours / kvpress"], body))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..eval import ruler
 from ..generation import compress_prompt, new_state
-from ..markdown import splice, table
+from ..markdown import publish, table
 from ..methods import make
 from ..models.loading import Pair, load_model, precision
 
@@ -63,11 +63,7 @@ def write(rows: list[dict], path: Path, command: str | None = None) -> Path:
         body.append([f"{dtype} vs {mine[0]['against']}", str(len(mine)), f"{100 * statistics.mean(overlaps):.1f}%",
                      f"{100 * min(overlaps):.1f}%", f"{speedup:.2f}x"])
     r0 = rows[0]
-    lines = [f"SpecPC at keep ratio {r0['ratio']}, {r0['length']}-token RULER prompts "
+    intro = [f"SpecPC at keep ratio {r0['ratio']}, {r0['length']}-token RULER prompts "
              f"({len({r['task'] for r in rows})} tasks).", ""]
-    if command:
-        lines += [f"Command: `{command}`", ""]
-    lines += table(["draft precision", "prompts", "mean overlap", "min overlap", "draft speed-up (median)"], body)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    splice(path, "\n".join(lines))
-    return path
+    return publish(path, intro, command, table(["draft precision", "prompts", "mean overlap", "min overlap",
+                                                "draft speed-up (median)"], body))

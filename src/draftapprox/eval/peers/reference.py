@@ -19,8 +19,9 @@ import torch
 
 from ...errors import InputError
 from ...generation import compress_prompt, new_state, prefill
-from ...markdown import splice, table
+from ...markdown import publish, table
 from ...methods import SpecKV, SpecPC
+from ...methods.scorer import select_with
 from .. import ruler
 from ..answer_log import Results
 from ..harness import samples
@@ -34,9 +35,15 @@ def _source(cache: str | Path | None) -> Path:
     return src
 
 
-def _prompts(tokenizer, tasks: list[str], lengths: list[int], count: int, seed: int):
+def _todo(tokenizer, tasks: list[str], lengths: list[int], count: int, seed: int, method: str, settings: list,
+          results: Results):
+    """(sample, its token ids, setting, key) for each comparison not yet in `results`."""
     for sample in samples(tokenizer, tasks, lengths, count, seed):
-        yield sample, ruler.encode(tokenizer, sample.context + sample.question, sample.answer_prefix)
+        ids = ruler.encode(tokenizer, sample.context + sample.question, sample.answer_prefix)
+        for setting in settings:
+            key = f"{sample.id}|reference:{method}@{setting}"
+            if key not in results.done:
+                yield sample, ids, setting, key
 
 
 def run_specpc(pair, draft_dir: Path, ratios: list[float], tasks: list[str], lengths: list[int], count: int,
@@ -48,22 +55,18 @@ def run_specpc(pair, draft_dir: Path, ratios: list[float], tasks: list[str], len
     results = Results(output)
     pending: dict[str, tuple[ruler.Sample, dict]] = {}
     warm = False
-    for sample, ids in _prompts(pair.tokenizer, tasks, lengths, count, seed):
-        for ratio in ratios:
-            key = f"{sample.id}|reference:specpc@{ratio}"
-            if key in results.done:
-                continue
-            method = SpecPC(ratio, **(knobs or {}))
-            for _ in range(1 if warm else 2):  # the process's first call pays one-off setup: run it twice
-                start = time.perf_counter()
-                ours = compress_prompt(new_state(pair, ids, 1), method)[0].tolist()
-                seconds = time.perf_counter() - start
-            warm = True
-            pending[key] = (sample, {"key": key, "method": "specpc", "input_ids": ids[0].tolist(),
-                                     "budget": method.tokens(ids.shape[1]), "window": method.window,
-                                     "kernel": method.kernel, "start_layer": method.start_layer,
-                                     "lookahead": method.lookahead, "ratio": ratio, "ours": ours,
-                                     "ours_seconds": seconds})
+    for sample, ids, ratio, key in _todo(pair.tokenizer, tasks, lengths, count, seed, "specpc", ratios, results):
+        method = SpecPC(ratio, **(knobs or {}))
+        for _ in range(1 if warm else 2):  # the process's first call pays one-off setup: run it twice
+            start = time.perf_counter()
+            ours = compress_prompt(new_state(pair, ids, 1), method)[0].tolist()
+            seconds = time.perf_counter() - start
+        warm = True
+        pending[key] = (sample, {"key": key, "method": "specpc", "input_ids": ids[0].tolist(),
+                                 "budget": method.tokens(ids.shape[1]), "window": method.window,
+                                 "kernel": method.kernel, "start_layer": method.start_layer,
+                                 "lookahead": method.lookahead, "ratio": ratio, "ours": ours,
+                                 "ours_seconds": seconds})
 
     def compare(sample: ruler.Sample, req: dict, row: dict) -> dict:
         ours, theirs = set(req["ours"]), set(row["kept"])
@@ -86,41 +89,45 @@ def run_speckv(pair, target_dir: Path, draft_dir: Path, budgets: list[int], task
     src = _source(cache)
     results = Results(output)
     pending: dict[str, tuple[ruler.Sample, dict]] = {}
-    for sample, ids in _prompts(pair.tokenizer, tasks, lengths, count, seed):
-        for budget in budgets:
-            key = f"{sample.id}|reference:speckv@{budget}"
-            if key in results.done:
-                continue
-            method = SpecKV(budget, **(knobs or {}))
-            length = sample.max_new_tokens if method.lookahead is None else method.lookahead
-            if ids.shape[1] + length > method.prefill_window + method.prefill_vertical:
-                raise InputError(f"{sample.id}: {ids.shape[1]} prompt + {length} draft tokens is past the reference's "
-                                 "dense prefill, which needs MInference's CUDA kernel: use shorter --lengths on CPU")
-            state = new_state(pair, ids, sample.max_new_tokens)
-            prefill(state, method.rows)
-            keep = method.select(state).keep
-            lookahead = state.lookahead(length)
-            pending[key] = (sample, {
-                "key": key, "method": "speckv", "input_ids": ids[0].tolist(), "budget": budget,
-                "lookahead_ids": lookahead[0].tolist(), "window": method.window, "kernel": method.kernel,
-                "pool": "mean" if method.pool == "avg" else method.pool, "reduction": method.reduction,
-                "ours": [[torch.nonzero(head).flatten().tolist() for head in layer[0]] for layer in keep]})
+    candidates: dict[str, list[torch.Tensor]] = {}  # our scores (G, n-w-1) per layer, to tell ties from the rest
+    for sample, ids, budget, key in _todo(pair.tokenizer, tasks, lengths, count, seed, "speckv", budgets, results):
+        method = SpecKV(budget, **(knobs or {}))
+        length = sample.max_new_tokens if method.lookahead is None else method.lookahead
+        if ids.shape[1] + length > method.prefill_window + method.prefill_vertical:
+            raise InputError(f"{sample.id}: {ids.shape[1]} prompt + {length} draft tokens is past the reference's "
+                             "dense prefill, which needs MInference's CUDA kernel: use shorter --lengths on CPU")
+        state = new_state(pair, ids, sample.max_new_tokens)
+        prefill(state, method.rows)
+        scores = method.scores(state)
+        keep = select_with(method, state, lambda _, s=scores: s, method.allocate).keep
+        lookahead = state.lookahead(length)
+        candidates[key] = [layer[0].float() for layer in scores.per_layer]
+        pending[key] = (sample, {
+            "key": key, "method": "speckv", "input_ids": ids[0].tolist(), "budget": budget,
+            "lookahead_ids": lookahead[0].tolist(), "window": method.window, "kernel": method.kernel,
+            "pool": "mean" if method.pool == "avg" else method.pool, "reduction": method.reduction,
+            "ours": [[torch.nonzero(head).flatten().tolist() for head in layer[0]] for layer in keep]})
 
     def compare(sample: ruler.Sample, req: dict, row: dict) -> dict:
-        n, w = len(req["input_ids"]), req["window"]
+        n, w, slots = len(req["input_ids"]), req["window"], req["budget"] - req["window"]
         window = set(range(n - w - 1, n - 1))  # the reference's top-k excludes the window it always keeps
-        overlaps = []
-        for ours_layer, theirs_layer in zip(req["ours"], row["kept"], strict=True):
-            for ours, theirs in zip(ours_layer, theirs_layer, strict=True):
-                theirs = set(theirs) | window
-                overlaps.append(len(set(ours) & theirs) / len(theirs))
+        overlaps, ties, others = [], 0, 0
+        for layer, (ours_layer, theirs_layer) in enumerate(zip(req["ours"], row["kept"], strict=True)):
+            for head, (ours, theirs) in enumerate(zip(ours_layer, theirs_layer, strict=True)):
+                overlaps.append(len(set(ours) & (set(theirs) | window)) / (len(theirs) + len(window)))
+                x = candidates[row["key"]][layer][head]
+                threshold = x.topk(slots).values[-1]  # the score of the last slot: where ties are broken
+                differ = torch.tensor(sorted((set(ours) - window) ^ set(theirs)), dtype=torch.long)
+                tied = int(torch.isclose(x[differ], threshold, rtol=1e-5, atol=0).sum()) if len(differ) else 0
+                ties, others = ties + tied, others + len(differ) - tied
         return {"key": row["key"], "method": "speckv", "sample": sample.id, "task": sample.task,
                 "length": sample.length, "budget": req["budget"], "prompt_tokens": n,
                 "lookahead_tokens": len(req["lookahead_ids"]),
                 "lookahead_identical": row["lookahead_ids"] == req["lookahead_ids"],
                 "identical": all(o == 1 for o in overlaps), "overlap": statistics.mean(overlaps),
                 "min_overlap": min(overlaps), "heads_identical": sum(o == 1 for o in overlaps),
-                "heads": len(overlaps), "reference_seconds": row["seconds"], "dtype": dtype,
+                "heads": len(overlaps), "differing_ties": ties, "differing_other": others,
+                "reference_seconds": row["seconds"], "dtype": dtype,
                 "finished": time.time(), "env": {"reference": row["versions"]}}
 
     return drive("reference", pending, output, results, compare,
@@ -130,17 +137,12 @@ def run_speckv(pair, target_dir: Path, draft_dir: Path, budgets: list[int], task
 
 def report(rows: list[dict], path: Path, command: str | None = None) -> Path:
     """A table per method: per keep ratio (SpecPC) or budget (SpecKV), how often and how far the selections agree."""
-    lines = []
-    if command:
-        lines += [f"Command: `{command}`", ""]
     specpc = [r for r in rows if r.get("method", "specpc") == "specpc"]
     speckv = [r for r in rows if r.get("method") == "speckv"]
-    if specpc:
-        lines += _specpc_table(specpc)
+    body = _specpc_table(specpc) if specpc else []
     if speckv:
-        lines += ([""] if specpc else []) + _speckv_table(speckv)
-    splice(path, "\n".join(lines))
-    return path
+        body += ([""] if specpc else []) + _speckv_table(speckv)
+    return publish(path, [], command, body)
 
 
 def _setting(rows: list[dict], what: str) -> list[str]:
@@ -177,10 +179,16 @@ def _speckv_table(rows: list[dict]) -> list[str]:
                      str(sum(r["identical"] for r in mine)),
                      f"{sum(r['heads_identical'] for r in mine)} / {sum(r['heads'] for r in mine)}",
                      f"{100 * statistics.mean(r['overlap'] for r in mine):.2f}%",
-                     f"{100 * min(r['min_overlap'] for r in mine):.1f}%"])
+                     f"{100 * min(r['min_overlap'] for r in mine):.1f}%",
+                     f"{sum(r['differing_ties'] for r in mine)} / "
+                     f"{sum(r['differing_ties'] + r['differing_other'] for r in mine)}"])
     lines = _setting(rows, "SpecKV (paper defaults, lookahead = the task's answer length), the target's KV selection")
-    return lines + table(["budget", "prompts", "same draft tokens", "identical selections",
-                          "identical (layer, KV head)", "mean overlap", "worst (layer, KV head)"], body)
+    lines += table(["budget", "prompts", "same draft tokens", "identical selections", "identical (layer, KV head)",
+                    "mean overlap", "worst (layer, KV head)", "differing positions tied at the cut"], body)
+    lines += ["", "A position differs when one side keeps it and the other does not. It is *tied at the cut* when "
+              "our score for it equals (to 1e-5, relative) the score of the last slot: there the two sides break a "
+              "tie differently (`torch.topk` against our stable order), and either choice is the method."]
+    return lines
 
 
 def _span(positions: list[int]) -> str:
