@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
     alone = [generate_prepared(pair, p) for p in prepared]  # the prepared caches are not changed by batching
     sequential = time.perf_counter() - start
 
-    same = sum(together[i].tokens == alone[i].tokens for i in range(len(prepared)))
+    differ = [methods[i] for i in range(len(prepared)) if together[i].tokens != alone[i].tokens]
     groups = sorted({r.record.decode_batch for r in together.values()})
     lines = [f"{len(prepared)} answers to one {ids.shape[1]}-token RULER `{args.task}` prompt (the grid's KV "
              f"methods at budgets {args.budgets}, and FullKV), {args.new_tokens} tokens each, EOS ignored; target "
@@ -55,7 +55,9 @@ def main(argv: list[str]) -> int:
                    [["one at a time", f"{sequential:.1f}", "1.00x"],
                     [f"together (groups of {', '.join(map(str, groups))})", f"{batched:.1f}",
                      f"{batched / sequential:.2f}x"]])
-    lines += ["", f"Identical tokens, batched against one at a time: {same} of {len(prepared)} answers."]
+    lines += ["", f"Identical tokens, batched against one at a time: {len(prepared) - len(differ)} of {len(prepared)} "
+              "answers" + (". Differing: " + ", ".join(f"{m.name}@{m.budget}" for m in differ) if differ else "")
+              + "."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     splice(args.out, "\n".join(lines))
     print(f"wrote {args.out}")

@@ -148,7 +148,7 @@ def report(rows: list[dict], path: Path, command: str | None = None) -> Path:
 def _setting(rows: list[dict], what: str) -> list[str]:
     lengths = ", ".join(map(str, sorted({r["length"] for r in rows})))
     return [f"{what} on {len({r['sample'] for r in rows})} RULER prompts of {lengths} tokens, {rows[0]['dtype']}, "
-            f"reference {rows[0]['env']['reference']}.", ""]
+            "reference: " + ", ".join(f"{k} {v}" for k, v in rows[0]["env"]["reference"].items()) + ".", ""]
 
 
 def _specpc_table(rows: list[dict]) -> list[str]:
