@@ -101,6 +101,7 @@ FIXTURE = [
     ("speckv", 64, "niah_single_1", [100, 100]), ("speckv", 64, "vt", [100, 60]),
     ("specpc", 0.25, "niah_single_1", [100, 0]), ("specpc", 0.25, "vt", [60, 60]),
     ("kvpress:snapkv", 64, "niah_single_1", [0, 100]),  # incomplete: one task only
+    ("streamingllm", 64, "niah_single_1", [0]), ("streamingllm", 64, "vt", [100]),  # one answer a task
 ]
 
 
@@ -130,6 +131,9 @@ def test_report_from_a_fixture(tmp_path):
     assert "### Peers at 2048 tokens, KV budget (pairs per head) 64" in md
     assert "| kvpress:snapkv | 50.0 | - | (incomplete) | **50.0** [0.0, 100.0] | 2 |" in md  # common: niah_single_1
     assert "## 2048 tokens, prompt keep ratio 0.25" in md
+    assert "| streamingllm | 0.0 | 100.0 | **50.0** [n=1: no interval] |" in md  # a point is not an interval
+    single = next(r for r in rows if r["method"] == "streamingllm" and r["task"] == "average")
+    assert single["ci_low"] == single["ci_high"] == "" and single["score"] == "50.0"
     assert (out / "accuracy-2048.png").stat().st_size > 10_000
 
 

@@ -112,6 +112,8 @@ def test_bootstrap_interval_brackets_the_mean_and_is_degenerate_without_spread()
     point, lo, hi = bootstrap_mean_over_tasks({"a": [0, 100, 100, 0, 100], "b": [100] * 5})
     assert lo <= point <= hi and point == 80 and hi - lo > 5
     assert bootstrap_mean_over_tasks({"a": [50.0] * 4}) == (50.0, 50.0, 50.0)
+    # one answer in a task: no spread to resample, so no interval rather than a zero-width one
+    assert bootstrap_mean_over_tasks({"a": [0.0, 100.0], "b": [100.0]}) == (75.0, None, None)
 
 
 def test_bad_requests_are_refused(tokenizer):

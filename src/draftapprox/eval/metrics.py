@@ -40,10 +40,15 @@ def mean(values: list[float]) -> float:
 
 
 def bootstrap_mean_over_tasks(scores: dict[str, list[float]], rounds: int = 2000, seed: int = 0,
-                              level: float = 0.95) -> tuple[float, float, float]:
+                              level: float = 0.95) -> tuple[float, float | None, float | None]:
     """Mean over tasks of per-task means, with a percentile bootstrap interval that resamples each task's answers
-    (a stratified bootstrap: the task mix stays fixed, as in the point estimate)."""
+    (a stratified bootstrap: the task mix stays fixed, as in the point estimate).
+
+    A task with a single answer says nothing about its spread, and resampling it would give a zero-width interval
+    that looks like certainty: the interval is then None (no interval), never a point."""
     point = mean([mean(v) for v in scores.values()])
+    if any(len(v) < 2 for v in scores.values()):
+        return point, None, None
     rng = random.Random(seed)
     stats = []
     for _ in range(rounds):

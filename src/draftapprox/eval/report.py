@@ -78,11 +78,15 @@ def _summaries(table) -> list[dict]:
             s = by_task[task]
             _, lo, hi = bootstrap_mean_over_tasks({task: s})
             summary.append(dict(method=method, length=length, budget=budget, task=task, score=round(mean(s), 2),
-                                n=len(s), ci_low=round(lo, 2), ci_high=round(hi, 2)))
+                                n=len(s), ci_low=_round(lo), ci_high=_round(hi)))
         point, lo, hi = bootstrap_mean_over_tasks(dict(by_task))
         summary.append(dict(method=method, length=length, budget=budget, task="average", score=round(point, 2),
-                            n=sum(len(v) for v in by_task.values()), ci_low=round(lo, 2), ci_high=round(hi, 2)))
+                            n=sum(len(v) for v in by_task.values()), ci_low=_round(lo), ci_high=_round(hi)))
     return summary
+
+
+def _round(bound: float | None) -> float | str:
+    return "" if bound is None else round(bound, 2)  # no interval: an empty CSV cell
 
 
 def _write_csv(table, path: Path) -> Path:
@@ -151,7 +155,7 @@ def _table(title: str, group: dict, keys: list) -> list[str]:
 
 def _avg(scores: dict[str, list[float]]) -> str:
     point, lo, hi = bootstrap_mean_over_tasks(scores)
-    return f"**{point:.1f}** [{lo:.1f}, {hi:.1f}]"
+    return f"**{point:.1f}** " + ("[n=1: no interval]" if lo is None else f"[{lo:.1f}, {hi:.1f}]")
 
 
 _ORDER = ("fullkv", "draft", "streamingllm", "snapkv", "pyramidkv", "adakv", "laq", "speckv", "adaspeckv", "speckvpc",
