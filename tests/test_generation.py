@@ -102,6 +102,22 @@ def test_work_is_shared_across_budgets_on_one_prompt_state(qwen_pair):
     assert state.timings.seconds["draft"] == seconds["draft"]
 
 
+def test_targetpc_reads_the_shared_prefill_and_selects_as_on_its_own(qwen_pair):
+    """Without lookahead TargetPC's rows are the target's own prefill's, so a shared prefill that captured them
+    serves it with no second forward, and the selection is the one it makes alone."""
+    from draftapprox.generation import compress_prompt, prefill
+
+    ids = prompt_ids(160)
+    method = da.TargetPC(0.25, window=16, kernel=9, start_layer=1)
+    alone = compress_prompt(da.new_state(qwen_pair, ids, 4), method)
+    state = da.new_state(qwen_pair, ids, 4)
+    prefill(state, method.rows)
+    seconds = dict(state.timings.seconds)
+    assert torch.equal(compress_prompt(state, method), alone)
+    assert "target_scoring" not in state.timings.seconds and state.timings.seconds["target_prefill"] == seconds[
+        "target_prefill"]
+
+
 def test_a_stop_string_counts_only_after_some_text():
     from draftapprox.generation import _cut
 

@@ -112,22 +112,29 @@ def token_scores(state: PromptState, model: PreTrainedModel, window: int, lookah
     if not 0 <= start_layer < layers:
         raise ConfigError(f"start_layer={start_layer} is outside the model's {layers} layers")
     w = min(window, n)
-    capture = QueryCapture(rows=w + max(lookahead, 1) - 1, layers=frozenset(range(start_layer, layers)))
-    cache = DynamicCache()
-    with state.timings.phase(phase, model.device):
-        if lookahead <= 1:
-            forward(model, state.input_ids, cache, 0, logits=False, capture=capture)
-        else:
-            tokens = greedy(model, state.input_ids, cache, lookahead, state.eos_ids, capture=capture)
-            if model is state.draft:
-                state.remember_lookahead(tokens, lookahead)
-    check_captured(model, capture)
+    wanted = range(start_layer, layers)
+    shared = state.queries if model is state.target and lookahead <= 1 and state.cache is not None else None
+    if shared is not None and shared.rows >= w:
+        # the target's shared prefill (generation.prefill) already holds these query rows and the keys
+        queries = {i: q[..., -w:, :] for i, q in shared.queries.items() if i in wanted}
+        scaling, cache = shared.scaling, state.cache
+    else:
+        capture = QueryCapture(rows=w + max(lookahead, 1) - 1, layers=frozenset(wanted))
+        cache = DynamicCache()
+        with state.timings.phase(phase, model.device):
+            if lookahead <= 1:
+                forward(model, state.input_ids, cache, 0, logits=False, capture=capture)
+            else:
+                tokens = greedy(model, state.input_ids, cache, lookahead, state.eos_ids, capture=capture)
+                if model is state.draft:
+                    state.remember_lookahead(tokens, lookahead)
+        check_captured(model, capture)
+        queries, scaling = capture.queries, capture.scaling
     with state.timings.phase("scoring", model.device):
         per_layer = []
-        for layer, queries in capture.queries.items():
-            positions = torch.arange(n - w, n - w + queries.shape[2])
-            keys = cache.layers[layer].keys
-            probs = window_probs(queries, positions, keys[:, :, :n] if context_only else keys, n,
-                                 capture.scaling[layer])
+        for layer, rows in queries.items():
+            positions = torch.arange(n - w, n - w + rows.shape[2])
+            keys = cache.layers[layer].keys[:, :, :n + rows.shape[2] - w]
+            probs = window_probs(rows, positions, keys[:, :, :n] if context_only else keys, n, scaling[layer])
             per_layer.append(layer_score(probs))
         return torch.stack(per_layer)

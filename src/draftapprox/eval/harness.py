@@ -164,9 +164,9 @@ class _Sample:
         stop = ruler.TASKS[sample.task].stop
         state = new_state(pair, ids, sample.max_new_tokens)
         methods = {j: j.build() for j in jobs}
-        rows = [m.rows for j, m in methods.items() if isinstance(m, KVMethod) and j.method != DRAFT_ALONE]
+        rows = [m.rows for j, m in methods.items() if j.method != DRAFT_ALONE and (isinstance(m, KVMethod) or m.rows)]
         if rows:
-            prefill(state, max(rows))  # once, with the most rows any KV method needs
+            prefill(state, max(rows))  # once, with the most rows any method reads from it
             self.shared = dict(state.timings.seconds)
         options = {"max_new_tokens": sample.max_new_tokens, "stop": stop}
         batched: list[tuple[Job, Prepared, float]] = []

@@ -61,6 +61,11 @@ class Method:
         if window is not None and window > budget:
             raise ConfigError(f"{self.name}: window={window} is larger than the budget of {budget} tokens")
 
+    @property
+    def rows(self) -> int:
+        """Trailing prompt query rows this method reads from the target's shared prefill (0: none)."""
+        return 0
+
     @classmethod
     def knobs(cls) -> list[dataclasses.Field]:
         return [f for f in dataclasses.fields(cls) if f.name != "budget"]
@@ -87,11 +92,6 @@ class KVSelection:
 @dataclass
 class KVMethod(Method):
     kind: ClassVar[str] = "kv"
-
-    @property
-    def rows(self) -> int:
-        """Trailing prompt query rows the target's prefill must capture for this method."""
-        return 0
 
     def prefills(self, n: int) -> bool:
         """Whether the method selects from the shared dense prefill (False: it runs its own, e.g. sparse)."""

@@ -16,5 +16,11 @@ class TargetPC(SpecPC):
     summary = "SpecPC's selection scored by the target itself (no draft)"
     needs_draft = False
 
+    @property
+    def rows(self) -> int:
+        """Without lookahead tokens its window rows are those of the target's own prefill, so a shared prefill
+        that captures them serves it too (`draft.token_scores`)."""
+        return self.window if self.lookahead <= 1 else 0
+
     def scorer_model(self, state: PromptState) -> PreTrainedModel:
         return state.target
