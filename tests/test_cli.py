@@ -93,6 +93,8 @@ BAD = [
     (["generate"], b"\xff\xfe bad bytes", "not valid UTF-8"),
     (["generate", "--prompt-file", "/nonexistent/prompt.txt"], None, "prompt file not found"),
     (["compress", "-m", "snapkv"], None, "not a prompt-compression method"),
+    (["eval", "--decode-batch", "0"], None, "--decode-batch must be >= 1"),
+    (["eval", "reference", "--method", "h2o"], None, "--method must be specpc or speckv"),
 ]
 
 
