@@ -40,7 +40,7 @@ PEERS = {
     "reference": Peer("reference", ("transformers==4.51.3", "einops", "pandas", "numpy"), "reference_worker.py",
                       "https://github.com/furiosa-ai/draft-based-approx-llm"),
 }
-KVPRESS_PRESSES = ("snapkv", "pyramidkv", "adakv", "streamingllm", "expectedattention")
+KVPRESS_PRESSES = ("snapkv", "pyramidkv", "adakv", "streamingllm", "expectedattention", "kvzip")
 TORCH = "torch==2.13.0"  # the CPU wheel this project pins; installed first so no CUDA build is pulled in
 
 

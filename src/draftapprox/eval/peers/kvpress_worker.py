@@ -33,6 +33,9 @@ def make_press(name: str, ratio: float, knobs: dict):
         "adakv": lambda: kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio, **knobs)),
         "streamingllm": lambda: kvpress.StreamingLLMPress(compression_ratio=ratio, **knobs),
         "expectedattention": lambda: kvpress.ExpectedAttentionPress(compression_ratio=ratio, **knobs),
+        # query-agnostic by design (it scores pairs by how well they let the model rebuild the context), at 2-3
+        # times a prefill's cost
+        "kvzip": lambda: kvpress.KVzipPress(compression_ratio=ratio, **knobs),
     }
     return presses[name]()
 
