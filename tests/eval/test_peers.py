@@ -63,6 +63,15 @@ def test_kvpress_answers_become_scored_rows_and_a_rerun_adds_none(tokenizer, fak
     assert peers.run_kvpress(*args, log=lambda *_: None) == 0
 
 
+def test_compression_ratio_keeps_exactly_the_budget():
+    """kvpress keeps int(m * (1 - ratio)) pairs; 1 - C / m alone keeps C - 1 for many m (m = 131 at C = 64)."""
+    assert int(131 * (1 - (1 - 64 / 131))) == 63
+    for budget in (64, 128, 256, 1000):
+        for tokens in range(budget + 1, 4200, 7):
+            assert int(tokens * (1 - peers.compression_ratio(budget, tokens))) == budget
+    assert peers.compression_ratio(128, 100) == 0.0
+
+
 def test_peer_requests_are_checked_before_anything_runs(tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="unknown kvpress press"):
         peers.run_kvpress(tokenizer, tmp_path, ["magic"], [128], ["aware"], ["vt"], [1024], 1, tmp_path / "a")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..eval import ruler
 from ..eval.answer_log import Results
-from ..eval.peers import drive
+from ..eval.peers import compression_ratio, drive
 from ..generation import apply_kv, new_state, prefill
 from ..markdown import publish, table
 from ..methods import SnapKV
@@ -48,8 +48,8 @@ def measure(pair: Pair, model_dir: Path, lengths: list[int], budget: int, repeat
                                                                                           "compression")))
         n = ids.shape[1]
         pending[key] = (sample, {"key": key, "mode": "time", "input_ids": ids[0].tolist(), "press": "snapkv",
-                                 "ratio": 1 - budget / n, "knobs": knobs, "repeats": repeats, "ours": ours[1:],
-                                 "budget": budget})
+                                 "ratio": compression_ratio(budget, n), "knobs": knobs, "repeats": repeats,
+                                 "ours": ours[1:], "budget": budget})
 
     def row(sample: ruler.Sample, req: dict, answer: dict) -> dict:
         return {"key": answer["key"], "length": sample.length, "prompt_tokens": len(req["input_ids"]),
