@@ -353,6 +353,46 @@ def eval_kvpress(
     err.print(f"{written} kvpress answers written to {output}")
 
 
+@eval_app.command("kvpress-selection")
+def eval_kvpress_selection(
+    cases: Annotated[str, typer.Option(help="Comma-separated comparisons (default: all): snapkv, pyramidkv, adakv, "
+                                            "streamingllm, snapkv-settings, snapkv-input.")] = "all",
+    budgets: Annotated[str, typer.Option(help="Comma-separated KV budgets (pairs per head).")] = "128",
+    lengths: LengthsOpt = "2048",
+    tasks: TasksOpt = "all",
+    samples: SamplesOpt = 1,
+    output: OutputOpt = Path("kvpress-selection.jsonl"),
+    report: Annotated[Path, typer.Option(help="Markdown file the comparison table is written (spliced) into.")] =
+    Path("docs/results/kvpress-selection.md"),
+    command: Annotated[str | None, typer.Option(help="The command quoted in the report.")] = None,
+    seed: SeedOpt = 42,
+    target: TargetOpt = None,
+    dtype: Annotated[str, typer.Option(help="The target's dtype on both sides.")] = "float32",
+    threads: ThreadsOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Which KV pairs our SnapKV/PyramidKV/AdaKV/StreamingLLM and kvpress's presses keep on the same prompts, one
+    difference (implementation, setting, allocation, input) per case."""
+    from .eval import harness
+    from .eval.answer_log import read
+    from .eval.peers import kvpress_selection
+    from .models import offline
+    from .models.loading import load_pair
+
+    task_list, length_list = _grid(tasks, lengths, samples)
+    case_list = list(kvpress_selection.CASES) if cases == "all" else harness.parse_list(cases, "cases")
+    try:
+        budget_list = [int(x) for x in harness.parse_list(budgets, "budgets")]
+    except ValueError:
+        raise InputError(f"--budgets must be whole token counts, got {budgets!r}") from None
+    model_dir = _local_model(target, offline.TARGET.name, "--target", cache_dir)
+    pair = load_pair(None, str(model_dir), with_draft=False, dtype=dtype, threads=threads, cache=cache_dir)
+    written = kvpress_selection.run(pair, model_dir, case_list, budget_list, task_list, length_list, samples, output,
+                                    seed=seed, dtype=dtype, threads=threads, cache=cache_dir, log=err.print)
+    err.print(f"{written} comparisons written to {output}")
+    err.print(f"wrote {kvpress_selection.report(read(output), report, command)}")
+
+
 @eval_app.command("llmlingua")
 def eval_llmlingua(
     ratios: Annotated[str, typer.Option(help="Comma-separated keep ratios.")] = "0.1,0.25,0.5",

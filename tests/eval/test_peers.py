@@ -5,6 +5,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from draftapprox.errors import ConfigError, InputError
 from draftapprox.eval import peers
@@ -217,3 +218,70 @@ def test_configs_written_by_transformers_5_keep_their_rope_base_on_4x(monkeypatc
     common.patch()
     assert transformers.AutoConfig.from_pretrained("x").rope_theta == 1e6
     assert transformers.AutoConfig.from_pretrained("x", return_unused_kwargs=True)[0].rope_theta == 1e6
+
+
+FAKE_SELECTION = '''
+import argparse, json
+p = argparse.ArgumentParser()
+for name in ("--requests", "--answers", "--model", "--dtype"):
+    p.add_argument(name)
+a = p.parse_args()
+with open(a.answers, "a") as f:
+    for line in open(a.requests):
+        r = json.loads(line)
+        kept = r["ours"]
+        if r["case"] == "adakv":  # one head keeps the position after its first instead of its first
+            head = kept[0][0]
+            kept[0][0] = sorted(head[1:] + [min(set(range(len(r["input_ids"]))) - set(head))])
+        f.write(json.dumps({"key": r["key"], "kept": kept, "seconds": 0.5, "versions": {"kvpress": "0.5.5"}}) + "\\n")
+'''
+
+
+def test_kvpress_selections_are_compared_with_ours_pair_by_pair(tokenizer, tmp_path, monkeypatch):
+    from draftapprox.eval.answer_log import read
+    from draftapprox.eval.peers import kvpress_selection
+
+    worker = tmp_path / "fake_selection.py"
+    worker.write_text(FAKE_SELECTION)
+    for module in (peers, kvpress_selection):
+        monkeypatch.setattr(module, "python", lambda name, cache=None: type(worker)(sys.executable))
+    monkeypatch.setitem(peers.PEERS, "kvpress", peers.Peer("kvpress", (), str(worker)))
+    pair = pair_from_models(tiny_model("qwen2", layers=2, heads=4, kv_heads=2, seed=3), tokenizer)
+    out = tmp_path / "selection.jsonl"
+    args = (pair, tmp_path, ["snapkv", "adakv", "snapkv-input"], [128], ["niah_single_1"], [1024], 1, out)
+    assert kvpress_selection.run(*args, log=lambda *_: None) == 3
+    rows = {r["case"]: r for r in read(out)}
+    assert rows["snapkv"]["overlap"] == 1 and rows["snapkv"]["heads_identical"] == rows["snapkv"]["heads"] == 4
+    assert rows["adakv"]["heads_identical"] == 3 and rows["adakv"]["differing"] == 2
+    assert rows["snapkv"]["kept_ours"] == [256, 256] and rows["snapkv"]["prompt_tokens"] > 1000
+    assert rows["snapkv-input"]["kvpress_tokens"] < rows["snapkv-input"]["prompt_tokens"]  # up to the question
+    assert kvpress_selection.run(*args, log=lambda *_: None) == 0
+    text = kvpress_selection.report(read(out), tmp_path / "selection.md", "draftapprox eval kvpress-selection")
+    assert "| snapkv | 128 | 1 | 100.00% | 4 / 4 | 0 / 0 | 128 / 128 | 128 / 128 |" in text.read_text()
+    with pytest.raises(ConfigError, match="unknown case"):
+        kvpress_selection.run(pair, tmp_path, ["h2o"], [128], ["niah_single_1"], [1024], 1, out)
+
+
+def test_selection_agreement_tells_ties_at_the_cut_from_other_differences():
+    from draftapprox.eval.peers.kvpress_selection import agreement
+
+    scores = [torch.tensor([[3.0, 2.0, 2.0, 1.0]])]  # one layer, one KV head, candidates 0..3; 4 is the window
+    ours = [[[0, 1, 4]]]
+    tie = agreement(ours, [[[0, 2, 4]]], scores)
+    assert tie["overlap"] == 2 / 3 and tie["differing"] == 2 and tie["differing_tied"] == 2
+    other = agreement(ours, [[[0, 3, 4]]], scores)
+    assert other["differing"] == 2 and other["differing_tied"] == 1  # 1 sits at the cut, 3 is below it
+    assert agreement(ours, [[[0, 4]]], scores)["differing_tied"] == 0  # budgets differ: no cut to compare
+
+
+def test_kvpress_worker_reads_kept_positions_back_from_the_gathered_keys(monkeypatch):
+    """The worker learns what a press kept from the keys it returned: each kept row is a prompt row."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(peers.__file__).parent))
+    worker = importlib.import_module("kvpress_worker")
+    keys = torch.randn(10, 4)
+    assert worker._rows(keys, keys[[7, 2, 5]]) == [2, 5, 7]
+    with pytest.raises(RuntimeError, match="matches no prompt key"):
+        worker._rows(keys, keys[[1]] + 1)

@@ -78,7 +78,7 @@ def setup(name: str, cache: str | Path | None = None, log=print, source: str | N
     return root
 
 
-def _compressed_tokens(tokenizer, text: str) -> int:
+def compressed_tokens(tokenizer, text: str) -> int:
     """Tokens of what kvpress compresses: the chat template up to the end of `text` (its `preprocess` split)."""
     separator = "#" * 16
     head = tokenizer.apply_chat_template([{"role": "user", "content": text + separator}], add_generation_prompt=True,
@@ -114,7 +114,7 @@ def run_kvpress(tokenizer, model_dir: Path, presses: list[str], budgets: list[in
     for sample in samples(tokenizer, tasks, lengths, count, seed):
         for mode in modes:
             aware = mode == "aware"
-            compressed = _compressed_tokens(tokenizer, sample.context + (sample.question if aware else ""))
+            compressed = compressed_tokens(tokenizer, sample.context + (sample.question if aware else ""))
             for press in presses:
                 for budget in budgets:
                     method = f"kvpress{'-qa' if aware else ''}:{press}{suffix}"
@@ -131,9 +131,10 @@ def run_kvpress(tokenizer, model_dir: Path, presses: list[str], budgets: list[in
 
 
 def compression_ratio(budget: int, tokens: int) -> float:
-    """kvpress's `compression_ratio` that keeps exactly `budget` of `tokens` pairs: kvpress keeps
+    """kvpress's `compression_ratio` that keeps exactly `budget` of `tokens` pairs. kvpress keeps
     `int(tokens * (1 - ratio))`, and `1 - budget / tokens` can land a hair under `budget` there in floating point
-    (127 of 128 for 49 of our first 88 kvpress answers, whose ratio was also rounded), so step the ratio down to the first float that keeps `budget`."""
+    (127 of 128 for 49 of our first 88 kvpress answers, whose ratio was also rounded), so step the ratio down to
+    the first float that keeps `budget`."""
     if budget >= tokens:
         return 0.0
     ratio = 1 - budget / tokens

@@ -10,6 +10,10 @@ Query-aware (kvpress's own evaluation with `query_aware`): the question is appen
 Timing request (`draftapprox bench kvpress`): {"key", "mode": "time", "input_ids", "press", "ratio", "knobs",
 "repeats"}: one prefill of `input_ids` under the press, per repeat, timing only the press's `compress` calls (its
 scoring and pruning, every layer); the answer holds each repeat's seconds, after one warm-up.
+
+Selection request (`draftapprox eval kvpress-selection`): {"key", "mode": "select", "input_ids", "press", "ratio"}:
+one prefill of `input_ids` under the press; the answer holds, per layer and KV head, the positions whose pairs the
+press kept (read back from what it really did: the rows of the keys it returned, or what AdaKV masks).
 """
 
 import sys
@@ -45,6 +49,9 @@ def main() -> None:
 
     import kvpress  # noqa: F401  (registers the pipeline)
     from transformers import pipeline
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # one line per tensor loaded, on stderr, otherwise
 
     answers = Results(args.answers)
     todo = [r for r in read(args.requests) if r["key"] not in answers.done]
@@ -52,6 +59,8 @@ def main() -> None:
         return
     if all(r.get("mode") == "time" for r in todo):
         return time_presses(args, todo, answers)
+    if all(r.get("mode") == "select" for r in todo):
+        return select(args, todo, answers)
     pipe = pipeline("kv-press-text-generation", model=args.model, device="cpu",
                     model_kwargs={"dtype": getattr(torch, args.dtype), "attn_implementation": "sdpa"})
     for i, req in enumerate(todo):
@@ -68,11 +77,17 @@ def main() -> None:
         print(f"[{i + 1}/{len(todo)}] {req['key']} {row['seconds']:.1f}s", flush=True)
 
 
-def time_presses(args, todo: list[dict], answers: Results) -> None:
-    from transformers import AutoModelForCausalLM, DynamicCache
+def _load(args):
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
-                                                 attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
+                                                attn_implementation="sdpa").eval()
+
+
+def time_presses(args, todo: list[dict], answers: Results) -> None:
+    from transformers import DynamicCache
+
+    model = _load(args)
     for req in todo:
         press = make_press(req["press"], req["ratio"], req.get("knobs", {}))
         spent, compress = [], press.compress
@@ -96,6 +111,44 @@ def time_presses(args, todo: list[dict], answers: Results) -> None:
                         "versions": {"kvpress": _version("kvpress"), "transformers": _version("transformers"),
                                      "torch": torch.__version__}})
         print(f"{req['key']} {min(seconds[1:]):.3f}s", flush=True)
+
+
+def select(args, todo: list[dict], answers: Results) -> None:
+    from transformers import DynamicCache
+
+    model = _load(args)
+    for req in todo:
+        press = make_press(req["press"], req["ratio"], req.get("knobs", {}))
+        kept, compress = {}, press.compress
+
+        def recording(module, hidden_states, keys, values, attentions, kwargs, _compress=compress, _kept=kept):
+            module.masked_key_indices = None
+            out_keys, out_values = _compress(module, hidden_states, keys, values, attentions, kwargs)
+            if getattr(module, "masked_key_indices", None) is not None:  # AdaKV masks pairs instead of dropping
+                mask = torch.ones(keys.shape[:3], dtype=torch.bool)
+                mask[module.masked_key_indices] = False
+                _kept[module.layer_idx] = [torch.nonzero(head).flatten().tolist() for head in mask[0]]
+            else:
+                _kept[module.layer_idx] = [_rows(k, o) for k, o in zip(keys[0], out_keys[0], strict=True)]
+            return out_keys, out_values
+
+        press.compress = recording
+        start = time.perf_counter()
+        with torch.inference_mode(), press(model):
+            model.model(torch.tensor([req["input_ids"]]), past_key_values=DynamicCache())
+        answers.append({"key": req["key"], "kept": [kept[i] for i in sorted(kept)],
+                        "seconds": round(time.perf_counter() - start, 3),
+                        "versions": {"kvpress": _version("kvpress"), "transformers": _version("transformers"),
+                                     "torch": torch.__version__}})
+        print(f"{req['key']} {time.perf_counter() - start:.1f}s", flush=True)
+
+
+def _rows(keys: torch.Tensor, kept: torch.Tensor) -> list[int]:
+    """Positions of the rows of `keys (n, d)` that `kept (k, d)` holds (a press gathers them unchanged)."""
+    same = (kept[:, None, :] == keys[None, :, :]).all(-1)
+    if not bool(same.any(-1).all()):
+        raise RuntimeError("a kept key matches no prompt key: the press changed the keys it kept")
+    return sorted(set(same.float().argmax(-1).tolist()))
 
 
 def _version(name: str) -> str:
