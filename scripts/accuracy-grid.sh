@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RAW=docs/results/raw
 DTYPE=${DTYPE:-bfloat16}
-STAGES=${STAGES:-"main length kvpress llmlingua report"}
+STAGES=${STAGES:-"main length kvpress selection llmlingua report"}
 mkdir -p "$RAW"
 for stage in $STAGES; do
   case $stage in
@@ -23,6 +23,10 @@ for stage in $STAGES; do
       # the same scorers at our window and kernel, query-aware, to separate settings from implementation
       draftapprox eval kvpress --presses snapkv,pyramidkv,adakv --modes aware --budgets 64,128,256 --samples 5 \
         --set window_size=32 --set kernel_size=7 --output "$RAW/ruler-2048-cpu-kvpress.jsonl" ;;
+    selection)  # why kvpress and we disagree: kept pairs compared, one difference per case (float32 target)
+      draftapprox eval kvpress-selection --tasks niah_single_1,niah_multikey_1,niah_multivalue,vt,fwe,qa_1 \
+        --output "$RAW/kvpress-selection-2048.jsonl" \
+        --command "draftapprox eval kvpress-selection --tasks niah_single_1,niah_multikey_1,niah_multivalue,vt,fwe,qa_1 --output $RAW/kvpress-selection-2048.jsonl" ;;
     llmlingua)
       draftapprox eval setup-peer llmlingua
       draftapprox eval llmlingua --ratios 0.1,0.25,0.5 --samples 10 --output "$RAW/ruler-2048-cpu-llmlingua.jsonl" ;;

@@ -356,7 +356,7 @@ def eval_kvpress(
 @eval_app.command("kvpress-selection")
 def eval_kvpress_selection(
     cases: Annotated[str, typer.Option(help="Comma-separated comparisons (default: all): snapkv, pyramidkv, adakv, "
-                                            "streamingllm, snapkv-settings, snapkv-input.")] = "all",
+                                            "adakv-nofloor, streamingllm, snapkv-settings, snapkv-input.")] = "all",
     budgets: Annotated[str, typer.Option(help="Comma-separated KV budgets (pairs per head).")] = "128",
     lengths: LengthsOpt = "2048",
     tasks: TasksOpt = "all",

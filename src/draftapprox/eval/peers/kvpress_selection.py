@@ -47,6 +47,9 @@ CASES = {
                       "layer budgets: PyramidKV at kvpress's SnapKV settings, beta 20, same input"),
     "adakv": Case("adakv", lambda c: AdaKV(c, scorer=SnapKV(c, **KVPRESS_SNAPKV)),
                   "head budgets: AdaKV (alpha 0.2) over SnapKV at kvpress's settings, same input"),
+    "adakv-nofloor": Case("adakv", lambda c: AdaKV(c, scorer=SnapKV(c, **KVPRESS_SNAPKV), alpha=0.0),
+                          "head budgets, floors matched: kvpress's safeguard (alpha x 128 pairs) goes to the window, "
+                          "which is kept anyway, so its floor outside the window is 0; ours here at alpha 0"),
     "streamingllm": Case("streamingllm", StreamingLLM, "implementation: 4 sinks + the most recent pairs"),
     "snapkv-settings": Case("snapkv", SnapKV,
                             "settings: ours at the paper's (window 32, kernel 7, max, max), kvpress at its defaults, "
