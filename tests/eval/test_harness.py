@@ -111,7 +111,8 @@ def test_report_from_a_fixture(tmp_path):
         for method, budget, task, scores in FIXTURE:
             for i, s in enumerate(scores):
                 label = method if budget is None else f"{method}@{budget}"
-                f.write(json.dumps({"key": f"{task}/2048/42/{i}|{label}", "task": task, "length": 2048,
+                f.write(json.dumps({"key": f"{task}/2048/42/{i}|{label}", "sample": f"{task}/2048/42/{i}",
+                                    "task": task, "length": 2048,
                                     "method": method, "budget": budget, "score": s, "seconds": 1.0,
                                     "env": {"device": "cpu"}}) + "\n")
     out = tmp_path / "results"
@@ -135,6 +136,9 @@ def test_report_from_a_fixture(tmp_path):
     single = next(r for r in rows if r["method"] == "streamingllm" and r["task"] == "average")
     assert single["ci_low"] == single["ci_high"] == "" and single["score"] == "50.0"
     assert (out / "accuracy-2048.png").stat().st_size > 10_000
+    # split by the draft's own answer: right on niah_single_1/1 only, wrong on the other three prompts
+    assert "| 2048 | speckv | 64 | **100.0** [n=1: no interval] (1) | **86.7** [" in md
+    assert "| 2048 | draft |" not in md and "| 2048 | kvpress:snapkv |" not in md
 
 
 def test_report_refuses_files_that_are_not_answers(tmp_path):

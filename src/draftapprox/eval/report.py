@@ -99,6 +99,9 @@ def _write_csv(table, path: Path) -> Path:
 
 
 def _budget_sort(b: object) -> tuple[int, float]:
+    """None (FullKV, the draft) first, then KV budgets, then keep ratios."""
+    if b is None:
+        return (-1, 0.0)
     return (0, float(b)) if isinstance(b, int) else (1, float(b))  # type: ignore[arg-type]
 
 
@@ -131,8 +134,31 @@ def _write_markdown(rows: list[dict], table, path: Path, command: str | None) ->
             if peers:
                 same = [k for k in ours if any(p[0].split(":", 1)[1].split("(")[0] == k[0] for p in peers)]
                 lines += _table(f"### Peers at {length} tokens, {kind} {budget}", group, refs + same + peers)
+    lines += _by_draft(rows)
     splice(path, "\n".join(lines))
     return path
+
+
+def _by_draft(rows: list[dict]) -> list[str]:
+    """Each method's answers split by whether the draft model, answering the same prompt alone, was right: how far
+    a draft-based method rides on its draft's own answer (and whether a prompt-only one does not)."""
+    draft = {r["sample"]: r["score"] == 100 for r in rows if r["method"] == "draft"}
+    if not draft:
+        return []
+    split: dict[tuple[int, str, object], dict[bool, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["sample"] in draft and r["method"] != "draft" and ":" not in r["method"]:
+            split[(r["length"], r["method"], r["budget"])][draft[r["sample"]]].append(r["score"])
+    lines = ["## By the draft's own answer", "",
+             "Answers pooled over tasks, split by whether the draft model alone answered the same prompt fully "
+             "right. Means over answers with a 95% bootstrap interval over answers; n answers.", "",
+             "| length | method | budget | draft right: mean [95% CI] (n) | draft wrong: mean [95% CI] (n) |",
+             "|---|---|---|---|---|"]
+    for (length, method, budget) in sorted(split, key=lambda k: (k[0], _order(k[1]), _budget_sort(k[2]))):
+        cells_ = [f"{_avg({'all': v})} ({len(v)})" if (v := split[(length, method, budget)].get(right)) else "-"
+                  for right in (True, False)]
+        lines.append(f"| {length} | {method} | {'' if budget is None else budget} | " + " | ".join(cells_) + " |")
+    return [*lines, ""]
 
 
 def _table(title: str, group: dict, keys: list) -> list[str]:
