@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -80,3 +84,38 @@ def save_tiny(directory, model, tokenizer) -> str:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
+
+
+STAND_IN = """
+import argparse, json
+parser = argparse.ArgumentParser()
+parser.add_argument("--requests")
+parser.add_argument("--answers")
+args, _ = parser.parse_known_args()
+done = set()
+try:
+    done = {json.loads(line)["key"] for line in open(args.answers)}
+except FileNotFoundError:
+    pass
+with open(args.answers, "a") as f:
+    for line in open(args.requests):
+        r = json.loads(line)
+        if r["key"] in done:
+            continue
+BODY
+        f.write(json.dumps({"key": r["key"], **row}) + "\\n")
+"""
+
+
+def stand_in_peer(tmp_path: Path, monkeypatch, name: str, body: str, *modules) -> Path:
+    """Replace peer `name`'s worker by this interpreter running `body`, which turns each request `r` into `row`,
+    the worker's answer (its key is added), with the worker's resume rule; the peer's environment counts as present.
+    `modules`: modules besides `eval.peers` that imported its `python`."""
+    from draftapprox.eval import peers
+
+    worker = tmp_path / f"stand_in_{name}.py"
+    worker.write_text(STAND_IN.replace("BODY", textwrap.indent(textwrap.dedent(body).strip("\n"), " " * 8)))
+    for module in (peers, *modules):
+        monkeypatch.setattr(module, "python", lambda peer, cache=None: Path(sys.executable))
+    monkeypatch.setitem(peers.PEERS, name, peers.Peer(name, (), str(worker)))
+    return worker

@@ -3,36 +3,21 @@ driver must measure our side, pair the two, resume, and write the table."""
 
 from __future__ import annotations
 
-import sys
-
 from draftapprox.bench import kvpress
-from draftapprox.eval import peers
 from draftapprox.eval.answer_log import read
 from draftapprox.models.loading import pair_from_models
 
-from ..conftest import tiny_model, tiny_tokenizer
+from ..conftest import stand_in_peer, tiny_model, tiny_tokenizer
 
-FAKE = '''
-import argparse, json
-p = argparse.ArgumentParser()
-for flag in ("--requests", "--answers", "--model", "--dtype"):
-    p.add_argument(flag)
-a = p.parse_args()
-with open(a.answers, "a") as f:
-    for line in open(a.requests):
-        r = json.loads(line)
-        assert r["mode"] == "time" and r["press"] == "snapkv"
-        kept = round(len(r["input_ids"]) * (1 - r["ratio"]))
-        f.write(json.dumps({"key": r["key"], "seconds": [0.2] * r["repeats"], "kept": kept,
-                            "versions": {"kvpress": "0.5.5"}}) + "\\n")
-'''
+TIMING = """
+assert r["mode"] == "time" and r["press"] == "snapkv"
+row = {"seconds": [0.2] * r["repeats"], "kept": round(len(r["input_ids"]) * (1 - r["ratio"])),
+       "versions": {"kvpress": "0.5.5"}}
+"""
 
 
 def test_ours_and_kvpress_are_timed_on_the_same_input(tmp_path, monkeypatch):
-    worker = tmp_path / "fake_worker.py"
-    worker.write_text(FAKE)
-    monkeypatch.setattr(peers, "python", lambda name, cache=None: type(worker)(sys.executable))
-    monkeypatch.setitem(peers.PEERS, "kvpress", peers.Peer("kvpress", (), str(worker)))
+    stand_in_peer(tmp_path, monkeypatch, "kvpress", TIMING)
     target = tiny_model("qwen2", layers=2, heads=4, kv_heads=2, seed=3)
     pair = pair_from_models(target, tiny_tokenizer())
     out = tmp_path / "timing.jsonl"

@@ -2,7 +2,6 @@
 and the driver must score them into rows, resume, and refuse what it cannot run."""
 
 import json
-import sys
 
 import pytest
 import torch
@@ -11,26 +10,13 @@ from draftapprox.errors import ConfigError, InputError
 from draftapprox.eval import peers
 from draftapprox.models.loading import pair_from_models
 
-from ..conftest import tiny_model, tiny_tokenizer
+from ..conftest import stand_in_peer, tiny_model, tiny_tokenizer
 
-FAKE = '''
-import argparse, json
-p = argparse.ArgumentParser()
-p.add_argument("--requests"); p.add_argument("--answers"); p.add_argument("--model"); p.add_argument("--dtype")
-a = p.parse_args()
-done = set()
-try:
-    done = {json.loads(x)["key"] for x in open(a.answers)}
-except FileNotFoundError:
-    pass
-with open(a.answers, "a") as f:
-    for line in open(a.requests):
-        r = json.loads(line)
-        if r["key"] not in done:
-            # answers the planted value when "compression" keeps most of the context, nothing otherwise
-            value = r["context"].split("is: ")[1].split(".")[0] if r["ratio"] < 0.5 else "none"
-            f.write(json.dumps({"key": r["key"], "answer": " " + value, "seconds": 0.1, "versions": {}}) + "\\n")
-'''
+KVPRESS = """
+# answers the planted value when "compression" keeps most of the context, nothing otherwise
+value = r["context"].split("is: ")[1].split(".")[0] if r["ratio"] < 0.5 else "none"
+row = {"answer": " " + value, "seconds": 0.1, "versions": {}}
+"""
 
 
 @pytest.fixture
@@ -43,11 +29,7 @@ def tokenizer():
 
 @pytest.fixture
 def fake_kvpress(tmp_path, monkeypatch):
-    worker = tmp_path / "fake_worker.py"
-    worker.write_text(FAKE)
-    monkeypatch.setattr(peers, "python", lambda name, cache=None: type(worker)(sys.executable))
-    monkeypatch.setitem(peers.PEERS, "kvpress", peers.Peer("kvpress", (), str(worker)))
-    return worker
+    return stand_in_peer(tmp_path, monkeypatch, "kvpress", KVPRESS)
 
 
 def test_kvpress_answers_become_scored_rows_and_a_rerun_adds_none(tokenizer, fake_kvpress, tmp_path):
@@ -86,21 +68,11 @@ def test_peer_requests_are_checked_before_anything_runs(tokenizer, tmp_path):
 
 
 def test_llmlingua_compressed_prompts_are_answered_by_our_target(tokenizer, tmp_path, monkeypatch):
-    worker = tmp_path / "fake_lingua.py"
-    worker.write_text('''
-import argparse, json
-p = argparse.ArgumentParser(); p.add_argument("--requests"); p.add_argument("--answers"); p.add_argument("--model")
-a = p.parse_args()
-with open(a.answers, "a") as f:
-    for line in open(a.requests):
-        r = json.loads(line)
+    stand_in_peer(tmp_path, monkeypatch, "llmlingua", """
         words = r["context"].split()
         kept = " ".join(words[-int(len(words) * r["rate"]):]) + "\\n" + r["question"]
-        f.write(json.dumps({"key": r["key"], "compressed": kept, "origin_tokens": len(words),
-                            "compressed_tokens": len(kept.split()), "seconds": 0.2}) + "\\n")
-''')
-    monkeypatch.setattr(peers, "python", lambda name, cache=None: type(worker)(sys.executable))
-    monkeypatch.setitem(peers.PEERS, "llmlingua", peers.Peer("llmlingua", (), str(worker)))
+        row = {"compressed": kept, "origin_tokens": len(words), "compressed_tokens": len(kept.split()), "seconds": 0.2}
+    """)
     pair = pair_from_models(tiny_model("llama", layers=2, seed=0), tokenizer)
     out = tmp_path / "answers.jsonl"
     assert peers.run_llmlingua(pair, tmp_path, [0.25], ["vt"], [1024], 1, out, log=lambda *_: None) == 1
@@ -119,42 +91,28 @@ def test_press_settings_are_passed_on_and_named_in_the_method(tokenizer, fake_kv
     assert json.loads(requests)["knobs"] == {"kernel_size": 7, "window_size": 32}
 
 
-FAKE_REFERENCE = '''
-import argparse, json
-p = argparse.ArgumentParser()
-for name in ("--requests", "--answers", "--model", "--target", "--source", "--dtype"):
-    p.add_argument(name)
-a = p.parse_args()
-with open(a.answers, "a") as f:
-    for line in open(a.requests):
-        r = json.loads(line)
-        if r["method"] == "specpc":
-            kept = r["ours"] if r["ratio"] < 0.5 else r["ours"][1:] + [r["ours"][0] + 1]  # one position differs
-            row = {"kept": kept, "lookahead_ids": None}
-        else:  # the reference reports its top-k without the window; at the larger budget one head differs
-            n, w = len(r["input_ids"]), r["window"]
-            kept = [[[p for p in head if p < n - w - 1] for head in layer] for layer in r["ours"]]
-            if r["budget"] > 64:
-                kept[0][0] = kept[0][0][1:] + [min(set(range(n - w - 1)) - set(kept[0][0]))]
-            tokens = r["lookahead_ids"] if r["budget"] > 64 else r["lookahead_ids"][:-1] + [0]
-            row = {"kept": kept, "lookahead_ids": tokens}
-        row.update(key=r["key"], seconds=0.5, versions={"transformers": "4.51.3"})
-        f.write(json.dumps(row) + "\\n")
-'''
+REFERENCE = """
+if r["method"] == "specpc":
+    kept = r["ours"] if r["ratio"] < 0.5 else r["ours"][1:] + [r["ours"][0] + 1]  # one position differs
+    row = {"kept": kept, "lookahead_ids": None}
+else:  # the reference reports its top-k without the window; at the larger budget one head differs
+    n, w = len(r["input_ids"]), r["window"]
+    kept = [[[p for p in head if p < n - w - 1] for head in layer] for layer in r["ours"]]
+    if r["budget"] > 64:
+        kept[0][0] = kept[0][0][1:] + [min(set(range(n - w - 1)) - set(kept[0][0]))]
+    tokens = r["lookahead_ids"] if r["budget"] > 64 else r["lookahead_ids"][:-1] + [0]
+    row = {"kept": kept, "lookahead_ids": tokens}
+row.update(seconds=0.5, versions={"transformers": "4.51.3"})
+"""
 
 
 @pytest.fixture
 def fake_reference(tmp_path, monkeypatch):
     from draftapprox.eval.peers import reference
 
-    worker = tmp_path / "fake_reference.py"
-    worker.write_text(FAKE_REFERENCE)
-    python = lambda name, cache=None: type(worker)(sys.executable)  # noqa: E731
-    venv = lambda name, cache=None: tmp_path / "venv"  # noqa: E731
+    stand_in_peer(tmp_path, monkeypatch, "reference", REFERENCE, reference)
     for module in (peers, reference):
-        monkeypatch.setattr(module, "python", python)
-        monkeypatch.setattr(module, "venv", venv)
-    monkeypatch.setitem(peers.PEERS, "reference", peers.Peer("reference", (), str(worker)))
+        monkeypatch.setattr(module, "venv", lambda name, cache=None: tmp_path / "venv")
     (tmp_path / "venv" / "src").mkdir(parents=True)
     return reference
 
@@ -220,32 +178,20 @@ def test_configs_written_by_transformers_5_keep_their_rope_base_on_4x(monkeypatc
     assert transformers.AutoConfig.from_pretrained("x", return_unused_kwargs=True)[0].rope_theta == 1e6
 
 
-FAKE_SELECTION = '''
-import argparse, json
-p = argparse.ArgumentParser()
-for name in ("--requests", "--answers", "--model", "--dtype"):
-    p.add_argument(name)
-a = p.parse_args()
-with open(a.answers, "a") as f:
-    for line in open(a.requests):
-        r = json.loads(line)
-        kept = r["ours"]
-        if r["case"] == "adakv":  # one head keeps the position after its first instead of its first
-            head = kept[0][0]
-            kept[0][0] = sorted(head[1:] + [min(set(range(len(r["input_ids"]))) - set(head))])
-        f.write(json.dumps({"key": r["key"], "kept": kept, "seconds": 0.5, "versions": {"kvpress": "0.5.5"}}) + "\\n")
-'''
+SELECTION = """
+kept = r["ours"]
+if r["case"] == "adakv":  # one head keeps the position after its first instead of its first
+    head = kept[0][0]
+    kept[0][0] = sorted(head[1:] + [min(set(range(len(r["input_ids"]))) - set(head))])
+row = {"kept": kept, "seconds": 0.5, "versions": {"kvpress": "0.5.5"}}
+"""
 
 
 def test_kvpress_selections_are_compared_with_ours_pair_by_pair(tokenizer, tmp_path, monkeypatch):
     from draftapprox.eval.answer_log import read
     from draftapprox.eval.peers import kvpress_selection
 
-    worker = tmp_path / "fake_selection.py"
-    worker.write_text(FAKE_SELECTION)
-    for module in (peers, kvpress_selection):
-        monkeypatch.setattr(module, "python", lambda name, cache=None: type(worker)(sys.executable))
-    monkeypatch.setitem(peers.PEERS, "kvpress", peers.Peer("kvpress", (), str(worker)))
+    stand_in_peer(tmp_path, monkeypatch, "kvpress", SELECTION, kvpress_selection)
     pair = pair_from_models(tiny_model("qwen2", layers=2, heads=4, kv_heads=2, seed=3), tokenizer)
     out = tmp_path / "selection.jsonl"
     args = (pair, tmp_path, ["snapkv", "adakv", "snapkv-input"], [128], ["niah_single_1"], [1024], 1, out)
