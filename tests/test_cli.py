@@ -126,3 +126,8 @@ def test_real_entry_point_prints_no_traceback():
     assert proc.returncode == 2
     assert proc.stderr.decode().strip().startswith("error: unknown method 'nope'")
     assert b"Traceback" not in proc.stderr
+
+
+def test_kvpress_selection_refuses_unknown_cases_before_loading_anything(monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, ["eval", "kvpress-selection", "--cases", "snapkv,h2o"])
+    assert code == 2 and out == "" and "unknown case(s) h2o; choose from snapkv," in err and "Traceback" not in err
