@@ -19,10 +19,10 @@ for stage in $STAGES; do
         --output "$RAW/ruler-4096-cpu.jsonl" ;;
     kvpress)  # about 30 s an answer here (a prefill per press and budget, one answer at a time)
       draftapprox eval setup-peer kvpress
-      # query-aware (the question inside the compressed context, kvpress's own evaluation): 5 samples
+      # query-aware first (the question inside the compressed context, as kvpress's own evaluation does): the
+      # numbers our methods are compared with; then kvpress's pipeline as users call it (query-agnostic)
       draftapprox eval kvpress --modes aware --budgets 128,256 --samples 5 --output "$RAW/ruler-2048-cpu-kvpress.jsonl"
-      # kvpress's pipeline as users call it compresses before it sees the question: one sample shows the cost
-      draftapprox eval kvpress --modes agnostic --budgets 128 --samples 1 --output "$RAW/ruler-2048-cpu-kvpress.jsonl"
+      draftapprox eval kvpress --modes agnostic --budgets 128,256 --samples 5 --output "$RAW/ruler-2048-cpu-kvpress.jsonl"
       ;;
     selection)  # why kvpress and we disagree: kept pairs compared, one difference per case (float32 target)
       draftapprox eval kvpress-selection --tasks niah_single_1,niah_multikey_1,niah_multivalue,vt,fwe,qa_1 \
