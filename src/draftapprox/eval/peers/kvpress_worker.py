@@ -6,6 +6,7 @@ Request: {"key", "context", "question", "answer_prefix", "max_new_tokens", "pres
 "query_aware"}.
 Query-agnostic (kvpress's pipeline as users call it): the context is compressed before the question is seen.
 Query-aware (kvpress's own evaluation with `query_aware`): the question is appended to the context, both compressed.
+Requests that differ only in their press share one prefill (`answer_shared`), with the pipeline's answers.
 
 Timing request (`draftapprox bench kvpress`): {"key", "mode": "time", "input_ids", "press", "ratio", "knobs",
 "repeats"}: one prefill of `input_ids` under the press, per repeat, timing only the press's `compress` calls (its
@@ -18,6 +19,7 @@ press kept (read back from what it really did: the rows of the keys it returned,
 
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -63,18 +65,96 @@ def main() -> None:
         return select(args, todo, answers)
     pipe = pipeline("kv-press-text-generation", model=args.model, device="cpu",
                     model_kwargs={"dtype": getattr(torch, args.dtype), "attn_implementation": "sdpa"})
-    for i, req in enumerate(todo):
-        context, question = req["context"], req["question"]
-        if req["query_aware"]:
-            context, question = context + question, ""
+    groups: dict[tuple, list[dict]] = {}
+    for req in todo:  # KVzip runs its own prefills: the pipeline, one request at a time
+        shared = (req["context"], req["question"], req["answer_prefix"], req["query_aware"], req["max_new_tokens"])
+        groups.setdefault(shared if req["press"] != "kvzip" else (req["key"],), []).append(req)
+    done = 0
+    for group in groups.values():
+        rows = answer_pipeline(pipe, group[0]) if group[0]["press"] == "kvzip" else answer_shared(pipe, group)
+        for row in rows:
+            answers.append(row)
+            done += 1
+            print(f"[{done}/{len(todo)}] {row['key']} {row['seconds']:.1f}s", flush=True)
+
+
+def _inputs(req: dict) -> tuple[str, str]:
+    """The context kvpress compresses and the question it appends after compression."""
+    if req["query_aware"]:
+        return req["context"] + req["question"], ""
+    return req["context"], req["question"]
+
+
+def answer_pipeline(pipe, req: dict) -> Iterator[dict]:
+    """kvpress's pipeline exactly as users call it."""
+    context, question = _inputs(req)
+    start = time.perf_counter()
+    out = pipe(context, question=question, answer_prefix=req["answer_prefix"], press=make_press(req["press"],
+               req["ratio"], req.get("knobs", {})), max_new_tokens=req["max_new_tokens"])
+    yield _row(req, out["answer"], time.perf_counter() - start)
+
+
+def answer_shared(pipe, group: list[dict]) -> Iterator[dict]:
+    """The pipeline's answers for requests that differ only in their press, with one prefill for all of them.
+
+    The pipeline compresses inside its prefill, after each layer's attention, and the compression does not change
+    that forward pass (every layer attends to the whole context). So each press can compress the same full keys
+    and values of a single prefill; each then decodes from its own cache with the pipeline's own `generate_answer`,
+    AdaKV's masked pairs restored on the layers first. Checked answer for answer against `answer_pipeline`.
+    """
+    from kvpress.presses.base_press import BasePress, is_prefilling
+    from kvpress.utils import extract_keys_and_values
+    from transformers import DynamicCache
+
+    first = group[0]
+    context, question = _inputs(first)
+    options, _, _ = pipe._sanitize_parameters(question=question, answer_prefix=first["answer_prefix"],
+                                              max_new_tokens=first["max_new_tokens"])
+    inputs = pipe.preprocess(context, **options)
+    presses = [make_press(r["press"], r["ratio"], r.get("knobs", {})) for r in group]
+    kept: list[dict[int, tuple]] = [{} for _ in presses]
+
+    class FanOut(BasePress):
+        def post_init_from_model(self, model):
+            for press in presses:
+                press.post_init_from_model(model)
+
+        def forward_hook(self, module, input, kwargs, output):
+            if not is_prefilling(kwargs["cache_position"], kwargs["hidden_states"].shape[1]):
+                return output
+            keys, values = extract_keys_and_values(kwargs["past_key_values"], module.layer_idx)
+            for press, layers in zip(presses, kept, strict=True):
+                module.masked_key_indices = None
+                k, v = press.compress(module, kwargs["hidden_states"], keys, values, output[1], kwargs)
+                layers[module.layer_idx] = (k, v, module.masked_key_indices)
+            module.masked_key_indices = None
+            return output
+
+    start = time.perf_counter()
+    with torch.inference_mode(), FanOut()(pipe.model):
+        pipe.model.model(input_ids=inputs["context_ids"], past_key_values=DynamicCache())
+    prefill = (time.perf_counter() - start) / len(group)
+    attention = [layer.self_attn for layer in pipe.model.model.layers]
+    for req, layers in zip(group, kept, strict=True):
         start = time.perf_counter()
-        out = pipe(context, question=question, answer_prefix=req["answer_prefix"], press=make_press(req["press"],
-                   req["ratio"], req.get("knobs", {})), max_new_tokens=req["max_new_tokens"])
-        row = {"key": req["key"], "answer": out["answer"], "seconds": round(time.perf_counter() - start, 3),
-               "versions": {"kvpress": _version("kvpress"), "transformers": _version("transformers"),
-                            "torch": torch.__version__}}
-        answers.append(row)
-        print(f"[{i + 1}/{len(todo)}] {req['key']} {row['seconds']:.1f}s", flush=True)
+        cache = DynamicCache()
+        for i in sorted(layers):
+            keys, values, masked = layers[i]
+            cache.update(keys, values, i)
+            attention[i].masked_key_indices = masked
+        with torch.inference_mode():
+            answer = pipe.generate_answer(question_ids=inputs["questions_ids"][0], cache=cache,
+                                          context_length=inputs["context_ids"].shape[1],
+                                          max_new_tokens=req["max_new_tokens"])
+        for module in attention:
+            module.masked_key_indices = None
+        yield _row(req, answer, prefill + time.perf_counter() - start)
+
+
+def _row(req: dict, answer: str, seconds: float) -> dict:
+    return {"key": req["key"], "answer": answer, "seconds": round(seconds, 3),
+            "versions": {"kvpress": _version("kvpress"), "transformers": _version("transformers"),
+                         "torch": torch.__version__}}
 
 
 def _load(args):
