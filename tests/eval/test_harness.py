@@ -141,6 +141,13 @@ def test_report_from_a_fixture(tmp_path):
     assert "| 2048 | draft |" not in md and "| 2048 | kvpress:snapkv |" not in md
 
 
+def test_a_partly_run_peer_neither_shrinks_the_plotted_tasks_nor_gets_a_point():
+    cells_ = {(2048, "snapkv", 64): {"vt": [40], "qa_1": [60]},
+              (2048, "kvpress:snapkv", 64): {"vt": [100]}, (2048, "kvpress:snapkv", 128): {"vt": [0], "qa_1": [20]}}
+    common, series = report._series(cells_, {"fullkv": {"vt": [100], "qa_1": [100]}})
+    assert common == {"vt", "qa_1"} and series == {"snapkv": [(64.0, 50.0)], "kvpress:snapkv": [(128.0, 10.0)]}
+
+
 def test_report_refuses_files_that_are_not_answers(tmp_path):
     from draftapprox.errors import InputError
 

@@ -192,6 +192,19 @@ def _order(method: str) -> tuple[int, str]:
     return (_ORDER.index(method), method) if method in _ORDER else (len(_ORDER), method)
 
 
+def _series(cells_: dict, refs: dict) -> tuple[set[str], dict[str, list[tuple[float, float]]]]:
+    """The tasks every plotted point averages, and each method's (budget, mean) points. The tasks are those every
+    cell of ours (and each reference) has: all, once complete. A peer's point is drawn only where it has them all
+    too, so a partly run peer cannot shrink the set."""
+    ours = [v for k, v in cells_.items() if ":" not in k[1]]
+    common = set.intersection(*(set(v) for v in [*ours, *refs.values()])) if ours else set()
+    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for (_, method, budget), by_task in cells_.items():
+        if common and common <= {t for t, scores in by_task.items() if scores}:
+            series[method].append((float(budget), mean([mean(by_task[t]) for t in common])))
+    return common, series
+
+
 def _plot(table, out: Path) -> list[Path]:
     import matplotlib
 
@@ -206,19 +219,16 @@ def _plot(table, out: Path) -> list[Path]:
             cells_ = {k: v for k, v in table.items()
                       if k[0] == length and k[2] is not None and isinstance(k[2], int) == integer}
             refs = {m: table[(length, m, None)] for m in REFERENCES if (length, m, None) in table}
-            # every point is a mean over the same tasks: those that every plotted cell has (all, once complete)
-            common = set.intersection(*(set(v) for v in [*cells_.values(), *refs.values()])) if cells_ else set()
-            series: dict[str, list[tuple[float, float]]] = defaultdict(list)
-            for (_, method, budget), by_task in cells_.items():
-                if common:
-                    series[method].append((float(budget), mean([mean(by_task[t]) for t in common])))
-            for method, points in sorted(series.items(), key=lambda kv: _order(kv[0])):
+            common, series = _series(cells_, refs)
+            # hollow markers of different shapes keep equal lines visible (SpecKV-PC is SpecKV at 2k tokens)
+            for i, (method, points) in enumerate(sorted(series.items(), key=lambda kv: _order(kv[0]))):
                 xs, ys = zip(*sorted(points), strict=True)
-                ax.plot(xs, ys, "--" if ":" in method else "-", marker="o", label=method)
+                ax.plot(xs, ys, "--" if ":" in method else "-", marker="osD^vx+*"[i % 8], markerfacecolor="none",
+                        label=method)
             for (ref, by_task), style in zip(refs.items(), (":", "-."), strict=False):
                 if common:
                     ax.axhline(mean([mean(by_task[t]) for t in common]), color="gray", linestyle=style, label=ref)
-            title = f"{title}\nmean over the {len(common)} tasks every line has"
+            title = f"{title}\nmean over {len(common)} tasks (a peer's points: where it has them all)"
             ax.set_title(title)
             ax.set_xlabel("budget" if integer else "keep ratio")
             ax.set_ylabel("mean RULER score over tasks")
