@@ -32,7 +32,7 @@ for group in list(groups.values())[: int(sys.argv[3]) if len(sys.argv) > 3 else 
     start = time.perf_counter()
     shared = list(kvpress_worker.answer_shared(pipe, group))
     middle = time.perf_counter()
-    alone = [next(kvpress_worker.answer_pipeline(pipe, r)) for r in group]
+    alone = [kvpress_worker.answer_pipeline(pipe, r) for r in group]
     end = time.perf_counter()
     same = sum(a["answer"] == b["answer"] for a, b in zip(shared, alone, strict=True))
     print(f"{group[0]['key'].split('|')[0]} query_aware={group[0]['query_aware']}: {same}/{len(group)} identical; "

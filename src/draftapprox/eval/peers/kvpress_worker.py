@@ -71,7 +71,7 @@ def main() -> None:
         groups.setdefault(shared if req["press"] != "kvzip" else (req["key"],), []).append(req)
     done = 0
     for group in groups.values():
-        rows = answer_pipeline(pipe, group[0]) if group[0]["press"] == "kvzip" else answer_shared(pipe, group)
+        rows = [answer_pipeline(pipe, group[0])] if group[0]["press"] == "kvzip" else answer_shared(pipe, group)
         for row in rows:
             answers.append(row)
             done += 1
@@ -85,13 +85,13 @@ def _inputs(req: dict) -> tuple[str, str]:
     return req["context"], req["question"]
 
 
-def answer_pipeline(pipe, req: dict) -> Iterator[dict]:
+def answer_pipeline(pipe, req: dict) -> dict:
     """kvpress's pipeline exactly as users call it."""
     context, question = _inputs(req)
     start = time.perf_counter()
     out = pipe(context, question=question, answer_prefix=req["answer_prefix"], press=make_press(req["press"],
                req["ratio"], req.get("knobs", {})), max_new_tokens=req["max_new_tokens"])
-    yield _row(req, out["answer"], time.perf_counter() - start)
+    return _row(req, out["answer"], time.perf_counter() - start)
 
 
 def answer_shared(pipe, group: list[dict]) -> Iterator[dict]:
@@ -152,9 +152,7 @@ def answer_shared(pipe, group: list[dict]) -> Iterator[dict]:
 
 
 def _row(req: dict, answer: str, seconds: float) -> dict:
-    return {"key": req["key"], "answer": answer, "seconds": round(seconds, 3),
-            "versions": {"kvpress": _version("kvpress"), "transformers": _version("transformers"),
-                         "torch": torch.__version__}}
+    return {"key": req["key"], "answer": answer, "seconds": round(seconds, 3), "versions": _versions()}
 
 
 def _load(args):
@@ -188,8 +186,7 @@ def time_presses(args, todo: list[dict], answers: Results) -> None:
                 model.model(ids, past_key_values=cache)  # the decoder only: no logits are needed to prefill
             seconds.append(sum(spent))
         answers.append({"key": req["key"], "seconds": seconds[1:], "kept": cache.get_seq_length(),
-                        "versions": {"kvpress": _version("kvpress"), "transformers": _version("transformers"),
-                                     "torch": torch.__version__}})
+                        "versions": _versions()})
         print(f"{req['key']} {min(seconds[1:]):.3f}s", flush=True)
 
 
@@ -218,8 +215,7 @@ def select(args, todo: list[dict], answers: Results) -> None:
             model.model(torch.tensor([req["input_ids"]]), past_key_values=DynamicCache())
         answers.append({"key": req["key"], "kept": [kept[i] for i in sorted(kept)],
                         "seconds": round(time.perf_counter() - start, 3),
-                        "versions": {"kvpress": _version("kvpress"), "transformers": _version("transformers"),
-                                     "torch": torch.__version__}})
+                        "versions": _versions()})
         print(f"{req['key']} {time.perf_counter() - start:.1f}s", flush=True)
 
 
@@ -231,10 +227,10 @@ def _rows(keys: torch.Tensor, kept: torch.Tensor) -> list[int]:
     return sorted(set(same.float().argmax(-1).tolist()))
 
 
-def _version(name: str) -> str:
+def _versions() -> dict:
     from importlib.metadata import version
 
-    return version(name)
+    return {"kvpress": version("kvpress"), "transformers": version("transformers"), "torch": torch.__version__}
 
 
 if __name__ == "__main__":
