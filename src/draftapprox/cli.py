@@ -381,8 +381,7 @@ def eval_kvpress_selection(
 
     task_list, length_list = _grid(tasks, lengths, samples)
     case_list = list(kvpress_selection.CASES) if cases == "all" else harness.parse_list(cases, "cases")
-    if unknown := [c for c in case_list if c not in kvpress_selection.CASES]:
-        raise InputError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(kvpress_selection.CASES)}")
+    kvpress_selection.check_cases(case_list)  # before any model loads
     try:
         budget_list = [int(x) for x in harness.parse_list(budgets, "budgets")]
     except ValueError:

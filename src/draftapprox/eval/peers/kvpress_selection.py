@@ -22,7 +22,7 @@ from ...errors import ConfigError, InputError
 from ...generation import new_state, prefill
 from ...markdown import publish, table
 from ...methods import AdaKV, KVMethod, PyramidKV, SnapKV, StreamingLLM
-from ...methods.scorer import ScorerKV
+from ...methods.scorer import ScorerKV, select_with
 from .. import ruler
 from ..answer_log import Results
 from ..harness import samples
@@ -60,13 +60,16 @@ CASES = {
 }
 
 
+def check_cases(cases: list[str]) -> None:
+    if unknown := [c for c in cases if c not in CASES]:
+        raise ConfigError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+
+
 def run(pair, model_dir: Path, cases: list[str], budgets: list[int], tasks: list[str], lengths: list[int],
         count: int, output: Path, *, seed: int = 42, dtype: str = "float32", threads: int | None = None,
         cache: str | Path | None = None, log=print) -> int:
     """One row per (sample, case, budget) not yet in `output`: how far the two sides' kept pairs agree."""
-    for name in cases:
-        if name not in CASES:
-            raise ConfigError(f"unknown case {name!r}; choose from {', '.join(CASES)}")
+    check_cases(cases)
     if not python("kvpress", cache).exists():
         raise InputError("kvpress's environment is missing: run `draftapprox eval setup-peer kvpress` first")
     results = Results(output)
@@ -84,10 +87,13 @@ def run(pair, model_dir: Path, cases: list[str], budgets: list[int], tasks: list
         for (name, budget), method in methods.items():
             case, key = CASES[name], f"{sample.id}|{name}@{budget}"
             theirs_ids = ids[0, :head] if case.question_input else ids[0]
-            keep = method.select(state).keep
             scorer = method.scorer if isinstance(method, AdaKV) else method
-            ours_scores[key] = [s[0].float() for s in scorer.scores(state).per_layer] if isinstance(
-                scorer, ScorerKV) else None
+            if isinstance(scorer, ScorerKV):  # score once: for the selection and to tell ties at the cut
+                scores = scorer.scores(state)
+                keep = select_with(method, state, lambda _, s=scores: s, method.allocate).keep
+                ours_scores[key] = [s[0].float() for s in scores.per_layer]
+            else:
+                keep, ours_scores[key] = method.select(state).keep, None
             pending[key] = (sample, {
                 "key": key, "mode": "select", "case": name, "press": case.press,
                 "input_ids": theirs_ids.tolist(), "ratio": compression_ratio(budget, len(theirs_ids)),
