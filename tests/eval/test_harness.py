@@ -56,6 +56,7 @@ def test_grid_writes_every_answer_once_and_a_rerun_skips_them(pair, tmp_path, mo
 
     calls = []
     monkeypatch.setattr(harness, "generate", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(harness.ruler, "generate_sample", lambda *a, **k: calls.append(a))
     assert harness.run(pair, jobs(), TASKS, [1024], 2, out, progress=False, max_new_tokens=6) == 0 and not calls
     assert len(lines(out)) == 20
 
@@ -89,7 +90,11 @@ def test_a_killed_run_loses_at_most_the_answer_in_flight(pair, tmp_path, monkeyp
     with open(out, "a") as f:
         f.write('{"key": "torn')  # a kill in the middle of a write
     monkeypatch.setattr(harness, "generate", real)
+    generated, make = [], harness.ruler.generate_sample
+    monkeypatch.setattr(harness.ruler, "generate_sample", lambda tok, task, *a: generated.append(task) or
+                        make(tok, task, *a))
     assert harness.run(pair, jobs(), TASKS, [1024], 1, out, progress=False, max_new_tokens=6) == 4
+    assert generated == ["vt"]  # the finished sample's prompt is not generated again
     assert len({r["key"] for r in lines(out)}) == len(lines(out)) == 10
 
 

@@ -78,15 +78,21 @@ def plan(methods: Iterable[str], budgets: Iterable[str], knobs: dict[str, dict[s
     return sorted(jobs, key=lambda j: 3 if j.method == DRAFT_ALONE else order[METHODS[j.method].kind])
 
 
-def key(sample: ruler.Sample, job: Job) -> str:
-    return f"{sample.id}|{job.label}"
+def key(sample_id: str, job: Job) -> str:
+    return f"{sample_id}|{job.label}"
 
 
-def samples(tokenizer, tasks: list[str], lengths: list[int], count: int, seed: int) -> Iterator[ruler.Sample]:
+def coordinates(tasks: list[str], lengths: list[int], count: int) -> Iterator[tuple[int, int, str]]:
+    """(index, length, task) in sample-major order: a stopped grid is short of whole samples, not of tasks."""
     for index in range(count):
         for length in lengths:
             for task in tasks:
-                yield ruler.generate_sample(tokenizer, task, length, index, seed)
+                yield index, length, task
+
+
+def samples(tokenizer, tasks: list[str], lengths: list[int], count: int, seed: int) -> Iterator[ruler.Sample]:
+    for index, length, task in coordinates(tasks, lengths, count):
+        yield ruler.generate_sample(tokenizer, task, length, index, seed)
 
 
 def environment(pair: Pair) -> dict:
@@ -127,18 +133,22 @@ def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count
     results = Results(output)
     env = {**environment(pair), **(models or {})}
     draft_pair = Pair(pair.draft, pair.tokenizer, None) if pair.draft is not None else None
-    todo = []  # (sample, jobs not yet answered), in sample-major order
-    for sample in samples(pair.tokenizer, tasks, lengths, count, seed):
-        pending = [j for j in jobs if key(sample, j) not in results.done]
+    # what is left is known from the sample ids alone; each prompt is generated only when its turn comes (a 16k
+    # prompt takes about half a second, and a large grid would otherwise wait minutes before its first answer)
+    todo = []  # (index, length, task, jobs not yet answered), in sample-major order
+    for index, length, task in coordinates(tasks, lengths, count):
+        sid = ruler.sample_id(task, length, seed, index)
+        pending = [j for j in jobs if key(sid, j) not in results.done]
         if pending:
-            if max_new_tokens is not None:
-                sample = dataclasses.replace(sample, max_new_tokens=min(max_new_tokens, sample.max_new_tokens))
-            todo.append((sample, pending))
+            todo.append((index, length, task, pending))
     written = 0
     bar = progress_bar(progress)
     with bar:
-        tid = bar.add_task("RULER grid", total=sum(len(p) for _, p in todo))
-        for sample, pending in todo:
+        tid = bar.add_task("RULER grid", total=sum(len(p) for *_, p in todo))
+        for index, length, task, pending in todo:
+            sample = ruler.generate_sample(pair.tokenizer, task, length, index, seed)
+            if max_new_tokens is not None:
+                sample = dataclasses.replace(sample, max_new_tokens=min(max_new_tokens, sample.max_new_tokens))
             written += _Sample(pair, draft_pair, sample, results, env, bar, tid).run(pending, decode_batch)
     return written
 
@@ -198,7 +208,7 @@ class _Sample:
     def _write(self, job: Job, result, seconds: float) -> None:
         sample, record = self.sample, result.record.to_dict()
         self.results.append({
-            "key": key(sample, job), "sample": sample.id, "task": sample.task, "index": sample.index,
+            "key": key(sample.id, job), "sample": sample.id, "task": sample.task, "index": sample.index,
             "length": sample.length, "seed": sample.seed, "method": job.method, "budget": job.budget,
             "config": job.describe(),
             "prediction": result.text, "expected": list(sample.outputs),

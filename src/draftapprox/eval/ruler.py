@@ -88,6 +88,11 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 )}
 
 
+def sample_id(task: str, length: int, seed: int, index: int) -> str:
+    """A sample's name in answer files, known before (and without) generating it."""
+    return f"{task}/{length}/{seed}/{index}"
+
+
 @dataclass(frozen=True)
 class Sample:
     """One generated prompt and its expected answers; `prompt_tokens` counts the rendered prompt (`render`)."""
@@ -105,7 +110,7 @@ class Sample:
 
     @property
     def id(self) -> str:
-        return f"{self.task}/{self.length}/{self.seed}/{self.index}"
+        return sample_id(self.task, self.length, self.seed, self.index)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
