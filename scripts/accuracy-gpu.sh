@@ -3,7 +3,8 @@
 # up to 1024, on a CUDA device. Resumable like scripts/accuracy-grid.sh: every answer is appended to $OUTPUT as it
 # finishes and a rerun skips what is there, so a short lease can fill the grid over several runs (answers come in
 # sample-major order: each pass over the tasks and lengths completes before the next sample starts).
-# The full protocol is the default; METHODS, BUDGETS and SAMPLES narrow it where device time is short.
+# The full protocol is the default; METHODS, BUDGETS and SAMPLES narrow it where device time is short. Further
+# arguments go to `draftapprox eval` as they are (other models: --draft ID --target ID).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
@@ -14,4 +15,4 @@ METHODS=${METHODS:-fullkv,draft,streamingllm,snapkv,pyramidkv,adakv,speckv,adasp
 OUTPUT=${OUTPUT:-docs/results/raw/ruler-gpu.jsonl}
 CLI=${CLI:-draftapprox}
 $CLI eval --device "$DEVICE" --lengths "$LENGTHS" --samples "$SAMPLES" --budgets "$BUDGETS" --methods "$METHODS" \
-  --decode-batch 64 --output "$OUTPUT"
+  --decode-batch 64 --output "$OUTPUT" "$@"

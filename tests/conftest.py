@@ -46,14 +46,19 @@ def tiny_model(arch: str = "qwen2", layers: int = 4, heads: int = 4, kv_heads: i
     return model_cls(config).eval()
 
 
-def tiny_tokenizer(shift: int = 0) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over `VOCAB` entries; `shift` permutes ids to make an incompatible twin."""
+def tiny_tokenizer(shift: int = 0, chat: bool = False) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `VOCAB` entries; `shift` permutes ids to make an incompatible twin; `chat`
+    gives it a minimal chat template (RULER prompts are rendered through one)."""
     vocab = {f"w{i}": (i + shift) % (VOCAB - 2) for i in range(VOCAB - 2)}
     vocab.update({"<s>": VOCAB - 2, "</s>": VOCAB - 1})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<s>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<s>",
                                    unk_token="w0")
+    if chat:
+        fast.chat_template = ("{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
+                              "{% if add_generation_prompt %}<s> {% endif %}")
+    return fast
 
 
 def prompt_ids(n: int, seed: int = 1) -> torch.Tensor:

@@ -18,9 +18,7 @@ KNOBS = {"specpc": {"start_layer": "1", "window": "16", "kernel": "9"}}
 
 @pytest.fixture(scope="module")
 def pair():
-    tok = tiny_tokenizer()
-    tok.chat_template = ("{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
-                         "{% if add_generation_prompt %}<s> {% endif %}")
+    tok = tiny_tokenizer(chat=True)
     return pair_from_models(tiny_model("qwen2", layers=4, seed=0), tok,
                             tiny_model("qwen2", layers=3, heads=4, kv_heads=4, seed=1))
 

@@ -21,10 +21,7 @@ row = {"answer": " " + value, "seconds": 0.1, "versions": {}}
 
 @pytest.fixture
 def tokenizer():
-    tok = tiny_tokenizer()
-    tok.chat_template = ("{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
-                         "{% if add_generation_prompt %}<s> {% endif %}")
-    return tok
+    return tiny_tokenizer(chat=True)
 
 
 @pytest.fixture

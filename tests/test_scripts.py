@@ -1,0 +1,31 @@
+"""The committed result scripts still drive the CLI they were written for (run here on tiny local models)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import save_tiny, tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_grid_script_runs_its_grid_and_resumes(tmp_path):
+    tok = tiny_tokenizer(chat=True)
+    target = save_tiny(tmp_path / "target", tiny_model("llama", seed=0), tok)
+    draft = save_tiny(tmp_path / "draft", tiny_model("llama", layers=2, seed=1), tok)
+    out = tmp_path / "answers.jsonl"
+    env = {**os.environ, "DEVICE": "cpu", "SAMPLES": "1", "LENGTHS": "1024", "BUDGETS": "64,0.25",
+           "METHODS": "fullkv,speckv,specpc", "OUTPUT": str(out), "CLI": f"{sys.executable} -m draftapprox"}
+    args = ["bash", str(ROOT / "scripts" / "accuracy-gpu.sh"), "--draft", draft, "--target", target,
+            "--tasks", "niah_single_1", "--set", "specpc.start_layer=1", "--set", "specpc.window=16"]
+    first = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["key"] for r in rows) == ["niah_single_1/1024/42/0|fullkv",
+                                               "niah_single_1/1024/42/0|speckv@64",
+                                               "niah_single_1/1024/42/0|specpc@0.25"]
+    assert {r["env"]["device"] for r in rows} == {"cpu"}
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and len(out.read_text().splitlines()) == 3
