@@ -96,6 +96,23 @@ def test_a_killed_run_loses_at_most_the_answer_in_flight(pair, tmp_path, monkeyp
     assert len({r["key"] for r in lines(out)}) == len(lines(out)) == 10
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_resumed_sample_must_have_the_prompt_its_answers_had(pair, tmp_path, legacy):
+    out = tmp_path / "answers.jsonl"
+    harness.run(pair, jobs(), TASKS[:1], [1024], 1, out, progress=False, max_new_tokens=6)
+    rows = lines(out)[:-1]  # the last answer is still to do
+    for row in rows:  # as if the generator had changed since: a fingerprint, or (older rows) a count, differs
+        if legacy:
+            del row["prompt_sha"]
+            row["prompt_tokens"] -= 1
+        else:
+            row["prompt_sha"] = "0" * 16
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match="another prompt"):
+        harness.run(pair, jobs(), TASKS[:1], [1024], 1, out, progress=False, max_new_tokens=6)
+    assert len(lines(out)) == 4
+
+
 FIXTURE = [
     # (method, budget, task, scores)
     ("fullkv", None, "niah_single_1", [100, 100]), ("fullkv", None, "vt", [100, 80]),

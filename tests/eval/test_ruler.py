@@ -1,6 +1,7 @@
 """The offline RULER generator with the target's real tokenizer: deterministic, answers really in the haystack,
 lengths within 2%, and RULER's scoring rules on hand-made answers."""
 
+import hashlib
 import re
 from collections import Counter
 
@@ -8,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from draftapprox.errors import ConfigError
-from draftapprox.eval import ruler
+from draftapprox.eval import ruler, sources
 from draftapprox.eval.metrics import bootstrap_mean_over_tasks, score
 from draftapprox.models import offline
 
@@ -50,6 +51,14 @@ def test_generation_is_deterministic_and_samples_differ(tokenizer, samples):
     other = ruler.generate_sample(tokenizer, "niah_multikey_1", 2048, 4)
     assert other.outputs != again.outputs and other.context != again.context
     assert ruler.Sample.from_dict(again.to_dict()) == again
+
+
+def test_a_seed_gives_the_same_prompt_on_every_python(samples):
+    """The essay haystack is a shipped snapshot, not the running Python's documentation (3.12's differs)."""
+    text = " ".join(sources.essay_words())
+    assert hashlib.sha256(text.encode()).hexdigest() == (
+        "32a3364906a7c76cbe607d9dea712d0b8d2bbab987a87063ffc8e2a15d56f9d5")
+    assert samples["niah_single_2"].fingerprint == "bfe6483b36cf9d94"  # an essay task, as the CPU grid has it
 
 
 def test_the_answers_are_in_the_haystack(samples):

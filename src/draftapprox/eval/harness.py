@@ -22,7 +22,7 @@ from ..generation import Prepared, generate, generate_batched, new_state, prefil
 from ..methods import METHODS, FullKV, KVMethod, Method, PromptMethod, make, parse_budget
 from ..models.loading import Pair, precision
 from . import ruler
-from .answer_log import Results
+from .answer_log import Results, read
 from .metrics import score
 
 DRAFT_ALONE = "draft"  # the draft model answering by itself: the floor the draft-based methods must beat
@@ -95,6 +95,27 @@ def samples(tokenizer, tasks: list[str], lengths: list[int], count: int, seed: i
         yield ruler.generate_sample(tokenizer, task, length, index, seed)
 
 
+class Prompts:
+    """The prompt each sample of an answer file was answered on (its fingerprint; the token count for rows older
+    than fingerprints), so that a resumed run cannot give a sample's remaining answers another prompt after a
+    change to the generator, its haystack or its word lists. Open it after `Results`, which cuts a torn line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.seen: dict[str, tuple[str | None, int | None]] = {}
+        for row in read(self.path) if self.path.exists() else []:
+            if "sample" in row:
+                self.seen.setdefault(row["sample"], (row.get("prompt_sha"), row.get("prompt_tokens")))
+
+    def check(self, sample: ruler.Sample) -> None:
+        sha, tokens = self.seen.get(sample.id, (None, None))
+        if (sha is not None and sha != sample.fingerprint) or (tokens is not None and tokens != sample.prompt_tokens):
+            raise ConfigError(f"{sample.id}: its answers in {self.path} were given another prompt ({tokens} tokens, "
+                              f"fingerprint {sha or 'not recorded'}; now {sample.prompt_tokens} tokens, "
+                              f"{sample.fingerprint}). The RULER generator, its haystack or its word lists differ "
+                              "from that run's: write to a new output file")
+
+
 def environment(pair: Pair) -> dict:
     import transformers
 
@@ -131,6 +152,7 @@ def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count
     if any(j.method == DRAFT_ALONE or j.build().needs_draft for j in jobs) and pair.draft is None:
         raise ConfigError("these methods need the draft model; load the pair with a draft")
     results = Results(output)
+    prompts = Prompts(output)
     env = {**environment(pair), **(models or {})}
     draft_pair = Pair(pair.draft, pair.tokenizer, None) if pair.draft is not None else None
     # what is left is known from the sample ids alone; each prompt is generated only when its turn comes (a 16k
@@ -147,6 +169,7 @@ def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count
         tid = bar.add_task("RULER grid", total=sum(len(p) for *_, p in todo))
         for index, length, task, pending in todo:
             sample = ruler.generate_sample(pair.tokenizer, task, length, index, seed)
+            prompts.check(sample)
             if max_new_tokens is not None:
                 sample = dataclasses.replace(sample, max_new_tokens=min(max_new_tokens, sample.max_new_tokens))
             written += _Sample(pair, draft_pair, sample, results, env, bar, tid).run(pending, decode_batch)
@@ -213,8 +236,9 @@ class _Sample:
             "config": job.describe(),
             "prediction": result.text, "expected": list(sample.outputs),
             "score": score(sample.task, result.text, list(sample.outputs)),
-            "prompt_tokens": record["prompt_tokens"], "kept_tokens": record["kept_tokens"],
-            "budget_tokens": record["budget_tokens"], "kv_bytes_full": record["kv_bytes_full"],
+            "prompt_tokens": record["prompt_tokens"], "prompt_sha": sample.fingerprint,
+            "kept_tokens": record["kept_tokens"], "budget_tokens": record["budget_tokens"],
+            "kv_bytes_full": record["kv_bytes_full"],
             "kv_bytes_kept": record["kv_bytes_kept"], "new_tokens": record["new_tokens"],
             "stop_reason": record["stop_reason"], "timings": record["timings"],
             "decode_batch": record["decode_batch"], "seconds": round(seconds, 3), "shared_timings": self.shared,

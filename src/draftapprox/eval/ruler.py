@@ -11,6 +11,7 @@ the largest haystack whose prompt has at most `length` tokens, and never fewer t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import random
 import string
@@ -111,6 +112,13 @@ class Sample:
     @property
     def id(self) -> str:
         return sample_id(self.task, self.length, self.seed, self.index)
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of what the model reads and the scorer expects: every answer to a sample id must come
+        from the same prompt, and the id alone cannot tell (another haystack or word list gives another one)."""
+        text = "\x00".join((self.context, self.question, self.answer_prefix, *self.outputs))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,7 +1,9 @@
 """Offline stand-ins for the text RULER downloads at generation time. Each is documented as a substitution.
 
 - Essay haystack: RULER uses Paul Graham's essays (fetched from the web). We use the English prose of CPython's
-  own reference documentation, `pydoc_data.topics` (PSF licence), which ships with every Python.
+  own reference documentation, `pydoc_data.topics` (PSF licence), as a snapshot shipped in `data/essay.txt.gz`
+  (CPython 3.11.7's text; `scripts/snapshot_essay.py` made it). Not the running Python's copy: that text changes
+  between versions, and a seed must give the same prompt on every machine.
 - Word lists: RULER uses `wonderwords`' noun/adjective/verb lists; so do we (same package, same files).
 - QA: RULER uses SQuAD (qa_1) and HotpotQA (qa_2), which cannot be downloaded here. We generate a *synthetic*
   fact-passage QA instead, labelled as such everywhere: qa_1 asks about one fictional entity's passage among
@@ -12,10 +14,12 @@
 from __future__ import annotations
 
 import functools
+import gzip
 import random
 import re
+from importlib import resources
 
-ESSAY_SOURCE = "CPython pydoc_data.topics (Python reference documentation, PSF licence)"
+ESSAY_SOURCE = "CPython 3.11.7 pydoc_data.topics (Python reference documentation, PSF licence), snapshot"
 WORDS_SOURCE = "wonderwords 3.x noun/adjective/verb lists (as RULER)"
 QA_SOURCE = "synthetic fictional-entity passages (substitute for SQuAD / HotpotQA, not those datasets)"
 
@@ -23,9 +27,8 @@ QA_SOURCE = "synthetic fictional-entity passages (substitute for SQuAD / HotpotQ
 @functools.cache
 def essay_words() -> tuple[str, ...]:
     """The essay haystack as whitespace-separated words, in a fixed order (RULER slices a prefix of these)."""
-    from pydoc_data.topics import topics
-
-    return tuple(" ".join(" ".join(topics[name].split()) for name in sorted(topics)).split(" "))
+    data = resources.files("draftapprox").joinpath("data/essay.txt.gz").read_bytes()
+    return tuple(gzip.decompress(data).decode().split(" "))
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")

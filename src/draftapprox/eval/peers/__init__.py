@@ -21,7 +21,7 @@ from ...methods import FullKV
 from ...paths import cache_dir
 from .. import ruler
 from ..answer_log import Results
-from ..harness import samples
+from ..harness import Prompts, samples
 from ..metrics import score
 
 
@@ -109,9 +109,10 @@ def run_kvpress(tokenizer, model_dir: Path, presses: list[str], budgets: list[in
         raise InputError("kvpress's environment is missing: run `draftapprox eval setup-peer kvpress` first")
     settings = {k: _number(v) for k, v in sorted((knobs or {}).items())}
     suffix = "(" + ",".join(f"{k}={v}" for k, v in settings.items()) + ")" if settings else ""
-    results = Results(output)
+    results, prompts = Results(output), Prompts(output)
     pending: dict[str, tuple[ruler.Sample, dict]] = {}
     for sample in samples(tokenizer, tasks, lengths, count, seed):
+        prompts.check(sample)
         for mode in modes:
             aware = mode == "aware"
             compressed = compressed_tokens(tokenizer, sample.context + (sample.question if aware else ""))
@@ -160,7 +161,8 @@ def _kvpress_row(sample: ruler.Sample, req: dict, row: dict) -> dict:
                   f"({'query-aware' if req['query_aware'] else 'query-agnostic'}, defaults otherwise)",
         "prediction": row["answer"], "expected": list(sample.outputs),
         "score": score(sample.task, row["answer"], list(sample.outputs)),
-        "prompt_tokens": sample.prompt_tokens, "compressed_tokens": req["compressed_tokens"],
+        "prompt_tokens": sample.prompt_tokens, "prompt_sha": sample.fingerprint,
+        "compressed_tokens": req["compressed_tokens"],
         "seconds": row["seconds"], "finished": time.time(), "env": {"peer": row["versions"]},
     }
 
@@ -172,9 +174,10 @@ def run_llmlingua(pair, draft_dir: Path, ratios: list[float], tasks: list[str], 
     environment; our target then answers the compressed prompt here, as it does for SpecPC."""
     if not python("llmlingua", cache).exists():
         raise InputError("llmlingua's environment is missing: run `draftapprox eval setup-peer llmlingua` first")
-    results = Results(output)
+    results, prompts = Results(output), Prompts(output)
     pending: dict[str, tuple[ruler.Sample, dict]] = {}
     for sample in samples(pair.tokenizer, tasks, lengths, count, seed):
+        prompts.check(sample)
         for ratio in ratios:
             key = f"{sample.id}|llmlingua:longllmlingua@{ratio}"
             if key not in results.done:
@@ -193,7 +196,8 @@ def run_llmlingua(pair, draft_dir: Path, ratios: list[float], tasks: list[str], 
             f"{req['rate']}, ~100-word pieces, question-aware coarse+fine ranking",
             "prediction": result.text, "expected": list(sample.outputs),
             "score": score(sample.task, result.text, list(sample.outputs)),
-            "prompt_tokens": sample.prompt_tokens, "kept_tokens": ids.shape[1],
+            "prompt_tokens": sample.prompt_tokens, "prompt_sha": sample.fingerprint,
+            "kept_tokens": ids.shape[1],
             "seconds": round(row["seconds"] + time.perf_counter() - start, 3),
             "timings": {"compression": row["seconds"], **result.record.timings}, "finished": time.time(),
             "env": {"peer": {"llmlingua": "0.2.2", "transformers": "4.46.3"}},
