@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import sys
 from pathlib import Path
-
 from pydoc_data.topics import topics
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "draftapprox" / "data" / "essay.txt.gz"

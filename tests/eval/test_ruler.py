@@ -53,12 +53,14 @@ def test_generation_is_deterministic_and_samples_differ(tokenizer, samples):
     assert ruler.Sample.from_dict(again.to_dict()) == again
 
 
-def test_a_seed_gives_the_same_prompt_on_every_python(samples):
-    """The essay haystack is a shipped snapshot, not the running Python's documentation (3.12's differs)."""
+def test_a_seed_gives_the_same_prompt_on_every_machine(samples):
+    """The essay haystack is a shipped snapshot, not the running Python's documentation (3.12's differs), and the
+    word lists are wonderwords 3.0.1's (2.2.0's noun list differs)."""
     text = " ".join(sources.essay_words())
     assert hashlib.sha256(text.encode()).hexdigest() == (
         "32a3364906a7c76cbe607d9dea712d0b8d2bbab987a87063ffc8e2a15d56f9d5")
     assert samples["niah_single_2"].fingerprint == "bfe6483b36cf9d94"  # an essay task, as the CPU grid has it
+    assert samples["cwe"].fingerprint == "006360c9e4188b2d"  # all three word lists
 
 
 def test_the_answers_are_in_the_haystack(samples):
