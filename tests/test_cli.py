@@ -94,6 +94,9 @@ BAD = [
     (["generate", "--prompt-file", "/nonexistent/prompt.txt"], None, "prompt file not found"),
     (["compress", "-m", "snapkv"], None, "not a prompt-compression method"),
     (["eval", "--decode-batch", "0"], None, "--decode-batch must be >= 1"),
+    (["eval", "--device", "gpu"], None, "unknown device 'gpu'"),
+    (["generate", "--device", "gpu"], None, "unknown device 'gpu'"),
+    (["bench", "--device", "gpu", "--output", "/nonexistent/bench.jsonl"], None, "unknown device 'gpu'"),
     (["eval", "reference", "--method", "h2o"], None, "--method must be specpc or speckv"),
 ]
 

@@ -523,8 +523,10 @@ def bench_run(
         return
     from .bench import run
     from .eval import harness
+    from .models.loading import check_device
 
     _, length_list = _grid(task, lengths, 1)
+    check_device(device)  # here, rather than once per worker process
     jobs = run.plan(harness.parse_list(methods, "methods"), harness.parse_list(budgets, "budgets"),
                     _method_knobs(knob), floors)
     settings = run.Settings(length_list, repeats, new_tokens, task, seed, draft, target, dtype, draft_dtype, device,

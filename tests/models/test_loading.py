@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from draftapprox.errors import ModelError
 from draftapprox.models.loading import check_tokenizers, load_model, load_pair
@@ -52,9 +53,20 @@ def test_missing_and_corrupt_model_files(tmp_path):
         load_model(tmp_path / "empty", dtype="float8")
 
 
-def test_dtypes_auto_int8_and_a_cheaper_draft(tmp_path, monkeypatch):
-    import torch
+@pytest.mark.parametrize(("device", "message"), [
+    ("gpu", "unknown device 'gpu'"),
+    ("meta", "runs on cpu, cuda or mps"),
+    pytest.param("cuda", "CUDA is not available", marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                                           reason="a GPU is here")),
+    pytest.param("cuda:99", "CUDA devices here", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="no GPU here")),
+])
+def test_a_device_that_cannot_be_used_is_refused_before_loading(tmp_path, device, message):
+    with pytest.raises(ModelError, match=message):
+        load_model(tmp_path / "absent", device=device)  # refused before the missing model is noticed
 
+
+def test_dtypes_auto_int8_and_a_cheaper_draft(tmp_path, monkeypatch):
     from draftapprox.generation import generate
     from draftapprox.methods import make
     from draftapprox.models import loading
@@ -71,6 +83,7 @@ def test_dtypes_auto_int8_and_a_cheaper_draft(tmp_path, monkeypatch):
     result = generate(pair, torch.randint(0, 500, (1, 120)), make("specpc", 0.5, start_layer=0, window=16,
                                                                    kernel=9), max_new_tokens=3)
     assert len(result.tokens) >= 1
+    monkeypatch.setattr(loading, "check_device", torch.device)  # as if a GPU were here
     with pytest.raises(ModelError, match="CPU only"):
         load_model(target, dtype="int8", device="cuda")
     with pytest.raises(ModelError, match="dtype must be one of auto, float32"):

@@ -28,6 +28,26 @@ def auto_dtype(device: str | torch.device) -> str:
     return "float32"
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The device to load on, or a one-line error saying what is wrong with it, before any weights load."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = torch.version.cuda or torch.version.hip
+            why = "no GPU is visible" if built else "this torch is a CPU-only build"
+            raise ModelError(f"device {str(device)!r}: CUDA is not available ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelError(f"device {str(device)!r}: there are {torch.cuda.device_count()} CUDA devices here")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"device {str(device)!r}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"device {str(device)!r}: draftapprox runs on cpu, cuda or mps")
+    return dev
+
+
 def _quantize_int8(model: PreTrainedModel) -> PreTrainedModel:
     """Dynamic int8 quantisation of every linear layer (weights int8, activations quantised per call; VNNI on
     x86). CPU only; the attention and everything the capture wrapper sees stay float32."""
@@ -93,12 +113,13 @@ def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype = "
     quantises the linear layers dynamically (CPU only). The model is prepared for attention capture (see
     `capture.prepare`) and put in eval mode.
     """
+    device_type = check_device(device).type
     if threads is not None:
         if threads < 1:
             raise ModelError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     int8 = dtype == "int8"
-    if int8 and torch.device(device).type != "cpu":
+    if int8 and device_type != "cpu":
         raise ModelError(f"dtype int8 (dynamic quantisation) runs on the CPU only, not on {device}")
     if isinstance(dtype, str):
         if dtype not in CHOICES:
