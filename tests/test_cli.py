@@ -95,6 +95,8 @@ BAD = [
     (["compress", "-m", "snapkv"], None, "not a prompt-compression method"),
     (["eval", "--decode-batch", "0"], None, "--decode-batch must be >= 1"),
     (["eval", "--device", "gpu"], None, "unknown device 'gpu'"),
+    (["eval", "--output", "/"], None, "--output / is a folder"),
+    (["eval", "--output", __file__], None, "is not a row of an answer file"),
     (["generate", "--device", "gpu"], None, "unknown device 'gpu'"),
     (["bench", "--device", "gpu", "--output", "/nonexistent/bench.jsonl"], None, "unknown device 'gpu'"),
     (["eval", "reference", "--method", "h2o"], None, "--method must be specpc or speckv"),

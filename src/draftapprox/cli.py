@@ -190,9 +190,13 @@ DEFAULT_METHODS = ("fullkv,draft,streamingllm,snapkv,pyramidkv,adakv,speckv,adas
                    "specpc,targetpc,specprefill,randompc,recencypc")
 
 
-def _grid(tasks: str, lengths: str, samples: int) -> tuple[list[str], list[int]]:
-    """The tasks and lengths of a grid, checked (with the sample count) before any model loads."""
+def _grid(tasks: str, lengths: str, samples: int, output: Path | None = None) -> tuple[list[str], list[int]]:
+    """The tasks and lengths of a grid, checked (with the sample count and the answer file) before any model
+    loads."""
     from .eval import harness, ruler
+
+    if output is not None:
+        _check_output(output)
 
     task_list = list(ruler.TASKS) if tasks == "all" else harness.parse_list(tasks, "tasks")
     try:
@@ -203,6 +207,21 @@ def _grid(tasks: str, lengths: str, samples: int) -> tuple[list[str], list[int]]
         raise InputError(f"--samples must be >= 1, got {samples}")
     harness.check_grid(task_list, length_list)
     return task_list, length_list
+
+
+def _check_output(path: Path) -> None:
+    """An answer file to append to must be one: not a folder, and every complete line a keyed JSON row (a torn
+    last line is a killed run's, cut when the run resumes)."""
+    if path.is_dir():
+        raise InputError(f"--output {path} is a folder; give a .jsonl file")
+    if not path.is_file():
+        return
+    for number, line in enumerate(path.read_bytes().split(b"\n")[:-1], start=1):
+        try:
+            if line.strip():
+                json.loads(line)["key"]
+        except (ValueError, KeyError, TypeError):
+            raise InputError(f"--output {path}:{number} is not a row of an answer file; give another file") from None
 
 
 def _method_knobs(items: list[str] | None) -> dict[str, dict[str, str]]:
@@ -262,7 +281,7 @@ def eval_grid(
     from .eval import harness
     from .models.loading import load_pair
 
-    task_list, length_list = _grid(tasks, lengths, samples)
+    task_list, length_list = _grid(tasks, lengths, samples, output)
     if decode_batch < 1:
         raise InputError(f"--decode-batch must be >= 1, got {decode_batch}")
     jobs = harness.plan(harness.parse_list(methods, "methods"), harness.parse_list(budgets, "budgets"),
@@ -339,7 +358,7 @@ def eval_kvpress(
     from .eval import harness, peers
     from .models import offline
 
-    task_list, length_list = _grid(tasks, lengths, samples)
+    task_list, length_list = _grid(tasks, lengths, samples, output)
     try:
         budget_list = [int(x) for x in harness.parse_list(budgets, "budgets")]
     except ValueError:
@@ -379,7 +398,7 @@ def eval_kvpress_selection(
     from .models import offline
     from .models.loading import load_pair
 
-    task_list, length_list = _grid(tasks, lengths, samples)
+    task_list, length_list = _grid(tasks, lengths, samples, output)
     case_list = list(kvpress_selection.CASES) if cases == "all" else harness.parse_list(cases, "cases")
     kvpress_selection.check_cases(case_list)  # before any model loads
     try:
@@ -414,7 +433,7 @@ def eval_llmlingua(
     from .models import offline
     from .models.loading import load_pair
 
-    task_list, length_list = _grid(tasks, lengths, samples)
+    task_list, length_list = _grid(tasks, lengths, samples, output)
     ratio_list = _ratios(ratios)
     draft_dir = _local_model(draft, offline.DRAFT.name, "--draft", cache_dir)
     pair = load_pair(None, target, with_draft=False, dtype=dtype, threads=threads, cache=cache_dir)
@@ -464,7 +483,7 @@ def eval_reference(
     from .models import offline
     from .models.loading import Pair, load_model
 
-    task_list, length_list = _grid(tasks, lengths, samples)
+    task_list, length_list = _grid(tasks, lengths, samples, output)
     if method not in ("specpc", "speckv"):
         raise InputError(f"--method must be specpc or speckv, got {method!r}")
     draft_dir = _local_model(draft, offline.DRAFT.name, "--draft", cache_dir)
@@ -525,7 +544,7 @@ def bench_run(
     from .eval import harness
     from .models.loading import check_device
 
-    _, length_list = _grid(task, lengths, 1)
+    _, length_list = _grid(task, lengths, 1, output)
     check_device(device)  # here, rather than once per worker process
     jobs = run.plan(harness.parse_list(methods, "methods"), harness.parse_list(budgets, "budgets"),
                     _method_knobs(knob), floors)
@@ -597,7 +616,7 @@ def bench_kvpress(
 
     if repeats < 1:
         raise InputError(f"--repeats must be >= 1, got {repeats}")
-    _, length_list = _grid("niah_single_2", lengths, 1)
+    _, length_list = _grid("niah_single_2", lengths, 1, output)
     target_dir = _local_model(target, offline.TARGET.name, "--target", cache_dir)
     model, tokenizer = load_model(target_dir, dtype=dtype, threads=threads)
     written = kvpress.measure(Pair(model, tokenizer), target_dir, length_list, budget, repeats, output,
