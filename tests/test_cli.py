@@ -92,6 +92,7 @@ BAD = [
     (["generate", "--set", "window=abc"], None, "cannot read 'abc'"),
     (["generate"], b"\xff\xfe bad bytes", "not valid UTF-8"),
     (["generate", "--prompt-file", "/nonexistent/prompt.txt"], None, "prompt file not found"),
+    (["generate", "--prompt-file", "/"], None, "prompt file is a folder"),
     (["compress", "-m", "snapkv"], None, "not a prompt-compression method"),
     (["eval", "--decode-batch", "0"], None, "--decode-batch must be >= 1"),
     (["eval", "--device", "gpu"], None, "unknown device 'gpu'"),

@@ -52,7 +52,7 @@ def _read_prompt(prompt_file: Path | None, example: bool) -> str:
         return long_prompt()
     if prompt_file is not None:
         if not prompt_file.is_file():
-            raise InputError(f"prompt file not found: {prompt_file}")
+            raise InputError(f"prompt file {'is a folder' if prompt_file.is_dir() else 'not found'}: {prompt_file}")
         data = prompt_file.read_bytes()
     else:
         if sys.stdin.isatty():
