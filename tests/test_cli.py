@@ -96,6 +96,8 @@ BAD = [
     (["compress", "-m", "snapkv"], None, "not a prompt-compression method"),
     (["eval", "--decode-batch", "0"], None, "--decode-batch must be >= 1"),
     (["eval", "--device", "gpu"], None, "unknown device 'gpu'"),
+    (["eval", "--shard", "2/2"], None, "need 0 <= I < N"),
+    (["eval", "--shard", "half"], None, "--shard must be I/N"),
     (["eval", "--output", "/"], None, "--output / is a folder"),
     (["eval", "--output", __file__], None, "is not a row of an answer file"),
     (["generate", "--device", "gpu"], None, "unknown device 'gpu'"),

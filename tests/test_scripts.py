@@ -29,3 +29,10 @@ def test_gpu_grid_script_runs_its_grid_and_resumes(tmp_path):
     assert {r["env"]["device"] for r in rows} == {"cpu"}
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and len(out.read_text().splitlines()) == 3
+
+    sharded = subprocess.run(args, env={**env, "SHARDS": "2", "SAMPLES": "2"}, capture_output=True, text=True,
+                             timeout=600)
+    assert sharded.returncode == 0, sharded.stdout
+    for i in range(2):
+        rows = [json.loads(line) for line in (tmp_path / f"answers-shard{i}-of2.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 and {r["index"] for r in rows} == {i}

@@ -224,6 +224,16 @@ def _check_output(path: Path) -> None:
             raise InputError(f"--output {path}:{number} is not a row of an answer file; give another file") from None
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise InputError(f"--shard must be I/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= index < count:
+        raise InputError(f"--shard {text}: need 0 <= I < N")
+    return index, count
+
+
 def _method_knobs(items: list[str] | None) -> dict[str, dict[str, str]]:
     """`--set METHOD.KEY=VALUE` options as {method: {key: value}}."""
     settings: dict[str, dict[str, str]] = {}
@@ -273,6 +283,9 @@ def eval_grid(
     decode_batch: Annotated[int, typer.Option(
         help="Decode up to this many of a sample's answers together (one pass over the weights per step); "
              "1: one at a time.")] = 16,
+    shard: Annotated[str, typer.Option(
+        help="I/N: only the samples whose index is I modulo N, so that N processes (each with its own --output) "
+             "split the grid.")] = "0/1",
     cache_dir: CacheOpt = None,
 ) -> None:
     """Run every method x budget x length x task x sample not yet in OUTPUT, appending each answer as it ends."""
@@ -284,6 +297,7 @@ def eval_grid(
     task_list, length_list = _grid(tasks, lengths, samples, output)
     if decode_batch < 1:
         raise InputError(f"--decode-batch must be >= 1, got {decode_batch}")
+    shard_index, shards = _shard(shard)
     jobs = harness.plan(harness.parse_list(methods, "methods"), harness.parse_list(budgets, "budgets"),
                         _method_knobs(knob))
     pair = load_pair(draft, target, dtype=dtype, draft_dtype=draft_dtype, device=device, threads=threads,
@@ -291,7 +305,7 @@ def eval_grid(
     models = {"draft_model": draft or "offline qwen2.5-coder-0.5b-instruct",
               "target_model": target or "offline qwen2.5-coder-1.5b-instruct"}
     written = harness.run(pair, jobs, task_list, length_list, samples, output, seed=seed, models=models,
-                          decode_batch=decode_batch)
+                          decode_batch=decode_batch, shard=(shard_index, shards))
     err.print(f"{written} answers written to {output}")
 
 

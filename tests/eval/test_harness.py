@@ -59,6 +59,17 @@ def test_grid_writes_every_answer_once_and_a_rerun_skips_them(pair, tmp_path, mo
     assert len(lines(out)) == 20
 
 
+def test_shards_split_the_grid_by_sample_index(pair, tmp_path):
+    outs = [tmp_path / f"shard{i}.jsonl" for i in range(2)]
+    for i, out in enumerate(outs):
+        harness.run(pair, jobs()[:2], TASKS, [1024], 3, out, progress=False, max_new_tokens=2, shard=(i, 2))
+    indices = [{r["index"] for r in lines(out)} for out in outs]
+    assert indices == [{0, 2}, {1}]
+    assert sum(len(lines(out)) for out in outs) == 3 * len(TASKS) * 2  # every answer of the grid, once
+    with pytest.raises(ConfigError, match="shard"):
+        harness.run(pair, jobs(), TASKS, [1024], 1, outs[0], progress=False, shard=(2, 2))
+
+
 def test_batched_decoding_writes_the_same_answers_once(pair, tmp_path):
     one, many = tmp_path / "one.jsonl", tmp_path / "many.jsonl"
     harness.run(pair, jobs(), TASKS, [1024], 1, one, progress=False, max_new_tokens=6)

@@ -82,9 +82,12 @@ def key(sample_id: str, job: Job) -> str:
     return f"{sample_id}|{job.label}"
 
 
-def coordinates(tasks: list[str], lengths: list[int], count: int) -> Iterator[tuple[int, int, str]]:
-    """(index, length, task) in sample-major order: a stopped grid is short of whole samples, not of tasks."""
-    for index in range(count):
+def coordinates(tasks: list[str], lengths: list[int], count: int,
+                shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, int, str]]:
+    """(index, length, task) in sample-major order: a stopped grid is short of whole samples, not of tasks.
+    `shard` (i, n) keeps the sample indices equal to i modulo n: n processes, each with its own answer file, split
+    a grid between them (one per GPU, or several on one GPU that a single process leaves mostly idle)."""
+    for index in range(shard[0], count, shard[1]):
         for length in lengths:
             for task in tasks:
                 yield index, length, task
@@ -136,7 +139,7 @@ def check_grid(tasks: list[str], lengths: list[int]) -> None:
 
 def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count: int, output: Path, *,
         seed: int = 42, models: dict | None = None, progress: bool = True, max_new_tokens: int | None = None,
-        decode_batch: int = 1) -> int:
+        decode_batch: int = 1, shard: tuple[int, int] = (0, 1)) -> int:
     """Run every job on every sample not yet in `output`; returns the number of answers written.
 
     `max_new_tokens` caps each task's answer length (RULER's by default), for quick smoke runs.
@@ -148,6 +151,8 @@ def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count
         raise ConfigError("no methods to run")
     if decode_batch < 1:
         raise ConfigError(f"decode_batch must be >= 1, got {decode_batch}")
+    if not 0 <= shard[0] < shard[1]:
+        raise ConfigError(f"shard {shard[0]}/{shard[1]}: need 0 <= i < n")
     check_grid(tasks, lengths)
     if any(j.method == DRAFT_ALONE or j.build().needs_draft for j in jobs) and pair.draft is None:
         raise ConfigError("these methods need the draft model; load the pair with a draft")
@@ -158,7 +163,7 @@ def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count
     # what is left is known from the sample ids alone; each prompt is generated only when its turn comes (a 16k
     # prompt takes about half a second, and a large grid would otherwise wait minutes before its first answer)
     todo = []  # (index, length, task, jobs not yet answered), in sample-major order
-    for index, length, task in coordinates(tasks, lengths, count):
+    for index, length, task in coordinates(tasks, lengths, count, shard):
         sid = ruler.sample_id(task, length, seed, index)
         pending = [j for j in jobs if key(sid, j) not in results.done]
         if pending:
