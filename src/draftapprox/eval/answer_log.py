@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
 class Results:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, each: Callable[[dict], None] | None = None) -> None:
+        """Open (or start) the log; `each` sees every row already in it, in this one read."""
         self.path = Path(path)
         self.done: set[str] = set()
         if self.path.exists():
@@ -22,7 +24,10 @@ class Results:
             if data and not data.endswith(b"\n"):
                 with open(self.path, "r+b") as f:
                     f.truncate(data.rfind(b"\n") + 1)
-            self.done = {row["key"] for row in read(self.path)}
+            for row in read(self.path):
+                self.done.add(row["key"])
+                if each is not None:
+                    each(row)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 

@@ -22,7 +22,7 @@ from ..generation import Prepared, generate, generate_batched, new_state, prefil
 from ..methods import METHODS, FullKV, KVMethod, Method, PromptMethod, make, parse_budget
 from ..models.loading import Pair, precision
 from . import ruler
-from .answer_log import Results, read
+from .answer_log import Results
 from .metrics import score
 
 DRAFT_ALONE = "draft"  # the draft model answering by itself: the floor the draft-based methods must beat
@@ -101,14 +101,21 @@ def samples(tokenizer, tasks: list[str], lengths: list[int], count: int, seed: i
 class Prompts:
     """The prompt each sample of an answer file was answered on (its fingerprint; the token count for rows older
     than fingerprints), so that a resumed run cannot give a sample's remaining answers another prompt after a
-    change to the generator, its haystack or its word lists. Open it after `Results`, which cuts a torn line."""
+    change to the generator, its haystack or its word lists. Filled by `open`, from the rows `Results` reads."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.seen: dict[str, tuple[str | None, int | None]] = {}
-        for row in read(self.path) if self.path.exists() else []:
-            if "sample" in row:
-                self.seen.setdefault(row["sample"], (row.get("prompt_sha"), row.get("prompt_tokens")))
+
+    @classmethod
+    def open(cls, output: Path) -> tuple[Results, Prompts]:
+        """The answer log and the prompts its rows were given, from one read of the file."""
+        prompts = cls(output)
+        return Results(output, each=prompts._note), prompts
+
+    def _note(self, row: dict) -> None:
+        if "sample" in row:
+            self.seen.setdefault(row["sample"], (row.get("prompt_sha"), row.get("prompt_tokens")))
 
     def check(self, sample: ruler.Sample) -> None:
         sha, tokens = self.seen.get(sample.id, (None, None))
@@ -156,8 +163,7 @@ def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count
     check_grid(tasks, lengths)
     if any(j.method == DRAFT_ALONE or j.build().needs_draft for j in jobs) and pair.draft is None:
         raise ConfigError("these methods need the draft model; load the pair with a draft")
-    results = Results(output)
-    prompts = Prompts(output)
+    results, prompts = Prompts.open(output)
     env = {**environment(pair), **(models or {})}
     draft_pair = Pair(pair.draft, pair.tokenizer, None) if pair.draft is not None else None
     # what is left is known from the sample ids alone; each prompt is generated only when its turn comes (a 16k

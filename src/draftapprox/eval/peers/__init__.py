@@ -109,7 +109,7 @@ def run_kvpress(tokenizer, model_dir: Path, presses: list[str], budgets: list[in
         raise InputError("kvpress's environment is missing: run `draftapprox eval setup-peer kvpress` first")
     settings = {k: _number(v) for k, v in sorted((knobs or {}).items())}
     suffix = "(" + ",".join(f"{k}={v}" for k, v in settings.items()) + ")" if settings else ""
-    results, prompts = Results(output), Prompts(output)
+    results, prompts = Prompts.open(output)
     pending: dict[str, tuple[ruler.Sample, dict]] = {}
     for sample in samples(tokenizer, tasks, lengths, count, seed):
         prompts.check(sample)
@@ -174,7 +174,7 @@ def run_llmlingua(pair, draft_dir: Path, ratios: list[float], tasks: list[str], 
     environment; our target then answers the compressed prompt here, as it does for SpecPC."""
     if not python("llmlingua", cache).exists():
         raise InputError("llmlingua's environment is missing: run `draftapprox eval setup-peer llmlingua` first")
-    results, prompts = Results(output), Prompts(output)
+    results, prompts = Prompts.open(output)
     pending: dict[str, tuple[ruler.Sample, dict]] = {}
     for sample in samples(pair.tokenizer, tasks, lengths, count, seed):
         prompts.check(sample)
