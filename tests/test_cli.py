@@ -99,7 +99,7 @@ BAD = [
     (["eval", "--shard", "2/2"], None, "need 0 <= I < N"),
     (["eval", "--shard", "half"], None, "--shard must be I/N"),
     (["eval", "--output", "/"], None, "--output / is a folder"),
-    (["eval", "--output", __file__], None, "is not a row of an answer file"),
+    (["eval", "--output", __file__], None, "test_cli.py:1: not a row of an answer file"),
     (["generate", "--device", "gpu"], None, "unknown device 'gpu'"),
     (["bench", "--device", "gpu", "--output", "/nonexistent/bench.jsonl"], None, "unknown device 'gpu'"),
     (["eval", "reference", "--method", "h2o"], None, "--method must be specpc or speckv"),

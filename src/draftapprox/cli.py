@@ -212,16 +212,15 @@ def _grid(tasks: str, lengths: str, samples: int, output: Path | None = None) ->
 def _check_output(path: Path) -> None:
     """An answer file to append to must be one: not a folder, and every complete line a keyed JSON row (a torn
     last line is a killed run's, cut when the run resumes)."""
+    from .eval.report import read_keyed
+
     if path.is_dir():
         raise InputError(f"--output {path} is a folder; give a .jsonl file")
-    if not path.is_file():
-        return
-    for number, line in enumerate(path.read_bytes().split(b"\n")[:-1], start=1):
+    if path.is_file():
         try:
-            if line.strip():
-                json.loads(line)["key"]
-        except (ValueError, KeyError, TypeError):
-            raise InputError(f"--output {path}:{number} is not a row of an answer file; give another file") from None
+            read_keyed([path], lambda row: row["key"], "a row of an answer file")
+        except InputError as error:
+            raise InputError(f"--output {error}; give another file") from None
 
 
 def _shard(text: str) -> tuple[int, int]:

@@ -1,13 +1,11 @@
-"""The resumable grid on tiny random models: shared work, resume, kill safety, and the report."""
+"""The resumable grid on tiny random models: shared work, resume and kill safety."""
 
-import csv
 import json
 
 import pytest
 
 from draftapprox.errors import ConfigError
-from draftapprox.eval import harness, report
-from draftapprox.markdown import END, START
+from draftapprox.eval import harness
 from draftapprox.models.loading import pair_from_models
 
 from ..conftest import tiny_model, tiny_tokenizer
@@ -122,70 +120,3 @@ def test_a_resumed_sample_must_have_the_prompt_its_answers_had(pair, tmp_path, l
     with pytest.raises(ConfigError, match="another prompt"):
         harness.run(pair, jobs(), TASKS[:1], [1024], 1, out, progress=False, max_new_tokens=6)
     assert len(lines(out)) == 4
-
-
-FIXTURE = [
-    # (method, budget, task, scores)
-    ("fullkv", None, "niah_single_1", [100, 100]), ("fullkv", None, "vt", [100, 80]),
-    ("draft", None, "niah_single_1", [0, 100]), ("draft", None, "vt", [20, 20]),
-    ("snapkv", 64, "niah_single_1", [0, 0]), ("snapkv", 64, "vt", [40, 60]),
-    ("speckv", 64, "niah_single_1", [100, 100]), ("speckv", 64, "vt", [100, 60]),
-    ("specpc", 0.25, "niah_single_1", [100, 0]), ("specpc", 0.25, "vt", [60, 60]),
-    ("kvpress:snapkv", 64, "niah_single_1", [0, 100]),  # incomplete: one task only
-    ("streamingllm", 64, "niah_single_1", [0]), ("streamingllm", 64, "vt", [100]),  # one answer a task
-]
-
-
-def test_report_from_a_fixture(tmp_path):
-    src = tmp_path / "answers.jsonl"
-    with open(src, "w") as f:
-        for method, budget, task, scores in FIXTURE:
-            for i, s in enumerate(scores):
-                label = method if budget is None else f"{method}@{budget}"
-                f.write(json.dumps({"key": f"{task}/2048/42/{i}|{label}", "sample": f"{task}/2048/42/{i}",
-                                    "task": task, "length": 2048,
-                                    "method": method, "budget": budget, "score": s, "seconds": 1.0,
-                                    "env": {"device": "cpu"}}) + "\n")
-    out = tmp_path / "results"
-    (out).mkdir()
-    prose = f"# Accuracy\n\nProse before.\n\n{START}\nold\n{END}\nProse after.\n"
-    (out / "accuracy.md").write_text(prose)
-    report.write([src], out, command="draftapprox eval --samples 2")
-    with open(out / "accuracy.csv") as f:
-        rows = list(csv.DictReader(f))
-    avg = {(r["method"], r["budget"]): float(r["score"]) for r in rows if r["task"] == "average"}
-    assert avg[("speckv", "64")] == 90 and avg[("snapkv", "64")] == 25 and avg[("fullkv", "")] == 95
-    nvt = next(r for r in rows if r["method"] == "specpc" and r["task"] == "vt")
-    assert nvt["n"] == "2" and nvt["score"] == "60.0" and nvt["ci_low"] == nvt["ci_high"] == "60.0"
-    md = (out / "accuracy.md").read_text()
-    assert md.startswith("# Accuracy\n\nProse before.") and md.rstrip().endswith("Prose after.") and "old" not in md
-    assert "draftapprox eval --samples 2" in md and "| speckv | 100.0 | 80.0 | **90.0**" in md
-    assert "### Peers at 2048 tokens, KV budget (pairs per head) 64" in md
-    assert "| kvpress:snapkv | 50.0 | - | (incomplete) | **50.0** [0.0, 100.0] | 2 |" in md  # common: niah_single_1
-    assert "## 2048 tokens, prompt keep ratio 0.25" in md
-    assert "| streamingllm | 0.0 | 100.0 | **50.0** [n=1: no interval] |" in md  # a point is not an interval
-    single = next(r for r in rows if r["method"] == "streamingllm" and r["task"] == "average")
-    assert single["ci_low"] == single["ci_high"] == "" and single["score"] == "50.0"
-    assert (out / "accuracy-2048.png").stat().st_size > 10_000
-    # split by the draft's own answer: right on niah_single_1/1 only, wrong on the other three prompts
-    assert "| 2048 | speckv | 64 | **100.0** [n=1: no interval] (1) | **86.7** [" in md
-    assert "| 2048 | draft |" not in md and "| 2048 | kvpress:snapkv |" not in md
-
-
-def test_a_partly_run_peer_neither_shrinks_the_plotted_tasks_nor_gets_a_point():
-    cells_ = {(2048, "snapkv", 64): {"vt": [40], "qa_1": [60]},
-              (2048, "kvpress:snapkv", 64): {"vt": [100]}, (2048, "kvpress:snapkv", 128): {"vt": [0], "qa_1": [20]}}
-    common, series = report._series(cells_, {"fullkv": {"vt": [100], "qa_1": [100]}})
-    assert common == {"vt", "qa_1"} and series == {"snapkv": [(64.0, 50.0)], "kvpress:snapkv": [(128.0, 10.0)]}
-
-
-def test_report_refuses_files_that_are_not_answers(tmp_path):
-    from draftapprox.errors import InputError
-
-    empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
-    empty.write_text("")
-    bad.write_text('{"not": "an answer"}\n')
-    with pytest.raises(InputError, match="no answers"):
-        report.write([empty], tmp_path / "out")
-    with pytest.raises(InputError, match=r"bad\.jsonl:1"):
-        report.write([bad], tmp_path / "out")

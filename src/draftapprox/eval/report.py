@@ -24,16 +24,21 @@ REFERENCES = ("fullkv", "draft")
 
 def read_keyed(paths: list[Path], key: Callable[[dict], object], what: str) -> dict:
     """The rows of JSONL files by `key(row)`, a later row overriding an earlier one of the same key (a rerun's
-    answer replaces the old one); a line that is not such a row is an InputError naming its file and line."""
+    answer replaces the old one); a line that is not such a row is an InputError naming its file and line. An
+    unfinished last line that does not parse is a write in flight (a grid still running, or killed mid-write),
+    which the next run cuts: it is left out, not an error."""
     rows: dict = {}
     for path in paths:
-        for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        lines = Path(path).read_text().split("\n")
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
                 rows[key(row)] = row
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+                if number == len(lines) and isinstance(error, json.JSONDecodeError):  # no newline after it yet
+                    continue
                 raise InputError(f"{path}:{number}: not {what}") from None
     return rows
 

@@ -1,0 +1,86 @@
+"""`draftapprox eval report`: tables, CSV, plots and the draft-split from answer files."""
+
+import csv
+import json
+
+import pytest
+
+from draftapprox.errors import InputError
+from draftapprox.eval import report
+from draftapprox.markdown import END, START
+
+FIXTURE = [
+    # (method, budget, task, scores)
+    ("fullkv", None, "niah_single_1", [100, 100]), ("fullkv", None, "vt", [100, 80]),
+    ("draft", None, "niah_single_1", [0, 100]), ("draft", None, "vt", [20, 20]),
+    ("snapkv", 64, "niah_single_1", [0, 0]), ("snapkv", 64, "vt", [40, 60]),
+    ("speckv", 64, "niah_single_1", [100, 100]), ("speckv", 64, "vt", [100, 60]),
+    ("specpc", 0.25, "niah_single_1", [100, 0]), ("specpc", 0.25, "vt", [60, 60]),
+    ("kvpress:snapkv", 64, "niah_single_1", [0, 100]),  # incomplete: one task only
+    ("streamingllm", 64, "niah_single_1", [0]), ("streamingllm", 64, "vt", [100]),  # one answer a task
+]
+
+
+def test_report_from_a_fixture(tmp_path):
+    src = tmp_path / "answers.jsonl"
+    with open(src, "w") as f:
+        for method, budget, task, scores in FIXTURE:
+            for i, s in enumerate(scores):
+                label = method if budget is None else f"{method}@{budget}"
+                f.write(json.dumps({"key": f"{task}/2048/42/{i}|{label}", "sample": f"{task}/2048/42/{i}",
+                                    "task": task, "length": 2048,
+                                    "method": method, "budget": budget, "score": s, "seconds": 1.0,
+                                    "env": {"device": "cpu"}}) + "\n")
+    out = tmp_path / "results"
+    (out).mkdir()
+    prose = f"# Accuracy\n\nProse before.\n\n{START}\nold\n{END}\nProse after.\n"
+    (out / "accuracy.md").write_text(prose)
+    report.write([src], out, command="draftapprox eval --samples 2")
+    with open(out / "accuracy.csv") as f:
+        rows = list(csv.DictReader(f))
+    avg = {(r["method"], r["budget"]): float(r["score"]) for r in rows if r["task"] == "average"}
+    assert avg[("speckv", "64")] == 90 and avg[("snapkv", "64")] == 25 and avg[("fullkv", "")] == 95
+    nvt = next(r for r in rows if r["method"] == "specpc" and r["task"] == "vt")
+    assert nvt["n"] == "2" and nvt["score"] == "60.0" and nvt["ci_low"] == nvt["ci_high"] == "60.0"
+    md = (out / "accuracy.md").read_text()
+    assert md.startswith("# Accuracy\n\nProse before.") and md.rstrip().endswith("Prose after.") and "old" not in md
+    assert "draftapprox eval --samples 2" in md and "| speckv | 100.0 | 80.0 | **90.0**" in md
+    assert "### Peers at 2048 tokens, KV budget (pairs per head) 64" in md
+    assert "| kvpress:snapkv | 50.0 | - | (incomplete) | **50.0** [0.0, 100.0] | 2 |" in md  # common: niah_single_1
+    assert "## 2048 tokens, prompt keep ratio 0.25" in md
+    assert "| streamingllm | 0.0 | 100.0 | **50.0** [n=1: no interval] |" in md  # a point is not an interval
+    single = next(r for r in rows if r["method"] == "streamingllm" and r["task"] == "average")
+    assert single["ci_low"] == single["ci_high"] == "" and single["score"] == "50.0"
+    assert (out / "accuracy-2048.png").stat().st_size > 10_000
+    # split by the draft's own answer: right on niah_single_1/1 only, wrong on the other three prompts
+    assert "| 2048 | speckv | 64 | **100.0** [n=1: no interval] (1) | **86.7** [" in md
+    assert "| 2048 | draft |" not in md and "| 2048 | kvpress:snapkv |" not in md
+
+
+def test_a_partly_run_peer_neither_shrinks_the_plotted_tasks_nor_gets_a_point():
+    cells_ = {(2048, "snapkv", 64): {"vt": [40], "qa_1": [60]},
+              (2048, "kvpress:snapkv", 64): {"vt": [100]}, (2048, "kvpress:snapkv", 128): {"vt": [0], "qa_1": [20]}}
+    common, series = report._series(cells_, {"fullkv": {"vt": [100], "qa_1": [100]}})
+    assert common == {"vt", "qa_1"} and series == {"snapkv": [(64.0, 50.0)], "kvpress:snapkv": [(128.0, 10.0)]}
+
+
+def test_report_refuses_files_that_are_not_answers(tmp_path):
+    empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
+    empty.write_text("")
+    bad.write_text('{"not": "an answer"}\n')
+    with pytest.raises(InputError, match="no answers"):
+        report.write([empty], tmp_path / "out")
+    with pytest.raises(InputError, match=r"bad\.jsonl:1"):
+        report.write([bad], tmp_path / "out")
+
+
+def test_report_reads_a_file_being_written(tmp_path):
+    """The grid appends while a report is made: an unfinished last line is a write in flight, left out."""
+    src = tmp_path / "answers.jsonl"
+    row = {"key": "vt/2048/42/0|fullkv", "sample": "vt/2048/42/0", "task": "vt", "length": 2048,
+           "method": "fullkv", "budget": None, "score": 100.0}
+    src.write_text(json.dumps(row) + "\n" + '{"key": "vt/2048/42/1|ful')
+    assert report.load([src]) == [row]
+    src.write_text('{"key": "vt/2048/4\n' + json.dumps(row) + "\n")  # a torn line inside is an error
+    with pytest.raises(InputError, match=r"answers\.jsonl:1"):
+        report.load([src])
