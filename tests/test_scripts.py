@@ -25,7 +25,7 @@ def test_gpu_grid_script_runs_its_grid_and_resumes(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["key"] for r in rows) == ["niah_single_1/1024/42/0|fullkv",
                                                "niah_single_1/1024/42/0|speckv@64",
-                                               "niah_single_1/1024/42/0|specpc@0.25"]
+                                               "niah_single_1/1024/42/0|specpc(start_layer=1,window=16)@0.25"]
     assert {r["env"]["device"] for r in rows} == {"cpu"}
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and len(out.read_text().splitlines()) == 3

@@ -1,6 +1,7 @@
 """The resumable grid on tiny random models: shared work, resume and kill safety."""
 
 import json
+import re
 
 import pytest
 
@@ -31,13 +32,27 @@ def lines(path):
 
 def test_plan_gives_each_kind_its_budgets_and_runs_kv_methods_first():
     labels = [j.label for j in jobs()]
-    assert labels == ["fullkv", "snapkv@64", "speckv@64", "specpc@0.25", "draft"]
+    assert labels == ["fullkv", "snapkv@64", "speckv@64", "specpc(kernel=9,start_layer=1,window=16)@0.25", "draft"]
     with pytest.raises(ConfigError, match="ratios"):
         harness.plan(["specpc"], ["128"])
     with pytest.raises(ConfigError, match="unknown method"):
         harness.plan(["magic"], ["128"])
     with pytest.raises(ConfigError, match="unknown knob"):
         harness.plan(["snapkv"], ["128"], {"snapkv": {"colour": "red"}})
+
+
+def test_a_method_at_several_settings_is_one_job_each_named_by_its_knobs():
+    names = harness.parse_list("fullkv,speckv, speckv(window=16, pool=avg),specpc", "methods")
+    assert names == ["fullkv", "speckv", "speckv(window=16, pool=avg)", "specpc"]
+    plan = harness.plan(names, ["64", "0.25"], {"speckv": {"window": "8", "kernel": "3"}})
+    assert [j.label for j in plan] == ["fullkv", "speckv(kernel=3,window=8)@64",
+                                       "speckv(kernel=3,pool=avg,window=16)@64", "specpc@0.25"]
+    assert plan[2].build().window == 16 and plan[2].build().pool == "avg"  # inline knobs win over --set ones
+    for bad, message in [("speckv(window)", "not KEY=VALUE"), ("speckv(colour=red)", "unknown knob"),
+                         ("fullkv(window=8)", "no knobs"), ("speckv[window=8]", "cannot read method"),
+                         ("speckv(window=8),speckv(window=8)", "given twice")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            harness.plan(harness.parse_list(bad, "methods"), ["64"])
 
 
 def test_grid_writes_every_answer_once_and_a_rerun_skips_them(pair, tmp_path, monkeypatch):
@@ -50,11 +65,17 @@ def test_grid_writes_every_answer_once_and_a_rerun_skips_them(pair, tmp_path, mo
     assert all(r["shared_timings"].get("target_prefill", 0) > 0 for r in firsts)  # one shared prefill per sample
     assert all(not r["shared_timings"] for r in rows if r["method"] == "snapkv")
 
+    # the same method at another setting is new work, on the same prefill, in its own rows
+    window = harness.plan(["snapkv(window=8)"], ["64"])
+    assert harness.run(pair, window, TASKS, [1024], 2, out, progress=False, max_new_tokens=6) == 4
+    assert {r["method"] for r in lines(out)[20:]} == {"snapkv(window=8)"}
+    assert "window=8" in lines(out)[-1]["config"]
+
     calls = []
     monkeypatch.setattr(harness, "generate", lambda *a, **k: calls.append(1))
     monkeypatch.setattr(harness.ruler, "generate_sample", lambda *a, **k: calls.append(a))
     assert harness.run(pair, jobs(), TASKS, [1024], 2, out, progress=False, max_new_tokens=6) == 0 and not calls
-    assert len(lines(out)) == 20
+    assert len(lines(out)) == 24
 
 
 def test_shards_split_the_grid_by_sample_index(pair, tmp_path):

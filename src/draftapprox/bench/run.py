@@ -78,8 +78,9 @@ def variant(job: harness.Job, settings: Settings) -> str:
 
 
 def label(job: harness.Job, settings: Settings) -> str:
-    """The job (method@budget and its knobs) and the run's variant."""
-    return " ".join([job.label, *(f"{k}={v}" for k, v in job.knobs), variant(job, settings)]).strip()
+    """The job (method@budget, then its knobs: `speckv@256 lookahead=32`) and the run's variant."""
+    bare = job.method if job.budget is None else f"{job.method}@{job.budget}"
+    return " ".join([bare, *(f"{k}={v}" for k, v in job.knobs), variant(job, settings)]).strip()
 
 
 def plan(methods: list[str], budgets: list[str], knobs: dict[str, dict[str, str]] | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -37,8 +38,13 @@ class Job:
     knobs: tuple[tuple[str, str], ...] = ()
 
     @property
+    def name(self) -> str:
+        """The method as its answers and the report name it: `speckv`, or `speckv(window=64)` when set."""
+        return self.method + knob_suffix(dict(self.knobs))
+
+    @property
     def label(self) -> str:
-        return self.method if self.budget is None else f"{self.method}@{self.budget}"
+        return self.name if self.budget is None else f"{self.name}@{self.budget}"
 
     def build(self) -> Method:
         return make(self.method, self.budget, **dict(self.knobs)) if self.method != DRAFT_ALONE else FullKV()
@@ -49,24 +55,51 @@ class Job:
         return self.method if self.budget is None else self.build().describe()
 
 
+def knob_suffix(settings: dict[str, object]) -> str:
+    """`(key=value,...)` after the name of a method run at other than its defaults, so that each setting has its
+    own answers (a rerun at another setting must not skip as done) and its own line in the report."""
+    return "(" + ",".join(f"{k}={v}" for k, v in sorted(settings.items())) + ")" if settings else ""
+
+
+_SPEC = re.compile(r"\s*([\w-]+)\s*(?:\((.*)\))?\s*")
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, str]]:
+    """`speckv(window=64,pool=avg)` -> ("speckv", {"window": "64", "pool": "avg"}): one grid can run a method at
+    several settings, sharing the sample's prefill and draft lookahead."""
+    match = _SPEC.fullmatch(spec)
+    if match is None:
+        raise ConfigError(f"cannot read method {spec!r}; write NAME or NAME(KEY=VALUE,...), e.g. speckv(window=64)")
+    settings: dict[str, str] = {}
+    for item in filter(str.strip, (match[2] or "").split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise ConfigError(f"method {spec!r}: {item.strip()!r} is not KEY=VALUE")
+        settings[key.strip()] = value.strip()
+    return match[1].lower(), settings
+
+
 def plan(methods: Iterable[str], budgets: Iterable[str], knobs: dict[str, dict[str, str]] | None = None
          ) -> list[Job]:
     """Jobs for every method at the budgets of its kind: token counts go to KV methods and SpecKV-PC, ratios to
     prompt methods; FullKV and the draft run once. KV methods run first so they share the prefill.
-    `knobs`: per-method knob settings, e.g. {"specpc": {"window": "32"}}."""
+    A method may carry its own knobs, `speckv(window=64)`; `knobs` sets them for every use of a method, e.g.
+    {"specpc": {"window": "32"}}, and the inline ones win."""
     parsed = [parse_budget(b) if isinstance(b, str) else b for b in budgets]
     counts = [b for b in parsed if isinstance(b, int)]
     ratios = [b for b in parsed if isinstance(b, float)]
     jobs: list[Job] = []
-    for name in methods:
-        name = name.strip().lower()
+    for spec in methods:
+        name, inline = parse_method(spec)
         if name in ("fullkv", DRAFT_ALONE):
+            if inline:
+                raise ConfigError(f"{name} has no knobs, got {spec!r}")
             jobs.append(Job(name, None))
             continue
         cls = METHODS.get(name)
         if cls is None:
             raise ConfigError(f"unknown method {name!r}; choose from {', '.join([*METHODS, DRAFT_ALONE])}")
-        own = tuple(sorted((knobs or {}).get(name, {}).items()))
+        own = tuple(sorted({**(knobs or {}).get(name, {}), **inline}.items()))
         mine = ratios if issubclass(cls, PromptMethod) else counts
         if not mine:
             kind = "ratios (0.25)" if issubclass(cls, PromptMethod) else "token counts (128)"
@@ -74,6 +107,9 @@ def plan(methods: Iterable[str], budgets: Iterable[str], knobs: dict[str, dict[s
         jobs += [Job(name, b, own) for b in mine]
     for job in jobs:
         job.build()  # reject bad knobs before any model loads
+    twice = {j.label for j in jobs if sum(k.label == j.label for k in jobs) > 1}
+    if twice:
+        raise ConfigError(f"given twice: {', '.join(sorted(twice))}")
     order = {"kv": 0, "cascade": 1, "prompt": 2}
     return sorted(jobs, key=lambda j: 3 if j.method == DRAFT_ALONE else order[METHODS[j.method].kind])
 
@@ -243,7 +279,7 @@ class _Sample:
         sample, record = self.sample, result.record.to_dict()
         self.results.append({
             "key": key(sample.id, job), "sample": sample.id, "task": sample.task, "index": sample.index,
-            "length": sample.length, "seed": sample.seed, "method": job.method, "budget": job.budget,
+            "length": sample.length, "seed": sample.seed, "method": job.name, "budget": job.budget,
             "config": job.describe(),
             "prediction": result.text, "expected": list(sample.outputs),
             "score": score(sample.task, result.text, list(sample.outputs)),
@@ -275,7 +311,9 @@ def progress_bar(enabled: bool):
 
 
 def parse_list(text: str | list[str] | None, what: str) -> list[str]:
-    items = [x.strip() for part in ([text] if isinstance(text, str) else text or []) for x in part.split(",")]
+    """Comma-separated values; a comma inside parentheses belongs to its value (`speckv(window=64,pool=avg)`)."""
+    parts = [text] if isinstance(text, str) else text or []
+    items = [x.strip() for part in parts for x in re.split(r",(?![^()]*\))", part)]
     items = [x for x in items if x]
     if not items:
         raise InputError(f"--{what}: give at least one value")

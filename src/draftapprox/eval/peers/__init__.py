@@ -21,7 +21,7 @@ from ...methods import FullKV
 from ...paths import cache_dir
 from .. import ruler
 from ..answer_log import Results
-from ..harness import Prompts, samples
+from ..harness import Prompts, knob_suffix, samples
 from ..metrics import score
 
 
@@ -93,7 +93,7 @@ def run_kvpress(tokenizer, model_dir: Path, presses: list[str], budgets: list[in
     """Answer every (sample, press, budget, mode) not yet in `output` with kvpress; returns rows written.
 
     `knobs` set press fields (e.g. window_size=32, kernel_size=7, to match our SnapKV's window and kernel); the
-    method is then labelled `kvpress:snapkv(window_size=32,kernel_size=7)`.
+    method is then labelled `kvpress:snapkv(kernel_size=7,window_size=32)`.
 
     A budget `C` (KV pairs per head, as for our methods) becomes kvpress's `compression_ratio` (about `1 - C / m`, see
     `compression_ratio`), `m` the tokens kvpress compresses (the context, plus the question when query-aware).
@@ -108,7 +108,7 @@ def run_kvpress(tokenizer, model_dir: Path, presses: list[str], budgets: list[in
     if not exe.exists():
         raise InputError("kvpress's environment is missing: run `draftapprox eval setup-peer kvpress` first")
     settings = {k: _number(v) for k, v in sorted((knobs or {}).items())}
-    suffix = "(" + ",".join(f"{k}={v}" for k, v in settings.items()) + ")" if settings else ""
+    suffix = knob_suffix(settings)
     results, prompts = Prompts.open(output)
     pending: dict[str, tuple[ruler.Sample, dict]] = {}
     for sample in samples(tokenizer, tasks, lengths, count, seed):
