@@ -186,6 +186,8 @@ TasksOpt = Annotated[str, typer.Option(help="Comma-separated RULER tasks (defaul
 SamplesOpt = Annotated[int, typer.Option(help="Samples per task and length.")]
 OutputOpt = Annotated[Path, typer.Option(help="JSONL file answers are appended to (reruns skip what is there).")]
 SeedOpt = Annotated[int, typer.Option(help="RULER generation seed.")]
+METHODS_HELP = ("Comma-separated methods, each NAME or NAME(KEY=VALUE,...) to run it at other knobs (e.g. "
+                "speckv(window=64)); `draft` = the draft model alone.")
 DEFAULT_METHODS = ("fullkv,draft,streamingllm,snapkv,pyramidkv,adakv,speckv,adaspeckv,laq,speckvpc,"
                    "specpc,targetpc,specprefill,randompc,recencypc")
 
@@ -262,7 +264,7 @@ def _local_model(source: str | None, default: str, option: str, cache_dir: Path 
 @eval_app.callback()
 def eval_grid(
     ctx: typer.Context,
-    methods: Annotated[str, typer.Option(help="Comma-separated methods; `draft` = the draft model alone.")] =
+    methods: Annotated[str, typer.Option(help=METHODS_HELP)] =
     DEFAULT_METHODS,
     budgets: Annotated[str, typer.Option(
         help="Comma-separated; token counts go to KV methods, ratios (0.25) to prompt methods.")] =
@@ -526,7 +528,7 @@ app.add_typer(bench_app, name="bench")
 @bench_app.callback()
 def bench_run(
     ctx: typer.Context,
-    methods: Annotated[str, typer.Option(help="Comma-separated methods; `draft` = the draft model alone.")] =
+    methods: Annotated[str, typer.Option(help=METHODS_HELP)] =
     "fullkv,streamingllm,snapkv,adakv,speckv,specpc,speckvpc,specprefill",
     budgets: Annotated[str, typer.Option(
         help="Comma-separated; token counts go to KV methods, ratios (0.25) to prompt methods.")] = "256,0.25",
