@@ -96,6 +96,7 @@ BAD = [
     (["compress", "-m", "snapkv"], None, "not a prompt-compression method"),
     (["eval", "--decode-batch", "0"], None, "--decode-batch must be >= 1"),
     (["eval", "--device", "gpu"], None, "unknown device 'gpu'"),
+    (["eval", "--methods", "speckv(window)"], None, "'window' is not KEY=VALUE"),
     (["eval", "--shard", "2/2"], None, "need 0 <= I < N"),
     (["eval", "--shard", "half"], None, "--shard must be I/N"),
     (["eval", "--output", "/"], None, "--output / is a folder"),
