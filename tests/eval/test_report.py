@@ -43,7 +43,7 @@ def test_report_from_a_fixture(tmp_path):
     nvt = next(r for r in rows if r["method"] == "specpc" and r["task"] == "vt")
     assert nvt["n"] == "2" and nvt["score"] == "60.0" and nvt["ci_low"] == nvt["ci_high"] == "60.0"
     md = (out / "accuracy.md").read_text()
-    assert md.startswith("# Accuracy\n\nProse before.") and md.rstrip().endswith("Prose after.") and "old" not in md
+    assert md.startswith("# Accuracy\n\nProse before.") and md.rstrip().endswith("Prose after.") and "\nold\n" not in md
     assert "draftapprox eval --samples 2" in md and "| speckv | 100.0 | 80.0 | **90.0**" in md
     assert "### Peers at 2048 tokens, KV budget (pairs per head) 64" in md
     assert "| kvpress:snapkv | 50.0 | - | (incomplete) | **50.0** [0.0, 100.0] | 2 |" in md  # common: niah_single_1
@@ -55,6 +55,12 @@ def test_report_from_a_fixture(tmp_path):
     # split by the draft's own answer: right on niah_single_1/1 only, wrong on the other three prompts
     assert "| 2048 | speckv | 64 | **100.0** [n=1: no interval] (1) | **86.7** [" in md
     assert "| 2048 | draft |" not in md and "| 2048 | kvpress:snapkv |" not in md
+    # paired differences: speckv - snapkv is 100 on both niah prompts and 60, 0 on vt's: (100 + 30) / 2
+    paired = md[md.index("## Paired differences"):]
+    assert "| snapkv | **+65.0 [+50.0, +80.0]** (4) |" in paired
+    assert "| kvpress:snapkv | +50.0 [+0.0, +100.0] (2) |" in paired  # the two prompts both answered
+    assert "| fullkv | -5.0 [-10.0, +0.0] (4) |" in paired  # not bold: the interval reaches zero
+    assert "| speckv | - |" in paired and "| specpc minus row |" in paired
 
 
 def test_a_partly_run_peer_neither_shrinks_the_plotted_tasks_nor_gets_a_point():

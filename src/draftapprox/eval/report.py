@@ -139,7 +139,7 @@ def _write_markdown(rows: list[dict], table, path: Path, command: str | None) ->
             if peers:
                 same = [k for k in ours if any(p[0].split(":", 1)[1].split("(")[0] == k[0] for p in peers)]
                 lines += _table(f"### Peers at {length} tokens, {kind} {budget}", group, refs + same + peers)
-    lines += _by_draft(rows)
+    lines += _by_draft(rows) + _paired(rows)
     splice(path, "\n".join(lines))
     return path
 
@@ -164,6 +164,53 @@ def _by_draft(rows: list[dict]) -> list[str]:
                   for right in (True, False)]
         lines.append(f"| {length} | {method} | {'' if budget is None else budget} | " + " | ".join(cells_) + " |")
     return [*lines, ""]
+
+
+DRAFT_BASED = ("speckv", "adaspeckv", "specpc")
+
+
+def _paired(rows: list[dict]) -> list[str]:
+    """The draft-based methods against every other method of the same length and budget, on the prompts both
+    answered. Two methods' own intervals can overlap while the difference between them, prompt by prompt, is
+    clear (a hard prompt is hard for both), so the differences a report states are judged here."""
+    answers: dict[tuple[int, str, object], dict[str, tuple[str, float]]] = defaultdict(dict)
+    for r in rows:
+        answers[(r["length"], r["method"], r["budget"])][r["sample"]] = (r["task"], r["score"])
+    lines = ["## Paired differences", "",
+             "Mean over tasks of the per-prompt difference (column method minus row method) on the prompts both "
+             "answered, with its 95% stratified bootstrap interval, then the number of prompts. Bold where the "
+             "interval excludes zero.", ""]
+    for length in sorted({k[0] for k in answers}):
+        for budget in sorted({k[2] for k in answers if k[0] == length and k[2] is not None}, key=_budget_sort):
+            ours = [m for m in DRAFT_BASED if (length, m, budget) in answers]
+            if not ours:
+                continue
+            others = sorted({(m, b) for (n, m, b) in answers if n == length and b in (budget, None)},
+                            key=lambda k: (k[1] is not None, ":" in k[0], _order(k[0])))
+            kind = "KV budget" if isinstance(budget, int) else "keep ratio"
+            lines += [f"### {length} tokens, {kind} {budget}", "",
+                      "| row method | " + " | ".join(f"{m} minus row" for m in ours) + " |",
+                      "|---" * (len(ours) + 1) + "|"]
+            for method, b in others:
+                cells_ = [_difference(answers[(length, mine, budget)], answers[(length, method, b)])
+                          if method != mine else "-" for mine in ours]
+                lines.append(f"| {method} | " + " | ".join(cells_) + " |")
+            lines.append("")
+    return lines
+
+
+def _difference(mine: dict[str, tuple[str, float]], theirs: dict[str, tuple[str, float]]) -> str:
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for sample in mine.keys() & theirs.keys():
+        by_task[mine[sample][0]].append(mine[sample][1] - theirs[sample][1])
+    if not by_task:
+        return "-"
+    point, lo, hi = bootstrap_mean_over_tasks(by_task)
+    n = sum(len(v) for v in by_task.values())
+    if lo is None:
+        return f"{point:+.1f} [n=1: no interval] ({n})"
+    text = f"{point:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+    return (f"**{text}**" if lo > 0 or hi < 0 else text) + f" ({n})"
 
 
 def _table(title: str, group: dict, keys: list) -> list[str]:
