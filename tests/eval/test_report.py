@@ -21,16 +21,20 @@ FIXTURE = [
 ]
 
 
-def test_report_from_a_fixture(tmp_path):
-    src = tmp_path / "answers.jsonl"
-    with open(src, "w") as f:
-        for method, budget, task, scores in FIXTURE:
+def write_answers(path, fixture):
+    with open(path, "w") as f:
+        for method, budget, task, scores in fixture:
             for i, s in enumerate(scores):
                 label = method if budget is None else f"{method}@{budget}"
                 f.write(json.dumps({"key": f"{task}/2048/42/{i}|{label}", "sample": f"{task}/2048/42/{i}",
                                     "task": task, "length": 2048,
                                     "method": method, "budget": budget, "score": s, "seconds": 1.0,
                                     "env": {"device": "cpu"}}) + "\n")
+
+
+def test_report_from_a_fixture(tmp_path):
+    src = tmp_path / "answers.jsonl"
+    write_answers(src, FIXTURE)
     out = tmp_path / "results"
     (out).mkdir()
     prose = f"# Accuracy\n\nProse before.\n\n{START}\nold\n{END}\nProse after.\n"
@@ -68,6 +72,17 @@ def test_a_partly_run_peer_neither_shrinks_the_plotted_tasks_nor_gets_a_point():
               (2048, "kvpress:snapkv", 64): {"vt": [100]}, (2048, "kvpress:snapkv", 128): {"vt": [0], "qa_1": [20]}}
     common, series = report._series(cells_, {"fullkv": {"vt": [100], "qa_1": [100]}})
     assert common == {"vt", "qa_1"} and series == {"snapkv": [(64.0, 50.0)], "kvpress:snapkv": [(128.0, 10.0)]}
+
+
+@pytest.mark.filterwarnings("error")  # matplotlib warns of a legend with nothing in it
+def test_a_grid_of_one_kind_gets_one_panel_and_a_grid_with_no_common_task_says_so(tmp_path):
+    kv_only = [row for row in FIXTURE if not isinstance(row[1], float) and ":" not in row[0]]
+    write_answers(tmp_path / "kv.jsonl", kv_only)
+    report.write([tmp_path / "kv.jsonl"], tmp_path / "kv")
+    assert (tmp_path / "kv" / "accuracy-2048.png").stat().st_size > 10_000
+    apart = [("speckv", 64, "vt", [100]), ("speckv(window=8)", 64, "qa_1", [0])]  # variants on other tasks
+    write_answers(tmp_path / "apart.jsonl", apart)
+    report.write([tmp_path / "apart.jsonl"], tmp_path / "apart")
 
 
 def test_report_refuses_files_that_are_not_answers(tmp_path):

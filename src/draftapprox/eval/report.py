@@ -201,7 +201,7 @@ def _paired(rows: list[dict]) -> list[str]:
 
 def _difference(mine: dict[str, tuple[str, float]], theirs: dict[str, tuple[str, float]]) -> str:
     by_task: dict[str, list[float]] = defaultdict(list)
-    for sample in mine.keys() & theirs.keys():
+    for sample in sorted(mine.keys() & theirs.keys()):  # a fixed order: the seeded bootstrap then repeats
         by_task[mine[sample][0]].append(mine[sample][1] - theirs[sample][1])
     if not by_task:
         return "-"
@@ -264,12 +264,16 @@ def _plot(table, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
+    kinds = ((True, "KV cache methods (budget = pairs per KV head)"), (False, "prompt compression (keep ratio)"))
     for length in sorted({k[0] for k in table}):
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for ax, integer, title in ((axes[0], True, "KV cache methods (budget = pairs per KV head)"),
-                                   (axes[1], False, "prompt compression (keep ratio)")):
-            cells_ = {k: v for k, v in table.items()
-                      if k[0] == length and k[2] is not None and isinstance(k[2], int) == integer}
+        panels = [(integer, title, {k: v for k, v in table.items()
+                                    if k[0] == length and k[2] is not None and isinstance(k[2], int) == integer})
+                  for integer, title in kinds]
+        panels = [panel for panel in panels if panel[2]]  # a grid of KV methods only gets no empty second panel
+        if not panels:
+            continue
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+        for ax, (integer, title, cells_) in zip(axes[0], panels, strict=True):
             refs = {m: table[(length, m, None)] for m in REFERENCES if (length, m, None) in table}
             common, series = _series(cells_, refs)
             # hollow markers of different shapes keep equal lines visible (SpecKV-PC is SpecKV at 2k tokens)
@@ -287,7 +291,11 @@ def _plot(table, out: Path) -> list[Path]:
             if integer:
                 ax.set_xscale("log", base=2)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if common:
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "no task that every method has answered yet", ha="center",
+                        transform=ax.transAxes)
         fig.suptitle(f"RULER, {length}-token prompts")
         fig.tight_layout()
         path = out / f"accuracy-{length}.png"
