@@ -79,8 +79,8 @@ def variant(job: harness.Job, settings: Settings) -> str:
 
 def label(job: harness.Job, settings: Settings) -> str:
     """The job (method@budget, then its knobs: `speckv@256 lookahead=32`) and the run's variant."""
-    bare = job.method if job.budget is None else f"{job.method}@{job.budget}"
-    return " ".join([bare, *(f"{k}={v}" for k, v in job.knobs), variant(job, settings)]).strip()
+    knobs = (f"{k}={v}" for k, v in job.knobs)
+    return " ".join([harness.at_budget(job.method, job.budget), *knobs, variant(job, settings)]).strip()
 
 
 def plan(methods: list[str], budgets: list[str], knobs: dict[str, dict[str, str]] | None = None,

@@ -12,6 +12,7 @@ import dataclasses
 import platform
 import re
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ class Job:
 
     @property
     def label(self) -> str:
-        return self.name if self.budget is None else f"{self.name}@{self.budget}"
+        return at_budget(self.name, self.budget)
 
     def build(self) -> Method:
         return make(self.method, self.budget, **dict(self.knobs)) if self.method != DRAFT_ALONE else FullKV()
@@ -53,6 +54,11 @@ class Job:
         if self.method == DRAFT_ALONE:
             return "the draft model alone, full cache"
         return self.method if self.budget is None else self.build().describe()
+
+
+def at_budget(name: str, budget: int | float | None) -> str:
+    """`speckv@128`; FullKV and the draft, which have no budget, by their name alone."""
+    return name if budget is None else f"{name}@{budget}"
 
 
 def knob_suffix(settings: dict[str, object]) -> str:
@@ -107,7 +113,7 @@ def plan(methods: Iterable[str], budgets: Iterable[str], knobs: dict[str, dict[s
         jobs += [Job(name, b, own) for b in mine]
     for job in jobs:
         job.build()  # reject bad knobs before any model loads
-    twice = {j.label for j in jobs if sum(k.label == j.label for k in jobs) > 1}
+    twice = [label for label, count in Counter(j.label for j in jobs).items() if count > 1]
     if twice:
         raise ConfigError(f"given twice: {', '.join(sorted(twice))}")
     order = {"kv": 0, "cascade": 1, "prompt": 2}
