@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import DraftApproxError, InputError
+from .errors import ConfigError, DraftApproxError, InputError
 
 app = typer.Typer(help="Draft-based approximate inference (SpecKV, SpecPC) for long-context LLMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -68,13 +68,12 @@ def _read_prompt(prompt_file: Path | None, example: bool) -> str:
 
 
 def _pairs(items: list[str] | None, option: str) -> dict[str, str]:
-    knobs = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"{option} expects KEY=VALUE, got {item!r}")
-        knobs[key.strip()] = value.strip()
-    return knobs
+    from .methods import parse_setting
+
+    try:
+        return dict(parse_setting(item) for item in items or [])
+    except ConfigError as error:
+        raise InputError(f"{option}: {error}") from None
 
 
 def _method(name: str, budget: str | None, settings: list[str] | None):
@@ -237,13 +236,18 @@ def _shard(text: str) -> tuple[int, int]:
 
 def _method_knobs(items: list[str] | None) -> dict[str, dict[str, str]]:
     """`--set METHOD.KEY=VALUE` options as {method: {key: value}}."""
+    from .methods import parse_setting
+
     settings: dict[str, dict[str, str]] = {}
     for item in items or []:
         name, dot, rest = item.partition(".")
-        key, eq, value = rest.partition("=")
-        if not dot or not eq or not name or not key:
-            raise InputError(f"--set expects METHOD.KEY=VALUE, got {item!r}")
-        settings.setdefault(name.strip().lower(), {})[key.strip()] = value.strip()
+        try:
+            if not dot or not name.strip() or "=" in name:
+                raise ConfigError(item)
+            key, value = parse_setting(rest)
+        except ConfigError:
+            raise InputError(f"--set expects METHOD.KEY=VALUE, got {item!r}") from None
+        settings.setdefault(name.strip().lower(), {})[key] = value
     return settings
 
 

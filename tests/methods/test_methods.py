@@ -8,7 +8,7 @@ import draftapprox as da
 from draftapprox.cache import HeadwiseLayer, compress_cache, kept_pairs
 from draftapprox.errors import ConfigError
 from draftapprox.generation import compress_prompt, new_state, prefill
-from draftapprox.methods import METHODS, KVMethod, PromptMethod, make
+from draftapprox.methods import METHODS, KVMethod, PromptMethod, make, parse_setting
 
 from ..conftest import prompt_ids
 from ..reference import snapkv_keep, speckv_keep, specpc_positions
@@ -158,6 +158,14 @@ def test_speckv_draft_lookahead_is_shared_between_methods(qwen_pair):
 def test_invalid_knobs_are_rejected(name, knobs, message):
     with pytest.raises(ConfigError, match=message):
         make(name, 32, **knobs)
+
+
+def test_a_setting_is_read_the_same_everywhere():
+    assert parse_setting(" window = 8 ") == ("window", "8")
+    assert parse_setting("stop=a=b") == ("stop", "a=b")  # the value may hold '='
+    for bad in ("window", "window=", "=8", " = "):
+        with pytest.raises(ConfigError, match="is not KEY=VALUE"):
+            parse_setting(bad)
 
 
 @pytest.mark.parametrize("budget", [0, -5, 0.0, 1.5, True, "many"])

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..generation import Prepared, generate, generate_batched, new_state, prefill, prepare
-from ..methods import METHODS, FullKV, KVMethod, Method, PromptMethod, make, parse_budget
+from ..methods import METHODS, FullKV, KVMethod, Method, PromptMethod, make, parse_budget, parse_setting
 from ..models.loading import Pair, precision
 from . import ruler
 from .answer_log import Results
@@ -76,12 +76,10 @@ def parse_method(spec: str) -> tuple[str, dict[str, str]]:
     match = _SPEC.fullmatch(spec)
     if match is None:
         raise ConfigError(f"cannot read method {spec!r}; write NAME or NAME(KEY=VALUE,...), e.g. speckv(window=64)")
-    settings: dict[str, str] = {}
-    for item in filter(str.strip, (match[2] or "").split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip() or not value.strip():
-            raise ConfigError(f"method {spec!r}: {item.strip()!r} is not KEY=VALUE")
-        settings[key.strip()] = value.strip()
+    try:
+        settings = dict(parse_setting(item) for item in filter(str.strip, (match[2] or "").split(",")))
+    except ConfigError as error:
+        raise ConfigError(f"method {spec!r}: {error}") from None
     return match[1].lower(), settings
 
 

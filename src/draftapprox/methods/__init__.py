@@ -30,7 +30,7 @@ METHODS: dict[str, type[Method]] = {
 
 __all__ = ["LAQ", "METHODS", "AdaKV", "AdaSpecKV", "FullKV", "KVMethod", "KVSelection", "Method", "PromptMethod",
            "PyramidKV", "RandomPC", "RecencyPC", "ScorerKV", "SnapKV", "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill",
-           "StreamingLLM", "TargetPC", "knob_fields", "make", "parse_budget"]
+           "StreamingLLM", "TargetPC", "knob_fields", "make", "parse_budget", "parse_setting"]
 
 
 def parse_budget(text: str) -> int | float:
@@ -39,6 +39,15 @@ def parse_budget(text: str) -> int | float:
         return float(text) if "." in text or "e" in text.lower() else int(text)
     except ValueError:
         raise ConfigError(f"budget must be a token count (256) or a ratio (0.25), got {text!r}") from None
+
+
+def parse_setting(item: str) -> tuple[str, str]:
+    """' window = 8' -> ("window", "8"). The one reader of a knob setting, so that `--set` and `speckv(...)` accept
+    the same things; an empty value is refused, as no knob reads it."""
+    key, eq, value = item.partition("=")
+    if not eq or not key.strip() or not value.strip():
+        raise ConfigError(f"{item.strip()!r} is not KEY=VALUE")
+    return key.strip(), value.strip()
 
 
 def knob_fields(cls: type[Method]) -> list[dataclasses.Field]:
