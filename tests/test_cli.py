@@ -118,6 +118,19 @@ def test_bad_input_is_one_line_and_non_zero(monkeypatch, capsys, models, args, s
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_eval_diff_prints_a_table_or_one_line_errors(monkeypatch, capsys, tmp_path):
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"key": f"vt/2048/42/0|{m}", "sample": "vt/2048/42/0", "score": s,
+                                           "prediction": p, "expected": ["XKQZT"]}) + "\n"
+                               for m, s, p in [("fullkv", 100, "XKQZT"), ("speckv@128", 0, "ABCDE")]))
+    code, out, _ = cli(monkeypatch, capsys, ["eval", "diff", str(answers), "--method", "speckv@128"])
+    assert code == 0 and "| vt/2048/42/0 | -100 | XKQZT | XKQZT (100) | ABCDE (0) | - |" in out
+    for args, message in [(["/nonexistent/answers.jsonl", "--method", "speckv@128"], "no such file"),
+                          ([str(answers), "--method", "snapkv@128"], "no answers labelled 'snapkv@128'")]:
+        code, out, err = cli(monkeypatch, capsys, ["eval", "diff", *args])
+        assert code == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1
+
+
 def test_model_problems_are_one_line_errors(monkeypatch, capsys, models, tmp_path):
     corrupt = tmp_path / "broken.gguf"
     corrupt.write_bytes(b"not a gguf file")

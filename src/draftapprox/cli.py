@@ -328,10 +328,35 @@ def eval_report(
     _report(report.write, inputs, out, command)
 
 
-def _report(write, inputs: list[Path], out: Path, command: str | None) -> None:
+@eval_app.command("diff")
+def eval_diff(
+    inputs: Annotated[list[Path], typer.Argument(help="JSONL files written by `draftapprox eval`.")],
+    method: Annotated[str, typer.Option(help="The answers to examine, by label: speckv@128, "
+                                             "speckv(window=8)@128, kvpress-qa:snapkv@128, draft.")],
+    against: Annotated[str, typer.Option(help="The answers to compare them with, by label.")] = "fullkv",
+    out: Annotated[Path | None, typer.Option(help="Markdown file to write (default: print).")] = None,
+) -> None:
+    """List the prompts where two methods' answers scored differently, worst loss first, with the expected
+    answer and the draft's: the first thing to read when a method falls short."""
+    from .eval import report
+
+    _require_files(inputs)
+    text = "\n".join(report.diff(report.load(inputs), method, against))
+    if out is None:
+        print(text)
+    else:
+        out.write_text(text)
+        err.print(f"wrote {out}")
+
+
+def _require_files(inputs: list[Path]) -> None:
     for path in inputs:
         if not path.is_file():
             raise InputError(f"no such file: {path}")
+
+
+def _report(write, inputs: list[Path], out: Path, command: str | None) -> None:
+    _require_files(inputs)
     for path in write(inputs, out, command=command):
         err.print(f"wrote {path}")
 

@@ -105,3 +105,22 @@ def test_report_reads_a_file_being_written(tmp_path):
     src.write_text('{"key": "vt/2048/4\n' + json.dumps(row) + "\n")  # a torn line inside is an error
     with pytest.raises(InputError, match=r"answers\.jsonl:1"):
         report.load([src])
+
+
+def test_diff_lists_the_prompts_scored_differently_losses_first(tmp_path):
+    src = tmp_path / "answers.jsonl"
+    write_answers(src, FIXTURE)
+    rows = report.load([src])
+    lines = report.diff(rows, "speckv@64", "snapkv@64")
+    assert lines[0].startswith("`speckv@64` against `snapkv@64` on the 4 prompts both answered: below on 0, above "
+                               "on 3, level on 1.")
+    table = [line for line in lines if line.startswith("| niah") or line.startswith("| vt")]
+    assert [line.split(" | ")[:2] for line in table] == [
+        ["| niah_single_1/2048/42/0", "+100"], ["| niah_single_1/2048/42/1", "+100"], ["| vt/2048/42/0", "+60"]]
+    mixed = [line.split(" | ")[:2] for line in report.diff(rows, "draft", "snapkv@64")[4:-1]]
+    assert mixed == [["| vt/2048/42/1", "-40"], ["| vt/2048/42/0", "-20"], ["| niah_single_1/2048/42/1", "+100"]]
+    assert lines[2].endswith("| draft alone (score) |") and table[0].endswith(" (0) |")  # the draft's answer scored 0
+    assert "below on 1, above on 0, level on 3" in report.diff(rows, "speckv@64", "fullkv")[0]
+    assert "draft alone" not in "".join(report.diff(rows, "draft", "fullkv"))
+    with pytest.raises(InputError, match=r"no answers labelled 'speckv@128'; the files hold: draft, fullkv, "):
+        report.diff(rows, "speckv@128", "fullkv")

@@ -303,3 +303,46 @@ def _plot(table, out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def label(row: dict) -> str:
+    """`speckv@128`, `speckv(window=8)@128`, `kvpress-qa:snapkv@128`, `fullkv`: what follows the sample in a key."""
+    return row["key"].split("|", 1)[1]
+
+
+def diff(rows: list[dict], method: str, against: str, width: int = 120) -> list[str]:
+    """Markdown of the prompts where `method` and `against` scored differently, the largest loss first and the
+    gains last, each with the expected answer, both answers and the draft's alone: what a gap's investigation
+    reads first, to tell a wrong answer from one the scorer missed. An unknown label is an InputError naming the
+    known ones."""
+    by_label: dict[str, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        by_label[label(r)][r["sample"]] = r
+    for name in (method, against):
+        if name not in by_label:
+            raise InputError(f"no answers labelled {name!r}; the files hold: {', '.join(sorted(by_label))}")
+    mine, theirs, draft = by_label[method], by_label[against], by_label.get("draft", {})
+    both = sorted(mine.keys() & theirs.keys())
+    delta = {s: mine[s]["score"] - theirs[s]["score"] for s in both}
+    differ = sorted((s for s in both if delta[s]), key=lambda s: (delta[s] > 0, -abs(delta[s]), s))
+    below = sum(delta[s] < 0 for s in both)
+
+    def cell(row: dict | None) -> str:
+        if row is None:
+            return "-"
+        text = " ".join(str(row.get("prediction", "")).split()).replace("|", "\\|")
+        return f"{text[:width]}{'…' if len(text) > width else ''} ({row['score']:.0f})"
+
+    header = ["prompt", "difference", "expected", f"{against} (score)", f"{method} (score)"]
+    if method != "draft" and against != "draft":
+        header.append("draft alone (score)")
+    lines = [f"`{method}` against `{against}` on the {len(both)} prompts both answered: below on {below}, above "
+             f"on {len(differ) - below}, level on {len(both) - len(differ)}.", "",
+             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for s in differ:
+        cells_ = [s, f"{delta[s]:+.0f}", ", ".join(map(str, theirs[s].get("expected", []))).replace("|", "\\|"),
+                  cell(theirs[s]), cell(mine[s])]
+        if len(header) == 6:
+            cells_.append(cell(draft.get(s)))
+        lines.append("| " + " | ".join(cells_) + " |")
+    return [*lines, ""]
