@@ -125,8 +125,12 @@ def test_eval_diff_prints_a_table_or_one_line_errors(monkeypatch, capsys, tmp_pa
                                for m, s, p in [("fullkv", 100, "XKQZT"), ("speckv@128", 0, "ABCDE")]))
     code, out, _ = cli(monkeypatch, capsys, ["eval", "diff", str(answers), "--method", "speckv@128"])
     assert code == 0 and "| vt/2048/42/0 | -100 | XKQZT | XKQZT (100) | ABCDE (0) | - |" in out
+    code, _, _ = cli(monkeypatch, capsys, ["eval", "diff", str(answers), "--method", "speckv@128", "--out",
+                                           str(tmp_path / "new" / "diff.md")])
+    assert code == 0 and (tmp_path / "new" / "diff.md").read_text() == out
     for args, message in [(["/nonexistent/answers.jsonl", "--method", "speckv@128"], "no such file"),
-                          ([str(answers), "--method", "snapkv@128"], "no answers labelled 'snapkv@128'")]:
+                          ([str(answers), "--method", "snapkv@128"], "no answers labelled 'snapkv@128'"),
+                          ([str(answers), "--method", "speckv@128", "--out", str(tmp_path)], "is a folder")]:
         code, out, err = cli(monkeypatch, capsys, ["eval", "diff", *args])
         assert code == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1
 

@@ -336,15 +336,18 @@ def eval_diff(
     against: Annotated[str, typer.Option(help="The answers to compare them with, by label.")] = "fullkv",
     out: Annotated[Path | None, typer.Option(help="Markdown file to write (default: print).")] = None,
 ) -> None:
-    """List the prompts where two methods' answers scored differently, worst loss first, with the expected
+    """List the prompts where two methods' answers scored differently, the largest loss first, with the expected
     answer and the draft's: the first thing to read when a method falls short."""
     from .eval import report
 
     _require_files(inputs)
+    if out is not None and out.is_dir():
+        raise InputError(f"--out {out} is a folder; give a file name")
     text = "\n".join(report.diff(report.load(inputs), method, against))
     if out is None:
-        print(text)
+        print(text, end="")
     else:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         err.print(f"wrote {out}")
 
