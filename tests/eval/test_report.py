@@ -71,7 +71,9 @@ def test_a_partly_run_peer_neither_shrinks_the_plotted_tasks_nor_gets_a_point():
     cells_ = {(2048, "snapkv", 64): {"vt": [40], "qa_1": [60]},
               (2048, "kvpress:snapkv", 64): {"vt": [100]}, (2048, "kvpress:snapkv", 128): {"vt": [0], "qa_1": [20]}}
     common, series = report._series(cells_, {"fullkv": {"vt": [100], "qa_1": [100]}})
-    assert common == {"vt", "qa_1"} and series == {"snapkv": [(64.0, 50.0)], "kvpress:snapkv": [(128.0, 10.0)]}
+    # one answer a task: a point without an interval, never a zero-width one
+    assert common == {"vt", "qa_1"} and series == {"snapkv": [(64.0, 50.0, None, None)],
+                                                   "kvpress:snapkv": [(128.0, 10.0, None, None)]}
 
 
 @pytest.mark.filterwarnings("error")  # matplotlib warns of a legend with nothing in it

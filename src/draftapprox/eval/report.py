@@ -244,17 +244,46 @@ def _order(method: str) -> tuple[int, str]:
     return (_ORDER.index(method), method) if method in _ORDER else (len(_ORDER), method)
 
 
-def _series(cells_: dict, refs: dict) -> tuple[set[str], dict[str, list[tuple[float, float]]]]:
-    """The tasks every plotted point averages, and each method's (budget, mean) points. The tasks are those every
-    cell of ours (and each reference) has: all, once complete. A peer's point is drawn only where it has them all
-    too, so a partly run peer cannot shrink the set."""
+Point = tuple[float, float, float | None, float | None]  # (budget, mean over tasks, interval low, high)
+
+
+def _series(cells_: dict, refs: dict) -> tuple[set[str], dict[str, list[Point]]]:
+    """The tasks every plotted point averages, and each method's points with their bootstrap intervals. The tasks
+    are those every cell of ours (and each reference) has: all, once complete. A peer's point is drawn only where
+    it has them all too, so a partly run peer cannot shrink the set."""
     ours = [v for k, v in cells_.items() if ":" not in k[1]]
     common = set.intersection(*(set(v) for v in [*ours, *refs.values()])) if ours else set()
-    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    series: dict[str, list[Point]] = defaultdict(list)
     for (_, method, budget), by_task in cells_.items():
         if common and common <= {t for t, scores in by_task.items() if scores}:
-            series[method].append((float(budget), mean([mean(by_task[t]) for t in common])))
+            series[method].append((float(budget), *bootstrap_mean_over_tasks({t: by_task[t] for t in sorted(common)})))
     return common, series
+
+
+# A colour per method, the same on every plot: a peer's press takes the colour of our method of the same name,
+# so ours and theirs sit side by side (solid and dashed). The two panels may reuse colours.
+_COLOURS = {"streamingllm": "tab:brown", "snapkv": "tab:orange", "pyramidkv": "tab:olive", "adakv": "tab:green",
+            "laq": "tab:cyan", "speckv": "tab:blue", "adaspeckv": "tab:purple", "speckvpc": "navy",
+            "expectedattention": "tab:red", "kvzip": "tab:pink",
+            "recencypc": "tab:brown", "randompc": "tab:olive", "specprefill": "tab:orange", "targetpc": "tab:green",
+            "specpc": "tab:blue", "longllmlingua": "tab:red"}
+
+
+def _style(method: str, fallback: int) -> dict:
+    """Bold for the draft-based methods, dashed for peers, dash-dotted for SpecKV-PC so that SpecKV shows through
+    where the two are equal (prompts within its prompt budget); a method's knob variants share its colour."""
+    base = method.split(":")[-1].split("(")[0]
+    spare = ("tab:pink", "tab:gray", "tab:cyan", "tab:red", "gold", "black")
+    style = {"color": _COLOURS.get(base, spare[fallback % len(spare)]), "linewidth": 1.3, "linestyle": "-",
+             "marker": "osD^vx+*pPh<>"[fallback % 13], "markersize": 5, "markerfacecolor": "none", "capsize": 2,
+             "elinewidth": 0.8}
+    if base in (*DRAFT_BASED, "speckvpc"):
+        style["linewidth"] = 2.2
+    if ":" in method:
+        style["linestyle"] = "--"
+    elif base == "speckvpc":
+        style["linestyle"] = "-."
+    return style
 
 
 def _plot(table, out: Path) -> list[Path]:
@@ -272,27 +301,27 @@ def _plot(table, out: Path) -> list[Path]:
         panels = [panel for panel in panels if panel[2]]  # a grid of KV methods only gets no empty second panel
         if not panels:
             continue
-        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 4.8), squeeze=False)
         for ax, (integer, title, cells_) in zip(axes[0], panels, strict=True):
             refs = {m: table[(length, m, None)] for m in REFERENCES if (length, m, None) in table}
             common, series = _series(cells_, refs)
-            # hollow markers of different shapes keep equal lines visible (SpecKV-PC is SpecKV at 2k tokens)
             for i, (method, points) in enumerate(sorted(series.items(), key=lambda kv: _order(kv[0]))):
-                xs, ys = zip(*sorted(points), strict=True)
-                ax.plot(xs, ys, "--" if ":" in method else "-", marker="osD^vx+*"[i % 8], markerfacecolor="none",
-                        label=method)
+                xs, ys, los, his = zip(*sorted(points), strict=True)
+                below = [y - lo if lo is not None else 0 for y, lo in zip(ys, los, strict=True)]
+                above = [hi - y if hi is not None else 0 for y, hi in zip(ys, his, strict=True)]
+                ax.errorbar(xs, ys, yerr=[below, above], label=method, **_style(method, i))
             for (ref, by_task), style in zip(refs.items(), (":", "-."), strict=False):
                 if common:
                     ax.axhline(mean([mean(by_task[t]) for t in common]), color="gray", linestyle=style, label=ref)
-            title = f"{title}\nmean over {len(common)} tasks (a peer's points: where it has them all)"
-            ax.set_title(title)
+            ax.set_title(f"{title}\nmean over {len(common)} tasks, 95% bootstrap intervals\n"
+                         "(a peer's points: where it has all those tasks)", fontsize=10)
             ax.set_xlabel("budget" if integer else "keep ratio")
             ax.set_ylabel("mean RULER score over tasks")
             if integer:
                 ax.set_xscale("log", base=2)
             ax.grid(alpha=0.3)
             if common:
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
             else:
                 ax.text(0.5, 0.5, "no task that every method has answered yet", ha="center",
                         transform=ax.transAxes)
