@@ -74,6 +74,9 @@ def test_a_partly_run_peer_neither_shrinks_the_plotted_tasks_nor_gets_a_point():
     # one answer a task: a point without an interval, never a zero-width one
     assert common == {"vt", "qa_1"} and series == {"snapkv": [(64.0, 50.0, None, None)],
                                                    "kvpress:snapkv": [(128.0, 10.0, None, None)]}
+    _, series = report._series({(2048, "snapkv", 64): {"vt": [0, 100], "qa_1": [50, 50]}}, {})
+    (budget, point, lo, hi), = series["snapkv"]
+    assert (budget, point) == (64.0, 50.0) and lo < point < hi  # two answers a task: an interval to draw
 
 
 @pytest.mark.filterwarnings("error")  # matplotlib warns of a legend with nothing in it
