@@ -14,6 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def answer_key(sample_id: str, label: str) -> str:
+    """`vt/2048/42/0|speckv@128`: one method's answer on one prompt, the unit a rerun skips."""
+    return f"{sample_id}|{label}"
+
+
+def label_of(key: str) -> str:
+    """`speckv@128` from `vt/2048/42/0|speckv@128`: the method (knobs and budget included) that answered."""
+    return key.split("|", 1)[1]
+
+
 class Results:
     def __init__(self, path: str | Path, each: Callable[[dict], None] | None = None) -> None:
         """Open (or start) the log; `each` sees every row already in it, in this one read."""

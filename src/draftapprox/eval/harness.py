@@ -24,7 +24,7 @@ from ..generation import Prepared, generate, generate_batched, new_state, prefil
 from ..methods import METHODS, FullKV, KVMethod, Method, PromptMethod, make, parse_budget, parse_setting
 from ..models.loading import Pair, precision
 from . import ruler
-from .answer_log import Results
+from .answer_log import Results, answer_key
 from .metrics import score
 
 DRAFT_ALONE = "draft"  # the draft model answering by itself: the floor the draft-based methods must beat
@@ -118,10 +118,6 @@ def plan(methods: Iterable[str], budgets: Iterable[str], knobs: dict[str, dict[s
     return sorted(jobs, key=lambda j: 3 if j.method == DRAFT_ALONE else order[METHODS[j.method].kind])
 
 
-def key(sample_id: str, job: Job) -> str:
-    return f"{sample_id}|{job.label}"
-
-
 def coordinates(tasks: list[str], lengths: list[int], count: int,
                 shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, int, str]]:
     """(index, length, task) in sample-major order: a stopped grid is short of whole samples, not of tasks.
@@ -211,7 +207,7 @@ def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count
     todo = []  # (index, length, task, jobs not yet answered), in sample-major order
     for index, length, task in coordinates(tasks, lengths, count, shard):
         sid = ruler.sample_id(task, length, seed, index)
-        pending = [j for j in jobs if key(sid, j) not in results.done]
+        pending = [j for j in jobs if answer_key(sid, j.label) not in results.done]
         if pending:
             todo.append((index, length, task, pending))
     written = 0
@@ -282,7 +278,7 @@ class _Sample:
     def _write(self, job: Job, result, seconds: float) -> None:
         sample, record = self.sample, result.record.to_dict()
         self.results.append({
-            "key": key(sample.id, job), "sample": sample.id, "task": sample.task, "index": sample.index,
+            "key": answer_key(sample.id, job.label), "sample": sample.id, "task": sample.task, "index": sample.index,
             "length": sample.length, "seed": sample.seed, "method": job.name, "budget": job.budget,
             "config": job.describe(),
             "prediction": result.text, "expected": list(sample.outputs),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..markdown import splice
+from .answer_log import label_of
 from .metrics import bootstrap_mean_over_tasks, mean
 from .ruler import TASKS
 
@@ -334,11 +335,6 @@ def _plot(table, out: Path) -> list[Path]:
     return written
 
 
-def label(row: dict) -> str:
-    """`speckv@128`, `speckv(window=8)@128`, `kvpress-qa:snapkv@128`, `fullkv`: what follows the sample in a key."""
-    return row["key"].split("|", 1)[1]
-
-
 def diff(rows: list[dict], method: str, against: str, width: int = 120) -> list[str]:
     """Markdown of the prompts where `method` and `against` scored differently, the largest loss first and the
     gains last, each with the expected answer, both answers and the draft's alone: what a gap's investigation
@@ -346,7 +342,7 @@ def diff(rows: list[dict], method: str, against: str, width: int = 120) -> list[
     known ones."""
     by_label: dict[str, dict[str, dict]] = defaultdict(dict)
     for r in rows:
-        by_label[label(r)][r["sample"]] = r
+        by_label[label_of(r["key"])][r["sample"]] = r
     for name in (method, against):
         if name not in by_label:
             raise InputError(f"no answers labelled {name!r}; the files hold: {', '.join(sorted(by_label))}")
