@@ -1,0 +1,32 @@
+"""The README's Python examples run as written, on the real offline pair, and print what their comments say."""
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+from draftapprox.examples import ANSWER
+
+pytestmark = pytest.mark.real
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_the_readme_python_examples_run_and_find_the_fact():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) == 2, "the README's Python examples changed; update this test"
+    namespace: dict = {}
+    printed = []
+    for block in blocks:  # one namespace: the second example goes on from the first's `pair`
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(block, str(README), "exec"), namespace)
+        printed.append(out.getvalue())
+    assert ANSWER in printed[0], printed[0]  # print(result.text)  # Blue Heron 7421
+    assert namespace["short"].positions == sorted(namespace["short"].positions)
+    assert 0 < namespace["result"].record.kv_bytes_kept < namespace["result"].record.kv_bytes_full
+    methods = ("snapkv", "speckv", "adakv")
+    names = sorted(words[0] for words in map(str.split, printed[1].splitlines()) if words and words[0] in methods)
+    assert names == ["adakv", "snapkv", "speckv"], printed[1]
