@@ -4,6 +4,7 @@ against the floors measured in the same run."""
 
 from __future__ import annotations
 
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -206,19 +207,20 @@ def _plot(rows, jobs: list[str], lengths: list[int], out: Path) -> list[Path]:
 
     n = lengths[-1]
     present = [j for j in jobs if (j, n) in rows and not _floor(rows, j)]
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(present) + 1.5))
+    fig, ax = plt.subplots(figsize=(10, 0.7 * len(present) + 1.5))
+    labels = [textwrap.fill(j, 34) for j in present]  # a job's settings can be longer than the bars' width
     left = [0.0] * len(present)
     for phase in PHASES:
         widths = [rows[(j, n)]["phases"].get(phase, 0.0) for j in present]
         if any(widths):
-            ax.barh(present, widths, left=left, label=phase)
+            ax.barh(labels, widths, left=left, label=phase)
             left = [a + b for a, b in zip(left, widths, strict=True)]
     ax.set_xlabel("seconds")
     ax.set_title(f"phases of the time to first token, {n}-token prompt")
     ax.invert_yaxis()
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.3 / len(present)), ncol=len(PHASES))
     phases = out / "performance-phases.png"
-    fig.savefig(phases, dpi=120)
+    fig.savefig(phases, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return [scaling, phases]
