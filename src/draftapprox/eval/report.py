@@ -358,16 +358,15 @@ def diff(rows: list[dict], method: str, against: str, width: int = 120) -> list[
         text = " ".join(str(row.get("prediction", "")).split()).replace("|", "\\|")
         return f"{text[:width]}{'…' if len(text) > width else ''} ({row['score']:.0f})"
 
+    with_draft = "draft" not in (method, against)
     header = ["prompt", "difference", "expected", f"{against} (score)", f"{method} (score)"]
-    if method != "draft" and against != "draft":
-        header.append("draft alone (score)")
+    header += ["draft alone (score)"] if with_draft else []
     lines = [f"`{method}` against `{against}` on the {len(both)} prompts both answered: below on {below}, above "
              f"on {len(differ) - below}, level on {len(both) - len(differ)}.", "",
              "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for s in differ:
         cells_ = [s, f"{delta[s]:+.0f}", ", ".join(map(str, theirs[s].get("expected", []))).replace("|", "\\|"),
                   cell(theirs[s]), cell(mine[s])]
-        if len(header) == 6:
-            cells_.append(cell(draft.get(s)))
+        cells_ += [cell(draft.get(s))] if with_draft else []
         lines.append("| " + " | ".join(cells_) + " |")
     return [*lines, ""]
