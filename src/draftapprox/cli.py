@@ -240,13 +240,14 @@ def _method_knobs(items: list[str] | None) -> dict[str, dict[str, str]]:
 
     settings: dict[str, dict[str, str]] = {}
     for item in items or []:
+        malformed = InputError(f"--set expects METHOD.KEY=VALUE, got {item!r}")
         name, dot, rest = item.partition(".")
+        if not dot or not name.strip() or "=" in name:
+            raise malformed
         try:
-            if not dot or not name.strip() or "=" in name:
-                raise ConfigError(item)
             key, value = parse_setting(rest)
         except ConfigError:
-            raise InputError(f"--set expects METHOD.KEY=VALUE, got {item!r}") from None
+            raise malformed from None
         settings.setdefault(name.strip().lower(), {})[key] = value
     return settings
 
