@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RAW=docs/results/raw
 DTYPE=${DTYPE:-bfloat16}
+LENGTH_TASKS=niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery,vt,fwe  # the protocol's length check
 # The goal figures' comparisons come first: kvpress query-aware and LongLLMLingua at 0.25 (the goal's ratio) at
 # 2,048 tokens, then the length check (about five hours) and kvpress at its length and budget. LongLLMLingua's
 # other ratios (about 70 s an answer here) and kvpress's query-agnostic pipeline come last.
@@ -18,7 +19,7 @@ for stage in $STAGES; do
       draftapprox eval --dtype "$DTYPE" --decode-batch 48 --lengths 2048 --samples 10 --output "$RAW/ruler-2048-cpu.jsonl" ;;
     length)  # the length check at 4096 tokens
       draftapprox eval --dtype "$DTYPE" --decode-batch 48 --lengths 4096 --samples 10 --budgets 128,256,0.25 \
-        --tasks niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery,vt,fwe \
+        --tasks "$LENGTH_TASKS" \
         --output "$RAW/ruler-4096-cpu.jsonl" ;;
     kvpress)  # query-aware (the question inside the compressed context, as kvpress's own evaluation does): the
       # numbers our methods are compared with; one prefill per context, shared by every press and budget
@@ -27,7 +28,7 @@ for stage in $STAGES; do
     kvpress-length)  # the goal's "same ordering at 4096/256", on the length check's tasks
       draftapprox eval setup-peer kvpress
       draftapprox eval kvpress --modes aware --budgets 256 --lengths 4096 --samples 5 \
-        --tasks niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery,vt,fwe \
+        --tasks "$LENGTH_TASKS" \
         --output "$RAW/ruler-4096-cpu-kvpress.jsonl" ;;
     kvpress-agnostic)  # kvpress's pipeline as users call it: the context compressed before the question is seen
       draftapprox eval setup-peer kvpress
