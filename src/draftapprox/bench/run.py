@@ -32,7 +32,7 @@ from transformers import DynamicCache
 from .. import forward as forward_module
 from ..errors import ConfigError, DraftApproxError, InputError
 from ..eval import harness, ruler
-from ..eval.answer_log import Results
+from ..eval.answer_log import Results, at_budget
 from ..forward import forward
 from ..generation import generate
 from ..models.loading import Pair, load_model, load_pair
@@ -80,7 +80,7 @@ def variant(job: harness.Job, settings: Settings) -> str:
 def label(job: harness.Job, settings: Settings) -> str:
     """The job (method@budget, then its knobs: `speckv@256 lookahead=32`) and the run's variant."""
     knobs = (f"{k}={v}" for k, v in job.knobs)
-    return " ".join([harness.at_budget(job.method, job.budget), *knobs, variant(job, settings)]).strip()
+    return " ".join([at_budget(job.method, job.budget), *knobs, variant(job, settings)]).strip()
 
 
 def plan(methods: list[str], budgets: list[str], knobs: dict[str, dict[str, str]] | None = None,

@@ -14,9 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def answer_key(sample_id: str, label: str) -> str:
+def at_budget(name: str, budget: int | float | None) -> str:
+    """`speckv@128`; FullKV and the draft, which have no budget, by their name alone."""
+    return name if budget is None else f"{name}@{budget}"
+
+
+def answer_key(sample_id: str, name: str, budget: int | float | None = None) -> str:
     """`vt/2048/42/0|speckv@128`: one method's answer on one prompt, the unit a rerun skips."""
-    return f"{sample_id}|{label}"
+    return f"{sample_id}|{at_budget(name, budget)}"
 
 
 def label_of(key: str) -> str:

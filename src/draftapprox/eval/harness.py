@@ -24,7 +24,7 @@ from ..generation import Prepared, generate, generate_batched, new_state, prefil
 from ..methods import METHODS, FullKV, KVMethod, Method, PromptMethod, make, parse_budget, parse_setting
 from ..models.loading import Pair, precision
 from . import ruler
-from .answer_log import Results, answer_key
+from .answer_log import Results, answer_key, at_budget
 from .metrics import score
 
 DRAFT_ALONE = "draft"  # the draft model answering by itself: the floor the draft-based methods must beat
@@ -54,11 +54,6 @@ class Job:
         if self.method == DRAFT_ALONE:
             return "the draft model alone, full cache"
         return self.method if self.budget is None else self.build().describe()
-
-
-def at_budget(name: str, budget: int | float | None) -> str:
-    """`speckv@128`; FullKV and the draft, which have no budget, by their name alone."""
-    return name if budget is None else f"{name}@{budget}"
 
 
 def knob_suffix(settings: dict[str, object]) -> str:
@@ -207,7 +202,7 @@ def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count
     todo = []  # (index, length, task, jobs not yet answered), in sample-major order
     for index, length, task in coordinates(tasks, lengths, count, shard):
         sid = ruler.sample_id(task, length, seed, index)
-        pending = [j for j in jobs if answer_key(sid, j.label) not in results.done]
+        pending = [j for j in jobs if answer_key(sid, j.name, j.budget) not in results.done]
         if pending:
             todo.append((index, length, task, pending))
     written = 0
@@ -278,9 +273,9 @@ class _Sample:
     def _write(self, job: Job, result, seconds: float) -> None:
         sample, record = self.sample, result.record.to_dict()
         self.results.append({
-            "key": answer_key(sample.id, job.label), "sample": sample.id, "task": sample.task, "index": sample.index,
-            "length": sample.length, "seed": sample.seed, "method": job.name, "budget": job.budget,
-            "config": job.describe(),
+            "key": answer_key(sample.id, job.name, job.budget), "sample": sample.id, "task": sample.task,
+            "index": sample.index, "length": sample.length, "seed": sample.seed,
+            "method": job.name, "budget": job.budget, "config": job.describe(),
             "prediction": result.text, "expected": list(sample.outputs),
             "score": score(sample.task, result.text, list(sample.outputs)),
             "prompt_tokens": record["prompt_tokens"], "prompt_sha": sample.fingerprint,

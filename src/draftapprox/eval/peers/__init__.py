@@ -21,7 +21,7 @@ from ...methods import FullKV
 from ...paths import cache_dir
 from .. import ruler
 from ..answer_log import Results, answer_key
-from ..harness import Prompts, at_budget, knob_suffix, samples
+from ..harness import Prompts, knob_suffix, samples
 from ..metrics import score
 
 
@@ -119,7 +119,7 @@ def run_kvpress(tokenizer, model_dir: Path, presses: list[str], budgets: list[in
             for press in presses:
                 for budget in budgets:
                     method = f"kvpress{'-qa' if aware else ''}:{press}{suffix}"
-                    key = answer_key(sample.id, at_budget(method, budget))
+                    key = answer_key(sample.id, method, budget)
                     if key in results.done:
                         continue
                     pending[key] = (sample, {
@@ -179,7 +179,7 @@ def run_llmlingua(pair, draft_dir: Path, ratios: list[float], tasks: list[str], 
     for sample in samples(pair.tokenizer, tasks, lengths, count, seed):
         prompts.check(sample)
         for ratio in ratios:
-            key = answer_key(sample.id, at_budget("llmlingua:longllmlingua", ratio))
+            key = answer_key(sample.id, "llmlingua:longllmlingua", ratio)
             if key not in results.done:
                 pending[key] = (sample, {"key": key, "context": sample.context, "question": sample.question,
                                          "rate": ratio})

@@ -25,7 +25,7 @@ from ...methods import AdaKV, KVMethod, PyramidKV, SnapKV, StreamingLLM
 from ...methods.scorer import ScorerKV, select_with
 from .. import ruler
 from ..answer_log import Results, answer_key
-from ..harness import at_budget, samples
+from ..harness import samples
 from . import compressed_tokens, compression_ratio, drive, python
 
 KVPRESS_SNAPKV = {"window": 64, "kernel": 5, "pool": "avg", "reduction": "mean"}  # SnapKVPress's defaults, our knobs
@@ -76,7 +76,7 @@ def run(pair, model_dir: Path, cases: list[str], budgets: list[int], tasks: list
     pending: dict[str, tuple[ruler.Sample, dict]] = {}
     ours_scores: dict[str, list[torch.Tensor] | None] = {}
     for sample in samples(pair.tokenizer, tasks, lengths, count, seed):
-        todo = [(c, b) for c in cases for b in budgets if answer_key(sample.id, at_budget(c, b)) not in results.done]
+        todo = [(c, b) for c in cases for b in budgets if answer_key(sample.id, c, b) not in results.done]
         if not todo:
             continue
         ids = ruler.encode(pair.tokenizer, sample.context + sample.question, sample.answer_prefix)
@@ -85,7 +85,7 @@ def run(pair, model_dir: Path, cases: list[str], budgets: list[int], tasks: list
         prefill(state, max(m.rows for m in methods.values()))
         head = compressed_tokens(pair.tokenizer, sample.context + sample.question)
         for (name, budget), method in methods.items():
-            case, key = CASES[name], answer_key(sample.id, at_budget(name, budget))
+            case, key = CASES[name], answer_key(sample.id, name, budget)
             theirs_ids = ids[0, :head] if case.question_input else ids[0]
             scorer = method.scorer if isinstance(method, AdaKV) else method
             if isinstance(scorer, ScorerKV):  # score once: for the selection and to tell ties at the cut

@@ -24,7 +24,7 @@ from ...methods import SpecKV, SpecPC
 from ...methods.scorer import select_with
 from .. import ruler
 from ..answer_log import Results, answer_key
-from ..harness import at_budget, samples
+from ..harness import samples
 from . import drive, python, venv
 
 
@@ -41,7 +41,7 @@ def _todo(tokenizer, tasks: list[str], lengths: list[int], count: int, seed: int
     for sample in samples(tokenizer, tasks, lengths, count, seed):
         ids = ruler.encode(tokenizer, sample.context + sample.question, sample.answer_prefix)
         for setting in settings:
-            key = answer_key(sample.id, at_budget(f"reference:{method}", setting))
+            key = answer_key(sample.id, f"reference:{method}", setting)
             if key not in results.done:
                 yield sample, ids, setting, key
 
