@@ -43,6 +43,24 @@ def test_kvpress_answers_become_scored_rows_and_a_rerun_adds_none(tokenizer, fak
     assert peers.run_kvpress(*args, log=lambda *_: None) == 0
 
 
+def test_a_failing_worker_keeps_its_answers_and_its_error_is_quoted(tokenizer, tmp_path, monkeypatch):
+    """The worker's output goes to its log, not the terminal; when it dies, the error quotes the log's end and the
+    answers it wrote before are kept, so a rerun asks only for the rest."""
+    stand_in_peer(tmp_path, monkeypatch, "kvpress", KVPRESS + """
+if r["ratio"] < 0.5:
+    raise RuntimeError("press exploded on " + r["key"])
+""")
+    out = tmp_path / "answers.jsonl"
+    args = (tokenizer, tmp_path, ["snapkv"], [128, 800], ["aware"], ["niah_single_1"], [1024], 1, out)
+    with pytest.raises(InputError, match=r"(?s)worker failed \(exit 1\).*RuntimeError: press exploded on "):
+        peers.run_kvpress(*args, log=lambda *_: None)
+    assert len(out.read_text().splitlines()) == 1
+    assert "Traceback" in (tmp_path / ".peer-work" / "answers.kvpress-worker.log").read_text()
+    with pytest.raises(InputError, match="worker failed"):
+        peers.run_kvpress(*args, log=lambda *_: None)
+    assert len(out.read_text().splitlines()) == 1  # the answer already there is not asked for again
+
+
 def test_compression_ratio_keeps_exactly_the_budget():
     """kvpress keeps int(m * (1 - ratio)) pairs; 1 - C / m alone keeps C - 1 for many m (m = 131 at C = 64)."""
     assert int(131 * (1 - (1 - 64 / 131))) == 63

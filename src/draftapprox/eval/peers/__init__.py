@@ -21,7 +21,7 @@ from ...methods import FullKV
 from ...paths import cache_dir
 from .. import ruler
 from ..answer_log import Results, answer_key
-from ..harness import Prompts, knob_suffix, samples
+from ..harness import Prompts, knob_suffix, progress_bar, samples
 from ..metrics import score
 
 
@@ -207,36 +207,43 @@ def run_llmlingua(pair, draft_dir: Path, ratios: list[float], tasks: list[str], 
 
 
 def drive(name: str, pending: dict, output: Path, results: Results, make_row, args: list[str],
-           threads: int | None, cache: str | Path | None, log) -> int:
-    """Write the requests, run the peer's worker, and turn its answers into rows as they arrive."""
+          threads: int | None, cache: str | Path | None, log) -> int:
+    """Write the requests, run the peer's worker, and turn its answers into rows as they arrive, under a progress
+    bar. The worker's own output (its per-answer lines, warnings, a traceback) goes to a log beside the requests,
+    so that it cannot tear the bar; a failure quotes that log's last lines."""
     if not pending:
         return 0
     work = output.parent / ".peer-work"  # the worker's own files, beside (not among) the result files
     work.mkdir(parents=True, exist_ok=True)
     requests, answers = work / f"{output.stem}.{name}-requests.jsonl", work / f"{output.stem}.{name}-answers.jsonl"
+    worker_log = work / f"{output.stem}.{name}-worker.log"
     requests.write_text("".join(json.dumps(req) + "\n" for _, req in pending.values()))
     command = [str(python(name, cache)), str(Path(__file__).parent / PEERS[name].worker),
                "--requests", str(requests), "--answers", str(answers), *args]
     if threads:
         command += ["--threads", str(threads)]
-    log(f"{name}: {len(pending)} answers to write ({requests})")
+    log(f"{name}: {len(pending)} answers to write (requests {requests}, worker log {worker_log.name})")
     started, written = time.time(), 0
-    with subprocess.Popen(command) as proc:
+    with progress_bar(True) as bar, open(worker_log, "a") as sink, \
+            subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT) as proc:
+        tid = bar.add_task(name, total=len(pending))
         try:
             while proc.poll() is None:
                 time.sleep(5)
-                written += _collect(answers, pending, results, make_row)
+                written += _collect(answers, pending, results, make_row, lambda: bar.advance(tid))
         except BaseException:
             proc.kill()
             raise
-    written += _collect(answers, pending, results, make_row)
+        written += _collect(answers, pending, results, make_row, lambda: bar.advance(tid))
     if proc.returncode:
-        raise InputError(f"the {name} worker failed (exit {proc.returncode}); its answers so far are kept")
+        tail = "\n".join(worker_log.read_text(errors="replace").splitlines()[-15:])
+        raise InputError(f"the {name} worker failed (exit {proc.returncode}); its answers so far are kept. The end "
+                         f"of its log ({worker_log}):\n{tail}")
     log(f"{name}: done in {time.time() - started:.0f} s")
     return written
 
 
-def _collect(answers: Path, pending: dict, results: Results, make_row) -> int:
+def _collect(answers: Path, pending: dict, results: Results, make_row, advance) -> int:
     """Score the worker's new answers and append them to the results as rows like our methods'."""
     if not answers.exists():
         return 0
@@ -249,5 +256,6 @@ def _collect(answers: Path, pending: dict, results: Results, make_row) -> int:
             continue
         sample, req = pending[row["key"]]
         results.append(make_row(sample, req, row))
+        advance()
         written += 1
     return written
