@@ -94,6 +94,8 @@ def test_llmlingua_compressed_prompts_are_answered_by_our_target(tokenizer, tmp_
     row = json.loads(out.read_text())
     assert row["method"] == "llmlingua:longllmlingua" and row["budget"] == 0.25
     assert 200 < row["kept_tokens"] < 400 and row["timings"]["compression"] == 0.2
+    worker = json.loads((tmp_path / ".peer-work" / "answers.llmlingua-answers.jsonl").read_text())
+    assert row["compressed"] == worker["compressed"]  # the prompt the target answered is kept with its answer
 
 
 def test_press_settings_are_passed_on_and_named_in_the_method(tokenizer, fake_kvpress, tmp_path):

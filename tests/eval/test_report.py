@@ -67,6 +67,21 @@ def test_report_from_a_fixture(tmp_path):
     assert "| speckv | - |" in paired and "| specpc minus row |" in paired
 
 
+def test_a_compressors_answers_are_split_by_whether_the_needle_survived():
+    """Rows that carry their compressed prompt: an answer cut anywhere (one of several missing, or a digit dropped)
+    counts as cut; rows without a compressed prompt get no line."""
+    def row(compressed, expected, score):
+        return {"length": 2048, "method": "llmlingua:longllmlingua", "budget": 0.25, "expected": expected,
+                "compressed": compressed, "score": score}
+
+    rows = [row("the number is 7854524.", ["7854524"], 100), row("the number is 785452.", ["7854524"], 0),
+            row("values 12 and 34", ["12", "34"], 100), row("values 12 and 3", ["12", "34"], 50),
+            {"length": 2048, "method": "specpc", "budget": 0.25, "expected": ["1"], "score": 100}]
+    text = "\n".join(report._by_survival(rows))
+    assert "| 2048 | llmlingua:longllmlingua | 0.25 | **100.0** [100.0, 100.0] (2) | **25.0** [0.0, 50.0] (2) |" in text
+    assert "| specpc |" not in text and report._by_survival(rows[-1:]) == []
+
+
 def test_a_partly_run_peer_neither_shrinks_the_plotted_tasks_nor_gets_a_point():
     cells_ = {(2048, "snapkv", 64): {"vt": [40], "qa_1": [60]},
               (2048, "kvpress:snapkv", 64): {"vt": [100]}, (2048, "kvpress:snapkv", 128): {"vt": [0], "qa_1": [20]}}

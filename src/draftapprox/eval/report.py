@@ -140,7 +140,7 @@ def _write_markdown(rows: list[dict], table, path: Path, command: str | None) ->
             if peers:
                 same = [k for k in ours if any(p[0].split(":", 1)[1].split("(")[0] == k[0] for p in peers)]
                 lines += _table(f"### Peers at {length} tokens, {kind} {budget}", group, refs + same + peers)
-    lines += _by_draft(rows) + _paired(rows)
+    lines += _by_draft(rows) + _by_survival(rows) + _paired(rows)
     splice(path, "\n".join(lines))
     return path
 
@@ -155,14 +155,34 @@ def _by_draft(rows: list[dict]) -> list[str]:
     for r in rows:
         if r["sample"] in draft and r["method"] != "draft" and ":" not in r["method"]:
             split[(r["length"], r["method"], r["budget"])][draft[r["sample"]]].append(r["score"])
-    lines = ["## By the draft's own answer", "",
-             "Answers pooled over tasks, split by whether the draft model alone answered the same prompt fully "
-             "right. Means over answers with a 95% bootstrap interval over answers; n answers.", "",
-             "| length | method | budget | draft right: mean [95% CI] (n) | draft wrong: mean [95% CI] (n) |",
+    return _split_table("By the draft's own answer", "whether the draft model alone answered the same prompt "
+                        "fully right", ("draft right", "draft wrong"), split)
+
+
+def _by_survival(rows: list[dict]) -> list[str]:
+    """A prompt compressor's answers split by whether every expected answer is still whole in the compressed
+    prompt it gave the target (for rows that carry that prompt): a compressor that cuts a token out of the needle
+    loses the answer however well it ranks the rest."""
+    split: dict[tuple[int, str, object], dict[bool, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if "compressed" in r:
+            whole = all(answer in r["compressed"] for answer in r["expected"])
+            split[(r["length"], r["method"], r["budget"])][whole].append(r["score"])
+    return _split_table("Is the answer still in the compressed prompt?", "whether every expected answer string is "
+                        "whole in the compressed prompt the target answered", ("answer kept", "answer cut"), split)
+
+
+def _split_table(title: str, by: str, columns: tuple[str, str], split: dict) -> list[str]:
+    """Each (length, method, budget)'s answers in two groups (True, then False), pooled over tasks."""
+    if not split:
+        return []
+    lines = [f"## {title}", "", f"Answers pooled over tasks, split by {by}. Means over answers with a 95% "
+             "bootstrap interval over answers; n answers.", "",
+             f"| length | method | budget | {columns[0]}: mean [95% CI] (n) | {columns[1]}: mean [95% CI] (n) |",
              "|---|---|---|---|---|"]
     for (length, method, budget) in sorted(split, key=lambda k: (k[0], _order(k[1]), _budget_sort(k[2]))):
-        cells_ = [f"{_avg({'all': v})} ({len(v)})" if (v := split[(length, method, budget)].get(right)) else "-"
-                  for right in (True, False)]
+        cells_ = [f"{_avg({'all': v})} ({len(v)})" if (v := split[(length, method, budget)].get(group)) else "-"
+                  for group in (True, False)]
         lines.append(f"| {length} | {method} | {'' if budget is None else budget} | " + " | ".join(cells_) + " |")
     return [*lines, ""]
 

@@ -197,7 +197,7 @@ def run_llmlingua(pair, draft_dir: Path, ratios: list[float], tasks: list[str], 
             "prediction": result.text, "expected": list(sample.outputs),
             "score": score(sample.task, result.text, list(sample.outputs)),
             "prompt_tokens": sample.prompt_tokens, "prompt_sha": sample.fingerprint,
-            "kept_tokens": ids.shape[1],
+            "kept_tokens": ids.shape[1], "compressed": row["compressed"],  # to see what the target was given
             "seconds": round(row["seconds"] + time.perf_counter() - start, 3),
             "timings": {"compression": row["seconds"], **result.record.timings}, "finished": time.time(),
             "env": {"peer": {"llmlingua": "0.2.2", "transformers": "4.46.3"}},
