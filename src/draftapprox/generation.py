@@ -80,6 +80,7 @@ class Result:
     text: str
     tokens: list[int]
     record: Record
+    kept_ids: torch.Tensor | None = None  # `(1, C)`: the prompt the target was given, when a prompt method cut it
 
 
 def encode(pair: Pair, prompt: str, chat: bool = False, max_new_tokens: int = 0) -> torch.Tensor:
@@ -207,6 +208,7 @@ class Prepared:
     sampling: Sampling
     stop: list[str]
     ignore_eos: bool
+    kept_ids: torch.Tensor | None = None
 
 
 def prepare(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None, *, max_new_tokens: int = 64,
@@ -224,7 +226,7 @@ def prepare(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None
         state = new_state(pair, ids, max_new_tokens)
     n, per_token = state.n, kv_bytes_per_token(pair)
     budget = None if isinstance(method, FullKV) else min(method.tokens(n), n)
-    kept_tokens = None
+    kept_tokens = kept_ids = None
     start = dict(state.timings.seconds)
     if isinstance(method, KVMethod):
         cache, logits, kept_bytes = apply_kv(state, method)
@@ -258,14 +260,15 @@ def prepare(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None
     timings = {k: v - start.get(k, 0.0) for k, v in state.timings.seconds.items() if v - start.get(k, 0.0) > 0}
     record = Record(method.name, n, budget, kept_tokens, per_token * n, kept_bytes, timings=timings,
                     first_token_seconds=time.perf_counter() - began)
-    return Prepared(state, cache, logits, position, record, max_new_tokens, sampling, stop, ignore_eos)
+    return Prepared(state, cache, logits, position, record, max_new_tokens, sampling, stop, ignore_eos,
+                    None if kept_tokens == n else kept_ids)
 
 
 def finish(pair: Pair, prepared: Prepared, tokens: list[int], reason: str, decode_seconds: float,
            batch: int = 1) -> Result:
     record = dataclasses.replace(prepared.record, new_tokens=len(tokens), stop_reason=reason, decode_batch=batch,
                                  timings={**prepared.record.timings, "decode": decode_seconds})
-    return Result(_finish_text(pair.tokenizer, tokens, prepared.stop), tokens, record)
+    return Result(_finish_text(pair.tokenizer, tokens, prepared.stop), tokens, record, prepared.kept_ids)
 
 
 def generate(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None, *, max_new_tokens: int = 64,

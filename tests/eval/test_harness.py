@@ -64,6 +64,10 @@ def test_grid_writes_every_answer_once_and_a_rerun_skips_them(pair, tmp_path, mo
     firsts = [r for r in rows if r["method"] == "fullkv"]
     assert all(r["shared_timings"].get("target_prefill", 0) > 0 for r in firsts)  # one shared prefill per sample
     assert all(not r["shared_timings"] for r in rows if r["method"] == "snapkv")
+    # a prompt method's row keeps the prompt it gave the target (the word-level tokenizer decodes a word a token)
+    cut = [r for r in rows if r["budget"] == 0.25]
+    assert cut and all(len(r["compressed"].split()) == r["kept_tokens"] < r["prompt_tokens"] for r in cut)
+    assert not any("compressed" in r for r in rows if r["budget"] != 0.25)
 
     # the same method at another setting is new work, on the same prefill, in its own rows
     window = harness.plan(["snapkv(window=8)"], ["64"])

@@ -272,6 +272,8 @@ class _Sample:
 
     def _write(self, job: Job, result, seconds: float) -> None:
         sample, record = self.sample, result.record.to_dict()
+        # what a prompt method gave the target, for the report's "is the answer still in it" split
+        cut = {} if result.kept_ids is None else {"compressed": self.pair.tokenizer.decode(result.kept_ids[0])}
         self.results.append({
             "key": answer_key(sample.id, job.name, job.budget), "sample": sample.id, "task": sample.task,
             "index": sample.index, "length": sample.length, "seed": sample.seed,
@@ -284,7 +286,7 @@ class _Sample:
             "kv_bytes_kept": record["kv_bytes_kept"], "new_tokens": record["new_tokens"],
             "stop_reason": record["stop_reason"], "timings": record["timings"],
             "decode_batch": record["decode_batch"], "seconds": round(seconds, 3), "shared_timings": self.shared,
-            "finished": time.time(), "env": self.env,
+            "finished": time.time(), "env": self.env, **cut,
         })
         self.shared = {}  # the shared prefill is reported once, with the first answer that used it
         self.bar.advance(self.tid)
