@@ -12,7 +12,9 @@ import math
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ...errors import ConfigError, InputError
@@ -226,15 +228,15 @@ def drive(name: str, pending: dict, output: Path, results: Results, make_row, ar
     started, written = time.time(), 0
     with progress_bar(True) as bar, open(worker_log, "a") as sink, \
             subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT) as proc:
-        tid = bar.add_task(name, total=len(pending))
+        advance = partial(bar.advance, bar.add_task(name, total=len(pending)))
         try:
             while proc.poll() is None:
                 time.sleep(5)
-                written += _collect(answers, pending, results, make_row, lambda: bar.advance(tid))
+                written += _collect(answers, pending, results, make_row, advance)
         except BaseException:
             proc.kill()
             raise
-        written += _collect(answers, pending, results, make_row, lambda: bar.advance(tid))
+        written += _collect(answers, pending, results, make_row, advance)
     if proc.returncode:
         tail = "\n".join(worker_log.read_text(errors="replace").splitlines()[-15:])
         raise InputError(f"the {name} worker failed (exit {proc.returncode}); its answers so far are kept. The end "
@@ -243,8 +245,9 @@ def drive(name: str, pending: dict, output: Path, results: Results, make_row, ar
     return written
 
 
-def _collect(answers: Path, pending: dict, results: Results, make_row, advance) -> int:
-    """Score the worker's new answers and append them to the results as rows like our methods'."""
+def _collect(answers: Path, pending: dict, results: Results, make_row, advance: Callable[[], object]) -> int:
+    """Score the worker's new answers and append them to the results as rows like our methods', advancing the
+    progress bar as each lands (scoring one may mean generating its answer)."""
     if not answers.exists():
         return 0
     written = 0
