@@ -1,13 +1,16 @@
-"""`forward`: chunked prefill equals one forward; a capture-only forward stops after the last layer it needs."""
+"""`forward`: chunked prefill equals one forward; a capture-only forward stops after the last layer it needs; the
+cache goes by the keyword the installed transformers takes."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 from transformers import DynamicCache
 
 from draftapprox.capture import QueryCapture, prepare
-from draftapprox.forward import forward
+from draftapprox.forward import cache_keyword, forward
 
 from .conftest import prompt_ids, tiny_model
 
@@ -52,3 +55,19 @@ def test_capture_only_forward_stops_after_the_last_captured_layer(qwen_pair):
         assert calls == [1]  # with logits asked for, every layer runs
     finally:
         hook.remove()
+
+
+def test_the_cache_goes_by_the_keyword_the_model_takes(arch):
+    class Renamed(torch.nn.Module):  # transformers >= 5.24
+        def forward(self, input_ids, cache=None): ...
+
+    class Unmigrated(torch.nn.Module):  # earlier releases, and models not yet migrated
+        def forward(self, input_ids, past_key_values=None): ...
+
+    assert (cache_keyword(Renamed), cache_keyword(Unmigrated)) == ("cache", "past_key_values")
+    model, cache = tiny_model(arch, layers=2), DynamicCache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # what the deprecated name raises where it is renamed
+        forward(model, prompt_ids(8), cache, 0)
+        forward(model, prompt_ids(8), cache, 8, logits=False)
+    assert cache.get_seq_length() == 16

@@ -8,6 +8,8 @@ capture/compressed-cache attention is switched on only for the forward that need
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +47,14 @@ length, so chunking keeps peak activation memory linear in the prompt length; 20
 the lengths where it does not bind (see docs/results/performance.md)."""
 
 
+@functools.cache
+def cache_keyword(module: type[torch.nn.Module]) -> str:
+    """The keyword a model class's forward takes its cache by: transformers 5.24 renamed `past_key_values` to
+    `cache` (the old name warns, and goes in 5.40), while earlier releases and models not yet migrated know only
+    the old one."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache | None, start: int | torch.Tensor, *,
             logits: bool = True, capture: QueryCapture | None = None, compressed: bool = False,
@@ -76,10 +86,11 @@ def forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache
                    stop_after=stop_after, sparse=sparse):
             try:
                 if logits and last:
-                    out = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,
-                                logits_to_keep=1).logits[:, -1, :]
+                    out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
+                                **{cache_keyword(type(model)): cache}).logits[:, -1, :]
                 else:
-                    model.get_decoder()(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
+                    decoder = model.get_decoder()
+                    decoder(input_ids=ids, position_ids=pos, use_cache=True, **{cache_keyword(type(decoder)): cache})
             except StopForward:
                 pass
     return out
