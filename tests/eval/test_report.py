@@ -29,7 +29,8 @@ def write_answers(path, fixture):
                 f.write(json.dumps({"key": f"{task}/2048/42/{i}|{label}", "sample": f"{task}/2048/42/{i}",
                                     "task": task, "length": 2048,
                                     "method": method, "budget": budget, "score": s, "seconds": 1.0,
-                                    "env": {"device": "cpu"}}) + "\n")
+                                    "env": {"peer": {"kvpress": "0.5.5"}} if ":" in method else {"device": "cpu"}})
+                        + "\n")
 
 
 def test_report_from_a_fixture(tmp_path):
@@ -48,6 +49,8 @@ def test_report_from_a_fixture(tmp_path):
     assert nvt["n"] == "2" and nvt["score"] == "60.0" and nvt["ci_low"] == nvt["ci_high"] == "60.0"
     md = (out / "accuracy.md").read_text()
     assert md.startswith("# Accuracy\n\nProse before.") and md.rstrip().endswith("Prose after.") and "\nold\n" not in md
+    peers, ours = (sum(len(scores) for method, *_, scores in FIXTURE if (":" in method) == peer) for peer in (1, 0))
+    assert f"- {ours}: device cpu\n- {peers}: peer (kvpress 0.5.5)\n" in md  # each environment, with its answers
     assert "draftapprox eval --samples 2" in md and "| speckv | 100.0 | 80.0 | **90.0**" in md
     assert "### Peers at 2048 tokens, KV budget (pairs per head) 64" in md
     assert "| kvpress:snapkv | 50.0 | - | (incomplete) | **50.0** [0.0, 100.0] | 2 |" in md  # common: niah_single_1

@@ -111,8 +111,20 @@ def _budget_sort(b: object) -> tuple[int, float]:
     return (0, float(b)) if isinstance(b, int) else (1, float(b))  # type: ignore[arg-type]
 
 
+def _environments(rows: list[dict]) -> list[str]:
+    """One line per distinct environment with the answers it wrote: a grid spanning sessions can span library
+    versions too, and a reader must be able to see that (peers record their own virtualenv's)."""
+    def text(env: dict) -> str:
+        return ", ".join(f"{k} ({text(v)})" if isinstance(v, dict) else f"{k} {v}" for k, v in env.items())
+
+    counts: dict[str, int] = defaultdict(int)
+    for row in rows:
+        counts[text(row.get("env", {})) or "not recorded"] += 1
+    return ["Environments (answers from each):", ""] + [
+        f"- {n}: {env}" for env, n in sorted(counts.items(), key=lambda item: -item[1])] + [""]
+
+
 def _write_markdown(rows: list[dict], table, path: Path, command: str | None) -> Path:
-    env = rows[0].get("env", {})
     finished = sorted(r["finished"] for r in rows if "finished" in r)
     compute = sum(r["seconds"] + sum(r.get("shared_timings", {}).values()) for r in rows)
     lines = ["# RULER accuracy (generated tables)", ""]
@@ -120,7 +132,7 @@ def _write_markdown(rows: list[dict], table, path: Path, command: str | None) ->
         lines += ["Command:", "", "```", command, "```", ""]
     lines += [f"Answers: {len(rows)}. Compute time summed over answers: {compute / 3600:.2f} h"
               + (f" (first to last answer: {(finished[-1] - finished[0]) / 3600:.2f} h)" if finished else "") + ".",
-              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".", "",
+              "", *_environments(rows),
               "Scores are RULER's (string_match_all; string_match_part for QA) x 100. `avg [lo, hi]` is the mean "
               "over tasks with its 95% stratified bootstrap interval; `n` is the fewest answers of any task in a row. "
               "Peers (`kvpress:` query-agnostic pipeline, `kvpress-qa:` question inside the compressed context, "
