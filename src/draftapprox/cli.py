@@ -311,7 +311,7 @@ def eval_grid(
     models = {"draft_model": draft or "offline qwen2.5-coder-0.5b-instruct",
               "target_model": target or "offline qwen2.5-coder-1.5b-instruct"}
     written = harness.run(pair, jobs, task_list, length_list, samples, output, seed=seed, models=models,
-                          decode_batch=decode_batch, shard=(shard_index, shards))
+                          decode_batch=decode_batch, shard=(shard_index, shards), log=err.print)
     err.print(f"{written} answers written to {output}")
 
 

@@ -145,3 +145,17 @@ def test_a_resumed_sample_must_have_the_prompt_its_answers_had(pair, tmp_path, l
     with pytest.raises(ConfigError, match="another prompt"):
         harness.run(pair, jobs(), TASKS[:1], [1024], 1, out, progress=False, max_new_tokens=6)
     assert len(lines(out)) == 4
+
+
+def test_a_resumed_grid_says_when_it_adds_answers_made_with_other_versions(pair, tmp_path):
+    out, notes = tmp_path / "answers.jsonl", []
+    harness.run(pair, jobs(), TASKS[:1], [1024], 1, out, progress=False, max_new_tokens=6, log=notes.append)
+    rows = lines(out)
+    assert notes == []  # a new file
+    rows[0]["env"]["transformers"] = "5.0.0"  # as if the first answer had come from another release
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    harness.run(pair, jobs(), TASKS[:1], [1024], 1, out, progress=False, max_new_tokens=6, log=notes.append)
+    assert len(notes) == 1 and "transformers 5.0.0" in notes[0] and f"transformers {rows[1]['env']['transformers']}" \
+        in notes[0] and len(lines(out)) == len(rows)
+    harness.run(pair, jobs(), TASKS[:1], [1024], 1, out, progress=False, max_new_tokens=6, log=notes.append)
+    assert len(notes) == 2  # said on every resume, even with nothing left to do

@@ -132,11 +132,14 @@ def samples(tokenizer, tasks: list[str], lengths: list[int], count: int, seed: i
 class Prompts:
     """The prompt each sample of an answer file was answered on (its fingerprint; the token count for rows older
     than fingerprints), so that a resumed run cannot give a sample's remaining answers another prompt after a
-    change to the generator, its haystack or its word lists. Filled by `open`, from the rows `Results` reads."""
+    change to the generator, its haystack or its word lists; and what our rows were made with, so that a resumed
+    run can say when it would add answers from other library versions or another device. Filled by `open`, from
+    the rows `Results` reads."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.seen: dict[str, tuple[str | None, int | None]] = {}
+        self.made_with: set[str] = set()
 
     @classmethod
     def open(cls, output: Path) -> tuple[Results, Prompts]:
@@ -147,6 +150,8 @@ class Prompts:
     def _note(self, row: dict) -> None:
         if "sample" in row:
             self.seen.setdefault(row["sample"], (row.get("prompt_sha"), row.get("prompt_tokens")))
+        if "env" in row and "peer" not in row["env"]:  # a peer's rows record its own virtualenv
+            self.made_with.add(made_with(row["env"]))
 
     def check(self, sample: ruler.Sample) -> None:
         sha, tokens = self.seen.get(sample.id, (None, None))
@@ -155,6 +160,12 @@ class Prompts:
                               f"fingerprint {sha or 'not recorded'}; now {sample.prompt_tokens} tokens, "
                               f"{sample.fingerprint}). The RULER generator, its haystack or its word lists differ "
                               "from that run's: write to a new output file")
+
+
+def made_with(env: dict) -> str:
+    """What in an environment can change an answer: library versions, device and precision."""
+    return ", ".join(f"{k} {env.get(k, '?')}" for k in ("torch", "transformers", "device", "dtype", "draft_dtype")
+                     if k in env)
 
 
 def environment(pair: Pair) -> dict:
@@ -177,7 +188,7 @@ def check_grid(tasks: list[str], lengths: list[int]) -> None:
 
 def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count: int, output: Path, *,
         seed: int = 42, models: dict | None = None, progress: bool = True, max_new_tokens: int | None = None,
-        decode_batch: int = 1, shard: tuple[int, int] = (0, 1)) -> int:
+        decode_batch: int = 1, shard: tuple[int, int] = (0, 1), log=print) -> int:
     """Run every job on every sample not yet in `output`; returns the number of answers written.
 
     `max_new_tokens` caps each task's answer length (RULER's by default), for quick smoke runs.
@@ -196,6 +207,9 @@ def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count
         raise ConfigError("these methods need the draft model; load the pair with a draft")
     results, prompts = Prompts.open(output)
     env = {**environment(pair), **(models or {})}
+    if others := prompts.made_with - {made_with(env)}:
+        log(f"note: {output} holds answers made with {'; '.join(sorted(others))}. This run adds answers made with "
+            f"{made_with(env)}; `eval report` lists every environment with its answers.")
     draft_pair = Pair(pair.draft, pair.tokenizer, None) if pair.draft is not None else None
     # what is left is known from the sample ids alone; each prompt is generated only when its turn comes (a 16k
     # prompt takes about half a second, and a large grid would otherwise wait minutes before its first answer)
