@@ -164,8 +164,7 @@ class Prompts:
 
 def made_with(env: dict) -> str:
     """What in an environment can change an answer: library versions, device and precision."""
-    return ", ".join(f"{k} {env.get(k, '?')}" for k in ("torch", "transformers", "device", "dtype", "draft_dtype")
-                     if k in env)
+    return ", ".join(f"{k} {env[k]}" for k in ("torch", "transformers", "device", "dtype", "draft_dtype") if k in env)
 
 
 def environment(pair: Pair) -> dict:
