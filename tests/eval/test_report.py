@@ -108,6 +108,20 @@ def test_a_grid_of_one_kind_gets_one_panel_and_a_grid_with_no_common_task_says_s
     report.write([tmp_path / "apart.jsonl"], tmp_path / "apart")
 
 
+def test_the_plots_mark_the_budgets_measured_as_written(tmp_path, monkeypatch):
+    """A log-2 axis would label 64 and 128 as 2^6 and 2^7, and a lone keep ratio would get ticks nobody ran."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    more = [("snapkv", 128, "niah_single_1", [0]), ("snapkv", 128, "vt", [100])]
+    write_answers(tmp_path / "answers.jsonl", [*FIXTURE, *more])
+    report.write([tmp_path / "answers.jsonl"], tmp_path / "out")
+    kv, prompt = (ax for ax in figures[0].axes if ax.get_xlabel())
+    assert [label.get_text() for label in kv.get_xticklabels()] == ["64", "128"]
+    assert [label.get_text() for label in prompt.get_xticklabels()] == ["0.25"]
+
+
 def test_report_refuses_files_that_are_not_answers(tmp_path):
     empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
     empty.write_text("")

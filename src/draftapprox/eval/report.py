@@ -352,6 +352,9 @@ def _plot(table, out: Path) -> list[Path]:
             ax.set_ylabel("mean RULER score over tasks")
             if integer:
                 ax.set_xscale("log", base=2)
+            ticks = sorted({k[2] for k in cells_})  # the budgets measured, written as given (128, not 2^7)
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
             ax.grid(alpha=0.3)
             if common:
                 ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
