@@ -109,12 +109,13 @@ def test_a_grid_of_one_kind_gets_one_panel_and_a_grid_with_no_common_task_says_s
 
 
 def test_the_plots_mark_the_budgets_measured_as_written(tmp_path, monkeypatch):
-    """A log-2 axis would label 64 and 128 as 2^6 and 2^7, and a lone keep ratio would get ticks nobody ran."""
+    """A log-2 axis would label 64 and 128 as 2^6 and 2^7, and a lone keep ratio would get ticks nobody ran; a
+    partly-run peer's budget (kvpress:snapkv@32, one task of two) gets no point, so no tick."""
     import matplotlib.pyplot as plt
 
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
-    more = [("snapkv", 128, "niah_single_1", [0]), ("snapkv", 128, "vt", [100])]
+    more = [("snapkv", 128, "niah_single_1", [0]), ("snapkv", 128, "vt", [100]), ("kvpress:snapkv", 32, "vt", [0])]
     write_answers(tmp_path / "answers.jsonl", [*FIXTURE, *more])
     report.write([tmp_path / "answers.jsonl"], tmp_path / "out")
     kv, prompt = (ax for ax in figures[0].axes if ax.get_xlabel())

@@ -352,7 +352,8 @@ def _plot(table, out: Path) -> list[Path]:
             ax.set_ylabel("mean RULER score over tasks")
             if integer:
                 ax.set_xscale("log", base=2)
-            ticks = sorted({k[2] for k in cells_})  # the budgets measured, written as given (128, not 2^7)
+            # ticks where points stand, written as given (128, not 2^7)
+            ticks = sorted({x for points in series.values() for x, *_ in points})
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
             ax.minorticks_off()
             ax.grid(alpha=0.3)
