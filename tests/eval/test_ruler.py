@@ -50,7 +50,6 @@ def test_generation_is_deterministic_and_samples_differ(tokenizer, samples):
     assert again == samples["niah_multikey_1"]
     other = ruler.generate_sample(tokenizer, "niah_multikey_1", 2048, 4)
     assert other.outputs != again.outputs and other.context != again.context
-    assert ruler.Sample.from_dict(again.to_dict()) == again
 
 
 def test_a_seed_gives_the_same_prompt_on_every_machine(samples):
@@ -96,10 +95,7 @@ def test_aggregation_answers_are_the_most_frequent_words(samples):
     assert ranked == list(fwe.outputs)
 
 
-def test_qa_is_labelled_synthetic_and_needs_both_hops(samples):
-    from draftapprox.eval import sources
-
-    assert "synthetic" in sources.QA_SOURCE and "not those datasets" in sources.QA_SOURCE
+def test_qa_needs_both_hops(samples):
     qa2 = samples["qa_2"]
     person = re.search(r"company that (.+) works for", qa2.question).group(1)
     employer = re.search(rf"{person} is a .*?has worked for (.+?) for many years", qa2.context).group(1)

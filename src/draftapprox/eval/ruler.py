@@ -10,7 +10,6 @@ the largest haystack whose prompt has at most `length` tokens, and never fewer t
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import random
@@ -119,14 +118,6 @@ class Sample:
         from the same prompt, and the id alone cannot tell (another haystack or word list gives another one)."""
         text = "\x00".join((self.context, self.question, self.answer_prefix, *self.outputs))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Sample:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if k == "outputs" else v) for k, v in data.items() if k in fields})
 
 
 def render(tokenizer, user: str, answer_prefix: str) -> str:

@@ -19,10 +19,6 @@ import random
 import re
 from importlib import resources
 
-ESSAY_SOURCE = "CPython 3.11.7 pydoc_data.topics (Python reference documentation, PSF licence), snapshot"
-WORDS_SOURCE = "wonderwords 3.x noun/adjective/verb lists (as RULER)"
-QA_SOURCE = "synthetic fictional-entity passages (substitute for SQuAD / HotpotQA, not those datasets)"
-
 
 @functools.cache
 def essay_words() -> tuple[str, ...]:
