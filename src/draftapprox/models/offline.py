@@ -207,11 +207,6 @@ def fetch(name: str, cache: str | Path | None = None, *, downloader: Downloader 
     return convert(gguf, out, source_sha256=model.sha256)
 
 
-def fetch_pair(cache: str | Path | None = None, *, show_progress: bool = True) -> tuple[Path, Path]:
-    return (fetch(DRAFT.name, cache, show_progress=show_progress),
-            fetch(TARGET.name, cache, show_progress=show_progress))
-
-
 @dataclass(frozen=True)
 class CachedModel:
     name: str
