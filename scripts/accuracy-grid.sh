@@ -39,7 +39,7 @@ for stage in $STAGES; do
         --command "draftapprox eval kvpress-selection --tasks niah_single_1,niah_multikey_1,niah_multivalue,vt,fwe,qa_1 --output $RAW/kvpress-selection-2048.jsonl" ;;
     llmlingua|llmlingua-rest)
       draftapprox eval setup-peer llmlingua
-      # the goal's ratio on every prompt; the other two on 5 samples a task, as kvpress (51 s an answer here)
+      # the goal's ratio on every prompt; the other two on 5 samples a task, as kvpress (about 65 s an answer here)
       [ "$stage" = llmlingua ] && set -- 0.25 10 || set -- 0.1,0.5 5
       draftapprox eval llmlingua --ratios "$1" --samples "$2" --output "$RAW/ruler-2048-cpu-llmlingua.jsonl" ;;
     report)
