@@ -40,8 +40,8 @@ for stage in $STAGES; do
     llmlingua|llmlingua-rest)
       draftapprox eval setup-peer llmlingua
       # the goal's ratio on every prompt; the other two on 5 samples a task, as kvpress (about 65 s an answer here)
-      [ "$stage" = llmlingua ] && set -- 0.25 10 || set -- 0.1,0.5 5
-      draftapprox eval llmlingua --ratios "$1" --samples "$2" --output "$RAW/ruler-2048-cpu-llmlingua.jsonl" ;;
+      if [ "$stage" = llmlingua ]; then ratios=0.25 samples=10; else ratios=0.1,0.5 samples=5; fi
+      draftapprox eval llmlingua --ratios "$ratios" --samples "$samples" --output "$RAW/ruler-2048-cpu-llmlingua.jsonl" ;;
     report)
       draftapprox eval report "$RAW"/ruler-*-cpu*.jsonl --out docs/results \
         --command "DTYPE=$DTYPE scripts/accuracy-grid.sh   # every stage; the answers so far" ;;
