@@ -10,7 +10,7 @@ DTYPE=${DTYPE:-bfloat16}
 LENGTH_TASKS=niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery,vt,fwe  # the protocol's length check
 # The goal figures' comparisons come first: kvpress query-aware and LongLLMLingua at 0.25 (the goal's ratio) at
 # 2,048 tokens, then the length check (about five hours) and kvpress at its length and budget. LongLLMLingua's
-# other ratios (about 70 s an answer here) and kvpress's query-agnostic pipeline come last.
+# other ratios (about 65 s an answer here) and kvpress's query-agnostic pipeline come last.
 STAGES=${STAGES:-"main kvpress selection llmlingua length kvpress-length llmlingua-rest kvpress-agnostic report"}
 mkdir -p "$RAW"
 for stage in $STAGES; do
