@@ -10,7 +10,7 @@ DTYPE=${DTYPE:-bfloat16}
 LENGTH_TASKS=niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery,vt,fwe  # the protocol's length check
 # The goal figures' comparisons come first: kvpress query-aware and LongLLMLingua at 0.25 (the goal's ratio) at
 # 2,048 tokens, then the length check (about five hours) and kvpress at its length and budget. LongLLMLingua's
-# other ratios (about 65 s an answer here) and kvpress's query-agnostic pipeline come last.
+# other ratios (about 70 s an answer here) and kvpress's query-agnostic pipeline come last.
 STAGES=${STAGES:-"main kvpress selection llmlingua length kvpress-length llmlingua-rest kvpress-agnostic report"}
 mkdir -p "$RAW"
 for stage in $STAGES; do
@@ -39,7 +39,7 @@ for stage in $STAGES; do
         --command "draftapprox eval kvpress-selection --tasks niah_single_1,niah_multikey_1,niah_multivalue,vt,fwe,qa_1 --output $RAW/kvpress-selection-2048.jsonl" ;;
     llmlingua|llmlingua-rest)
       draftapprox eval setup-peer llmlingua
-      # the goal's ratio on every prompt; the other two on 5 samples a task, as kvpress (about 65 s an answer here)
+      # the goal's ratio on every prompt; the other two on 5 samples a task, as kvpress (about 70 s an answer here)
       if [ "$stage" = llmlingua ]; then ratios=0.25 samples=10; else ratios=0.1,0.5 samples=5; fi
       draftapprox eval llmlingua --ratios "$ratios" --samples "$samples" --output "$RAW/ruler-2048-cpu-llmlingua.jsonl" ;;
     report)
