@@ -118,6 +118,16 @@ def test_bad_input_is_one_line_and_non_zero(monkeypatch, capsys, models, args, s
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_eval_appends_answers_and_says_when_a_rerun_has_nothing_left(monkeypatch, capsys, models, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    args = ["eval", "--methods", "fullkv", "--lengths", "1024", "--tasks", "niah_single_1", "--samples", "1",
+            "--output", str(out), *tiny(models)]
+    code, _, err = cli(monkeypatch, capsys, args)
+    assert code == 0 and "1 answers written to" in err and len(out.read_text().splitlines()) == 1
+    code, _, err = cli(monkeypatch, capsys, args)
+    assert code == 0 and "already in" in err and "nothing to run" in err and len(out.read_text().splitlines()) == 1
+
+
 def test_eval_diff_prints_a_table_or_one_line_errors(monkeypatch, capsys, tmp_path):
     answers = tmp_path / "answers.jsonl"
     answers.write_text("".join(json.dumps({"key": f"vt/2048/42/0|{m}", "sample": "vt/2048/42/0", "score": s,

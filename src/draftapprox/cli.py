@@ -312,7 +312,8 @@ def eval_grid(
               "target_model": target or "offline qwen2.5-coder-1.5b-instruct"}
     written = harness.run(pair, jobs, task_list, length_list, samples, output, seed=seed, models=models,
                           decode_batch=decode_batch, shard=(shard_index, shards), log=err.print)
-    err.print(f"{written} answers written to {output}")
+    err.print(f"{written} answers written to {output}" if written else
+              f"every answer of this grid is already in {output}; nothing to run")
 
 
 @eval_app.command("report")
