@@ -44,7 +44,7 @@ for stage in $STAGES; do
       draftapprox eval llmlingua --ratios "$ratios" --samples "$samples" --output "$RAW/ruler-2048-cpu-llmlingua.jsonl" ;;
     report)
       draftapprox eval report "$RAW"/ruler-*-cpu*.jsonl --out docs/results \
-        --command "DTYPE=$DTYPE scripts/accuracy-grid.sh   # every stage; the answers so far" ;;
+        --command "DTYPE=$DTYPE scripts/accuracy-grid.sh   # every stage; a rerun resumes what is unfinished" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
