@@ -210,6 +210,12 @@ def _grid(tasks: str, lengths: str, samples: int, output: Path | None = None) ->
     return task_list, length_list
 
 
+def _say_written(count: int, what: str, output: Path) -> None:
+    """Close a resumable run: a rerun that finds everything done says so, rather than "0 ... written"."""
+    err.print(f"{count} {what} written to {output}" if count else
+              f"every one of the {what} this run asks for is already in {output}; nothing to run")
+
+
 def _check_output(path: Path) -> None:
     """An answer file to append to must be one: not a folder, and every complete line a keyed JSON row (a torn
     last line is a killed run's, cut when the run resumes)."""
@@ -312,8 +318,7 @@ def eval_grid(
               "target_model": target or "offline qwen2.5-coder-1.5b-instruct"}
     written = harness.run(pair, jobs, task_list, length_list, samples, output, seed=seed, models=models,
                           decode_batch=decode_batch, shard=(shard_index, shards), log=err.print)
-    err.print(f"{written} answers written to {output}" if written else
-              f"every answer of this grid is already in {output}; nothing to run")
+    _say_written(written, "answers", output)
 
 
 @eval_app.command("report")
@@ -418,7 +423,7 @@ def eval_kvpress(
                                 harness.parse_list(modes, "modes"), task_list, length_list, samples, output,
                                 seed=seed, dtype=dtype, threads=threads, cache=cache_dir,
                                 knobs=_pairs(knob, "--set"), log=err.print)
-    err.print(f"{written} kvpress answers written to {output}")
+    _say_written(written, "kvpress answers", output)
 
 
 @eval_app.command("kvpress-selection")
@@ -458,7 +463,7 @@ def eval_kvpress_selection(
     pair = load_pair(None, str(model_dir), with_draft=False, dtype=dtype, threads=threads, cache=cache_dir)
     written = kvpress_selection.run(pair, model_dir, case_list, budget_list, task_list, length_list, samples, output,
                                     seed=seed, dtype=dtype, threads=threads, cache=cache_dir, log=err.print)
-    err.print(f"{written} comparisons written to {output}")
+    _say_written(written, "comparisons", output)
     err.print(f"wrote {kvpress_selection.report(read(output), report, command)}")
 
 
@@ -488,7 +493,7 @@ def eval_llmlingua(
     pair = load_pair(None, target, with_draft=False, dtype=dtype, threads=threads, cache=cache_dir)
     written = peers.run_llmlingua(pair, draft_dir, ratio_list, task_list, length_list, samples, output, seed=seed,
                                   threads=threads, cache=cache_dir, log=err.print)
-    err.print(f"{written} LongLLMLingua answers written to {output}")
+    _say_written(written, "LongLLMLingua answers", output)
 
 
 def _ratios(text: str) -> list[float]:
@@ -549,7 +554,7 @@ def eval_reference(
         target_model, _ = load_model(target_dir, dtype=dtype, threads=threads)
         written = reference.run_speckv(Pair(target_model, tokenizer, draft_model), target_dir, draft_dir,
                                        budget_list, task_list, length_list, samples, output, **common)
-    err.print(f"{written} comparisons written to {output}")
+    _say_written(written, "comparisons", output)
     default = Path("docs/results") / ("reference.md" if method == "specpc" else "reference-speckv.md")
     err.print(f"wrote {reference.report(read(output), report or default, command)}")
 
@@ -600,7 +605,7 @@ def bench_run(
     settings = run.Settings(length_list, repeats, new_tokens, task, seed, draft, target, dtype, draft_dtype, device,
                             threads, str(cache_dir) if cache_dir else None, prefill_chunk)
     written = run.run(jobs, settings, output)
-    err.print(f"{written} measurements written to {output}")
+    _say_written(written, "measurements", output)
 
 
 @bench_app.command("report")
@@ -670,7 +675,7 @@ def bench_kvpress(
     model, tokenizer = load_model(target_dir, dtype=dtype, threads=threads)
     written = kvpress.measure(Pair(model, tokenizer), target_dir, length_list, budget, repeats, output,
                               dtype=dtype, threads=threads, cache=cache_dir, log=err.print)
-    err.print(f"{written} lengths written to {output}")
+    _say_written(written, "lengths", output)
     err.print(f"wrote {kvpress.write(read(output), report, command)}")
 
 
