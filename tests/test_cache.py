@@ -1,7 +1,20 @@
+import pytest
 import torch
 from transformers import DynamicCache
 
-from draftapprox.cache import HeadwiseLayer, compress_cache, kept_pairs, kv_bytes, shallow_copy
+from draftapprox.cache import (
+    BatchLayer,
+    DenseLayer,
+    HeadwiseLayer,
+    batch_caches,
+    compress_cache,
+    kept_pairs,
+    kv_bytes,
+    new_cache,
+    reserve,
+    shallow_copy,
+    truncate_cache,
+)
 from draftapprox.forward import forward
 
 from .conftest import prompt_ids, tiny_model
@@ -69,3 +82,72 @@ def test_shallow_copy_leaves_original_untouched():
     copy = shallow_copy(cache)
     forward(model, prompt_ids(1, seed=5), copy, 12)
     assert cache.layers[0].keys.shape[2] == 12 and copy.layers[0].keys.shape[2] == 13
+
+
+def _appended(cache, model, n, start, seed):
+    forward(model, prompt_ids(n, seed=seed), cache, start)
+    return cache.layers[0].keys.clone()
+
+
+def test_appending_layers_equal_concatenation_and_write_in_place():
+    model = tiny_model("qwen2")
+    ours, theirs = new_cache(), DynamicCache()  # transformers' own layers concatenate
+    for start, n in ((0, 20), (20, 1), (21, 3), (24, 1)):
+        _appended(ours, model, n, start, start)
+        _appended(theirs, model, n, start, start)
+    assert isinstance(ours.layers[0], DenseLayer)
+    for a, b in zip(ours.layers, theirs.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    reserve(ours, 10)
+    storage = ours.layers[0].keys.data_ptr()
+    for i in range(10):  # within the reservation no step reallocates
+        forward(model, prompt_ids(1, seed=i), ours, 25 + i, compressed=True)
+        assert ours.layers[0].keys.data_ptr() == storage
+    assert ours.layers[0].keys.shape[2] == 35
+
+
+def test_caches_that_share_tensors_never_write_into_each_other():
+    model = tiny_model("llama")
+    cache = new_cache()
+    forward(model, prompt_ids(12), cache, 0)
+    copy = shallow_copy(cache)
+    before = cache.layers[0].keys.clone()
+    forward(model, prompt_ids(3, seed=5), copy, 12)  # the copy appends into storage of its own
+    forward(model, prompt_ids(2, seed=6), cache, 12)  # the original appends in its own buffer
+    assert torch.equal(copy.layers[0].keys[:, :, :12], before)
+    assert copy.layers[0].keys.data_ptr() != cache.layers[0].keys.data_ptr()
+    # A copy taken at a greater length survives the original's truncation and new appends.
+    longer = shallow_copy(cache)
+    seen = longer.layers[0].keys.clone()
+    truncate_cache(cache, 12)
+    forward(model, prompt_ids(2, seed=7), cache, 12)
+    assert torch.equal(longer.layers[0].keys, seen)
+
+
+def test_appending_keys_of_another_batch_is_refused():
+    layer = DenseLayer()
+    layer.update(torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8))
+    with pytest.raises(ValueError, match="cannot append"):
+        layer.update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
+
+
+def test_batch_layer_tail_reserves_and_survives_selection():
+    model = tiny_model("qwen2")
+    caches = []
+    for seed in (1, 2, 3):
+        cache = new_cache()
+        forward(model, prompt_ids(10 + seed, seed=seed), cache, 0)
+        caches.append(cache)
+    batch = batch_caches(caches)
+    reserve(batch, 4)
+    layer = batch.layers[0]
+    assert isinstance(layer, BatchLayer)
+    assert layer.capacity() == 4
+    ids = torch.randint(0, 100, (3, 1))
+    forward(model, ids, batch, torch.tensor([[11], [12], [13]]), compressed=True)
+    assert layer.capacity() == 4 and layer.keys.shape[2] == 1  # appended into the reservation
+    layer_tail = layer.keys[1:].clone()
+    for each in batch.layers:
+        each.select(torch.tensor([1, 2]))
+    forward(model, ids[1:], batch, torch.tensor([[13], [14]]), compressed=True)
+    assert torch.equal(layer.keys[:, :, :1], layer_tail) and layer.keys.shape == (2, 2, 2, 16)

@@ -22,6 +22,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from .attention import single_query
 from .errors import ModelError
 
 PREFIX = "draftapprox_"
@@ -111,10 +112,22 @@ def _make_wrapper(base: str):
                 return layers[module.layer_idx].attend(query, key, value, scaling)
             if active.single_query_unmasked and query.shape[2] == 1:
                 attention_mask = None
+            if query.shape[2] == 1 and attention_mask is None and _plain(kwargs):
+                return single_query(query, key, value, scaling), None
         return base_fn(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"{PREFIX}{base}"
     return attention
+
+
+_PLAIN = {"scaling", "dropout", "sliding_window", "position_ids", "use_cache", "cu_seq_lens_q", "cu_seq_lens_k",
+          "max_length_q", "max_length_k", "is_causal", "output_attentions", "cache_position"}
+
+
+def _plain(kwargs: dict) -> bool:
+    """Whether a layer's attention is plain softmax attention that `single_query` computes exactly: no dropout, no
+    logit soft-capping, attention sinks or other extras an architecture may pass."""
+    return not kwargs.get("dropout") and all(k in _PLAIN or v is None for k, v in kwargs.items())
 
 
 def _register(base: str) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from .cache import new_cache
 from .capture import QueryCapture, check_captured, decoder_layers
 from .errors import ConfigError
 from .forward import Timings, forward
@@ -55,7 +56,7 @@ class PromptState:
                 return tokens[:, :length]
         draft = self.require_draft("lookahead")
         with self.timings.phase("draft", draft.device):
-            tokens = greedy(draft, self.input_ids, DynamicCache(), length, self.eos_ids)
+            tokens = greedy(draft, self.input_ids, new_cache(), length, self.eos_ids)
         self.remember_lookahead(tokens, length)
         return tokens
 
@@ -120,7 +121,7 @@ def token_scores(state: PromptState, model: PreTrainedModel, window: int, lookah
         scaling, cache = shared.scaling, state.cache
     else:
         capture = QueryCapture(rows=w + max(lookahead, 1) - 1, layers=frozenset(wanted))
-        cache = DynamicCache()
+        cache = new_cache()
         with state.timings.phase(phase, model.device):
             if lookahead <= 1:
                 forward(model, state.input_ids, cache, 0, logits=False, capture=capture)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .cache import batch_caches, cache_length, compress_cache, kv_bytes, shallow_copy
+from .cache import batch_caches, cache_length, compress_cache, kv_bytes, new_cache, reserve, shallow_copy
 from .capture import QueryCapture, check_captured
 from .draft import PromptState
 from .errors import ConfigError, InputError
@@ -121,7 +121,7 @@ def prefill(state: PromptState, rows: int) -> None:
         return
     target = state.target
     capture = QueryCapture(rows=min(rows, state.n)) if rows else None
-    state.cache = DynamicCache()
+    state.cache = new_cache()
     with state.timings.phase("target_prefill", target.device):
         state.logits = forward(target, state.input_ids, state.cache, 0, capture=capture)
     if capture is not None:
@@ -250,13 +250,14 @@ def prepare(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None
             position = kept_tokens
         else:
             keep_positions = isinstance(pc, PromptMethod) and pc.keep_positions
-            cache = DynamicCache()
+            cache = new_cache()
             with state.timings.phase("target_prefill", pair.target.device):
                 # Kept tokens re-indexed 0..C-1 (the reference), or at their original positions.
                 logits = forward(pair.target, kept_ids, cache,
                                  positions if keep_positions else 0)
             kept_bytes = kv_bytes(cache)
             position = n if keep_positions else kept_tokens
+    reserve(cache, max_new_tokens)
     timings = {k: v - start.get(k, 0.0) for k, v in state.timings.seconds.items() if v - start.get(k, 0.0) > 0}
     record = Record(method.name, n, budget, kept_tokens, per_token * n, kept_bytes, timings=timings,
                     first_token_seconds=time.perf_counter() - began)
@@ -320,6 +321,7 @@ def _decode_group(pair: Pair, prepared: list[Prepared], group: list[int]) -> Ite
     live = list(range(len(items)))
     start = time.perf_counter()
     cache = batch_caches([p.cache for p in items])
+    reserve(cache, max(p.max_new_tokens for p in items))
     while live:
         fed, kept = [], []
         for slot, i in enumerate(live):

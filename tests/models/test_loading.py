@@ -72,10 +72,14 @@ def test_dtypes_auto_int8_and_a_cheaper_draft(tmp_path, monkeypatch):
     from draftapprox.models import loading
 
     target, draft = save(tmp_path, "t"), save(tmp_path, "d", layers=2)
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    assert loading.auto_dtype("cpu") == "bfloat16"
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    assert loading.auto_dtype("cpu") == "float32"
+    emulated = {"avx512_f": True, "avx512_bw": True, "avx512_bf16": False, "amx_bf16": False}
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # oneDNN emulates it here
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: emulated)
+    assert loading.auto_dtype("cpu") == "float32"  # emulated bfloat16 is slower than float32
+    for flag in ("avx512_bf16", "amx_bf16"):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda flag=flag: {**emulated, flag: True})
+        assert loading.auto_dtype("cpu") == "bfloat16"
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: emulated)
     assert loading.precision(load_model(target, dtype="auto")[0]) == "float32"
 
     pair = load_pair(draft, target, dtype="float32", draft_dtype="int8")

@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from .. import forward as forward_module
+from ..cache import new_cache
 from ..errors import ConfigError, DraftApproxError, InputError
 from ..eval import harness, ruler
 from ..eval.answer_log import Results, at_budget
@@ -220,7 +220,7 @@ def _timed_floor(job: harness.Job, model, ids: torch.Tensor) -> dict:
         ids = ids[:, : max(1, int(job.budget * ids.shape[1]))]
     sync = model.device.type == "cuda"
     start = time.perf_counter()
-    forward(model, ids, DynamicCache(), 0, logits=job.method == TARGET_PREFILL)
+    forward(model, ids, new_cache(), 0, logits=job.method == TARGET_PREFILL)
     if sync:
         torch.cuda.synchronize(model.device)
     seconds = time.perf_counter() - start

@@ -6,9 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
-from ..cache import truncate_cache
+from ..cache import new_cache, truncate_cache
 from ..capture import QueryCapture, check_captured
 from ..draft import PromptState
 from ..forward import forward
@@ -90,7 +89,7 @@ class SpecKV(ScorerKV):
             return self.layer_scores(query[..., -rows:, :], positions, keys, n - self.window - 1, scaling)
 
         plan = VerticalSlash(self.prefill_vertical, self.prefill_window, columns)
-        cache = DynamicCache()
+        cache = new_cache()
         ids = torch.cat([state.input_ids, tokens.to(state.input_ids.device)], dim=1)
         with state.timings.phase("target_prefill", state.target.device):
             forward(state.target, ids, cache, 0, logits=False, sparse=plan)

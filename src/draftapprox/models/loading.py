@@ -23,9 +23,17 @@ def auto_dtype(device: str | torch.device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device.type == "cpu" and native_cpu_bf16():
         return "bfloat16"
     return "float32"
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX). oneDNN also "supports" bfloat16 on
+    any AVX-512 CPU by emulation, which is what `torch.ops.mkldnn._is_mkldnn_bf16_supported` reports; measured on
+    such a Xeon, emulated bfloat16 ran the 1.5B's 2k prefill 4x slower than float32 (docs/results/profile.md)."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
 def check_device(device: str | torch.device) -> torch.device:
