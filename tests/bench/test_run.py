@@ -32,19 +32,23 @@ def settings(models, **kw) -> run.Settings:
 def test_plan_adds_the_floors_of_each_keep_ratio():
     labels = [j.label for j in run.plan(["fullkv", "speckv", "specpc"], ["64", "0.25", "0.5"])]
     assert labels == ["fullkv", "speckv@64", "specpc@0.25", "specpc@0.5", "draft-prefill", "target-prefill@0.25",
-                      "target-prefill@0.5"]
+                      "target-prefill@0.5", "draft-limit", "target-limit"]
     assert "draft-prefill" not in [j.label for j in run.plan(["fullkv"], ["64"], floors=False)]
 
 
 def test_bench_measures_every_job_and_length_once_and_reports(models, tmp_path):
     out = tmp_path / "bench.jsonl"
     jobs = run.plan(["fullkv", "specpc"], ["0.25"], KNOBS)
-    assert run.run(jobs, settings(models), out, progress=False) == 4 * 2
+    assert run.run(jobs, settings(models), out, progress=False) == 6 * 2
     rows = {(r["key"]): r for r in read(out)}
     pc_label = "specpc@0.25 kernel=9 start_layer=1 window=16"  # knobs are part of a row's label
     assert set(rows) == {run.key(j, settings(models), n) for j in jobs for n in (400, 600)}
     assert {r["key"].split("|")[0] for r in rows.values()} == {"fullkv", pc_label, "draft-prefill",
-                                                               "target-prefill@0.25"}
+                                                               "target-prefill@0.25", "draft-limit", "target-limit"}
+    limit = rows["target-limit|600"]
+    assert limit["env"]["rates"]["gemm_flops"] > 1e8 and limit["env"]["rates"]["gemv_bytes"] > 1e8
+    assert 0 < limit["first_token"] < rows["fullkv|600"]["first_token"]  # nothing beats its own limit
+    assert rows["target-limit|600"]["decode_per_token"] > rows["target-limit|400"]["decode_per_token"]  # KV grows
     for n in (400, 600):
         full, pc = rows[f"fullkv|{n}"], rows[f"{pc_label}|{n}"]
         assert full["kv_bytes"] == full["kv_bytes_full"] and pc["kv_bytes"] / full["kv_bytes"] == pytest.approx(
@@ -60,6 +64,7 @@ def test_bench_measures_every_job_and_length_once_and_reports(models, tmp_path):
     text = written[0].read_text()
     assert "| fullkv | " in text and "(1.00x)" in text and "`draftapprox bench ...`" in text
     assert f"{pc_label} first token / (draft prefill + target prefill of kept)" in text
+    assert "SpecPC draft pass / the draft's GEMM-bound prefill" in text and "Limits measured in this run" in text
     assert all(p.exists() and p.stat().st_size > 0 for p in written)
 
 

@@ -79,7 +79,7 @@ def test_peer_requests_are_checked_before_anything_runs(tokenizer, tmp_path):
         peers.run_kvpress(tokenizer, tmp_path, ["snapkv"], [128], ["aware"], ["vt"], [1024], 1, tmp_path / "a",
                           cache=tmp_path / "empty")
     with pytest.raises(ConfigError, match="unknown peer"):
-        peers.setup("vllm", tmp_path)
+        peers.setup("nonesuch", tmp_path)
 
 
 def test_llmlingua_compressed_prompts_are_answered_by_our_target(tokenizer, tmp_path, monkeypatch):

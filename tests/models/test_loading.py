@@ -75,7 +75,10 @@ def test_dtypes_auto_int8_and_a_cheaper_draft(tmp_path, monkeypatch):
     emulated = {"avx512_f": True, "avx512_bw": True, "avx512_bf16": False, "amx_bf16": False}
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # oneDNN emulates it here
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: emulated)
-    assert loading.auto_dtype("cpu") == "float32"  # emulated bfloat16 is slower than float32
+    # emulated bfloat16 is slower than float32: weights in bfloat16, products in float32, or plain float32
+    assert loading.auto_dtype("cpu") == "bfloat16-weights"
+    monkeypatch.setattr(loading.kernels, "load", lambda: None)
+    assert loading.auto_dtype("cpu") == "float32"
     for flag in ("avx512_bf16", "amx_bf16"):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda flag=flag: {**emulated, flag: True})
         assert loading.auto_dtype("cpu") == "bfloat16"

@@ -11,10 +11,10 @@ from pathlib import Path
 from ..errors import InputError
 from ..eval.report import read_keyed
 from ..markdown import splice, table
-from .run import DRAFT_PREFILL, FLOORS, TARGET_PREFILL
+from .run import DRAFT_LIMIT, DRAFT_PREFILL, FLOORS, TARGET_LIMIT, TARGET_PREFILL
 
 PHASES = ("draft", "self_lookahead", "target_scoring", "scoring", "target_prefill", "target_lookahead",
-          "compression", "refeed", DRAFT_PREFILL, TARGET_PREFILL)
+          "compression", "refeed", DRAFT_PREFILL, TARGET_PREFILL, "engine_prefill", "gemm_bound")
 MB = 2**20
 
 
@@ -35,7 +35,9 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def _floor(rows, label: str) -> bool:
-    return any(r["method"] in FLOORS for (job, _), r in rows.items() if job == label)
+    """Floors, limits and engines: what the methods are measured against, drawn dotted."""
+    return any(r["method"] in FLOORS or r["method"].startswith("engine:") for (job, _), r in rows.items()
+               if job == label)
 
 
 def _jobs(rows) -> list[str]:
@@ -94,6 +96,16 @@ def write(paths: list[Path], out: Path, command: str | None = None) -> list[Path
     if sparse:
         lines.extend(["### Sparse (vertical-slash) prefill against the dense one", "", *sparse, ""])
     lines.extend(["### The performance issue's targets, from this run", "", *targets(rows, lengths), ""])
+    versus = against_engine(rows, lengths)
+    if versus:
+        engine = next(r for r in rows.values() if r["method"].startswith("engine:"))
+        lines.extend([f"### Against {engine['key'].split('|')[0]} serving FullKV (same prompts, same file)", "",
+                      *versus, ""])
+    rates = [r for r in rows.values() if r["method"] in (DRAFT_LIMIT, TARGET_LIMIT)]
+    if rates:
+        lines.extend(["Limits measured in this run: " + "; ".join(sorted({
+            f"{r['method']} ({r['env']['dtype']}): GEMM {r['env']['rates']['gemm_flops'] / 1e9:.0f} GFLOP/s, GEMV "
+            f"{r['env']['rates']['gemv_bytes'] / 1e9:.1f} GB/s" for r in rates})) + ".", ""])
     path = out / "performance.md"
     splice(path, "\n".join(lines))
     return [path, *_plot(rows, jobs, lengths, out)]
@@ -162,9 +174,54 @@ def targets(rows, lengths) -> list[str]:
                 over = speckv["peak_rss"] - full["peak_rss"]
                 check(f"{label} peak RSS over FullKV's / draft's resident size", n, over / draft_resident, 1.10,
                       over <= 1.10 * draft_resident)
+    for n in lengths:
+        engine_speed(rows, n, check)
     if not body:
         return ["(this run measured none of them: it needs fullkv, specpc with its floors, or speckv)"]
     return table(["target", "tokens", "measured", "limit", "holds"], body)
+
+
+def _engine(rows, n: int) -> dict | None:
+    return next((r for (_, length), r in rows.items() if length == n and r["method"].startswith("engine:")), None)
+
+
+def engine_speed(rows, n: int, check) -> None:
+    """The engine-speed issue's targets: our FullKV against a real engine in the same file, the draft's SpecPC
+    pass and the decode step against the limits measured in the same run."""
+    full, engine = rows.get(("fullkv", n)), _engine(rows, n)
+    target_limit, draft_limit = _first(rows, TARGET_LIMIT, n), _first(rows, DRAFT_LIMIT, n)
+    name = engine["key"].split("|")[0] if engine else ""
+    if full and engine:
+        check(f"FullKV first token / {name}'s", n, full["first_token"] / engine["first_token"], 1.0,
+              full["first_token"] <= engine["first_token"])
+        if engine["decode_per_token"]:
+            check(f"FullKV decode per token / {name}'s", n, full["decode_per_token"] / engine["decode_per_token"],
+                  1.0, full["decode_per_token"] <= engine["decode_per_token"])
+    specpc = _first(rows, "specpc", n)
+    if specpc and draft_limit and "draft" in specpc["phases"]:
+        check("SpecPC draft pass / the draft's GEMM-bound prefill", n,
+              specpc["phases"]["draft"] / draft_limit["first_token"], 1.25,
+              specpc["phases"]["draft"] <= 1.25 * draft_limit["first_token"])
+    if full and target_limit and n <= 2048:
+        check("FullKV decode per token / the weight-bandwidth limit", n,
+              full["decode_per_token"] / target_limit["decode_per_token"], 1.2,
+              full["decode_per_token"] <= 1.2 * target_limit["decode_per_token"])
+
+
+def against_engine(rows, lengths) -> list[str]:
+    """What each method gains against the engine serving FullKV: first-token and decode time, as ratios."""
+    body = []
+    for (label, n), row in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        engine = _engine(rows, n)
+        if engine is None or row["method"] in FLOORS or row["method"].startswith("engine:"):
+            continue
+        decode = row["decode_per_token"] / engine["decode_per_token"] if (
+            row["decode_per_token"] and engine["decode_per_token"]) else None
+        body.append([label, str(n), f"{row['first_token'] / engine['first_token']:.2f}x",
+                     "-" if decode is None else f"{decode:.2f}x"])
+    if not body:
+        return []
+    return table(["job", "tokens", "first token / engine's", "decode per token / engine's"], body)
 
 
 def _plot(rows, jobs: list[str], lengths: list[int], out: Path) -> list[Path]:

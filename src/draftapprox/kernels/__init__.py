@@ -1,0 +1,39 @@
+"""Compiled CPU kernels, built once per machine and torch version on first use (torch's C++ extension loader,
+with ninja and the system's C++ compiler) and cached under the draftapprox cache directory.
+
+They are optional: where the build fails (no compiler), `load` returns None, says why once, and callers keep
+their portable PyTorch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..paths import cache_dir
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("linear_bf16.cpp")
+
+
+@functools.cache
+def load():
+    """The compiled module (`linear_bf16`, `vectorised`), or None where it cannot be built here."""
+    from torch.utils import cpp_extension
+
+    build = cache_dir() / "kernels" / f"torch-{torch.__version__}"
+    build.mkdir(parents=True, exist_ok=True)
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]  # OpenMP: at::parallel_for is serial without
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cpp_extension.load(name="draftapprox_linear_bf16", sources=[str(SOURCE)], extra_cflags=flags,
+                                      extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+    except (RuntimeError, OSError, ImportError, SystemExit) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("draftapprox: the bfloat16-weight kernel could not be built (%s); using PyTorch", first)
+        return None

@@ -1,0 +1,85 @@
+"""Weights held in bfloat16, every product computed in float32 (`--dtype bfloat16-weights`).
+
+On a CPU without bfloat16 instructions, neither plain precision is fast everywhere: float32 prefills at the GEMM
+rate but a decode step must stream 4 bytes per weight, while bfloat16 halves those bytes but its emulated GEMMs
+prefill 4x slower than float32. Holding the weights in bfloat16 and widening them on the way gets both:
+- a few rows (a decode step, a batched decode step, a lookahead): the compiled kernel multiplies float32 rows by
+  the bfloat16 weights, widening them in registers, so a step reads half the bytes (`kernels/linear_bf16.cpp`);
+- many rows (a prefill chunk): the weight is widened to float32 once for the chunk and multiplied by the GEMM
+  library at its float32 rate; the widening is a few milliseconds against a chunk's hundreds.
+Activations, the KV cache, attention and everything the capture sees stay float32. The only rounding is that of
+the weights to bfloat16, which a bfloat16 model has too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+
+log = logging.getLogger(__name__)
+
+KERNEL_ROWS = 64
+"""Most rows the kernel multiplies; beyond, widening the weight once and calling the GEMM is faster."""
+
+
+class CompactLinear(torch.nn.Module):
+    """`nn.Linear` with its weight stored in bfloat16 and its products in float32."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = torch.nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(),
+                                                                        requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        kernel = kernels.load() if rows <= KERNEL_ROWS and x.dtype == torch.float32 and x.is_cpu else None
+        if kernel is None:
+            return F.linear(x, _widened(self.weight, x.dtype), self.bias)
+        out = kernel.linear_bf16(x.reshape(rows, self.in_features), self.weight)
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=bfloat16"
+
+
+_local = threading.local()
+
+
+def _widened(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` in `dtype`, written into a buffer kept per shape: a fresh 55 MB tensor per linear per chunk cost
+    more in page faults than the widening itself (a 2k prefill of the 1.5B took 28.6 s against float32's 23.2).
+    One buffer per shape and thread is safe: a forward runs its linears one after another, and a draft in a worker
+    thread never shares a buffer with the target's forward."""
+    scratch = _local.__dict__.setdefault("buffers", {})
+    key = (tuple(weight.shape), dtype)
+    if key not in scratch:
+        scratch[key] = torch.empty(weight.shape, dtype=dtype)
+    return scratch[key].copy_(weight)
+
+
+def compact(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every float32 `nn.Linear` of `model` by a `CompactLinear`, in place (the input embedding, a lookup,
+    stays float32; a tied output head shares it and is left as it is)."""
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError("bfloat16-weights is a CPU precision; on a GPU use bfloat16")
+    embedding = model.get_input_embeddings().weight
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32 and child.weight is not embedding:
+                setattr(parent, name, CompactLinear(child))
+    if kernels.load() is None:
+        log.warning("draftapprox: bfloat16-weights without its kernel decodes at PyTorch's emulated speed")
+    return model
+
+
+def is_compact(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, CompactLinear) for m in model.modules())

@@ -1,0 +1,36 @@
+"""The limits a forward is held to: parameter counts from the model itself, bounds from measured rates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from draftapprox.bench import limits
+
+from ..conftest import tiny_model
+
+
+def test_matmul_params_leave_out_the_input_embedding_and_the_head_only_for_prefill():
+    model = tiny_model("qwen2")
+    embedding = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    assert limits.matmul_params(model) == (total - embedding - head, total - embedding)
+
+
+def test_bounds_follow_the_rates_and_the_cache():
+    model = tiny_model("llama")
+    cfg = model.config
+    prefill, decode = limits.matmul_params(model)
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    at = limits.bounds(model, gemm=1e9, gemv=1e9, n=100)
+    assert at["prefill"] == pytest.approx(2 * prefill * 100 / 1e9)
+    assert at["decode"] == pytest.approx((decode + kv_per_token * 100) * 4 / 1e9)
+    assert limits.bounds(model, gemm=2e9, gemv=1e9, n=100)["prefill"] == pytest.approx(at["prefill"] / 2)
+
+
+def test_rates_are_measured_on_this_machine():
+    rates = limits.rates(tiny_model("qwen2"))
+    # two slow cores reach tens of GFLOP/s and GB/s; a broken measurement would be off by orders of magnitude
+    assert 1e9 < rates["gemm_flops"] < 1e14 and 1e9 < rates["gemv_bytes"] < 1e13
+    assert torch.get_num_threads() >= 1

@@ -1,0 +1,64 @@
+"""Weights in bfloat16, products in float32: the kernel and the widened GEMM against float32 on rounded weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import draftapprox as da
+from draftapprox import kernels
+from draftapprox.models.compact import KERNEL_ROWS, CompactLinear, compact, is_compact
+from draftapprox.models.loading import pair_from_models, precision
+
+from ..conftest import prompt_ids, tiny_model, tiny_tokenizer
+
+
+def _rounded(linear: torch.nn.Linear) -> torch.nn.Linear:
+    out = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    out.weight.data = linear.weight.data.bfloat16().float()
+    if linear.bias is not None:
+        out.bias.data = linear.bias.data.clone()
+    return out
+
+
+def test_the_kernel_builds_here():
+    module = kernels.load()
+    assert module is not None  # gcc and ninja are on every machine we run on, CI included
+    assert module.vectorised() == bool(torch.cpu.get_capabilities().get("avx512_bw"))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 33, KERNEL_ROWS, KERNEL_ROWS + 1, 300])
+@pytest.mark.parametrize(("inputs", "outputs", "bias"), [(64, 96, True), (203, 517, False), (16, 1, True)])
+def test_compact_linear_equals_float32_on_the_rounded_weights(rows, inputs, outputs, bias):
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(inputs, outputs, bias=bias)
+    x = torch.randn(2, rows, inputs)[:, :, :]  # (batch, rows, features): rows = 2 * rows in all
+    ours = CompactLinear(linear)
+    assert ours.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(ours(x), _rounded(linear)(x), atol=1e-5, rtol=1e-5)
+
+
+def test_compact_model_decodes_like_model_generate_on_the_rounded_weights():
+    model = tiny_model("qwen2")
+    reference = tiny_model("qwen2")
+    for module in reference.modules():
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(module, name, _rounded(child))
+    pair = pair_from_models(compact(model), tiny_tokenizer())
+    assert is_compact(pair.target) and precision(pair.target) == "bfloat16-weights"
+    assert pair.target.get_input_embeddings().weight.dtype == torch.float32  # a lookup: left as it is
+    ids = prompt_ids(90)
+    ours = da.generate(pair, ids, da.FullKV(), max_new_tokens=10, ignore_eos=True).tokens
+    with torch.inference_mode():
+        ref = reference.generate(ids, max_new_tokens=10, do_sample=False, min_new_tokens=10)[0, 90:].tolist()
+    assert ours == ref
+    kv = da.generate(pair, ids, da.SnapKV(32, window=8), max_new_tokens=4)
+    assert kv.record.kv_bytes_kept < kv.record.kv_bytes_full
+
+
+def test_compact_refuses_a_gpu_model():
+    model = tiny_model("llama")
+    model.to("meta")
+    with pytest.raises(ValueError, match="CPU precision"):
+        compact(model)
