@@ -13,6 +13,7 @@ from ..capture import prepare
 from ..errors import ModelError
 from . import offline
 from .compact import compact, is_compact
+from .fuse import fuse
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPACT = "bfloat16-weights"  # weights in bfloat16, products in float32 (models/compact.py)
@@ -151,7 +152,7 @@ def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype = "
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {source}: {first}") from exc
-    model = model.to(device).eval()
+    model = fuse(model.to(device).eval())
     if compacted:
         model = compact(model)
     return prepare(_quantize_int8(model) if int8 else model), tokenizer
