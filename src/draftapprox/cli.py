@@ -375,7 +375,7 @@ def _report(write, inputs: list[Path], out: Path, command: str | None) -> None:
 @eval_app.command("setup-peer")
 def eval_setup_peer(
     name: Annotated[str, typer.Argument(
-        help="Peer to install in its own virtual environment: kvpress, llmlingua, reference.")],
+        help="Peer to install in its own virtual environment: kvpress, llmlingua, reference, vllm (an engine).")],
     source: Annotated[str | None, typer.Option(
         help="Where to clone a peer's code from (reference: default its GitHub URL; a local clone works).")] = None,
     cache_dir: CacheOpt = None,

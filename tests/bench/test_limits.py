@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from draftapprox.bench import limits
+from draftapprox.models.compact import CompactLinear, compact
 
 from ..conftest import tiny_model
 
@@ -25,8 +26,13 @@ def test_bounds_follow_the_rates_and_the_cache():
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
     at = limits.bounds(model, gemm=1e9, gemv=1e9, n=100)
     assert at["prefill"] == pytest.approx(2 * prefill * 100 / 1e9)
+    streamed = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    assert streamed == decode  # the norms are parameters a step reads too
     assert at["decode"] == pytest.approx((decode + kv_per_token * 100) * 4 / 1e9)
     assert limits.bounds(model, gemm=2e9, gemv=1e9, n=100)["prefill"] == pytest.approx(at["prefill"] / 2)
+    compacted = limits.bounds(compact(model), gemm=1e9, gemv=1e9, n=100)["decode"]
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, CompactLinear))
+    assert compacted == pytest.approx(at["decode"] - 2 * linear / 1e9)  # two bytes fewer per linear weight
 
 
 def test_rates_are_measured_on_this_machine():

@@ -56,15 +56,21 @@ def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
     return total, total + head_params
 
 
+def streamed_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights a decode step reads: every parameter but the input embedding, at its stored size
+    (bfloat16-weights models hold their linear layers in 2 bytes)."""
+    embedding = model.get_input_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding)
+
+
 def bounds(model: torch.nn.Module, gemm: float, gemv: float, n: int) -> dict:
     """Seconds a prefill of `n` tokens cannot beat at `gemm` FLOP/s, and a decode step at `n` cached tokens at
-    `gemv` bytes/s (weights plus the KV cache)."""
+    `gemv` bytes/s (the weights as stored, plus the KV cache in the activations' dtype)."""
     cfg = model.config.get_text_config()
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    element = next(model.parameters()).element_size()
-    prefill_params, decode_params = matmul_params(model)
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * d * n
-    return {"prefill": 2 * prefill_params * n / gemm, "decode": (decode_params + kv) * element / gemv}
+    element = model.get_input_embeddings().weight.element_size()  # the activations', hence the cache's, dtype
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * d * n * element
+    return {"prefill": 2 * matmul_params(model)[0] * n / gemm, "decode": (streamed_bytes(model) + kv) / gemv}
 
 
 def rates(model: torch.nn.Module) -> dict:

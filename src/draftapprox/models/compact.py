@@ -7,8 +7,9 @@ prefill 4x slower than float32. Holding the weights in bfloat16 and widening the
   the bfloat16 weights, widening them in registers, so a step reads half the bytes (`kernels/linear_bf16.cpp`);
 - many rows (a prefill chunk): the weight is widened to float32 once for the chunk and multiplied by the GEMM
   library at its float32 rate; the widening is a few milliseconds against a chunk's hundreds.
-Activations, the KV cache, attention and everything the capture sees stay float32. The only rounding is that of
-the weights to bfloat16, which a bfloat16 model has too.
+Activations, the KV cache, attention and everything the capture sees are float32. The only rounding is that of
+the parameters to bfloat16, which a bfloat16 model has too (`load_model` loads them in bfloat16, so the float32
+model is never held whole).
 """
 
 from __future__ import annotations
@@ -67,15 +68,25 @@ def _widened(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def compact(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace every float32 `nn.Linear` of `model` by a `CompactLinear`, in place (the input embedding, a lookup,
-    stays float32; a tied output head shares it and is left as it is)."""
+    """Replace every `nn.Linear` of `model` by a `CompactLinear`, in place, and widen every other parameter and
+    buffer to float32, so activations and the KV cache are float32. A model loaded in bfloat16 so becomes the
+    bfloat16 model's parameters computed in float32; a float32 one has only its linear weights rounded. The input
+    embedding is a lookup, widened like the rest (a tied output head shares it and stays a float32 `Linear`)."""
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("bfloat16-weights is a CPU precision; on a GPU use bfloat16")
     embedding = model.get_input_embeddings().weight
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32 and child.weight is not embedding:
+            if type(child) is torch.nn.Linear and child.weight is not embedding:
                 setattr(parent, name, CompactLinear(child))
+    for module in model.modules():
+        if isinstance(module, CompactLinear):
+            continue
+        for _, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.is_floating_point() and tensor.dtype != torch.float32:
+                tensor.data = tensor.data.float()
+    if hasattr(model, "config"):
+        model.config.dtype = torch.float32
     if kernels.load() is None:
         log.warning("draftapprox: bfloat16-weights without its kernel decodes at PyTorch's emulated speed")
     return model

