@@ -21,3 +21,31 @@ def single_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sc
     scores = torch.matmul(rows, key.transpose(-1, -2)).float() * scaling
     probs = scores.softmax(-1).to(value.dtype)
     return torch.matmul(probs, value).view(b, 1, h, d)
+
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def causal_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of `query (b, H, q, d)`, the newest `q` positions of `key/value (b, G, n, d)`, over every position
+    before them and causally among themselves (a prefill chunk after the first, a lookahead over a cached prompt);
+    returns `(b, q, H, d)`.
+
+    Given that chunk, transformers builds a `(q, n)` mask and SDPA falls off its causal fast path: the second 2k
+    chunk of a 4k prefill cost far more than the first. Here the earlier positions are one unmasked flash call, with
+    a KV head's query heads folded into its rows (no `repeat_kv` copy of the cache), the newest block a causal one,
+    and the two are merged by their log-sum-exps: the same softmax over the same keys, with no mask materialised.
+    """
+    b, h, q, d = query.shape
+    g, n = key.shape[1], key.shape[2]
+    r = h // g
+    out_d, lse_d = _flash(query, key[:, :, n - q:].repeat_interleave(r, 1), value[:, :, n - q:].repeat_interleave(r, 1),
+                          0.0, True, scale=scaling)
+    if n == q:
+        return out_d.transpose(1, 2)
+    out_p, lse_p = _flash(query.reshape(b, g, r * q, d), key[:, :, :n - q], value[:, :, :n - q], 0.0, False,
+                          scale=scaling)
+    out_p, lse_p = out_p.reshape(b, h, q, d), lse_p.reshape(b, h, q)
+    lse = torch.logaddexp(lse_p, lse_d)
+    out = out_p.mul_((lse_p - lse).exp_().unsqueeze(-1)).add_(out_d.mul_((lse_d - lse).exp_().unsqueeze(-1)))
+    return out.transpose(1, 2)
