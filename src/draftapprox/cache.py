@@ -54,7 +54,7 @@ class _Appending:
 
     def reserve(self, extra: int) -> None:
         """Room for `extra` more positions without another copy."""
-        if self.capacity() < self.keys.shape[2] + extra or not self._owned():
+        if self.capacity() < self.keys.shape[2] + extra:
             self._grow(self.keys.shape[2] + extra)
 
     def _append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -709,9 +709,9 @@ def bench_engine(
     _, length_list = _grid(task, lengths, 1, output)
     target_dir = _local_model(target, offline.TARGET.name, "--target", cache_dir)
     settings = run.Settings(length_list, repeats, new_tokens, task, seed, threads=threads)
-    written = engine_bench.measure(settings, length_list, repeats, output, AutoTokenizer.from_pretrained(target_dir),
-                                   target_dir,
-                                   dtype, log=err.print, cache=cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    written = engine_bench.measure(settings, length_list, repeats, output, tokenizer, target_dir, dtype,
+                                   log=err.print, cache=cache_dir)
     _say_written(written, "measurements", output)
 
 

@@ -112,13 +112,13 @@ def stream_once(url: str, ids: list[int], new_tokens: int, model: str = "target"
 def measure(settings, lengths: list[int], repeats: int, output: Path, tokenizer, model_dir: Path, dtype: str,
             log: Callable[[str], object] = print, cache: str | Path | None = None) -> int:
     """Rows of the engine at every length not yet in `output` (one server for all of them); returns rows written."""
+    if repeats < 1:
+        raise ConfigError(f"repeats must be >= 1, got {repeats}")
     label = f"vllm-cpu ({dtype})"
     results = Results(output)
     todo = [n for n in lengths if f"{label}|{n}" not in results.done]
     if not todo:
         return 0
-    if repeats < 1:
-        raise ConfigError(f"repeats must be >= 1, got {repeats}")
     env = {"engine": "vllm-cpu", "version": _version(python("vllm", cache)), "dtype": dtype, "device": "cpu",
            "threads": settings.threads or os.cpu_count(), "settings": {"task": settings.task, "seed": settings.seed,
                                                                        "new_tokens": settings.new_tokens}}

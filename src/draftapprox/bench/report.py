@@ -96,7 +96,7 @@ def write(paths: list[Path], out: Path, command: str | None = None) -> list[Path
     if sparse:
         lines.extend(["### Sparse (vertical-slash) prefill against the dense one", "", *sparse, ""])
     lines.extend(["### The performance issue's targets, from this run", "", *targets(rows, lengths), ""])
-    versus = against_engines(rows, lengths)
+    versus = against_engines(rows)
     if versus:
         lines.extend(["### Against a real engine serving FullKV (same prompts, same file)", "", *versus, ""])
     rates = [r for r in rows.values() if r["method"] in (DRAFT_LIMIT, TARGET_LIMIT)]
@@ -210,7 +210,7 @@ def engine_speed(rows, n: int, check) -> None:
               full["decode_per_token"] <= 1.2 * target_limit["decode_per_token"])
 
 
-def against_engines(rows, lengths) -> list[str]:
+def against_engines(rows) -> list[str]:
     """What each method gains against every engine serving FullKV: first-token and decode time, as ratios (below
     1: ours is faster)."""
     names = sorted({_name(r) for r in rows.values() if r["method"].startswith("engine:")})
