@@ -216,26 +216,34 @@ class BatchLayer(_TailLayer):
         return self.prefix_keys.shape[2] + self.keys.shape[2]
 
 
-def _head_pairs(layer: CacheLayerMixin) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A single sequence's layer as (keys, values) `(m_h, d)` per KV head, whatever its layout."""
+def _head_pairs(layer: CacheLayerMixin, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Sequence `row` of a layer as (keys, values) `(m_h, d)` per KV head, whatever its layout."""
+    if isinstance(layer, BatchLayer):
+        return [(torch.cat([layer.prefix_keys[row, h][layer.valid[row, h]], layer.keys[row, h]]),
+                 torch.cat([layer.prefix_values[row, h][layer.valid[row, h]], layer.values[row, h]]))
+                for h in range(layer.prefix_keys.shape[1])]
     if isinstance(layer, HeadwiseLayer):
         if layer.batch != 1:
-            raise ValueError("batch_caches stacks single-sequence caches")
+            raise ValueError("batch_caches stacks single-sequence caches or rows of batched ones")
         return [(torch.cat([layer.prefix_keys[layer.segment == h], layer.keys[0, h]]),
                  torch.cat([layer.prefix_values[layer.segment == h], layer.values[0, h]]))
                 for h in range(layer.heads)]
     if layer.keys.shape[0] != 1:
-        raise ValueError("batch_caches stacks single-sequence caches")
-    return [(layer.keys[0, h], layer.values[0, h]) for h in range(layer.keys.shape[1])]
+        raise ValueError("batch_caches stacks single-sequence caches or rows of batched ones")
+    return [(layer.keys[row, h], layer.values[row, h]) for h in range(layer.keys.shape[1])]
 
 
-def batch_caches(caches: list[DynamicCache]) -> DynamicCache:
-    """Stack single-sequence caches of one model (contiguous, per-head or per-layer lengths, decoded tokens
-    included) into one cache of `BatchLayer`s; each sequence keeps exactly its own pairs."""
+def batch_caches(caches: list[DynamicCache], rows: list[int] | None = None) -> DynamicCache:
+    """Stack sequences of one model into one cache of `BatchLayer`s; each keeps exactly its own pairs.
+
+    `caches[i]` is a single-sequence cache (contiguous, per-head or per-layer lengths, decoded tokens included), or
+    a batch from an earlier call whose sequence `rows[i]` is taken: a running batch is re-stacked this way when a
+    sequence joins it."""
+    rows = rows or [0] * len(caches)
     out = DynamicCache()
     out.layers = []
     for layers in zip(*(c.layers for c in caches), strict=True):
-        heads = [_head_pairs(layer) for layer in layers]
+        heads = [_head_pairs(layer, row) for layer, row in zip(layers, rows, strict=True)]
         longest = max(k.shape[0] for seq in heads for k, _ in seq)
         first = heads[0][0][0]
         shape = (len(heads), len(heads[0]), longest, first.shape[-1])
@@ -296,6 +304,9 @@ def kv_bytes(cache: DynamicCache) -> int:
     for layer in cache.layers:
         if isinstance(layer, HeadwiseLayer):
             total += layer.nbytes()
+        elif isinstance(layer, BatchLayer):  # padded rows count: they are held
+            total += sum(x.numel() * x.element_size() for x in (layer.prefix_keys, layer.prefix_values,
+                                                                  layer.keys, layer.values))
         elif layer.keys is not None:
             total += layer.keys.numel() * layer.keys.element_size() * 2
     return total

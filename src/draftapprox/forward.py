@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +48,38 @@ length, so chunking keeps peak activation memory linear in the prompt length; 20
 the lengths where it does not bind (see docs/results/performance.md)."""
 
 
+@dataclass
+class _Interleave:
+    chunk: int
+    between: Callable[[int], None]
+
+
+_interleave: ContextVar[_Interleave | None] = ContextVar("draftapprox_interleave", default=None)
+
+
+@contextmanager
+def interleaved(chunk: int, between: Callable[[int], None]) -> Iterator[None]:
+    """Run every forward inside the block in pieces of at most `chunk` tokens, calling `between(tokens)` after each
+    piece with the tokens it ran. A server prefills one request this way while `between` decodes a step for the
+    requests already running, so their streams keep flowing. `between` runs outside the block (its own forwards
+    are neither chunked nor interleaved again) and may raise to abandon the forward."""
+    token = _interleave.set(_Interleave(chunk, between))
+    try:
+        yield
+    finally:
+        _interleave.reset(token)
+
+
+def _between(interleave: _Interleave | None, tokens: int) -> None:
+    if interleave is None:
+        return
+    token = _interleave.set(None)
+    try:
+        interleave.between(tokens)
+    finally:
+        _interleave.reset(token)
+
+
 @functools.cache
 def cache_keyword(module: type[torch.nn.Module]) -> str:
     """The keyword a model class's forward takes its cache by: transformers 5.24 renamed `past_key_values` to
@@ -76,7 +109,10 @@ def forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache
         positions = start.to(input_ids.device)
     else:
         positions = torch.arange(start, start + q, device=input_ids.device).expand(b, q)
+    interleave = _interleave.get()
     step = q if sparse is not None else chunk or PREFILL_CHUNK
+    if interleave is not None and sparse is None:
+        step = min(step, interleave.chunk)
     stop_after = max(capture.layers) if capture is not None and capture.layers and not logits else None
     out = None
     for begin in range(0, q, step):
@@ -93,4 +129,5 @@ def forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache
                     decoder(input_ids=ids, position_ids=pos, use_cache=True, **{cache_keyword(type(decoder)): cache})
             except StopForward:
                 pass
+        _between(interleave, ids.shape[1])
     return out

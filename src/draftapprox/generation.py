@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .cache import batch_caches, cache_length, compress_cache, kv_bytes, new_cache, reserve, shallow_copy
+from .cache import BatchLayer, batch_caches, cache_length, compress_cache, kv_bytes, new_cache, reserve, shallow_copy
 from .capture import QueryCapture, check_captured
 from .draft import PromptState
 from .errors import ConfigError, InputError
@@ -69,6 +69,7 @@ class Record:
     stop_reason: str = "length"
     timings: dict[str, float] = field(default_factory=dict)
     first_token_seconds: float = 0.0  # wall time until the first new token's logits, all phases included
+    budget_note: str | None = None  # what became of the budget when not applied as asked (`Method.budget_note`)
     decode_batch: int = 1  # sequences decoded together with this one (`generate_batched`)
 
     def to_dict(self) -> dict:
@@ -87,13 +88,29 @@ def encode(pair: Pair, prompt: str, chat: bool = False, max_new_tokens: int = 0)
     """Token ids `(1, n)` of a prompt, through the chat template when asked; rejects what cannot be run."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("the prompt is empty")
-    tokenizer = pair.tokenizer
     if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise InputError("--chat was asked for but this tokenizer has no chat template")
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                               add_generation_prompt=True)
-    ids = tokenizer(prompt, add_special_tokens=not chat, return_tensors="pt").input_ids
+        return encode_messages(pair, [{"role": "user", "content": prompt}], max_new_tokens)
+    ids = pair.tokenizer(prompt, add_special_tokens=True, return_tensors="pt").input_ids
+    return check_ids(pair, ids, max_new_tokens)
+
+
+def encode_messages(pair: Pair, messages: list[dict], max_new_tokens: int = 0) -> torch.Tensor:
+    """Token ids `(1, n)` of a conversation rendered by the tokenizer's chat template, generation prompt added."""
+    tokenizer = pair.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("a chat was asked for but this tokenizer has no chat template")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    return check_ids(pair, ids, max_new_tokens)
+
+
+def check_ids(pair: Pair, ids: torch.Tensor, max_new_tokens: int = 0) -> torch.Tensor:
+    """`ids (1, n)` if the target can run them with `max_new_tokens` more; else an `InputError` saying why."""
+    if ids.shape[1] == 0:
+        raise InputError("the prompt is empty")
+    vocab = pair.target.get_input_embeddings().num_embeddings
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise InputError(f"token ids must be in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}")
     limit = pair.context_length
     if limit and ids.shape[1] + max_new_tokens > limit:
         raise InputError(f"the prompt has {ids.shape[1]} tokens; with {max_new_tokens} new tokens that exceeds the "
@@ -163,21 +180,6 @@ def compress_prompt(state: PromptState, method: PromptMethod) -> torch.Tensor:
     if method.is_noop(state.n):
         return torch.arange(state.n, device=state.input_ids.device).expand(state.input_ids.shape[0], -1)
     return method.select(state).to(state.input_ids.device)
-
-
-def decode(p: Prepared, tokenizer) -> tuple[list[int], str]:
-    """Sample up to `max_new_tokens`, feeding each token at `position + i`; stops at EOS (unless `ignore_eos`, for
-    benchmarks that need a fixed length) or a stop string (one that follows some non-blank text)."""
-    target, pick, logits = p.state.target, p.sampling.sampler(), p.logits
-    tokens: list[int] = []
-    with p.state.timings.phase("decode", target.device):
-        while True:
-            token = pick(logits)
-            tokens.append(int(token[0, 0]))
-            reason = _stopped(p, tokens, tokenizer)
-            if reason is not None:
-                return tokens, reason
-            logits = forward(target, token, p.cache, p.position + len(tokens) - 1, compressed=True)
 
 
 def _cut(text: str, stop: list[str]) -> int | None:
@@ -260,7 +262,7 @@ def prepare(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None
     reserve(cache, max_new_tokens)
     timings = {k: v - start.get(k, 0.0) for k, v in state.timings.seconds.items() if v - start.get(k, 0.0) > 0}
     record = Record(method.name, n, budget, kept_tokens, per_token * n, kept_bytes, timings=timings,
-                    first_token_seconds=time.perf_counter() - began)
+                    first_token_seconds=time.perf_counter() - began, budget_note=method.budget_note(n))
     return Prepared(state, cache, logits, position, record, max_new_tokens, sampling, stop, ignore_eos,
                     None if kept_tokens == n else kept_ids)
 
@@ -310,48 +312,141 @@ def generate_batched(pair: Pair, prepared: list[Prepared], max_batch: int = 32) 
 
 
 def _decode_group(pair: Pair, prepared: list[Prepared], group: list[int]) -> Iterator[tuple[int, Result]]:
-    if len(group) == 1:
-        yield group[0], generate_prepared(pair, prepared[group[0]])
-        return
-    items = [prepared[i] for i in group]
-    target, device = pair.target, pair.target.device
-    pickers = [p.sampling.sampler() for p in items]
-    tokens: list[list[int]] = [[] for _ in items]
-    logits = [p.logits for p in items]
-    live = list(range(len(items)))
-    start = time.perf_counter()
-    cache = batch_caches([p.cache for p in items])
-    reserve(cache, max(p.max_new_tokens for p in items))
-    while live:
-        fed, kept = [], []
-        for slot, i in enumerate(live):
-            token = pickers[i](logits[slot])
-            tokens[i].append(int(token[0, 0]))
-            reason = _stopped(items[i], tokens[i], pair.tokenizer)
-            if reason is None:
-                fed.append(token)
-                kept.append(slot)
-                continue
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            yield group[i], finish(pair, items[i], tokens[i], reason, time.perf_counter() - start, len(group))
-        if not kept:
-            return
-        if len(kept) < len(live):
-            rows = torch.tensor(kept, device=device)
-            for layer in cache.layers:
-                layer.select(rows)
-            live = [live[s] for s in kept]
-        positions = torch.tensor([[items[i].position + len(tokens[i]) - 1] for i in live], device=device)
-        out = forward(target, torch.cat(fed), cache, positions, compressed=True)
-        logits = list(out.split(1))
+    batch = DecodeBatch(pair)
+    for i in group:
+        batch.join(prepared[i], key=i)
+    while batch:
+        for step in batch.step():
+            if step.result is not None:
+                yield step.key, dataclasses.replace(step.result, record=dataclasses.replace(
+                    step.result.record, decode_batch=len(group)))
 
 
 def generate_prepared(pair: Pair, p: Prepared) -> Result:
     """Decode one prepared request on its own."""
-    before = p.state.timings.seconds.get("decode", 0.0)
-    tokens, reason = decode(p, pair.tokenizer)
-    return finish(pair, p, tokens, reason, p.state.timings.seconds["decode"] - before)
+    batch = DecodeBatch(pair)
+    batch.join(p)
+    while True:
+        for step in batch.step():
+            if step.result is not None:
+                p.state.timings.seconds["decode"] = (p.state.timings.seconds.get("decode", 0.0)
+                                                     + step.result.record.timings["decode"])
+                return step.result
+
+
+@dataclass
+class Step:
+    """One sequence's part of a `DecodeBatch.step`: the token it got, and its result when that token ended it."""
+
+    key: object
+    token: int
+    result: Result | None = None
+
+
+@dataclass
+class _Member:
+    key: object
+    prepared: Prepared
+    pick: object
+    logits: torch.Tensor
+    joined: float
+    tokens: list[int] = field(default_factory=list)
+    fed: torch.Tensor | None = None  # `(1, 1)`: the token the next forward feeds
+
+
+class DecodeBatch:
+    """Sequences of one target decoding together, each on its own (compressed) cache, one forward per step for all
+    of them; sequences join and leave between steps, which is what a server's iteration-level scheduler needs.
+
+    A lone sequence decodes on its own cache, exactly as it would alone. With several, their caches are stacked
+    into `BatchLayer`s (`batch_caches`), once per change of membership: a join re-stacks the running rows with the
+    newcomer's cache (which the batch then owns: `Prepared.cache` is released), a departure only drops rows.
+    """
+
+    def __init__(self, pair: Pair):
+        self.pair = pair
+        self.members: list[_Member] = []
+        self._cache: DynamicCache | None = None  # the first `_stacked` members' sequences, in order
+        self._stacked = 0  # members joined later are stacked in before the next forward
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def join(self, p: Prepared, key: object = None) -> None:
+        """Add a prepared request; it gets its first token (from its prefill's logits) in the next `step`."""
+        self.members.append(_Member(key, p, p.sampling.sampler(), p.logits, time.perf_counter()))
+
+    def leave(self, key: object) -> bool:
+        """Drop a sequence (its client went away) and free its rows; False if no member has that key."""
+        slot = next((i for i, m in enumerate(self.members) if m.key == key), None)
+        if slot is None:
+            return False
+        self._drop([slot])
+        return True
+
+    def kv_bytes(self, key: object) -> int:
+        """Bytes a member's cache holds logically: its compressed prompt plus one position per token decoded."""
+        m = next(m for m in self.members if m.key == key)
+        return m.prepared.record.kv_bytes_kept + len(m.tokens) * kv_bytes_per_token(self.pair)
+
+    def step(self) -> list[Step]:
+        """Pick every member's next token; finished members leave, the rest advance by one forward."""
+        steps, done = [], []
+        device = self.pair.target.device
+        for slot, m in enumerate(self.members):
+            token = m.pick(m.logits)
+            m.tokens.append(int(token[0, 0]))
+            m.fed = token
+            reason = _stopped(m.prepared, m.tokens, self.pair.tokenizer)
+            step = Step(m.key, m.tokens[-1])
+            if reason is not None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                step.result = finish(self.pair, m.prepared, m.tokens, reason, time.perf_counter() - m.joined)
+                done.append(slot)
+            steps.append(step)
+        self._drop(done)
+        if self.members:
+            self._advance()
+        return steps
+
+    def _drop(self, slots: list[int]) -> None:
+        if not slots:
+            return
+        stacked = [i for i in range(self._stacked) if i not in slots]
+        if self._cache is not None and len(stacked) < self._stacked:
+            if not stacked:
+                self._cache = None
+            elif isinstance(self._cache.layers[0], BatchLayer):
+                rows = torch.tensor(stacked, device=self.pair.target.device)
+                for layer in self._cache.layers:
+                    layer.select(rows)
+            self._stacked = len(stacked)
+        self.members = [m for i, m in enumerate(self.members) if i not in slots]
+
+    def _advance(self) -> None:
+        members = self.members
+        if self._stacked < len(members):
+            self._restack()
+        fed = torch.cat([m.fed for m in members])
+        positions = torch.tensor([[m.prepared.position + len(m.tokens) - 1] for m in members],
+                                 device=self.pair.target.device)
+        out = forward(self.pair.target, fed, self._cache, positions, compressed=True)
+        for m, logits in zip(members, out.split(1), strict=True):
+            m.logits = logits
+
+    def _restack(self) -> None:
+        members = self.members
+        if len(members) == 1:
+            self._cache = members[0].prepared.cache
+        else:
+            caches = [self._cache] * self._stacked + [m.prepared.cache for m in members[self._stacked:]]
+            rows = list(range(self._stacked)) + [0] * (len(members) - self._stacked)
+            self._cache = batch_caches(caches, rows)
+        for m in members:
+            m.prepared.cache = None  # the batch owns the sequence now; the stacked copy is the only one kept
+        reserve(self._cache, max(m.prepared.max_new_tokens - len(m.tokens) for m in members))
+        self._stacked = len(members)
 
 
 def _stopped(p: Prepared, tokens: list[int], tokenizer) -> str | None:

@@ -49,8 +49,23 @@ class Method:
             raise ConfigError(f"{self.name}: window={window} is larger than the budget {b}")
 
     def tokens(self, n: int) -> int:
-        """The budget in tokens for an `n`-token prompt (a ratio rounds down, as kvpress does, to at least 1)."""
-        return self.budget if isinstance(self.budget, int) else max(1, int(self.budget * n))
+        """The budget in tokens for an `n`-token prompt. A ratio rounds down, as kvpress does, but never below the
+        method's window: a ratio means "this share of whatever comes", and a short prompt must not turn it into a
+        budget the method cannot run (an explicit token count below the window is refused by `validate`)."""
+        if isinstance(self.budget, int):
+            return self.budget
+        return max(1, int(self.budget * n), getattr(self, "window", None) or 0)
+
+    def budget_note(self, n: int) -> str | None:
+        """What became of the budget on an `n`-token prompt when it is not the one asked for, so that a record
+        tells a real cut from a pass-through; None when it was applied as asked."""
+        if self.tokens(n) >= n:
+            return f"the budget covers the {n}-token prompt: passed through uncut"
+        asked = max(1, int(self.budget * n)) if isinstance(self.budget, float) else self.budget
+        if asked < self.tokens(n):
+            return (f"a ratio of {self.budget} gives {asked} tokens, fewer than window={self.window}: "
+                    f"kept the window")
+        return None
 
     def is_noop(self, n: int) -> bool:
         """A budget at or above the prompt length keeps everything (FullKV behaviour), it is not an error."""

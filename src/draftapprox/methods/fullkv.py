@@ -16,3 +16,6 @@ class FullKV(KVMethod):
 
     def is_noop(self, n: int) -> bool:
         return True
+
+    def budget_note(self, n: int) -> str | None:
+        return None

@@ -1,0 +1,31 @@
+"""The server's Prometheus metrics, in a registry of its own (so that several servers in one process, as in the
+tests, never share counters)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("draftapprox_requests", "Requests answered, by HTTP status", ["status"], registry=r)
+        self.prompt_tokens = Counter("draftapprox_prompt_tokens", "Prompt tokens received (whole prompts)",
+                                     registry=r)
+        self.kept_tokens = Counter("draftapprox_kept_tokens", "Prompt tokens kept (prompt methods) or KV positions "
+                                   "kept per head (KV methods) after compression", registry=r)
+        self.generation_tokens = Counter("draftapprox_generation_tokens", "Tokens generated", registry=r)
+        self.kv_bytes = Gauge("draftapprox_kv_cache_bytes", "KV bytes held now by running requests", registry=r)
+        self.queue_depth = Gauge("draftapprox_queue_depth", "Requests waiting for admission", registry=r)
+        self.running = Gauge("draftapprox_running_requests", "Requests prefilled and decoding", registry=r)
+        self.ttft = Histogram("draftapprox_time_to_first_token_seconds", "From arrival to the first token",
+                              buckets=_LATENCY, registry=r)
+        self.itl = Histogram("draftapprox_inter_token_latency_seconds", "Between consecutive tokens of a request",
+                             buckets=_LATENCY, registry=r)
+        self.e2e = Histogram("draftapprox_e2e_request_latency_seconds", "From arrival to the last token",
+                             buckets=_LATENCY, registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
