@@ -150,3 +150,33 @@ def test_batched_decoding_gives_each_request_the_tokens_it_gets_alone(pair):
 def test_batch_size_must_be_positive(qwen_pair):
     with pytest.raises(ConfigError, match="max_batch"):
         list(da.generate_batched(qwen_pair, [], max_batch=0))
+
+
+def test_sequences_joining_and_leaving_a_running_batch_get_the_tokens_they_get_alone(pair):
+    """A server's batch: members join between steps (re-stacking the rows already running, decoded tokens
+    included) and leave early (a cancelled client); every other member's tokens stay those it gets alone."""
+    pair.target.double()
+    pair.draft.double()
+    ids = [prompt_ids(60 + 12 * i, seed=i) for i in range(4)]
+    methods = [da.FullKV(), da.AdaKV(24, scorer=da.SnapKV(24, window=4)), da.SpecKV(24, window=4, lookahead=3),
+               da.SpecPC(0.5, window=4, kernel=3, start_layer=1)]
+    alone = [da.generate(pair, i, m, max_new_tokens=9).tokens for i, m in zip(ids, methods, strict=True)]
+    batch = da.DecodeBatch(pair)
+    got: dict[int, list[int]] = {k: [] for k in range(4)}
+    results = {}
+    step = 0
+    while step < 7 or len(batch):
+        if step in (0, 2, 5, 6):  # joins while others are part-way through
+            k = (0, 2, 5, 6).index(step)
+            batch.join(da.prepare(pair, ids[k], methods[k], max_new_tokens=9), key=k)
+        if step == 7:
+            assert batch.leave(1) and not batch.leave(1)
+        for s in batch.step():
+            got[s.key].append(s.token)
+            if s.result is not None:
+                results[s.key] = s.result
+        step += 1
+    for k in (0, 2, 3):
+        assert got[k] == alone[k][:len(got[k])] and results[k].tokens == alone[k], methods[k].name
+    assert got[1] == alone[1][:len(got[1])] and 1 not in results
+    assert len(batch) == 0

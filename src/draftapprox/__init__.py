@@ -3,6 +3,7 @@
 from .errors import ConfigError, DraftApproxError, FetchError, InputError, ModelError
 from .generation import (
     Compression,
+    DecodeBatch,
     Prepared,
     Record,
     Result,
@@ -36,9 +37,9 @@ from .models.loading import Pair, check_tokenizers, load_model, load_pair, pair_
 __version__ = "0.1.0"
 
 __all__ = [
-    "LAQ", "METHODS", "AdaKV", "AdaSpecKV", "Compression", "ConfigError", "DraftApproxError", "FetchError", "FullKV",
-    "InputError", "ModelError", "Pair", "Prepared", "PyramidKV", "RandomPC", "RecencyPC", "Record", "Result",
-    "Sampling", "SnapKV", "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "StreamingLLM", "TargetPC", "check_tokenizers",
-    "compress", "generate", "generate_batched", "load_model", "load_pair", "make", "new_state", "pair_from_models",
-    "prepare",
+    "LAQ", "METHODS", "AdaKV", "AdaSpecKV", "Compression", "ConfigError", "DecodeBatch", "DraftApproxError",
+    "FetchError", "FullKV", "InputError", "ModelError", "Pair", "Prepared", "PyramidKV", "RandomPC", "RecencyPC",
+    "Record", "Result", "Sampling", "SnapKV", "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "StreamingLLM",
+    "TargetPC", "check_tokenizers", "compress", "generate", "generate_batched", "load_model", "load_pair", "make",
+    "new_state", "pair_from_models", "prepare",
 ]

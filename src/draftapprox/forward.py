@@ -50,7 +50,7 @@ the lengths where it does not bind (see docs/results/performance.md)."""
 
 @dataclass
 class _Interleave:
-    chunk: int
+    chunk: Callable[[], int]
     between: Callable[[int], None]
 
 
@@ -58,11 +58,12 @@ _interleave: ContextVar[_Interleave | None] = ContextVar("draftapprox_interleave
 
 
 @contextmanager
-def interleaved(chunk: int, between: Callable[[int], None]) -> Iterator[None]:
-    """Run every forward inside the block in pieces of at most `chunk` tokens, calling `between(tokens)` after each
-    piece with the tokens it ran. A server prefills one request this way while `between` decodes a step for the
-    requests already running, so their streams keep flowing. `between` runs outside the block (its own forwards
-    are neither chunked nor interleaved again) and may raise to abandon the forward."""
+def interleaved(chunk: Callable[[], int], between: Callable[[int], None]) -> Iterator[None]:
+    """Run every forward inside the block in pieces of at most `chunk()` tokens (asked before each piece), calling
+    `between(tokens)` after each piece with the tokens it ran. A server prefills one request this way while
+    `between` decodes a step for the requests already running, so their streams keep flowing, and asks for small
+    pieces only while some are running. `between` runs outside the block (its own forwards are neither chunked
+    nor interleaved again) and may raise to abandon the forward."""
     token = _interleave.set(_Interleave(chunk, between))
     try:
         yield
@@ -110,14 +111,16 @@ def forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache
     else:
         positions = torch.arange(start, start + q, device=input_ids.device).expand(b, q)
     interleave = _interleave.get()
-    step = q if sparse is not None else chunk or PREFILL_CHUNK
-    if interleave is not None and sparse is None:
-        step = min(step, interleave.chunk)
     stop_after = max(capture.layers) if capture is not None and capture.layers and not logits else None
     out = None
-    for begin in range(0, q, step):
+    begin = 0
+    while begin < q:
+        step = q if sparse is not None else chunk or PREFILL_CHUNK
+        if interleave is not None and sparse is None:
+            step = max(1, min(step, interleave.chunk()))
         ids, pos = input_ids[:, begin:begin + step], positions[:, begin:begin + step]
-        last = begin + step >= q
+        begin += step
+        last = begin >= q
         with scope(capture=capture, cache=cache if compressed else None, single_query_unmasked=compressed,
                    stop_after=stop_after, sparse=sparse):
             try:

@@ -174,6 +174,16 @@ def test_invalid_budgets_are_rejected(budget):
         da.SnapKV(budget)
 
 
-def test_ratio_window_check_happens_when_the_budget_is_resolved(qwen_pair):
+def test_a_ratio_below_the_window_keeps_the_window_and_says_so(qwen_pair):
+    """A ratio is "this share of whatever comes": on a prompt too short for it, the method keeps its window (or
+    the whole prompt) instead of refusing, and the record says which; a token count below the window is still
+    refused when the method is built."""
+    out = da.generate(qwen_pair, prompt_ids(N), da.SnapKV(0.1, window=32), max_new_tokens=2)
+    assert out.record.budget_tokens == 32 and "kept the window" in out.record.budget_note
+    assert out.record.kv_bytes_kept == out.record.kv_bytes_full * 32 // N
+    short = da.generate(qwen_pair, prompt_ids(20), da.SnapKV(0.1, window=32), max_new_tokens=2)
+    assert "passed through uncut" in short.record.budget_note
+    assert short.record.kv_bytes_kept == short.record.kv_bytes_full
+    assert da.generate(qwen_pair, prompt_ids(N), da.SnapKV(0.5, window=32), max_new_tokens=2).record.budget_note is None
     with pytest.raises(ConfigError, match="larger than the budget"):
-        da.generate(qwen_pair, prompt_ids(N), da.SnapKV(0.1, window=32), max_new_tokens=2)
+        da.SnapKV(16, window=32)

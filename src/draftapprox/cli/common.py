@@ -55,7 +55,7 @@ def pair_for(method, draft, target, dtype, draft_dtype, device, threads, cache_d
     from ..models.loading import load_pair
 
     return load_pair(draft, target, with_draft=method.needs_draft, dtype=dtype, draft_dtype=draft_dtype,
-                     device=device, threads=threads, cache=cache_dir)
+                     device=device, threads=threads, cache=cache_dir, log=err.print)
 
 
 LengthsOpt = Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")]

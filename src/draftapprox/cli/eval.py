@@ -92,7 +92,7 @@ def eval_grid(
     jobs = harness.plan(harness.parse_list(methods, "methods"), harness.parse_list(budgets, "budgets"),
                         method_knobs(knob))
     pair = load_pair(draft, target, dtype=dtype, draft_dtype=draft_dtype, device=device, threads=threads,
-                     cache=cache_dir)
+                     cache=cache_dir, log=err.print)
     models = {"draft_model": draft or "offline qwen2.5-coder-0.5b-instruct",
               "target_model": target or "offline qwen2.5-coder-1.5b-instruct"}
     written = harness.run(pair, jobs, task_list, length_list, samples, output, seed=seed, models=models,
@@ -227,7 +227,8 @@ def eval_kvpress_selection(
     except ValueError:
         raise InputError(f"--budgets must be whole token counts, got {budgets!r}") from None
     model_dir = local_model(target, offline.TARGET.name, "--target", cache_dir)
-    pair = load_pair(None, str(model_dir), with_draft=False, dtype=dtype, threads=threads, cache=cache_dir)
+    pair = load_pair(None, str(model_dir), with_draft=False, dtype=dtype, threads=threads, cache=cache_dir,
+                     log=err.print)
     written = kvpress_selection.run(pair, model_dir, case_list, budget_list, task_list, length_list, samples, output,
                                     seed=seed, dtype=dtype, threads=threads, cache=cache_dir, log=err.print)
     say_written(written, "comparisons", output)
@@ -257,7 +258,7 @@ def eval_llmlingua(
     task_list, length_list = grid(tasks, lengths, samples, output)
     ratio_list = _ratios(ratios)
     draft_dir = local_model(draft, offline.DRAFT.name, "--draft", cache_dir)
-    pair = load_pair(None, target, with_draft=False, dtype=dtype, threads=threads, cache=cache_dir)
+    pair = load_pair(None, target, with_draft=False, dtype=dtype, threads=threads, cache=cache_dir, log=err.print)
     written = peers.run_llmlingua(pair, draft_dir, ratio_list, task_list, length_list, samples, output, seed=seed,
                                   threads=threads, cache=cache_dir, log=err.print)
     say_written(written, "LongLLMLingua answers", output)
@@ -308,7 +309,7 @@ def eval_reference(
     if method not in ("specpc", "speckv"):
         raise InputError(f"--method must be specpc or speckv, got {method!r}")
     draft_dir = local_model(draft, offline.DRAFT.name, "--draft", cache_dir)
-    draft_model, tokenizer = load_model(draft_dir, dtype=dtype, threads=threads)
+    draft_model, tokenizer = load_model(draft_dir, dtype=dtype, threads=threads, log=err.print)
     common = {"seed": seed, "dtype": dtype, "threads": threads, "cache": cache_dir, "log": err.print}
     if method == "specpc":
         written = reference.run_specpc(Pair(draft_model, tokenizer, draft_model), draft_dir, _ratios(ratios),
@@ -318,7 +319,7 @@ def eval_reference(
         if not all(isinstance(b, int) for b in budget_list):
             raise InputError("SpecKV's --budgets are KV pairs per head (whole numbers)")
         target_dir = local_model(target, offline.TARGET.name, "--target", cache_dir)
-        target_model, _ = load_model(target_dir, dtype=dtype, threads=threads)
+        target_model, _ = load_model(target_dir, dtype=dtype, threads=threads, log=err.print)
         written = reference.run_speckv(Pair(target_model, tokenizer, draft_model), target_dir, draft_dir,
                                        budget_list, task_list, length_list, samples, output, **common)
     say_written(written, "comparisons", output)

@@ -85,7 +85,7 @@ def serve(
     if request_timeout is not None and request_timeout <= 0:
         raise ConfigError(f"--request-timeout must be > 0 seconds, got {request_timeout}")
     pair = load_pair(draft, target, dtype=dtype, draft_dtype=draft_dtype, device=device, threads=threads,
-                     cache=cache_dir)
+                     cache=cache_dir, log=err.print)
     name = served_model_name or Path(str(target or offline.TARGET.name)).name
     scheduler = Scheduler(pair, kv_cache_memory=memory, max_queue=max_queue, prefill_chunk=prefill_chunk,
                           metrics=Metrics())

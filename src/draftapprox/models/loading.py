@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from .. import kernels
 from ..capture import prepare
@@ -122,13 +125,16 @@ def _resolve(source: str | Path | None, cache: str | Path | None) -> tuple[Path 
 
 def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype = "auto", device: str = "cpu",
                threads: int | None = None, attn_implementation: str = "sdpa",
-               cache: str | Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+               cache: str | Path | None = None,
+               log: Callable[[str], None] | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a hub id, a local directory, a `.gguf` file or an offline name.
 
     `dtype`: a torch dtype or one of `CHOICES`; "auto" picks by device (`auto_dtype`), "int8" loads float32 and
     quantises the linear layers dynamically (CPU only). The model is prepared for attention capture (see
-    `capture.prepare`) and put in eval mode.
+    `capture.prepare`) and put in eval mode. transformers' per-tensor progress bar is silenced; `log` gets one
+    line per model instead, once it is loaded.
     """
+    began = time.perf_counter()
     device_type = check_device(device).type
     if threads is not None:
         if threads < 1:
@@ -147,6 +153,8 @@ def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype = "
         dtype = DTYPES["float32" if int8 else "bfloat16" if compacted else dtype]
     location, gguf_file = _resolve(source, cache)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation=attn_implementation,
@@ -154,10 +162,18 @@ def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype = "
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {source}: {first}") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    count = sum(p.numel() for p in model.parameters())
     model = fuse(model.to(device).eval())
     if compacted:
         model = compact(model)
-    return prepare(_quantize_int8(model) if int8 else model), tokenizer
+    model = prepare(_quantize_int8(model) if int8 else model)
+    if log is not None:
+        log(f"loaded {source if source is not None else offline.TARGET.name}: {count / 1e9:.2f}B parameters, "
+            f"{precision(model)} on {device}, {time.perf_counter() - began:.1f} s")
+    return model, tokenizer
 
 
 def precision(model: PreTrainedModel) -> str:

@@ -24,6 +24,9 @@ class Metrics:
                               buckets=_LATENCY, registry=r)
         self.itl = Histogram("draftapprox_inter_token_latency_seconds", "Between consecutive tokens of a request",
                              buckets=_LATENCY, registry=r)
+        self.decode_step = Histogram("draftapprox_decode_step_seconds", "One decode step of the running batch, by "
+                                     "its size (tokens per second of decoding = batch x count / sum)", ["batch"],
+                                     buckets=_LATENCY, registry=r)
         self.e2e = Histogram("draftapprox_e2e_request_latency_seconds", "From arrival to the last token",
                              buckets=_LATENCY, registry=r)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import DraftApproxError
-from ..forward import interleaved
+from ..forward import PREFILL_CHUNK, interleaved
 from ..generation import DecodeBatch, Result, Sampling, kv_bytes_per_token, prepare
 from ..methods import FullKV, Method
 from ..models.loading import Pair
@@ -223,7 +223,7 @@ class Scheduler:
     def _prefill(self, job: Job) -> None:
         self._since_step = 0
         try:
-            with interleaved(self.prefill_chunk, self._between):
+            with interleaved(self._piece, self._between):
                 prepared = prepare(self.pair, job.ids, job.method, max_new_tokens=job.max_tokens,
                                    sampling=job.sampling, stop=job.stop, ignore_eos=job.ignore_eos)
         except _Abandoned:
@@ -252,6 +252,10 @@ class Scheduler:
         self._batch.join(prepared, key=job.id)
         self._gauges()
 
+    def _piece(self) -> int:
+        """Prompt tokens the next prefill piece may run: small only while some stream waits for its next token."""
+        return self.prefill_chunk if self._running else PREFILL_CHUNK
+
     def _between(self, tokens: int) -> None:
         """Between two prefill pieces: abandon a cancelled prefill, or run a decode step once enough ran."""
         job = self._prefilling
@@ -275,8 +279,9 @@ class Scheduler:
                 job.deliver(Failed(500, f"{type(error).__name__}: {error}"))
             self._batch = DecodeBatch(self.pair)
             return
-        now = time.monotonic()
-        self.step_seconds.append(time.perf_counter() - began)
+        now, seconds = time.monotonic(), time.perf_counter() - began
+        self.step_seconds.append(seconds)
+        self.metrics.decode_step.labels(str(len(steps))).observe(seconds)
         for step in steps:
             job = self._running[step.key]
             job.tokens += 1

@@ -1,0 +1,96 @@
+"""The scheduler without HTTP: admission by KV bytes after compression, and prefill interleaved with decoding."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from draftapprox.generation import Sampling
+from draftapprox.methods import FullKV, SpecKV
+from draftapprox.serve.scheduler import Done, Failed, Job, Rejected, Token
+
+from .conftest import tiny_service
+
+
+class Recorder:
+    """Collects a job's events on the engine thread, with how many jobs were running at each token."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.events, self.running_at_token = scheduler, [], []
+        self.finished = threading.Event()
+
+    def __call__(self, event) -> None:
+        self.events.append((time.monotonic(), event))
+        if isinstance(event, Token):
+            self.running_at_token.append(len(self.scheduler._running))
+        if isinstance(event, Done | Failed):
+            self.finished.set()
+
+
+def job(scheduler, n: int, method, max_tokens: int, seed: int = 0) -> tuple[Job, Recorder]:
+    ids = torch.randint(0, 500, (1, n), generator=torch.Generator().manual_seed(seed))
+    recorder = Recorder(scheduler)
+    return Job(ids, method, max_tokens, Sampling(), [], recorder, ignore_eos=True), recorder
+
+
+@pytest.fixture
+def service():
+    service = tiny_service(kv_cache_memory=1)  # replaced per test
+    yield service
+    service.scheduler.stop(5)
+
+
+def most_running(service, method, count: int) -> int:
+    scheduler = service.scheduler
+    recorders = []
+    for i in range(count):
+        j, r = job(scheduler, 1000, method, 200, seed=i)
+        scheduler.submit(j)
+        recorders.append(r)
+    for r in recorders:
+        assert r.finished.wait(120)
+        assert isinstance(r.events[-1][1], Done)
+    assert scheduler.held_bytes() == 0
+    return max(max(r.running_at_token) for r in recorders)
+
+
+def test_admission_follows_the_bytes_held_after_compression(service):
+    scheduler = service.scheduler
+    # two FullKV requests fit, and ten SpecKV ones; each lives long enough (200 tokens) to see the others admitted
+    scheduler.kv_cache_memory = scheduler.need(1000, FullKV(), 200) * 2
+    scheduler.prefill_chunk = 256  # few decode steps per admission: the first is still running when the last joins
+    scheduler.start()
+    full = most_running(service, FullKV(), 8)
+    compressed = most_running(service, SpecKV(24, window=4, lookahead=2), 8)
+    assert full <= 2 and compressed == 8
+
+
+def test_a_request_that_can_never_fit_is_refused_naming_the_limit(service):
+    scheduler = service.scheduler
+    scheduler.kv_cache_memory = scheduler.need(100, FullKV(), 10)
+    j, _ = job(scheduler, 101, FullKV(), 10)
+    with pytest.raises(Rejected, match="--kv-cache-memory") as refused:
+        scheduler.submit(j)
+    assert refused.value.status == 400
+
+
+def test_streams_keep_flowing_while_a_long_prompt_is_prefilled(service):
+    scheduler = service.scheduler
+    scheduler.kv_cache_memory, scheduler.prefill_chunk = 2**30, 16
+    scheduler.start()
+    running, first = job(scheduler, 50, FullKV(), 400)
+    scheduler.submit(running)
+    while not first.events:
+        time.sleep(0.01)
+    long_job, second = job(scheduler, 1500, FullKV(), 2, seed=1)
+    submitted = time.monotonic()
+    scheduler.submit(long_job)
+    assert second.finished.wait(120)
+    first_token = next(t for t, e in second.events if isinstance(e, Token))
+    during = [e for t, e in first.events if submitted < t < first_token and isinstance(e, Token)]
+    # 1500 prompt tokens in pieces of 16: a decode step of the running request after each piece
+    assert len(during) >= 1500 // 16 - 5
+    scheduler.cancel(running)
