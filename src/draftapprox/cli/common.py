@@ -12,7 +12,7 @@ from ..errors import ConfigError, InputError
 
 app = typer.Typer(help="Draft-based approximate inference (SpecKV, SpecPC) for long-context LLMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # a log line stays one line in a file, whatever its length
 MethodOpt = Annotated[str, typer.Option("--method", "-m", help="Method name (see `draftapprox methods`).")]
 BudgetOpt = Annotated[str | None, typer.Option(
     "--budget", "-b", help="Tokens (256) or a ratio of the prompt (0.25). Default: the method's own.")]
