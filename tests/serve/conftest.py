@@ -14,6 +14,7 @@ import uvicorn
 from draftapprox.methods import make
 from draftapprox.models.loading import pair_from_models
 from draftapprox.serve.app import create_app
+from draftapprox.serve.local import LocalBackend
 from draftapprox.serve.metrics import Metrics
 from draftapprox.serve.responses import Service
 from draftapprox.serve.scheduler import Scheduler
@@ -58,7 +59,7 @@ def tiny_service(method: str = "speckv", budget: int | float | None = 16, kv_cac
     if method != "fullkv":
         knobs = {"window": 4, **knobs}
     default = make(method, budget, **knobs)
-    return Service(pair, scheduler, MODEL, default, lookahead=4, request_timeout=request_timeout)
+    return Service(pair, LocalBackend(scheduler), MODEL, default, lookahead=4, request_timeout=request_timeout)
 
 
 def words(n: int, seed: int = 0) -> str:

@@ -14,6 +14,7 @@ import pytest
 
 import draftapprox as da
 from draftapprox.examples import ANSWER, long_prompt
+from draftapprox.serve.local import LocalBackend
 from draftapprox.serve.metrics import Metrics
 from draftapprox.serve.responses import Service
 from draftapprox.serve.scheduler import Scheduler
@@ -56,7 +57,7 @@ def test_a_planted_fact_is_answered_through_the_server(stream, real_server):
 def real_server():
     pair = da.load_pair()
     scheduler = Scheduler(pair, kv_cache_memory=2**30, metrics=Metrics())
-    service = Service(pair, scheduler, MODEL, da.SpecKV(0.25))
+    service = Service(pair, LocalBackend(scheduler), MODEL, da.SpecKV(0.25))
     messages = [{"role": "user", "content": long_prompt(words=400, depth=0.35)}]
     with running(service) as url:
         yield url, messages

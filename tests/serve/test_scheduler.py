@@ -40,11 +40,11 @@ def job(scheduler, n: int, method, max_tokens: int, seed: int = 0) -> tuple[Job,
 def service():
     service = tiny_service(kv_cache_memory=1)  # replaced per test
     yield service
-    service.scheduler.stop(5)
+    service.backend.scheduler.stop(5)
 
 
 def most_running(service, method, count: int) -> int:
-    scheduler = service.scheduler
+    scheduler = service.backend.scheduler
     recorders = []
     for i in range(count):
         j, r = job(scheduler, 1000, method, 200, seed=i)
@@ -58,7 +58,7 @@ def most_running(service, method, count: int) -> int:
 
 
 def test_admission_follows_the_bytes_held_after_compression(service):
-    scheduler = service.scheduler
+    scheduler = service.backend.scheduler
     # two FullKV requests fit, and ten SpecKV ones; each lives long enough (200 tokens) to see the others admitted
     scheduler.kv_cache_memory = scheduler.need(1000, FullKV(), 200) * 2
     scheduler.prefill_chunk = 256  # few decode steps per admission: the first is still running when the last joins
@@ -69,7 +69,7 @@ def test_admission_follows_the_bytes_held_after_compression(service):
 
 
 def test_a_request_that_can_never_fit_is_refused_naming_the_limit(service):
-    scheduler = service.scheduler
+    scheduler = service.backend.scheduler
     scheduler.kv_cache_memory = scheduler.need(100, FullKV(), 10)
     j, _ = job(scheduler, 101, FullKV(), 10)
     with pytest.raises(Rejected, match="--kv-cache-memory") as refused:
@@ -78,7 +78,7 @@ def test_a_request_that_can_never_fit_is_refused_naming_the_limit(service):
 
 
 def test_streams_keep_flowing_while_a_long_prompt_is_prefilled(service):
-    scheduler = service.scheduler
+    scheduler = service.backend.scheduler
     scheduler.kv_cache_memory, scheduler.prefill_chunk = 2**30, 16
     scheduler.start()
     running, first = job(scheduler, 50, FullKV(), 400)

@@ -220,7 +220,7 @@ def wait_for(condition, seconds: float = 20) -> bool:
 
 def test_a_client_that_goes_away_has_its_work_cancelled_and_its_cache_freed(server):
     url, service = server
-    scheduler = service.scheduler
+    scheduler = service.backend.scheduler
     stream = client(url).completions.create(model=MODEL, prompt=words(100), max_tokens=1500, stream=True,
                                             extra_body={"draftapprox": {"method": "fullkv"}, "ignore_eos": True})
     for i, _ in enumerate(stream):
@@ -264,4 +264,4 @@ def test_a_request_that_runs_too_long_ends_with_an_error():
         response = httpx.post(f"{url}/completions", timeout=60,
                               json={"model": MODEL, "prompt": words(50), "max_tokens": 1900, "ignore_eos": True})
         assert response.status_code == 408 and "timed out" in response.json()["error"]["message"]
-        assert wait_for(lambda: service.scheduler.held_bytes() == 0)
+        assert wait_for(lambda: service.backend.scheduler.held_bytes() == 0)

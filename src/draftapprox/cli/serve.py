@@ -72,6 +72,7 @@ def serve(
     from ..models import offline
     from ..models.loading import load_pair
     from ..serve.app import run
+    from ..serve.local import LocalBackend
     from ..serve.metrics import Metrics
     from ..serve.responses import Service
     from ..serve.scheduler import Scheduler
@@ -89,7 +90,8 @@ def serve(
     name = served_model_name or Path(str(target or offline.TARGET.name)).name
     scheduler = Scheduler(pair, kv_cache_memory=memory, max_queue=max_queue, prefill_chunk=prefill_chunk,
                           metrics=Metrics())
-    service = Service(pair, scheduler, name, chosen, lookahead=lookahead, request_timeout=request_timeout)
+    service = Service(pair, LocalBackend(scheduler), name, chosen, lookahead=lookahead,
+                      request_timeout=request_timeout)
     err.print(f"serving {name} with {chosen.describe()} by default on http://{host}:{port}/v1 "
               f"(KV pool {memory / 2**20:.0f} MiB)")
     run(service, host=host, port=port, api_key=api_key, shutdown_timeout=shutdown_timeout)

@@ -32,6 +32,7 @@ class Method:
     kind: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     needs_draft: ClassVar[bool] = False
+    needs_target: ClassVar[bool] = False  # a prompt method that reads the target's attention (TargetPC)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -15,6 +15,7 @@ class TargetPC(SpecPC):
     name = "targetpc"
     summary = "SpecPC's selection scored by the target itself (no draft)"
     needs_draft = False
+    needs_target = True
 
     @property
     def rows(self) -> int:

@@ -1,7 +1,8 @@
 """The HTTP application: routes, OpenAI-style errors for everything that goes wrong, the scheduler's lifetime, and
 `run`, which serves it with uvicorn.
 
-Nothing here touches a tensor: routes turn bodies into token ids and jobs (`responses`), the scheduler runs them.
+Nothing here touches a tensor: routes turn bodies into token ids and work (`responses`), a backend runs it: our
+own scheduler (`local`) or an upstream engine behind SpecPC (`upstream`).
 """
 
 from __future__ import annotations
@@ -22,16 +23,16 @@ log = logging.getLogger("draftapprox.serve")
 
 
 def create_app(service: Service, *, api_key: str | None = None, shutdown_timeout: float = 30.0) -> FastAPI:
-    """The app serving `service`; its scheduler starts with the app and stops (finishing or cancelling what runs,
+    """The app serving `service`; its backend starts with the app and stops (finishing or cancelling what runs,
     within `shutdown_timeout` seconds) when the app shuts down."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service.scheduler.start()
+        service.backend.start()
         try:
             yield
         finally:
-            service.scheduler.stop(shutdown_timeout)
+            service.backend.stop(shutdown_timeout)
 
     app = FastAPI(title="draftapprox", summary="Draft-based approximate inference behind the OpenAI API",
                   lifespan=lifespan)
@@ -40,7 +41,7 @@ def create_app(service: Service, *, api_key: str | None = None, shutdown_timeout
         app.include_router(module.router)
 
     def answer(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
-        service.scheduler.metrics.requests.labels(str(status)).inc()
+        service.metrics.requests.labels(str(status)).inc()
         return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(ApiError)
@@ -76,7 +77,7 @@ def create_app(service: Service, *, api_key: str | None = None, shutdown_timeout
 def run(service: Service, *, host: str, port: int, api_key: str | None, shutdown_timeout: float,
         log_level: str = "info") -> None:
     """Serve until SIGINT/SIGTERM: uvicorn stops accepting, lets open requests finish for `shutdown_timeout`
-    seconds, then the scheduler cancels what is left."""
+    seconds, then the backend cancels what is left."""
     import uvicorn
 
     app = create_app(service, api_key=api_key, shutdown_timeout=shutdown_timeout)

@@ -28,6 +28,7 @@ from ..forward import PREFILL_CHUNK, interleaved
 from ..generation import DecodeBatch, Result, Sampling, kv_bytes_per_token, prepare
 from ..methods import FullKV, Method
 from ..models.loading import Pair
+from .events import Failed
 from .metrics import Metrics
 
 log = logging.getLogger("draftapprox.serve")
@@ -45,15 +46,6 @@ class Done:
     """The job ended normally; `result` has its text (stop strings cut) and record."""
 
     result: Result
-
-
-@dataclass
-class Failed:
-    """The job ended with an error; `status` is the HTTP status it maps to."""
-
-    status: int
-    message: str
-    type: str = "server_error"
 
 
 Event = Token | Done | Failed

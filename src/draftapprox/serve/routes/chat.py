@@ -16,8 +16,9 @@ router = APIRouter()
 @router.post("/v1/chat/completions", dependencies=[Depends(authorized)])
 async def chat_completions(body: ChatRequest, http: Request, svc: ServiceDep):
     check_request(svc, body)
+    conversation = body.conversation()
     try:
-        ids = encode_messages(svc.pair, body.conversation())
+        ids = encode_messages(svc.pair, conversation)
     except InputError as error:
         raise ApiError(400, str(error), param="messages") from None
-    return await respond(svc, http, body, ids, chat=True)
+    return await respond(svc, http, body, ids, chat=True, messages=conversation)

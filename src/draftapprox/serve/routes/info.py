@@ -17,7 +17,7 @@ _STARTED = int(time.time())
 @router.get("/v1/models", dependencies=[Depends(authorized)])
 async def models(svc: ServiceDep) -> dict:
     return {"object": "list", "data": [{"id": svc.model_name, "object": "model", "created": _STARTED,
-                                        "owned_by": "draftapprox", "max_model_len": svc.pair.context_length}]}
+                                        "owned_by": "draftapprox", "max_model_len": svc.context}]}
 
 
 @router.get("/health")
@@ -27,4 +27,4 @@ async def health() -> dict:
 
 @router.get("/metrics")
 async def metrics(svc: ServiceDep) -> Response:
-    return Response(svc.scheduler.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
