@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 OUT=docs/results/raw/bench-serve-cpu.jsonl
 REPORT=docs/results/serving
 CHUNK=${CHUNK:-32}   # the server's default --prefill-chunk, chosen from the stall stage
-run() { draftapprox bench serve --output "$OUT" --report "$REPORT" --prefill-chunk "$CHUNK" "$@"; }
+PAUSE=${PAUSE:-/tmp/draftapprox-bench.pause}   # touch it to hold the next cell, rm it to go on
+run() { draftapprox bench serve --output "$OUT" --report "$REPORT" --prefill-chunk "$CHUNK" --pause-file "$PAUSE" "$@"; }
 for stage in ${STAGES:-stall grid}; do
   case $stage in
     stall)  # the running stream's gaps while a 4k prompt is admitted, per prefill chunk

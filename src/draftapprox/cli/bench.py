@@ -202,6 +202,8 @@ def bench_serve(
     task: Annotated[str, typer.Option(help="RULER task the prompts come from.")] = "niah_single_2",
     output: OutputOpt = Path("bench-serve.jsonl"),
     report: Annotated[Path, typer.Option(help="Folder serving.md and its plots are written to.")] = Path("."),
+    pause_file: Annotated[Path | None, typer.Option(
+        help="While this file exists, wait before the next cell (other work can run between cells).")] = None,
     seed: SeedOpt = 42,
     draft: DraftOpt = None,
     target: TargetOpt = None,
@@ -232,7 +234,8 @@ def bench_serve(
                         skip=tuple(harness.parse_list(skip, "skip")) if skip.strip() else ())
     target_dir = local_model(target, offline.TARGET.name, "--target", cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    written = serving.measure(plan, output, tokenizer, target=target, draft=draft, cache=cache_dir, log=err.print)
+    written = serving.measure(plan, output, tokenizer, target=target, draft=draft, cache=cache_dir, log=err.print,
+                              pause=pause_file)
     say_written(written, "measurements", output)
     command = "draftapprox " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     for path in serving_report.write([output], report, command):
