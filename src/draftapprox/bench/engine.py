@@ -14,6 +14,7 @@ import os
 import socket
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -88,6 +89,31 @@ def serving(model_dir: Path, dtype: str, log_path: Path, threads: int | None = N
                str(max_len), "--served-model-name", "target"]
     url = f"http://127.0.0.1:{port}"
     with server_process("vLLM", command, env, url, log_path, STARTUP_SECONDS):
+        yield url
+
+
+_LLAMACPP = """
+import sys, threading, xllamacpp
+params = xllamacpp.CommonParams()
+params.model.path, params.port, params.hostnames = sys.argv[1], int(sys.argv[2]), ["127.0.0.1"]
+params.n_ctx, params.cpuparams.n_threads, params.cpuparams_batch.n_threads = int(sys.argv[3]), *[int(sys.argv[4])] * 2
+params.model_alias = ["target"]
+server = xllamacpp.Server(params)
+threading.Event().wait()
+"""
+
+
+@contextmanager
+def serving_llamacpp(gguf: Path, log_path: Path, threads: int | None = None, context: int = 8192) -> Iterator[str]:
+    """llama.cpp's server (the `xllamacpp` wheel) on the GGUF, on a free loopback port; yields its base URL."""
+    try:
+        import xllamacpp  # noqa: F401
+    except ImportError:
+        raise InputError("llama.cpp's server is missing: pip install xllamacpp") from None
+    port = free_port()
+    command = [sys.executable, "-c", _LLAMACPP, str(gguf), str(port), str(context), str(threads or os.cpu_count())]
+    url = f"http://127.0.0.1:{port}"
+    with server_process("llama.cpp", command, dict(os.environ), url, log_path, 300):
         yield url
 
 

@@ -16,7 +16,6 @@ from .common import (
     DraftDtypeOpt,
     DraftOpt,
     DtypeOpt,
-    MethodOpt,
     SetOpt,
     TargetOpt,
     ThreadsOpt,
@@ -40,7 +39,8 @@ def parse_bytes(text: str) -> int:
 
 @app.command()
 def serve(
-    method: MethodOpt = "speckv",
+    method: Annotated[str | None, typer.Option(
+        "--method", "-m", help="Default method (speckv; with --upstream: specpc, or none).")] = None,
     budget: BudgetOpt = None,
     knob: SetOpt = None,
     draft: DraftOpt = None,
@@ -51,9 +51,10 @@ def serve(
         "--api-key", envvar="DRAFTAPPROX_API_KEY", help="Require this Bearer token on /v1 routes.")] = None,
     kv_cache_memory: Annotated[str, typer.Option(
         help="KV bytes all running requests may hold after compression; admission waits beyond it.")] = "4GiB",
-    max_queue: Annotated[int, typer.Option(help="Requests that may wait for admission; more get 429.")] = 64,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait (for admission, or for the draft "
+                                                "with --upstream); more get 429.")] = 64,
     prefill_chunk: Annotated[int, typer.Option(
-        help="Prompt tokens prefilled between two decode steps of the running requests.")] = 64,
+        help="Prompt tokens prefilled between two decode steps of the running requests.")] = 32,
     lookahead: Annotated[int, typer.Option(
         help="Draft tokens a lookahead method (SpecKV) writes unless a request sets its own.")] = 32,
     request_timeout: Annotated[float | None, typer.Option(
@@ -61,7 +62,22 @@ def serve(
     shutdown_timeout: Annotated[float, typer.Option(
         help="Seconds running requests get to finish on SIGTERM before they are cancelled.")] = 30.0,
     served_model_name: Annotated[str | None, typer.Option(
-        help="The model name clients send (default: the target's folder or id).")] = None,
+        help="The model name clients send (default: the target's folder or id, or the upstream's model).")] = None,
+    upstream: Annotated[str | None, typer.Option(
+        help="Proxy mode: an OpenAI base URL (http://HOST:PORT/v1) that answers; only the draft is loaded.")] = None,
+    upstream_model: Annotated[str | None, typer.Option(help="The upstream's model (default: the first it lists).")]
+    = None,
+    upstream_api_key: Annotated[str | None, typer.Option(envvar="DRAFTAPPROX_UPSTREAM_API_KEY",
+                                                         help="Bearer token sent to the upstream.")] = None,
+    upstream_timeout: Annotated[float, typer.Option(
+        help="Seconds without a byte from the upstream before a request ends with 504.")] = 600.0,
+    min_prompt_tokens: Annotated[int, typer.Option(
+        help="With --upstream: shorter prompts are forwarded uncut (the draft pass would not pay).")] = 1024,
+    chat_forward: Annotated[str, typer.Option(
+        help="With --upstream: ids (render the chat here, forward token ids: exact) or messages (forward the "
+             "compressed contents to the upstream's chat route).")] = "ids",
+    allow_text: Annotated[bool, typer.Option(
+        help="With --upstream: forward text when the upstream's tokenizer differs from the draft's.")] = False,
     dtype: DtypeOpt = "auto",
     draft_dtype: DraftDtypeOpt = None,
     device: DeviceOpt = "cpu",
@@ -70,28 +86,58 @@ def serve(
 ) -> None:
     """Serve the OpenAI API (completions and chat, streaming or not) with a method per request."""
     from ..models import offline
-    from ..models.loading import load_pair
     from ..serve.app import run
-    from ..serve.local import LocalBackend
     from ..serve.metrics import Metrics
     from ..serve.responses import Service
-    from ..serve.scheduler import Scheduler
 
-    chosen = method_from(method, budget, knob)
     memory = parse_bytes(kv_cache_memory)
     for name, value, least in (("--port", port, 0), ("--max-queue", max_queue, 0),
-                               ("--prefill-chunk", prefill_chunk, 1), ("--lookahead", lookahead, 0)):
+                               ("--prefill-chunk", prefill_chunk, 1), ("--lookahead", lookahead, 0),
+                               ("--min-prompt-tokens", min_prompt_tokens, 0)):
         if value < least:
             raise ConfigError(f"{name} must be >= {least}, got {value}")
-    if request_timeout is not None and request_timeout <= 0:
-        raise ConfigError(f"--request-timeout must be > 0 seconds, got {request_timeout}")
-    pair = load_pair(draft, target, dtype=dtype, draft_dtype=draft_dtype, device=device, threads=threads,
-                     cache=cache_dir, log=err.print)
-    name = served_model_name or Path(str(target or offline.TARGET.name)).name
-    scheduler = Scheduler(pair, kv_cache_memory=memory, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                          metrics=Metrics())
-    service = Service(pair, LocalBackend(scheduler), name, chosen, lookahead=lookahead,
-                      request_timeout=request_timeout)
-    err.print(f"serving {name} with {chosen.describe()} by default on http://{host}:{port}/v1 "
-              f"(KV pool {memory / 2**20:.0f} MiB)")
+    for name, value in (("--request-timeout", request_timeout), ("--upstream-timeout", upstream_timeout)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name} must be > 0 seconds, got {value}")
+    if chat_forward not in ("ids", "messages"):
+        raise ConfigError(f"--chat-forward must be ids or messages, got {chat_forward!r}")
+    metrics = Metrics()
+    if upstream is None:
+        from ..models.loading import load_pair
+        from ..serve.local import LocalBackend
+        from ..serve.scheduler import Scheduler
+
+        chosen = method_from(method or "speckv", budget, knob)
+        pair = load_pair(draft, target, dtype=dtype, draft_dtype=draft_dtype, device=device, threads=threads,
+                         cache=cache_dir, log=err.print)
+        name = served_model_name or Path(str(target or offline.TARGET.name)).name
+        scheduler = Scheduler(pair, kv_cache_memory=memory, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                              metrics=metrics)
+        service = Service(pair, LocalBackend(scheduler), name, chosen, lookahead=lookahead,
+                          request_timeout=request_timeout)
+        where = f"KV pool {memory / 2**20:.0f} MiB"
+    else:
+        from ..methods import PromptMethod
+        from ..models.loading import Pair, load_model
+        from ..serve.upstream import UpstreamBackend, check_upstream
+
+        chosen = None if method == "none" else method_from(method or "specpc", budget or "0.25", knob)
+        if chosen is not None and (not isinstance(chosen, PromptMethod) or chosen.needs_target):
+            raise ConfigError(f"--upstream serves prompt methods that need no target (specpc, specprefill, "
+                              f"randompc, recencypc) or none, not {chosen.name}")
+        model, tokenizer = load_model(draft if draft is not None else offline.DRAFT.name,
+                                      dtype=draft_dtype or dtype, device=device, threads=threads, cache=cache_dir,
+                                      log=err.print)
+        found, context = check_upstream(upstream, tokenizer, model=upstream_model, api_key=upstream_api_key,
+                                        timeout=upstream_timeout, allow_text=allow_text,
+                                        chat_messages=chat_forward == "messages", say=err.print)
+        pair = Pair(model, tokenizer, model)  # the draft stands in for the target's tokenizer checks
+        backend = UpstreamBackend(pair, found, max_queue=max_queue, min_prompt_tokens=min_prompt_tokens,
+                                  metrics=metrics)
+        name = served_model_name or found.model
+        service = Service(pair, backend, name, chosen, lookahead=lookahead, request_timeout=request_timeout,
+                          context_length=context, prompt_methods_only=True)
+        where = f"in front of {found.url} ({found.model}, forwarding {'ids' if found.ids else 'text'})"
+    default = chosen.describe() if chosen is not None else "none"
+    err.print(f"serving {name} with {default} by default on http://{host}:{port}/v1, {where}")
     run(service, host=host, port=port, api_key=api_key, shutdown_timeout=shutdown_timeout)

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 
 from .protocol import ApiError, error_body
 from .responses import Service
-from .routes import chat, completions, info
+from .routes import chat, completions, info, tokenize
 
 log = logging.getLogger("draftapprox.serve")
 
@@ -37,7 +37,7 @@ def create_app(service: Service, *, api_key: str | None = None, shutdown_timeout
     app = FastAPI(title="draftapprox", summary="Draft-based approximate inference behind the OpenAI API",
                   lifespan=lifespan)
     app.state.service, app.state.api_key = service, api_key
-    for module in (completions, chat, info):
+    for module in (completions, chat, info, tokenize):
         app.include_router(module.router)
 
     def answer(status: int, body: dict, headers: dict | None = None) -> JSONResponse:

@@ -17,6 +17,8 @@ class Metrics:
         self.kept_tokens = Counter("draftapprox_kept_tokens", "Prompt tokens kept (prompt methods) or KV positions "
                                    "kept per head (KV methods) after compression", registry=r)
         self.generation_tokens = Counter("draftapprox_generation_tokens", "Tokens generated", registry=r)
+        self.token_mismatch = Counter("draftapprox_upstream_token_mismatch", "Forwarded prompts (text mode) whose "
+                                      "upstream count differs from ours by more than 1%", registry=r)
         self.kv_bytes = Gauge("draftapprox_kv_cache_bytes", "KV bytes held now by running requests", registry=r)
         self.queue_depth = Gauge("draftapprox_queue_depth", "Requests waiting for admission", registry=r)
         self.running = Gauge("draftapprox_running_requests", "Requests prefilled and decoding", registry=r)

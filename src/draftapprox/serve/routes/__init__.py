@@ -1,1 +1,2 @@
-"""One module per group of routes: completions, chat completions, and the server's own (models, health, metrics)."""
+"""One module per group of routes: completions, chat completions, tokenize, and the server's own (models, health,
+metrics)."""
