@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=docs/results/raw/bench-serve-cpu.jsonl
 REPORT=docs/results/serving
-CHUNK=${CHUNK:-32}   # the server's default --prefill-chunk, chosen from the stall stage
+CHUNK=${CHUNK:-128}  # the grid's --prefill-chunk (throughput; the stall stage measures the latency side)
 PAUSE=${PAUSE:-/tmp/draftapprox-bench.pause}   # touch it to hold the next cell, rm it to go on
 run() { draftapprox bench serve --output "$OUT" --report "$REPORT" --prefill-chunk "$CHUNK" --pause-file "$PAUSE" "$@"; }
 for stage in ${STAGES:-stall grid}; do
