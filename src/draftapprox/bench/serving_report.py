@@ -54,7 +54,8 @@ def _load(paths: list[Path]) -> tuple[dict, list[dict]]:
                 stalls.append(row)
     if not cells and not stalls:
         raise InputError(f"no `bench serve` rows in {', '.join(map(str, paths))}")
-    return cells, sorted(stalls, key=lambda r: r["prefill_chunk"])
+    return cells, sorted(stalls, key=lambda r: (r["prefill_chunk"] != "auto", r["prefill_chunk"]
+                                                if r["prefill_chunk"] != "auto" else 0))
 
 
 def stall_points(stalls: list[dict]) -> list[dict]:
@@ -107,7 +108,8 @@ def write(paths: list[Path], out: Path, command: str | None = None) -> list[Path
     lines += ["### Targets", "", *_targets(figures, fit, longest), ""]
     points = stall_points(stalls)
     if points:
-        chosen = max((p for p in points if p["ratio"] is not None and p["ratio"] <= 4), key=lambda p: p["chunk"],
+        fixed = [p for p in points if p["chunk"] != "auto"]
+        chosen = max((p for p in fixed if p["ratio"] is not None and p["ratio"] <= 4), key=lambda p: p["chunk"],
                      default=None)
         lines += [f"### The stall a {points[0]['tokens']}-token admission puts on a running stream, per prefill "
                   "chunk", "",
