@@ -50,20 +50,21 @@ the lengths where it does not bind (see docs/results/performance.md)."""
 
 @dataclass
 class _Interleave:
-    chunk: Callable[[], int]
-    between: Callable[[int], None]
+    chunk: Callable[[PreTrainedModel], int]
+    between: Callable[[PreTrainedModel, int], None]
 
 
 _interleave: ContextVar[_Interleave | None] = ContextVar("draftapprox_interleave", default=None)
 
 
 @contextmanager
-def interleaved(chunk: Callable[[], int], between: Callable[[int], None]) -> Iterator[None]:
-    """Run every forward inside the block in pieces of at most `chunk()` tokens (asked before each piece), calling
-    `between(tokens)` after each piece with the tokens it ran. A server prefills one request this way while
-    `between` decodes a step for the requests already running, so their streams keep flowing, and asks for small
-    pieces only while some are running. `between` runs outside the block (its own forwards are neither chunked
-    nor interleaved again) and may raise to abandon the forward."""
+def interleaved(chunk: Callable[[PreTrainedModel], int],
+                between: Callable[[PreTrainedModel, int], None]) -> Iterator[None]:
+    """Run every forward inside the block in pieces of at most `chunk(model)` tokens (asked before each piece),
+    calling `between(model, tokens)` after each piece with the tokens it ran. A server prefills one request this
+    way while `between` decodes a step for the requests already running, so their streams keep flowing, and asks
+    for small pieces only while some are running. `between` runs outside the block (its own forwards are neither
+    chunked nor interleaved again) and may raise to abandon the forward."""
     token = _interleave.set(_Interleave(chunk, between))
     try:
         yield
@@ -71,12 +72,12 @@ def interleaved(chunk: Callable[[], int], between: Callable[[int], None]) -> Ite
         _interleave.reset(token)
 
 
-def _between(interleave: _Interleave | None, tokens: int) -> None:
+def _between(interleave: _Interleave | None, model: PreTrainedModel, tokens: int) -> None:
     if interleave is None:
         return
     token = _interleave.set(None)
     try:
-        interleave.between(tokens)
+        interleave.between(model, tokens)
     finally:
         _interleave.reset(token)
 
@@ -117,7 +118,7 @@ def forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache
     while begin < q:
         step = q if sparse is not None else chunk or PREFILL_CHUNK
         if interleave is not None and sparse is None:
-            step = max(1, min(step, interleave.chunk()))
+            step = max(1, min(step, interleave.chunk(model)))
         ids, pos = input_ids[:, begin:begin + step], positions[:, begin:begin + step]
         begin += step
         last = begin >= q
@@ -132,5 +133,5 @@ def forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache
                     decoder(input_ids=ids, position_ids=pos, use_cache=True, **{cache_keyword(type(decoder)): cache})
             except StopForward:
                 pass
-        _between(interleave, ids.shape[1])
+        _between(interleave, model, ids.shape[1])
     return out

@@ -70,6 +70,16 @@ def words(n: int, seed: int = 0) -> str:
     return " ".join(f"w{rng.randrange(500)}" for _ in range(n))
 
 
+def wait_for(condition, seconds: float = 20) -> bool:
+    """Whether `condition()` came true within `seconds` (the server frees what a request held within a step)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[str, Service]]:
     service = tiny_service()

@@ -77,13 +77,14 @@ def test_a_request_that_can_never_fit_is_refused_naming_the_limit(service):
     assert refused.value.status == 400
 
 
-def test_streams_keep_flowing_while_a_long_prompt_is_prefilled(service):
+@pytest.mark.parametrize("chunk", [16, None], ids=["16", "auto"])
+def test_streams_keep_flowing_while_a_long_prompt_is_prefilled(service, chunk):
     scheduler = service.backend.scheduler
-    scheduler.kv_cache_memory, scheduler.prefill_chunk = 2**30, 16
+    scheduler.kv_cache_memory, scheduler.prefill_chunk = 2**30, chunk
     scheduler.start()
     running, first = job(scheduler, 50, FullKV(), 400)
     scheduler.submit(running)
-    while not first.events:
+    while len(first.events) < 20:  # a steady stream first
         time.sleep(0.01)
     long_job, second = job(scheduler, 1500, FullKV(), 2, seed=1)
     submitted = time.monotonic()
@@ -91,6 +92,13 @@ def test_streams_keep_flowing_while_a_long_prompt_is_prefilled(service):
     assert second.finished.wait(120)
     first_token = next(t for t, e in second.events if isinstance(e, Token))
     during = [e for t, e in first.events if submitted < t < first_token and isinstance(e, Token)]
-    # 1500 prompt tokens in pieces of 16: a decode step of the running request after each piece
-    assert len(during) >= 1500 // 16 - 5
+    if chunk == 16:  # 1500 prompt tokens in pieces of 16: a decode step of the running request after each piece
+        assert len(during) >= 1500 // 16 - 5
+    else:  # auto: pieces of about three decode steps' time, so the running stream kept getting tokens
+        assert len(during) >= 5
+        gaps = [b - a for (a, _), (b, _) in zip(first.events, first.events[1:], strict=False)
+                if submitted < a and b < first_token]
+        steady = sorted(b - a for (a, _), (b, _) in zip(first.events, first.events[1:], strict=False)
+                        if b < submitted)
+        assert max(gaps) < 20 * max(steady[len(steady) // 2], 1e-3)
     scheduler.cancel(running)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import time
 
 import httpx
 import openai
@@ -11,7 +10,7 @@ import pytest
 
 from draftapprox.methods import SpecPC
 
-from .conftest import MODEL, running, tiny_service, words
+from .conftest import MODEL, running, tiny_service, wait_for, words
 
 
 def client(url: str, key: str = "unused", timeout: float = 60) -> openai.OpenAI:
@@ -207,15 +206,6 @@ def test_batched_answers_equal_answers_served_alone(server):
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         together = [f.result().choices[0].text for f in [pool.submit(ask, *r) for r in requests]]
     assert together == alone
-
-
-def wait_for(condition, seconds: float = 20) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_a_client_that_goes_away_has_its_work_cancelled_and_its_cache_freed(server):

@@ -20,7 +20,7 @@ from draftapprox.serve.responses import Service
 from draftapprox.serve.upstream import UpstreamBackend, check_upstream, protected_positions
 from tests.conftest import tiny_model, tiny_tokenizer
 
-from .conftest import MODEL, free_port, running, tiny_service, words
+from .conftest import MODEL, free_port, running, tiny_service, wait_for, words
 
 PC = {"method": "specpc", "budget": 0.25, "settings": {"window": 4, "start_layer": 1}}
 
@@ -198,10 +198,7 @@ def test_a_client_that_goes_away_closes_the_upstream_stream(engine, proxy):
             break
     assert scheduler.held_bytes() > 0
     stream.close()
-    deadline = time.monotonic() + 20
-    while scheduler.held_bytes() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert scheduler.held_bytes() == 0
+    assert wait_for(lambda: scheduler.held_bytes() == 0)
 
 
 def test_a_full_draft_queue_answers_429(engine):

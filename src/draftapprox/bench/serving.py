@@ -49,8 +49,8 @@ class Plan:
     lengths: list[int]
     clients: list[int]
     new_tokens: int = 64
-    prefill_chunk: int = 64  # the grid's, the server's default
-    stall_chunks: tuple[int, ...] = (16, 32, 64, 128, 256)
+    prefill_chunk: int | str = "auto"  # the grid's --prefill-chunk (the server's default: auto)
+    stall_chunks: tuple[int | str, ...] = ("auto", 16, 32, 64, 128)
     stall_length: int = 4096
     task: str = "niah_single_2"
     seed: int = 42
@@ -66,7 +66,7 @@ class Plan:
 
 
 @contextlib.contextmanager
-def _launch(plan: Plan, chunk: int, log_path: Path, target: str | None, draft: str | None,
+def _launch(plan: Plan, chunk: int | str, log_path: Path, target: str | None, draft: str | None,
             cache: str | Path | None) -> Iterator[str]:
     """`draftapprox serve` in a process of its own at this prefill chunk; yields its URL."""
     port = free_port()
@@ -129,7 +129,7 @@ def _running_stream(url: str, ids: list[int], stamps: list[float], stop: threadi
                 return
 
 
-def _stall(url: str, chunk: int, short: list[int], long: list[int]) -> dict:
+def _stall(url: str, chunk: int | str, short: list[int], long: list[int]) -> dict:
     """A short-prompt FullKV stream, then a long prompt admitted beside it: the stream's gaps before and during."""
     stamps: list[float] = []
     stop = threading.Event()

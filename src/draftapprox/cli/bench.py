@@ -194,9 +194,10 @@ def bench_serve(
     lengths: LengthsOpt = "2048,4096",
     clients: Annotated[str, typer.Option(help="Comma-separated concurrent client counts.")] = "1,2,4,8",
     new_tokens: Annotated[int, typer.Option(help="Tokens decoded per request (EOS ignored).")] = 64,
-    prefill_chunk: Annotated[int, typer.Option(help="The server's --prefill-chunk for the grid.")] = 64,
+    prefill_chunk: Annotated[str, typer.Option(help="The server's --prefill-chunk for the grid (auto or tokens).")]
+    = "auto",
     stall_chunks: Annotated[str, typer.Option(
-        help="Prefill chunks of the stall study (empty: skip it).")] = "16,32,64,128,256",
+        help="Prefill chunks of the stall study, auto or tokens (empty: skip it).")] = "auto,16,32,64,128",
     stall_length: Annotated[int, typer.Option(help="Prompt tokens of the request the stall study admits.")] = 4096,
     skip: Annotated[str, typer.Option(help="Cells left out, METHOD|LENGTH|CLIENTS, comma-separated.")] = "",
     task: Annotated[str, typer.Option(help="RULER task the prompts come from.")] = "niah_single_2",
@@ -220,16 +221,18 @@ def bench_serve(
     from ..eval import harness
     from ..models import offline
 
-    def counts(text: str, option: str) -> list[int]:
+    def counts(text: str, option: str, auto: bool = False) -> list:
         try:
-            return [int(x) for x in harness.parse_list(text, option)] if text.strip() else []
+            return [x if auto and x == "auto" else int(x) for x in harness.parse_list(text, option)] \
+                if text.strip() else []
         except ValueError:
-            raise InputError(f"--{option} must be whole numbers, got {text!r}") from None
+            raise InputError(f"--{option} must be whole numbers{' or auto' if auto else ''}, got {text!r}") from None
 
     _, length_list = grid(task, lengths, 1, output)
     plan = serving.Plan(methods=harness.parse_list(methods, "methods"), lengths=length_list,
-                        clients=counts(clients, "clients"), new_tokens=new_tokens, prefill_chunk=prefill_chunk,
-                        task=task, seed=seed, dtype=dtype, stall_chunks=tuple(counts(stall_chunks, "stall-chunks")),
+                        clients=counts(clients, "clients"), new_tokens=new_tokens,
+                        prefill_chunk=counts(prefill_chunk, "prefill-chunk", auto=True)[0], task=task, seed=seed,
+                        dtype=dtype, stall_chunks=tuple(counts(stall_chunks, "stall-chunks", auto=True)),
                         stall_length=stall_length,
                         skip=tuple(harness.parse_list(skip, "skip")) if skip.strip() else ())
     target_dir = local_model(target, offline.TARGET.name, "--target", cache_dir)

@@ -53,8 +53,9 @@ def serve(
         help="KV bytes all running requests may hold after compression; admission waits beyond it.")] = "4GiB",
     max_queue: Annotated[int, typer.Option(help="Requests that may wait (for admission, or for the draft "
                                                 "with --upstream); more get 429.")] = 64,
-    prefill_chunk: Annotated[int, typer.Option(
-        help="Prompt tokens prefilled between two decode steps of the running requests.")] = 32,
+    prefill_chunk: Annotated[str, typer.Option(
+        help="Prompt tokens prefilled between two decode steps of the running requests; auto: as many as take "
+             "about three decode steps.")] = "auto",
     lookahead: Annotated[int, typer.Option(
         help="Draft tokens a lookahead method (SpecKV) writes unless a request sets its own.")] = 32,
     request_timeout: Annotated[float | None, typer.Option(
@@ -91,8 +92,12 @@ def serve(
     from ..serve.responses import Service
 
     memory = parse_bytes(kv_cache_memory)
+    try:
+        chunk = None if prefill_chunk == "auto" else int(prefill_chunk)
+    except ValueError:
+        raise ConfigError(f"--prefill-chunk must be auto or a token count, got {prefill_chunk!r}") from None
     for name, value, least in (("--port", port, 0), ("--max-queue", max_queue, 0),
-                               ("--prefill-chunk", prefill_chunk, 1), ("--lookahead", lookahead, 0),
+                               ("--prefill-chunk", 1 if chunk is None else chunk, 1), ("--lookahead", lookahead, 0),
                                ("--min-prompt-tokens", min_prompt_tokens, 0)):
         if value < least:
             raise ConfigError(f"{name} must be >= {least}, got {value}")
@@ -111,7 +116,7 @@ def serve(
         pair = load_pair(draft, target, dtype=dtype, draft_dtype=draft_dtype, device=device, threads=threads,
                          cache=cache_dir, log=err.print)
         name = served_model_name or Path(str(target or offline.TARGET.name)).name
-        scheduler = Scheduler(pair, kv_cache_memory=memory, max_queue=max_queue, prefill_chunk=prefill_chunk,
+        scheduler = Scheduler(pair, kv_cache_memory=memory, max_queue=max_queue, prefill_chunk=chunk,
                               metrics=metrics)
         service = Service(pair, LocalBackend(scheduler), name, chosen, lookahead=lookahead,
                           request_timeout=request_timeout)
