@@ -108,7 +108,7 @@ class Scheduler:
         self._batch = DecodeBatch(pair)
         self._prefilling: Job | None = None
         self._since_step = 0
-        self._rates: dict[int, float] = {}  # seconds per prompt token of a prefill piece, per model
+        self._last_piece: dict[int, tuple[int, float]] = {}  # (tokens, seconds) of each model's last piece
         self._piece_began = 0.0
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -250,25 +250,26 @@ class Scheduler:
     def _piece(self, model) -> int:
         """Prompt tokens the next prefill piece may run: small only while some stream waits for its next token.
 
-        `prefill_chunk` None (auto) sizes the piece so that it takes about three recent decode steps, from this
-        model's measured seconds per piece token: the running streams' gaps then stay near four steps, on a CPU
-        where a 16-token piece of the 1.5B takes half a second as on a GPU where a thousand take milliseconds."""
+        `prefill_chunk` None (auto) steers each model's pieces toward about three recent decode steps of time:
+        the next piece is the last one scaled by how far its time was from that budget. A piece has a fixed cost
+        (the weights are read once a piece) besides its per-token one, so the steering converges where a
+        per-token rate would undershoot. The running streams' gaps then stay near four steps, on a CPU where a
+        16-token piece of the 1.5B takes half a second as on a GPU where a thousand take milliseconds."""
         self._piece_began = time.perf_counter()
         if not self._running:
             return PREFILL_CHUNK
         if self.prefill_chunk is not None:
             return self.prefill_chunk
-        rate = self._rates.get(id(model))
-        if rate is None or not self.step_seconds:
+        last = self._last_piece.get(id(model))
+        if last is None or not self.step_seconds:
             return AUTO_FIRST_PIECE
-        step = sorted(self.step_seconds)[len(self.step_seconds) // 2]
-        return max(AUTO_FIRST_PIECE, min(PREFILL_CHUNK, int(3 * step / rate)))
+        tokens, seconds = last
+        budget = 3 * sorted(self.step_seconds)[len(self.step_seconds) // 2]
+        return max(AUTO_FIRST_PIECE, min(PREFILL_CHUNK, int(tokens * min(2.0, budget / max(seconds, 1e-6)))))
 
     def _between(self, model, tokens: int) -> None:
         """Between two prefill pieces: abandon a cancelled prefill, or run a decode step once enough ran."""
-        rate = (time.perf_counter() - self._piece_began) / tokens
-        known = self._rates.get(id(model))
-        self._rates[id(model)] = rate if known is None else 0.5 * known + 0.5 * rate
+        self._last_piece[id(model)] = (tokens, time.perf_counter() - self._piece_began)
         job = self._prefilling
         if job is not None and (job.cancelled or job.expired(time.monotonic())):
             raise _Abandoned
