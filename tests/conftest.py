@@ -91,6 +91,13 @@ def save_tiny(directory, model, tokenizer) -> str:
     return str(directory)
 
 
+def tiny_pair_folders(root) -> None:
+    """`root/target` and `root/draft`: a tiny Llama pair saved as local model directories (a server's --target and
+    --draft), sharing a word-level tokenizer with a chat template."""
+    save_tiny(root / "target", tiny_model("llama", layers=4, seed=0), tiny_tokenizer(chat=True))
+    save_tiny(root / "draft", tiny_model("llama", layers=3, heads=4, kv_heads=4, seed=1), tiny_tokenizer(chat=True))
+
+
 STAND_IN = """
 import argparse, json
 parser = argparse.ArgumentParser()

@@ -9,17 +9,13 @@ import sys
 import pytest
 
 from draftapprox.cli import main
-from tests.conftest import tiny_model, tiny_tokenizer
+from tests.conftest import tiny_pair_folders
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    # llama: transformers picks the saved word-level tokenizer for it (for qwen2 it would insist on its own BPE)
-    for name, model in (("target", tiny_model("llama", layers=4, seed=0)),
-                        ("draft", tiny_model("llama", layers=3, heads=4, kv_heads=4, seed=1))):
-        model.save_pretrained(root / name)
-        tiny_tokenizer(chat=True).save_pretrained(root / name)
+    tiny_pair_folders(root)
     return root
 
 

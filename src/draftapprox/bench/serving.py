@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..eval import ruler
 from ..eval.answer_log import Results
 from .engine import free_port, server_process, stream
@@ -118,10 +118,14 @@ def _cell(url: str, method: str, prompts: list[list[int]], new_tokens: int) -> t
                       "decode_seconds": after[2] - before[2]}
 
 
-def _running_stream(url: str, ids: list[int], stamps: list[float], stop: threading.Event) -> None:
+def _running_stream(url: str, ids: list[int], new_tokens: int, stamps: list[float], stop: threading.Event,
+                    failed: list[str]) -> None:
     """Stream a long FullKV answer, stamping each token, until `stop` is set (then hang up: the server cancels)."""
     with httpx.stream("POST", f"{url}/v1/completions", timeout=None,
-                      json={**_body("fullkv", ids, 4000), "stream": True}) as response:
+                      json={**_body("fullkv", ids, new_tokens), "stream": True}) as response:
+        if response.status_code != 200:
+            failed.append(f"the running stream was refused ({response.status_code}): {response.read()[:200]!r}")
+            return
         for line in response.iter_lines():
             if line.startswith("data: {"):
                 stamps.append(time.perf_counter())
@@ -132,10 +136,16 @@ def _running_stream(url: str, ids: list[int], stamps: list[float], stop: threadi
 def _stall(url: str, chunk: int | str, short: list[int], long: list[int]) -> dict:
     """A short-prompt FullKV stream, then a long prompt admitted beside it: the stream's gaps before and during."""
     stamps: list[float] = []
+    failed: list[str] = []
     stop = threading.Event()
-    reader = threading.Thread(target=_running_stream, args=(url, short, stamps, stop), daemon=True)
+    context = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0].get("max_model_len") or 8192
+    new_tokens = min(4000, context - len(short))  # as long as the stream may run: it is hung up on when done
+    reader = threading.Thread(target=_running_stream, args=(url, short, new_tokens, stamps, stop, failed),
+                              daemon=True)
     reader.start()
     while len(stamps) < 30:  # the running stream reaches its steady step
+        if not reader.is_alive():
+            raise InputError(failed[0] if failed else "the running stream ended before its 30th token")
         time.sleep(0.05)
     admitted = stream(url, _body("fullkv", long, 2))
     stop.set()
