@@ -365,6 +365,7 @@ class DecodeBatch:
 
     def __init__(self, pair: Pair):
         self.pair = pair
+        self._per_token = kv_bytes_per_token(pair)
         self.members: list[_Member] = []
         self._cache: DynamicCache | None = None  # the first `_stacked` members' sequences, in order
         self._stacked = 0  # members joined later are stacked in before the next forward
@@ -384,10 +385,9 @@ class DecodeBatch:
         self._drop([slot])
         return True
 
-    def kv_bytes(self, key: object) -> int:
-        """Bytes a member's cache holds logically: its compressed prompt plus one position per token decoded."""
-        m = next(m for m in self.members if m.key == key)
-        return m.prepared.record.kv_bytes_kept + len(m.tokens) * kv_bytes_per_token(self.pair)
+    def kv_bytes(self) -> int:
+        """Bytes the members' caches hold logically: each compressed prompt plus one position per token decoded."""
+        return sum(m.prepared.record.kv_bytes_kept + len(m.tokens) * self._per_token for m in self.members)
 
     def step(self) -> list[Step]:
         """Pick every member's next token; finished members leave, the rest advance by one forward."""

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+)
 
 
 class ApiError(Exception):
@@ -87,11 +97,11 @@ class _Request(BaseModel):
     logit_bias: Any = None
     response_format: Any = None
 
-    @field_validator("max_tokens")
+    @field_validator("max_tokens", "max_completion_tokens", check_fields=False)  # the second is chat's alone
     @classmethod
-    def _positive(cls, value: int | None) -> int | None:
+    def _positive(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is not None and value < 1:
-            raise ValueError("max_tokens must be >= 1")
+            raise ValueError(f"{info.field_name} must be >= 1")
         return value
 
     @field_validator("temperature")
@@ -170,13 +180,6 @@ class ChatRequest(_Request):
     functions: Any = None
     function_call: Any = None
     parallel_tool_calls: Any = None
-
-    @field_validator("max_completion_tokens")
-    @classmethod
-    def _positive_completion(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError("max_completion_tokens must be >= 1")
-        return value
 
     def conversation(self) -> list[dict[str, str]]:
         """Messages as the chat template takes them (`developer` is the newer name of `system`)."""

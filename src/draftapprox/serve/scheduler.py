@@ -316,7 +316,7 @@ class Scheduler:
 
     def _gauges(self) -> None:
         self.metrics.running.set(len(self._running))
-        self.metrics.kv_bytes.set(sum(self._batch.kv_bytes(key) for key in self._running))
+        self.metrics.kv_bytes.set(self._batch.kv_bytes())  # the running jobs are the batch's members
 
     def _retry_after(self) -> float:
         """Seconds until a queue slot is likely free: the queue's tokens at the recent step rate, at least 1."""
