@@ -138,35 +138,35 @@ def _takes_ids(upstream: Upstream, ids: list[int]) -> bool:
     return response.status_code == 200
 
 
+def content_positions(tokenizer, messages: list[dict]) -> tuple[int, list[list[int] | None]]:
+    """The chat rendered by the template: its length in tokens, and per message the positions of the tokens of its
+    content (None where the template does not show the content verbatim)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    contents, cursor = [], 0
+    for message in messages:
+        start = text.find(message["content"], cursor)
+        if start < 0:
+            contents.append(None)
+            continue
+        end = cursor = start + len(message["content"])
+        contents.append([i for i, (a, b) in enumerate(offsets) if start <= a and b <= end and b > a])
+    return len(offsets), contents
+
+
 def protected_positions(tokenizer, messages: list[dict], n: int) -> set[int]:
     """Positions of a rendered chat that compression must keep: everything but the long contents of user and
     assistant messages (role markers, special tokens, the system prompt, short turns, the generation prompt).
     SpecPC's own window keeps the end of the conversation, where the question is."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = encoded["offset_mapping"]
-    if len(offsets) != n:  # the route rendered the same conversation: a mismatch would cut blindly
+    length, contents = content_positions(tokenizer, messages)
+    if length != n:  # the route rendered the same conversation: a mismatch would cut blindly
         return set(range(n))
-    spans, cursor = [], 0
-    for message in messages:
-        start = text.find(message["content"], cursor)
-        if start < 0:
-            continue
-        end = start + len(message["content"])
-        cursor = end
-        if message["role"] != "system":
-            spans.append((start, end))
-    keep = set()
-    for i, (a, b) in enumerate(offsets):
-        inside = next(((s, e) for s, e in spans if s <= a and b <= e and b > a), None)
-        if inside is None:
-            keep.add(i)
-    # a content too short to be worth cutting is kept whole
-    for s, e in spans:
-        members = [i for i, (a, b) in enumerate(offsets) if s <= a and b <= e and b > a]
-        if len(members) < LONG_CONTENT:
-            keep.update(members)
-    return keep
+    cuttable = set()
+    for message, members in zip(messages, contents, strict=True):
+        # a content too short to be worth cutting is kept whole
+        if members is not None and message["role"] != "system" and len(members) >= LONG_CONTENT:
+            cuttable.update(members)
+    return set(range(n)) - cuttable
 
 
 class UpstreamBackend:
@@ -304,21 +304,13 @@ class UpstreamBackend:
 
     def _messages(self, work: Work, positions: list[int]) -> list[dict]:
         """Each message with only its kept tokens (messages mode): the structure is the upstream's to render."""
-        tokenizer = self.pair.tokenizer
-        text = tokenizer.apply_chat_template(work.messages, tokenize=False, add_generation_prompt=True)
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        kept, out, cursor = set(positions), [], 0
-        ids = work.ids[0].tolist()
-        for message in work.messages:
-            start = text.find(message["content"], cursor)
-            end = start + len(message["content"])
-            cursor = max(cursor, end)
-            members = [i for i, (a, b) in enumerate(offsets) if start <= a and b <= end and b > a]
-            if start < 0 or all(i in kept for i in members):
-                out.append(message)
-            else:
-                out.append({**message, "content": tokenizer.decode([ids[i] for i in members if i in kept])})
-        return out
+        if len(positions) == work.ids.shape[1]:
+            return work.messages
+        tokenizer, kept, ids = self.pair.tokenizer, set(positions), work.ids[0].tolist()
+        _, contents = content_positions(tokenizer, work.messages)
+        return [message if members is None or kept.issuperset(members) else
+                {**message, "content": tokenizer.decode([ids[i] for i in members if i in kept])}
+                for message, members in zip(work.messages, contents, strict=True)]
 
     def _check_count(self, upstream_prompt: int | None, sent: int, work: Work) -> None:
         """In text mode, the upstream's own count of the forwarded prompt must be within 1% of ours."""
