@@ -26,7 +26,9 @@ PC = {"method": "specpc", "budget": 0.25, "settings": {"window": 4, "start_layer
 
 
 def proxy_service(url: str, *, min_prompt_tokens: int = 32, max_queue: int = 8, messages: bool = False,
-                  timeout: float = 60, tokenizer=None, allow_text: bool = False) -> Service:
+                  timeout: float = 60, tokenizer=None, allow_text: bool = False, prefix_reuse: bool = False
+                  ) -> Service:
+    """A proxy on a tiny draft; prefix reuse off unless asked, so that a prompt asked twice is cut twice."""
     draft = pair_from_models(tiny_model("qwen2", layers=3, heads=4, kv_heads=4, seed=1),
                              tokenizer or tiny_tokenizer(chat=True)).target
     tok = tokenizer or tiny_tokenizer(chat=True)
@@ -34,7 +36,7 @@ def proxy_service(url: str, *, min_prompt_tokens: int = 32, max_queue: int = 8, 
                                        say=lambda line: None)
     pair = Pair(draft, tok, draft)
     backend = UpstreamBackend(pair, upstream, max_queue=max_queue, min_prompt_tokens=min_prompt_tokens,
-                              metrics=Metrics())
+                              metrics=Metrics(), prefix_reuse=prefix_reuse)
     return Service(pair, backend, "proxied", make("specpc", 0.25, window=4, start_layer=1),
                    context_length=context, prompt_methods_only=True)
 
@@ -80,6 +82,23 @@ def test_none_and_short_prompts_pass_through(proxy):
     assert out.model_extra["draftapprox"]["upstream_prompt_tokens"] == 200
     short = ask(proxy, words(20), max_tokens=3, extra_body={"draftapprox": PC})
     assert short.model_extra["draftapprox"]["kept_tokens"] == 20
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "no-reuse"])
+def test_a_document_asked_again_is_forwarded_whole_then_served_from_the_engines_cache(engine, reuse):
+    document = words(240, seed=11)
+    with running(proxy_service(engine[0], min_prompt_tokens=64, prefix_reuse=reuse)) as url:
+        records = [ask(url, f"{document} q{i}", max_tokens=2, extra_body={"draftapprox": PC}).model_extra[
+            "draftapprox"] for i in range(3)]
+        fresh = ask(url, words(240, seed=12), max_tokens=2, extra_body={"draftapprox": PC}).model_extra["draftapprox"]
+    n = records[0]["prompt_tokens"]
+    if not reuse:
+        assert all(r["forwarded_whole"] is None and r["kept_tokens"] < n for r in records)
+        return
+    assert [r["forwarded_whole"] for r in records] == [None, "repeated", "cached"]
+    assert records[0]["kept_tokens"] < n and records[1]["kept_tokens"] == records[2]["kept_tokens"] == n
+    assert records[2]["upstream_cached_tokens"] == 240 // 16 * 16  # the document's whole blocks
+    assert fresh["forwarded_whole"] is None and fresh["kept_tokens"] < fresh["prompt_tokens"]
 
 
 def test_kv_methods_are_refused_in_front_of_an_engine(proxy):

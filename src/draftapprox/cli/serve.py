@@ -77,6 +77,9 @@ def serve(
     chat_forward: Annotated[str, typer.Option(
         help="With --upstream: ids (render the chat here, forward token ids: exact) or messages (forward the "
              "compressed contents to the upstream's chat route).")] = "ids",
+    prefix_reuse: Annotated[bool, typer.Option(
+        help="With --upstream: forward whole a prompt the upstream's prefix cache mostly holds, or one that repeats "
+             "an earlier prompt's long prefix (a second question on a document), instead of cutting it.")] = True,
     allow_text: Annotated[bool, typer.Option(
         help="With --upstream: forward text when the upstream's tokenizer differs from the draft's.")] = False,
     dtype: DtypeOpt = "auto",
@@ -138,7 +141,7 @@ def serve(
                                         chat_messages=chat_forward == "messages", say=err.print)
         pair = Pair(model, tokenizer, model)  # the draft stands in for the target's tokenizer checks
         backend = UpstreamBackend(pair, found, max_queue=max_queue, min_prompt_tokens=min_prompt_tokens,
-                                  metrics=metrics)
+                                  metrics=metrics, prefix_reuse=prefix_reuse)
         name = served_model_name or found.model
         service = Service(pair, backend, name, chosen, lookahead=lookahead, request_timeout=request_timeout,
                           context_length=context, prompt_methods_only=True)
