@@ -5,8 +5,8 @@
 #   ENGINES="vllm llamacpp" STAGES="timed accuracy" bash scripts/proxy_benchmark.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=docs/results/raw/bench-proxy-cpu.jsonl
-REPORT=docs/results/proxy
+OUT=${OUT:-docs/results/raw/bench-proxy-cpu.jsonl}
+REPORT=${REPORT:-docs/results/proxy}
 PAUSE=${PAUSE:-/tmp/draftapprox-bench.pause}   # touch it to hold the next measurement, rm it to go on
 GRID=docs/results/raw/ruler-2048-cpu.jsonl     # the accuracy grid: in-process SpecPC@0.25 on the same prompts
 run() { draftapprox bench proxy --output "$OUT" --report "$REPORT" --reference "$GRID" --pause-file "$PAUSE" "$@"; }
