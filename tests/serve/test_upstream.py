@@ -85,20 +85,24 @@ def test_none_and_short_prompts_pass_through(proxy):
 
 
 @pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "no-reuse"])
-def test_a_document_asked_again_is_forwarded_whole_then_served_from_the_engines_cache(engine, reuse):
+def test_a_document_asked_again_keeps_its_first_cut_and_the_draft_idle(engine, reuse):
     document = words(240, seed=11)
     with running(proxy_service(engine[0], min_prompt_tokens=64, prefix_reuse=reuse)) as url:
         records = [ask(url, f"{document} q{i}", max_tokens=2, extra_body={"draftapprox": PC}).model_extra[
             "draftapprox"] for i in range(3)]
-        fresh = ask(url, words(240, seed=12), max_tokens=2, extra_body={"draftapprox": PC}).model_extra["draftapprox"]
+        whole = ask(url, words(240, seed=12), max_tokens=2, extra_body={"draftapprox": {"method": "none"}})
+        again = ask(url, words(240, seed=12) + " q", max_tokens=2, extra_body={"draftapprox": PC})
     n = records[0]["prompt_tokens"]
+    assert all(r["kept_tokens"] < n and r["forwarded_whole"] is None for r in records)
     if not reuse:
-        assert all(r["forwarded_whole"] is None and r["kept_tokens"] < n for r in records)
+        assert all(r["reused_cut_tokens"] == 0 and r["timings"]["draft"] > 0 for r in records)
         return
-    assert [r["forwarded_whole"] for r in records] == [None, "repeated", "cached"]
-    assert records[0]["kept_tokens"] < n and records[1]["kept_tokens"] == records[2]["kept_tokens"] == n
-    assert records[2]["upstream_cached_tokens"] == 240 // 16 * 16  # the document's whole blocks
-    assert fresh["forwarded_whole"] is None and fresh["kept_tokens"] < fresh["prompt_tokens"]
+    assert [r["reused_cut_tokens"] for r in records] == [0, 240, 240]  # the document's whole blocks
+    assert records[1]["kept_tokens"] == records[2]["kept_tokens"] and records[1]["timings"]["draft"] == 0
+    assert records[1]["kept_tokens"] <= records[0]["kept_tokens"] + 1  # the first cut, then the question whole
+    # a prompt the engine was sent whole is forwarded whole again: its cache holds all but the question
+    assert whole.model_extra["draftapprox"]["forwarded_whole"] == "none"
+    assert again.model_extra["draftapprox"]["forwarded_whole"] == "cached"
 
 
 def test_kv_methods_are_refused_in_front_of_an_engine(proxy):

@@ -1,25 +1,27 @@
 """What the upstream engine has probably cached, so that the proxy does not lose to the engine's prefix cache.
 
 Engines keep the KV of the prompts they prefilled (vLLM's prefix caching, llama.cpp's `cache_prompt`), so a second
-question about the same long document costs the engine alone only the question. A cut prompt differs per question
-and misses that cache. The ledger remembers, as chained hashes of 16-token blocks (the way vLLM names its cached
-blocks), the prompts forwarded whole and those that were cut. The proxy then forwards a prompt whole when
-  - the engine holds all but less than `min_prompt_tokens` of it (cutting cannot pay), or
-  - it shares at least `min_prompt_tokens` leading tokens with an earlier prompt (the same document asked again):
-    forwarding it whole puts the document in the engine's cache for the questions that follow.
-The ledger is an estimate (the engine may evict sooner); a stale entry costs one whole prefill, what the engine
-alone would have paid.
+question about the same long document costs the engine alone only the question. A freshly cut prompt differs per
+question and would miss that cache. The ledger remembers, as chained hashes of 16-token blocks (the way vLLM names
+its cached blocks), the prompts forwarded whole and the cuts made, and the proxy then
+  - forwards whole a prompt whose all but fewer than `min_prompt_tokens` tokens the engine holds ("cached");
+  - keeps a cut stable: a prompt that shares at least `min_prompt_tokens` leading tokens with a prompt cut earlier
+    (the same document, another question) gets that cut of the shared part and the rest of it whole ("shared").
+    The engine finds the cut document in its cache and prefills only the question, and the draft does no work.
+    The cut was chosen for the first question; `--no-prefix-reuse` cuts every prompt afresh instead.
+The ledger is an estimate (the engine may evict sooner); a stale entry costs a prefill of what was forwarded.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 
 BLOCK = 16
 
 
-def _blocks(ids: list[int]) -> list[int]:
+def blocks(ids: list[int]) -> list[int]:
     """The chained hash of every whole leading block: equal hashes mean equal prefixes."""
     hashes, running = [], 0
     for start in range(0, len(ids) - BLOCK + 1, BLOCK):
@@ -28,53 +30,68 @@ def _blocks(ids: list[int]) -> list[int]:
     return hashes
 
 
-class _Blocks:
-    """A bounded set of block hashes, least recently used evicted first."""
+class _Lru(OrderedDict):
+    """Block hash -> value, the least recently used forgotten beyond `capacity` entries."""
 
     def __init__(self, capacity: int) -> None:
-        self.capacity, self._hashes = capacity, OrderedDict()
+        super().__init__()
+        self.capacity = capacity
 
-    def add(self, hashes: list[int]) -> None:
-        for h in hashes:
-            self._hashes[h] = None
-            self._hashes.move_to_end(h)
-        while len(self._hashes) > self.capacity:
-            self._hashes.popitem(last=False)
+    def put(self, key: int, value: object) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
 
-    def leading(self, hashes: list[int]) -> int:
+    def longest(self, hashes: list[int]) -> int:
         """How many leading blocks are held (touching them, as a cache hit would)."""
         count = 0
         for h in hashes:
-            if h not in self._hashes:
+            if h not in self:
                 break
-            self._hashes.move_to_end(h)
+            self.move_to_end(h)
             count += 1
         return count
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How to forward one prompt: whole (`reason` says why), cut afresh, or with an earlier cut of its prefix."""
+
+    reason: str | None  # "cached", "shared", or None: cut it
+    cached: int = 0  # leading tokens the engine probably holds (prompts forwarded whole)
+    shared: int = 0  # leading tokens whose earlier cut is reused ("shared")
+    positions: tuple[int, ...] = ()  # the earlier cut's kept positions below `shared`
+
+
 class PrefixLedger:
-    """Prompts forwarded whole (probably in the engine's cache) and prompts seen at all, by leading blocks."""
+    """The prompts forwarded whole and the cuts made, by leading blocks."""
 
     def __init__(self, capacity_tokens: int = 1 << 18) -> None:
-        self._whole, self._seen = _Blocks(capacity_tokens // BLOCK), _Blocks(capacity_tokens // BLOCK)
+        self._whole = _Lru(capacity_tokens // BLOCK)
+        self._cuts = _Lru(capacity_tokens // BLOCK)  # block hash of a cut prompt's prefix -> its kept positions
         self._lock = threading.Lock()
 
-    def decide(self, ids: list[int], min_prompt_tokens: int) -> tuple[str | None, int]:
-        """Why to forward `ids` whole ("cached", "repeated") or None to cut it; and the tokens the engine likely
-        holds. Records the prompt as seen."""
-        hashes = _blocks(ids)
+    def plan(self, ids: list[int], min_prompt_tokens: int) -> Plan:
+        hashes = blocks(ids)
         with self._lock:
-            cached = self._whole.leading(hashes) * BLOCK
-            repeated = self._seen.leading(hashes) * BLOCK
-            self._seen.add(hashes)
-        if len(ids) - cached < min_prompt_tokens:
-            return "cached", cached
-        if repeated >= min_prompt_tokens:
-            return "repeated", cached
-        return None, cached
+            cached = self._whole.longest(hashes) * BLOCK
+            if len(ids) - cached < min_prompt_tokens:
+                return Plan("cached", cached)
+            shared = self._cuts.longest(hashes)
+            if shared * BLOCK >= min_prompt_tokens and len(ids) - shared * BLOCK < min_prompt_tokens:
+                kept = self._cuts[hashes[shared - 1]]
+                return Plan("shared", cached, shared * BLOCK, tuple(p for p in kept if p < shared * BLOCK))
+        return Plan(None, cached)
 
     def forwarded_whole(self, ids: list[int]) -> None:
-        hashes = _blocks(ids)
         with self._lock:
-            self._whole.add(hashes)
-            self._seen.add(hashes)
+            for h in blocks(ids):
+                self._whole.put(h, None)
+
+    def cut(self, ids: list[int], positions: list[int]) -> None:
+        """Remember the cut of `ids` under each of its leading blocks, for the prompts that share them."""
+        kept = tuple(positions)
+        with self._lock:
+            for h in blocks(ids):
+                self._cuts.put(h, kept)

@@ -6,8 +6,8 @@ lost in translation; that is only meaningful when the upstream's tokenizer is th
 verifies at start on a probe text. A chat is rendered with the template here and forwarded as ids, its structure
 protected (`protected_positions`); `--chat-forward messages` instead sends the compressed contents to the
 upstream's own `/v1/chat/completions`. An upstream that refuses ids gets text, and its own count of what it
-received is checked against ours. A prompt the engine's prefix cache mostly holds, or a document asked about again,
-is forwarded whole (`PrefixLedger`), so the proxy does not lose to the engine's cache.
+received is checked against ours. A prompt the engine's prefix cache mostly holds is forwarded whole, and a document
+asked about again gets the cut it got the first time (`PrefixLedger`), so the proxy does not lose to that cache.
 
 The draft is a shared resource: compressions run one at a time on a worker thread, at most `max_queue` waiting,
 so the event loop never blocks; streams relay concurrently.
@@ -31,7 +31,7 @@ from ..generation import compress_prompt, new_state
 from ..models.loading import Pair
 from .events import Delta, Failed, Finished
 from .metrics import Metrics
-from .prefix import PrefixLedger
+from .prefix import Plan, PrefixLedger
 from .protocol import ApiError
 from .work import Disconnected, Work, poll
 
@@ -193,13 +193,14 @@ class UpstreamBackend:
 
     def open(self, work: Work) -> AsyncIterator[Delta | Finished | Failed]:
         ids = work.ids[0].tolist()
-        whole, cached = self.ledger.decide(ids, self.min_prompt_tokens) if self.ledger else (None, 0)
         if work.method is None:
-            whole = "none"
+            plan = Plan("none")
         elif len(ids) < self.min_prompt_tokens:
-            whole = "short"
+            plan = Plan("short")
+        else:
+            plan = self.ledger.plan(ids, self.min_prompt_tokens) if self.ledger else Plan(None)
         future = None
-        if whole is None:
+        if plan.reason is None:
             with self._lock:
                 if self._waiting >= self.max_queue:
                     raise ApiError(429, f"the draft's queue is full ({self.max_queue} prompts waiting); retry later",
@@ -207,7 +208,7 @@ class UpstreamBackend:
                 self._waiting += 1
                 self.metrics.queue_depth.set(self._waiting)
             future = self._worker.submit(self._compress, work)
-        return self._events(work, future, whole, cached)
+        return self._events(work, future, plan)
 
     def _compress(self, work: Work) -> tuple[list[int], float]:
         """On the worker thread: the kept positions of the prompt (structure protected) and the seconds it took."""
@@ -229,11 +230,12 @@ class UpstreamBackend:
             self._client = httpx.AsyncClient(timeout=timeout, headers=self.upstream.headers())
         return self._client
 
-    async def _events(self, work: Work, future, whole: str | None, cached: int
-                      ) -> AsyncIterator[Delta | Finished | Failed]:
+    async def _events(self, work: Work, future, plan: Plan) -> AsyncIterator[Delta | Finished | Failed]:
         began = time.perf_counter()
         n = work.ids.shape[1]
         positions, draft_seconds = list(range(n)), 0.0
+        if plan.reason == "shared":  # the earlier cut of the shared prefix, the rest whole
+            positions = [*plan.positions, *range(plan.shared, n)]
         if future is not None:
             try:
                 positions, draft_seconds = await _wait(future, work)
@@ -245,8 +247,11 @@ class UpstreamBackend:
                 yield Failed(500, f"{type(error).__name__}: {error}")
                 return
         kept = work.ids[0, positions].tolist()
-        if whole is not None and self.ledger is not None:
-            self.ledger.forwarded_whole(kept)
+        if self.ledger is not None:
+            if len(kept) == n:
+                self.ledger.forwarded_whole(kept)
+            else:
+                self.ledger.cut(work.ids[0].tolist(), positions)
         self.metrics.prompt_tokens.inc(n)
         self.metrics.kept_tokens.inc(len(kept))
         sent = time.perf_counter()
@@ -295,8 +300,9 @@ class UpstreamBackend:
         extension = {"method": work.method.name if work.method is not None else "none",
                      "config": work.method.describe() if work.method is not None else "none",
                      "prompt_tokens": n, "kept_tokens": len(kept), "upstream_prompt_tokens": upstream_prompt,
-                     "forwarded": "ids" if self.upstream.ids else "text", "forwarded_whole": whole,
-                     "upstream_cached_tokens": cached, "timings": timings}
+                     "forwarded": "ids" if self.upstream.ids else "text",
+                     "forwarded_whole": plan.reason if plan.reason != "shared" else None,
+                     "reused_cut_tokens": plan.shared, "timings": timings}
         yield Finished(text, "", finish,
                        {"prompt_tokens": n, "completion_tokens": completion, "total_tokens": n + completion},
                        extension)
