@@ -125,10 +125,11 @@ def serving_llamacpp(gguf: Path, log_path: Path, threads: int | None = None, con
 
 
 def stream(url: str, body: dict) -> dict:
-    """One streamed completion: when it left, when each chunk with text arrived (perf_counter seconds), and the
-    last chunk's `usage` (plus our `draftapprox` record when the server is ours)."""
+    """One streamed completion: when it left, when each chunk with text arrived (perf_counter seconds), the text,
+    and the last chunk's `usage` (plus our `draftapprox` record when the server is ours)."""
     start = time.perf_counter()
     stamps: list[float] = []
+    pieces: list[str] = []
     last: dict = {}
     with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True,
                                                               "stream_options": {"include_usage": True}},
@@ -143,12 +144,13 @@ def stream(url: str, body: dict) -> dict:
                 raise InputError(f"the server failed the request: {chunk['error'].get('message')}")
             if chunk.get("choices") and chunk["choices"][0].get("text"):
                 stamps.append(time.perf_counter())
+                pieces.append(chunk["choices"][0]["text"])
             if chunk.get("usage"):
                 last = chunk
     if not stamps or not last:
         raise InputError("the stream carried no tokens or no usage")
-    return {"start": start, "stamps": stamps, "end": time.perf_counter(), "usage": last["usage"],
-            "draftapprox": last.get("draftapprox")}
+    return {"start": start, "stamps": stamps, "end": time.perf_counter(), "text": "".join(pieces),
+            "usage": last["usage"], "draftapprox": last.get("draftapprox")}
 
 
 def stream_once(url: str, ids: list[int], new_tokens: int, model: str = "target") -> dict:

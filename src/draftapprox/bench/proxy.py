@@ -121,7 +121,7 @@ def _body(plan: Plan, ids: list[int], through_proxy: bool, max_tokens: int, **ex
 def _timed(url: str, body: dict) -> dict:
     """One streamed request: time to first token, the whole request, and (through the proxy) our record."""
     out = stream(url, body)
-    return {"first_token": out["stamps"][0] - out["start"], "seconds": out["end"] - out["start"],
+    return {"first_token": out["stamps"][0] - out["start"], "seconds": out["end"] - out["start"], "text": out["text"],
             "usage": out["usage"], "record": out["draftapprox"], "start": out["start"], "end": out["end"]}
 
 
@@ -204,7 +204,8 @@ class _Bench:
                 ids = _ids(self.tokenizer, sample, self.number, sample.question.replace(asked, k),
                            sample.answer_prefix.replace(asked, k))
                 out = _timed(url, _body(plan, ids, mode != "engine", plan.new_tokens))
-                answers.append({**out, "key": k, "expected": needles[k], "prompt_tokens": len(ids)})
+                answers.append({**out, "key": k, "expected": needles[k], "prompt_tokens": len(ids),
+                                "score": score(plan.task, out["text"], [needles[k]])})
             self.add(key, {"stage": "warm", "mode": mode, "length": plan.warm_length, "questions": answers})
             self.log(f"{plan.engine} warm {mode}: first tokens "
                      + ", ".join(f"{a['first_token']:.1f}" for a in answers) + " s")

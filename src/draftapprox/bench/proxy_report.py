@@ -94,6 +94,11 @@ def warm_figures(rows: list[dict]) -> dict[tuple[str, str], list[float]]:
     return {(r["engine"], r["mode"]): [q["first_token"] for q in r["questions"]] for r in rows}
 
 
+def _forwarded(record: dict | None) -> str:
+    record = record or {}
+    return record.get("forwarded_whole") or ("first cut reused" if record.get("reused_cut_tokens") else "cut")
+
+
 def _warm(rows: list[dict]) -> list[str]:
     figures = warm_figures(rows)
     count = max((len(v) for v in figures.values()), default=0)
@@ -102,18 +107,19 @@ def _warm(rows: list[dict]) -> list[str]:
     body = []
     for (engine, mode), times in sorted(figures.items()):
         row = next(r for r in rows if (r["engine"], r["mode"]) == (engine, mode))
-        whole = [((q.get("record") or {}).get("forwarded_whole") or "cut") for q in row["questions"]]
         body.append([NAMES.get(engine, engine), labels.get(mode, mode), *(_fmt(t, 1) for t in times),
                      _fmt(statistics.mean(times), 1), _fmt(sum(times), 1),
-                     ", ".join(whole) if mode != "engine" else ""])
+                     f"{sum(q['score'] == 100 for q in row['questions'])}/{len(row['questions'])}"
+                     if all("score" in q for q in row["questions"]) else "",
+                     ", ".join(_forwarded(q.get("record")) for q in row["questions"]) if mode != "engine" else ""])
     length = rows[0]["length"] if rows else ""
     return ["## One document, several questions: the engine's prefix cache warm", "",
             f"One {length}-token RULER document, {count} questions about its needles asked in turn (each after the "
             "previous answer), the engine's prefix cache on. The engine alone prefills the document once; a cut "
-            "prompt differs per question and misses that cache. With its ledger the proxy cuts the first question, "
-            "forwards the second whole (the document was asked about before: this puts it in the engine's cache) "
-            "and sends the rest whole too, since the engine holds all but the question.", "",
-            *table(["engine", "mode", *(f"Q{i + 1} s" for i in range(count)), "mean s", "total s",
+            "prompt differs per question and misses that cache. With its ledger (`serve/prefix.py`) the proxy "
+            "cuts the first question and gives every later one the same cut of the document with its own question "
+            "whole: the engine finds the cut document in its cache and the draft does no work.", "",
+            *table(["engine", "mode", *(f"Q{i + 1} s" for i in range(count)), "mean s", "total s", "correct",
                     "proxy forwarded"], body), ""]
 
 
