@@ -4,19 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .files import replace_generated
+
 START, END = "<!-- generated tables: start -->", "<!-- generated tables: end -->"
 
 
+def _ours(text: str) -> bool:
+    return START in text and END in text
+
+
 def splice(path: Path, generated: str) -> None:
-    """Write the tables; in an existing report with the markers, replace only what is between them, so the
-    prose written around them survives a regeneration."""
+    """Write the tables; in an existing report, replace only what is between the markers, so the prose written
+    around them survives a regeneration. A file without the markers is not ours and is refused, untouched."""
     block = f"{START}\n{generated}\n{END}\n"
-    if path.exists():
-        text = path.read_text()
-        if START in text and END in text:
+    if path.is_file():
+        text = path.read_text(errors="replace")
+        if _ours(text):
             head, rest = text.split(START, 1)
             block = head + block + rest.split(END, 1)[1].lstrip("\n")
-    path.write_text(block)
+    replace_generated(path, block, _ours)
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:

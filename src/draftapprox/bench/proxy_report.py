@@ -12,7 +12,7 @@ from ..errors import InputError
 from ..eval.answer_log import read
 from ..markdown import publish, table
 
-NAMES = {"llamacpp": "llama.cpp (xllamacpp)", "vllm": "vLLM-CPU (bfloat16)"}
+NAMES = {"llamacpp": "llama.cpp (xllamacpp)", "vllm": "vLLM-CPU"}
 TARGETS = [("vllm", 4096, 0.70), ("vllm", 8192, 0.65), ("llamacpp", 4096, 0.55)]  # TTFT proxy / engine alone
 
 
