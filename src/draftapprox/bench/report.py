@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..eval.report import read_keyed
+from ..files import save_figure
 from ..markdown import splice, table
 from .run import DRAFT_LIMIT, DRAFT_PREFILL, FLOORS, TARGET_LIMIT, TARGET_PREFILL
 
@@ -20,7 +21,7 @@ MB = 2**20
 
 def load(paths: list[Path]) -> dict[tuple[str, int], dict]:
     rows = read_keyed(paths, lambda row: (row["key"].split("|")[0], row["length"]),
-                      "a row written by `draftapprox bench`")
+                      "a row written by `draftapprox bench`", ("key", "length", "first_token"))
     if not rows:
         raise InputError("no benchmark rows in the input files")
     return rows
@@ -266,7 +267,7 @@ def _plot(rows, jobs: list[str], lengths: list[int], out: Path) -> list[Path]:
     fig.legend(handles, names, loc="lower center", ncol=6, fontsize=8)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     scaling = out / "performance-scaling.png"
-    fig.savefig(scaling, dpi=120)
+    save_figure(fig, scaling, dpi=120)
     plt.close(fig)
 
     n = lengths[-1]
@@ -285,6 +286,6 @@ def _plot(rows, jobs: list[str], lengths: list[int], out: Path) -> list[Path]:
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.3 / len(present)), ncol=len(PHASES))
     phases = out / "performance-phases.png"
-    fig.savefig(phases, dpi=120, bbox_inches="tight")
+    save_figure(fig, phases, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return [scaling, phases]

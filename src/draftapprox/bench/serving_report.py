@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..eval.answer_log import read
+from ..files import save_figure
 from ..markdown import splice, table
 
 MIB = 2**20
@@ -181,7 +182,7 @@ def _plot(figures: dict, methods: list[str], lengths: list[int], points: list[di
         axes[0][0].legend(fontsize=8)
         fig.tight_layout()
         paths.append(out / "serving-throughput.png")
-        fig.savefig(paths[-1], dpi=120)
+        save_figure(fig, paths[-1], dpi=120)
         plt.close(fig)
     usable = [p for p in points if p["ratio"] is not None]
     if usable:
@@ -195,6 +196,6 @@ def _plot(figures: dict, methods: list[str], lengths: list[int], points: list[di
         ax.grid(alpha=0.3)
         fig.tight_layout()
         paths.append(out / "serving-stall.png")
-        fig.savefig(paths[-1], dpi=120)
+        save_figure(fig, paths[-1], dpi=120)
         plt.close(fig)
     return paths

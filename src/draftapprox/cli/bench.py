@@ -102,8 +102,8 @@ def bench_overlap(
     tasks: TasksOpt = "all",
     samples: SamplesOpt = 1,
     ratio: Annotated[float, typer.Option(help="SpecPC keep ratio.")] = 0.25,
-    out: Annotated[Path, typer.Option(help="Markdown file the table is written (spliced) into.")] =
-    Path("docs/results/draft-precision.md"),
+    out: Annotated[Path, typer.Option(help="Markdown file the table is written (spliced) into: a report of ours "
+                                           "or a new file.")] = Path("draft-precision.md"),
     command: Annotated[str | None, typer.Option(help="The command quoted in the report.")] = None,
     seed: SeedOpt = 42,
     draft: DraftOpt = None,
@@ -127,8 +127,8 @@ def bench_kvpress(
     budget: Annotated[int, typer.Option(help="KV pairs kept per head.")] = 256,
     repeats: Annotated[int, typer.Option(help="Timed runs per length, after one warm-up.")] = 5,
     output: OutputOpt = Path("kvpress-timing.jsonl"),
-    report: Annotated[Path, typer.Option(help="Markdown file the table is written (spliced) into.")] =
-    Path("docs/results/kvpress-timing.md"),
+    report: Annotated[Path, typer.Option(help="Markdown file the table is written (spliced) into: a report of ours "
+                                              "or a new file.")] = Path("kvpress-timing.md"),
     command: Annotated[str | None, typer.Option(help="The command quoted in the report.")] = None,
     target: TargetOpt = None,
     dtype: Annotated[str, typer.Option(help="The target's dtype on both sides.")] = "bfloat16",

