@@ -35,7 +35,7 @@ for stage in $STAGES; do
       draftapprox eval kvpress --modes agnostic --budgets 128,256 --samples 5 --output "$RAW/ruler-2048-cpu-kvpress.jsonl" ;;
     selection)  # why kvpress and we disagree: kept pairs compared, one difference per case (float32 target)
       draftapprox eval kvpress-selection --tasks niah_single_1,niah_multikey_1,niah_multivalue,vt,fwe,qa_1 \
-        --output "$RAW/kvpress-selection-2048.jsonl" \
+        --output "$RAW/kvpress-selection-2048.jsonl" --report docs/results/kvpress-selection.md \
         --command "draftapprox eval kvpress-selection --tasks niah_single_1,niah_multikey_1,niah_multivalue,vt,fwe,qa_1 --output $RAW/kvpress-selection-2048.jsonl" ;;
     llmlingua|llmlingua-rest)
       draftapprox eval setup-peer llmlingua

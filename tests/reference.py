@@ -1,4 +1,4 @@
-"""Slow, independent implementations written from ../shared/spec/methods.md, on materialised eager attention.
+"""Slow, independent implementations written from docs/spec/methods.md, on materialised eager attention.
 
 Everything here loops over heads and positions in Python and ranks with `sorted` (ties to the lower position),
 so it shares no code with the library beyond the model itself.
@@ -74,15 +74,17 @@ def snapkv_keep(target, ids: torch.Tensor, budget: int, window: int, kernel: int
 
 
 def specpc_positions(draft, ids: torch.Tensor, budget: int, window: int, kernel: int, neighbors: int,
-                     start_layer: int) -> list[int]:
-    """SpecPC with one lookahead token: weighted window rows, max over heads, rows and layers; rank-major."""
+                     start_layer: int, lookahead_tokens: torch.Tensor | None = None) -> list[int]:
+    """SpecPC: weighted window rows and (with `lookahead_tokens`, the draft's greedy answer) the rows of every
+    generated token after the first, weight 1; max over heads, rows and layers; rank-major expansion."""
     n = ids.shape[1]
-    attns = eager_attentions(draft, ids)[start_layer:]
+    fed = ids if lookahead_tokens is None else torch.cat([ids, lookahead_tokens[:, :-1]], dim=1)
+    attns = eager_attentions(draft, fed)[start_layer:]
     score = [0.0] * n
     for attn in attns:
         for h in range(attn.shape[0]):
-            for i, r in enumerate(range(n - window, n)):
-                weight = i / (window - 1) if window > 1 else 1.0
+            for i, r in enumerate(range(n - window, fed.shape[1])):
+                weight = min(i / (window - 1), 1.0) if window > 1 else 1.0  # lookahead rows: 1
                 for k in range(n):
                     score[k] = max(score[k], float(attn[h, r, k]) * weight)
     smooth = pool(score, "max", kernel)
@@ -118,3 +120,88 @@ def specprefill_positions(draft, ids: torch.Tensor, lookahead_tokens: torch.Tens
     means = [sum(score[k] for k in c) / len(c) for c in chunks]
     order = [k for c in ranked(means) for k in chunks[c]]
     return sorted(order[:budget])
+
+
+def streamingllm_keep(n: int, budget: int, sinks: int) -> set[int]:
+    """The first `sinks` positions and the last `budget - sinks`: the same for every layer and head."""
+    return set(range(sinks)) | set(range(n - (budget - sinks), n))
+
+
+def _snap_scores(target, ids: torch.Tensor, window: int, kernel: int) -> list[list[list[float]]]:
+    n = ids.shape[1]
+    return [kv_scores(attn, range(n - window, n), n - window, target.config.num_key_value_heads, "max", "max", kernel)
+            for attn in eager_attentions(target, ids)]
+
+
+def pyramid_slots(mean: int, layers: int, beta: float) -> list[int]:
+    """Non-window slots per layer on the line from `2*mean - mean/beta` (bottom) to `mean/beta` (top), rounded so
+    that they sum to `layers * mean`: floors first, then one more slot to the largest remainders, lower layer first
+    among equals."""
+    low, high = mean / beta, 2 * mean - mean / beta
+    line = [high - layer * (high - low) / (layers - 1) for layer in range(layers)]
+    slots = [int(x // 1) for x in line]
+    by_remainder = sorted(range(layers), key=lambda layer: (-(line[layer] - slots[layer]), layer))
+    for layer in by_remainder[: layers * mean - sum(slots)]:
+        slots[layer] += 1
+    return slots
+
+
+def pyramidkv_keep(target, ids: torch.Tensor, budget: int, window: int, kernel: int, beta: float
+                   ) -> list[list[set[int]]]:
+    n = ids.shape[1]
+    scores = _snap_scores(target, ids, window, kernel)
+    slots = pyramid_slots(budget - window, len(scores), beta)
+    window_set = set(range(n - window, n))
+    return [[set(ranked(head)[:k]) | window_set for head in layer] for layer, k in zip(scores, slots, strict=True)]
+
+
+def adakv_keep(target, ids: torch.Tensor, budget: int, window: int, kernel: int, alpha: float
+               ) -> list[list[set[int]]]:
+    """Per layer: each KV head's `int(alpha * (budget - window))` best candidates, then the rest of the layer's
+    `G * (budget - window)` slots to the best remaining (head, position) pairs of any head (ties: lower head, then
+    lower position); plus the window for every head."""
+    n = ids.shape[1]
+    per_head = budget - window
+    floor = int(alpha * per_head)
+    keep = []
+    for layer in _snap_scores(target, ids, window, kernel):
+        chosen = [set(ranked(head)[:floor]) for head in layer]
+        rest = sorted(((-head[k], g, k) for g, head in enumerate(layer) for k in range(len(head))
+                       if k not in chosen[g]))
+        for _, g, k in rest[: len(layer) * per_head - sum(map(len, chosen))]:
+            chosen[g].add(k)
+        keep.append([c | set(range(n - window, n)) for c in chosen])
+    return keep
+
+
+def masked_greedy(model, ids: torch.Tensor, keep: list[list[set[int]]], steps: int) -> torch.Tensor:
+    """`steps` greedy tokens after `ids`, every new token's queries seeing of the prompt only the keys that `keep`
+    holds for its layer and KV head (and all generated keys); the first token comes from the full prefill.
+    Eager attention written here: causal softmax in float32 over masked scores."""
+    from transformers import AttentionInterface
+
+    n = ids.shape[1]
+
+    def masked(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        heads, kv_heads = query.shape[1], key.shape[1]
+        key = key.repeat_interleave(heads // kv_heads, dim=1)
+        value = value.repeat_interleave(heads // kv_heads, dim=1)
+        t = query.shape[2]
+        scores = (query.float() @ key.float().transpose(-1, -2)) * scaling
+        allowed = torch.ones(heads, t, t, dtype=torch.bool).tril()
+        for h in range(heads):
+            hidden = [p for p in range(n) if p not in keep[module.layer_idx][h // (heads // kv_heads)]]
+            allowed[h, n:, hidden] = False
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out = torch.softmax(scores, dim=-1).to(value.dtype) @ value
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("reference_masked", masked)
+    copy_ = copy.deepcopy(model)
+    copy_.set_attn_implementation("reference_masked")
+    tokens = ids
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = copy_(input_ids=tokens).logits[:, -1]
+            tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+    return tokens[:, n:]

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from draftapprox.cli import main
+from draftapprox.markdown import START
 
 from .conftest import save_tiny, tiny_model, tiny_tokenizer
 
@@ -104,7 +105,7 @@ BAD = [
     (["eval", "--shard", "2/2"], None, "need 0 <= I < N"),
     (["eval", "--shard", "half"], None, "--shard must be I/N"),
     (["eval", "--output", "/"], None, "--output / is a folder"),
-    (["eval", "--output", __file__], None, "test_cli.py:1: not a row of an answer file"),
+    (["eval", "--output", __file__], None, "test_cli.py is not a results file: line 1 is not one of its rows"),
     (["generate", "--device", "gpu"], None, "unknown device 'gpu'"),
     (["bench", "--device", "gpu", "--output", "/nonexistent/bench.jsonl"], None, "unknown device 'gpu'"),
     (["eval", "reference", "--method", "h2o"], None, "--method must be specpc or speckv"),
@@ -131,13 +132,20 @@ def test_eval_appends_answers_and_says_when_a_rerun_has_nothing_left(monkeypatch
 def test_eval_diff_prints_a_table_or_one_line_errors(monkeypatch, capsys, tmp_path):
     answers = tmp_path / "answers.jsonl"
     answers.write_text("".join(json.dumps({"key": f"vt/2048/42/0|{m}", "sample": "vt/2048/42/0", "score": s,
+                                           "task": "vt", "length": 2048, "method": m.split("@")[0],
+                                           "budget": 128 if "@" in m else None,
                                            "prediction": p, "expected": ["XKQZT"]}) + "\n"
                                for m, s, p in [("fullkv", 100, "XKQZT"), ("speckv@128", 0, "ABCDE")]))
     code, out, _ = cli(monkeypatch, capsys, ["eval", "diff", str(answers), "--method", "speckv@128"])
     assert code == 0 and "| vt/2048/42/0 | -100 | XKQZT | XKQZT (100) | ABCDE (0) | - |" in out
     code, _, _ = cli(monkeypatch, capsys, ["eval", "diff", str(answers), "--method", "speckv@128", "--out",
                                            str(tmp_path / "new" / "diff.md")])
-    assert code == 0 and (tmp_path / "new" / "diff.md").read_text() == out
+    written = (tmp_path / "new" / "diff.md").read_text()
+    assert code == 0 and out.strip() in written and written.startswith(START)  # spliced: a rerun replaces it
+    (tmp_path / "mine.md").write_text("my notes\n")
+    code, _, err = cli(monkeypatch, capsys, ["eval", "diff", str(answers), "--method", "speckv@128", "--out",
+                                             str(tmp_path / "mine.md")])
+    assert code == 2 and "not a report of ours" in err and (tmp_path / "mine.md").read_text() == "my notes\n"
     for args, message in [(["/nonexistent/answers.jsonl", "--method", "speckv@128"], "no such file"),
                           ([str(answers), "--method", "snapkv@128"], "no answers labelled 'snapkv@128'"),
                           ([str(answers), "--method", "speckv@128", "--out", str(tmp_path)], "is a folder")]:

@@ -11,7 +11,14 @@ from draftapprox.generation import compress_prompt, new_state, prefill
 from draftapprox.methods import METHODS, KVMethod, PromptMethod, make, parse_setting
 
 from ..conftest import prompt_ids
-from ..reference import snapkv_keep, speckv_keep, specpc_positions
+from ..reference import (
+    adakv_keep,
+    pyramidkv_keep,
+    snapkv_keep,
+    speckv_keep,
+    specpc_positions,
+    streamingllm_keep,
+)
 
 N = 160
 KV_METHODS = ["streamingllm", "snapkv", "pyramidkv", "adakv", "speckv", "adaspeckv", "laq"]
@@ -133,6 +140,65 @@ def test_specpc_selection_equals_slow_reference(pair):
     method = da.SpecPC(48, window=16, kernel=8, start_layer=1)
     ours = compress_prompt(new_state(pair, ids, 4), method)[0].tolist()
     assert ours == specpc_positions(pair.draft, ids, 48, 16, 8, 8, 1)
+
+
+def _kept_sets(keep: list[torch.Tensor]) -> list[list[set[int]]]:
+    return [[set(layer[0, g].nonzero().flatten().tolist()) for g in range(layer.shape[1])] for layer in keep]
+
+
+def _selection(pair, method) -> list[list[set[int]]]:
+    state = new_state(pair, prompt_ids(N), 4)
+    prefill(state, method.rows)
+    return _kept_sets(method.select(state).keep)
+
+
+def test_streamingllm_selection_equals_slow_reference(pair):
+    for layer in _selection(pair, da.StreamingLLM(40, sinks=4)):
+        assert all(head == streamingllm_keep(N, 40, 4) for head in layer)
+
+
+def test_pyramidkv_selection_equals_slow_reference(pair):
+    assert _selection(pair, da.PyramidKV(40, window=8, kernel=5, beta=4)) == pyramidkv_keep(
+        pair.target, prompt_ids(N), 40, 8, 5, 4)
+
+
+def test_adakv_selection_equals_slow_reference(pair):
+    assert _selection(pair, make("adakv", 40, window=8, kernel=5, alpha=0.5)) == adakv_keep(
+        pair.target, prompt_ids(N), 40, 8, 5, 0.5)
+
+
+def test_targetpc_selection_is_specpcs_on_the_targets_attention(pair):
+    ids = prompt_ids(N)
+    ours = compress_prompt(new_state(pair, ids, 4), da.TargetPC(48, window=16, kernel=8, start_layer=1))[0].tolist()
+    assert ours == specpc_positions(pair.target, ids, 48, 16, 8, 8, 1)
+
+
+def test_specpc_with_a_written_lookahead_equals_slow_reference(pair):
+    ids = prompt_ids(N)
+    ours = compress_prompt(new_state(pair, ids, 4), da.SpecPC(48, window=16, kernel=8, start_layer=1,
+                                                              lookahead=4))[0].tolist()
+    with torch.no_grad():
+        tokens = pair.draft.generate(ids, max_new_tokens=4, do_sample=False)[:, N:]
+    assert ours == specpc_positions(pair.draft, ids, 48, 16, 8, 8, 1, lookahead_tokens=tokens)
+
+
+def test_speckvpc_cascade_equals_slow_reference(pair, monkeypatch):
+    """SpecPC cuts the prompt with the draft's written answer, then SpecKV scores the kept prompt's cache with
+    that same answer: the kept ids and the kept pairs both equal the slow references."""
+    import draftapprox.generation as generation
+
+    seen = []
+    real = generation.compress_cache
+    monkeypatch.setattr(generation, "compress_cache", lambda full, keep: seen.append(keep) or real(full, keep))
+    ids = prompt_ids(N)
+    method = da.SpecKVPC(40, prompt_budget=120, pc_window=16, pc_kernel=9, pc_start_layer=1, window=8, kernel=5,
+                         lookahead=5)
+    prepared = generation.prepare(pair, ids, method, max_new_tokens=5)
+    with torch.no_grad():
+        tokens = pair.draft.generate(ids, max_new_tokens=5, do_sample=False)[:, N:]
+    positions = specpc_positions(pair.draft, ids, 120, 16, 9, 9, 1, lookahead_tokens=tokens)
+    assert prepared.kept_ids[0].tolist() == ids[0, positions].tolist()
+    assert _kept_sets(seen[-1]) == speckv_keep(pair.target, prepared.kept_ids, tokens, 40, 8, 5)
 
 
 def test_speckv_draft_lookahead_is_shared_between_methods(qwen_pair):

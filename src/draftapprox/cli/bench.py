@@ -9,6 +9,8 @@ import typer
 
 from ..errors import ConfigError, InputError
 from .common import (
+    ANSWERS,
+    BENCH_ROWS,
     METHODS_HELP,
     CacheOpt,
     DeviceOpt,
@@ -24,6 +26,8 @@ from .common import (
     TasksOpt,
     ThreadsOpt,
     app,
+    check_report_file,
+    check_report_folder,
     err,
     grid,
     local_model,
@@ -71,7 +75,7 @@ def bench_run(
     from ..eval import harness
     from ..models.loading import check_device
 
-    _, length_list = grid(task, lengths, 1, output)
+    _, length_list = grid(task, lengths, 1, output, BENCH_ROWS)
     check_device(device)  # here, rather than once per worker process
     jobs = run.plan(harness.parse_list(methods, "methods"), harness.parse_list(budgets, "budgets"),
                     method_knobs(knob), floors)
@@ -91,7 +95,7 @@ def bench_report(
     """Write performance.md (tables, targets) and the plots from benchmark files."""
     from ..bench import report
 
-    write_report(report.write, inputs, out, command)
+    write_report(report.write, inputs, out, command, ("performance.md",))
 
 
 @bench_app.command("overlap")
@@ -116,6 +120,7 @@ def bench_overlap(
     task_list, length_list = grid(tasks, lengths, samples)
     if len(length_list) != 1 or not 0 < ratio < 1:
         raise InputError("bench overlap takes one length and a keep ratio in (0, 1)")
+    check_report_file(out, "--out")
     rows = overlap.measure(draft, harness.parse_list(dtypes, "dtypes"), against, task_list, length_list[0], samples,
                            ratio, seed, str(cache_dir) if cache_dir else None)
     err.print(f"wrote {overlap.write(rows, out, command)}")
@@ -143,7 +148,8 @@ def bench_kvpress(
 
     if repeats < 1:
         raise InputError(f"--repeats must be >= 1, got {repeats}")
-    _, length_list = grid("niah_single_2", lengths, 1, output)
+    _, length_list = grid("niah_single_2", lengths, 1, output, ("key", "length", "kvpress_seconds"))
+    check_report_file(report, "--report")
     target_dir = local_model(target, offline.TARGET.name, "--target", cache_dir)
     model, tokenizer = load_model(target_dir, dtype=dtype, threads=threads, log=err.print)
     written = kvpress.measure(Pair(model, tokenizer), target_dir, length_list, budget, repeats, output,
@@ -178,7 +184,9 @@ def bench_engine(
         raise ConfigError(f"unknown engine {engine!r}; choose from {', '.join(engine_bench.ENGINES)}")
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
-    _, length_list = grid(task, lengths, 1, output)
+    _, length_list = grid(task, lengths, 1, output, BENCH_ROWS)
+    if repeats < 1:
+        raise InputError(f"--repeats must be >= 1, got {repeats}")
     target_dir = local_model(target, offline.TARGET.name, "--target", cache_dir)
     settings = run.Settings(length_list, repeats, new_tokens, task, seed, threads=threads)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
@@ -228,7 +236,10 @@ def bench_serve(
         except ValueError:
             raise InputError(f"--{option} must be whole numbers{' or auto' if auto else ''}, got {text!r}") from None
 
-    _, length_list = grid(task, lengths, 1, output)
+    _, length_list = grid(task, lengths, 1, output, ("key", "kind"))
+    check_report_folder(report, "--report", ("serving.md",))
+    if pause_file is not None and pause_file.is_dir():
+        raise InputError(f"--pause-file {pause_file} is a folder")
     plan = serving.Plan(methods=harness.parse_list(methods, "methods"), lengths=length_list,
                         clients=counts(clients, "clients"), new_tokens=new_tokens,
                         prefill_chunk=counts(prefill_chunk, "prefill-chunk", auto=True)[0], task=task, seed=seed,
@@ -277,9 +288,13 @@ def bench_proxy(
 
     from ..bench import proxy
     from ..eval import harness
+    from ..eval.answer_log import NotOurs, read
     from ..models import offline
 
-    task_list, length_list = grid(tasks, lengths, samples, output)
+    task_list, length_list = grid(tasks, lengths, samples, output, ("key", "stage", "engine"))
+    check_report_folder(report, "--report", ("proxy.md",))
+    if pause_file is not None and pause_file.is_dir():
+        raise InputError(f"--pause-file {pause_file} is a folder")
     try:
         client_list = [int(c) for c in harness.parse_list(clients, "clients")]
     except ValueError:
@@ -291,6 +306,12 @@ def bench_proxy(
     for path in references:
         if not path.is_file():
             raise InputError(f"--reference {path} is not a file")
+        try:
+            rows = read(path, lambda row: all(f in row for f in ANSWERS), "answer")
+        except NotOurs as error:
+            raise InputError(f"--reference {error}") from None
+        if not rows:
+            raise InputError(f"--reference {path} holds no answers")
     tokenizer = AutoTokenizer.from_pretrained(local_model(None, offline.DRAFT.name, "--draft", cache_dir))
     written = proxy.measure(plan, output, tokenizer, cache=cache_dir, log=err.print, pause=pause_file)
     say_written(written, "measurements", output)

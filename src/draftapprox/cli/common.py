@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from ..errors import ConfigError, InputError
+from ..files import check_writable_folder
 
 app = typer.Typer(help="Draft-based approximate inference (SpecKV, SpecPC) for long-context LLMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -32,8 +33,18 @@ DtypeOpt = Annotated[str, typer.Option(
 DraftDtypeOpt = Annotated[str | None, typer.Option(help="The draft's own dtype (default: --dtype), e.g. int8.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch.")]
+def _cache_folder(value: Path | None) -> Path | None:
+    if value is not None:
+        try:
+            check_writable_folder(value, "--cache-dir")
+        except InputError as error:
+            raise typer.BadParameter(str(error).removeprefix("--cache-dir ")) from None
+    return value
+
+
 CacheOpt = Annotated[Path | None, typer.Option(
-    "--cache-dir", help="Model cache directory (default: $DRAFTAPPROX_CACHE or the user cache dir).")]
+    "--cache-dir", help="Model cache directory (default: $DRAFTAPPROX_CACHE or the user cache dir).",
+    callback=_cache_folder)]
 
 
 def pairs(items: list[str] | None, option: str) -> dict[str, str]:
@@ -63,17 +74,20 @@ TasksOpt = Annotated[str, typer.Option(help="Comma-separated RULER tasks (defaul
 SamplesOpt = Annotated[int, typer.Option(help="Samples per task and length.")]
 OutputOpt = Annotated[Path, typer.Option(help="JSONL file answers are appended to (reruns skip what is there).")]
 SeedOpt = Annotated[int, typer.Option(help="RULER generation seed.")]
+ANSWERS = ("key", "sample", "task", "length", "method", "budget", "score")  # the fields of an answer row
+BENCH_ROWS = ("key", "length", "first_token")  # of a `bench` row
 METHODS_HELP = ("Comma-separated methods, each NAME or NAME(KEY=VALUE,...) to run it at other knobs (e.g. "
                 "speckv(window=64)); `draft` = the draft model alone.")
 
 
-def grid(tasks: str, lengths: str, samples: int, output: Path | None = None) -> tuple[list[str], list[int]]:
-    """The tasks and lengths of a grid, checked (with the sample count and the answer file) before any model
-    loads."""
+def grid(tasks: str, lengths: str, samples: int, output: Path | None = None,
+         fields: tuple[str, ...] = ANSWERS) -> tuple[list[str], list[int]]:
+    """The tasks and lengths of a grid, checked (with the sample count and the answer file, whose rows must have
+    `fields`) before any model loads."""
     from ..eval import harness, ruler
 
     if output is not None:
-        check_output(output)
+        check_output(output, fields)
 
     task_list = list(ruler.TASKS) if tasks == "all" else harness.parse_list(tasks, "tasks")
     try:
@@ -92,18 +106,44 @@ def say_written(count: int, what: str, output: Path) -> None:
               f"every one of the {what} this run asks for is already in {output}; nothing to run")
 
 
-def check_output(path: Path) -> None:
-    """An answer file to append to must be one: not a folder, and every complete line a keyed JSON row (a torn
-    last line is a killed run's, cut when the run resumes)."""
-    from ..eval.report import read_keyed
+def check_output(path: Path, fields: tuple[str, ...] = ("key",)) -> None:
+    """An answer file to append to must be one: absent, or every complete line a row of ours with `fields` (a torn
+    last line is a killed run's, cut when the run resumes), in a folder that can be written."""
+    from ..eval.answer_log import NotOurs, read
 
     if path.is_dir():
         raise InputError(f"--output {path} is a folder; give a .jsonl file")
-    if path.is_file():
+    if path.exists():
         try:
-            read_keyed([path], lambda row: row["key"], "a row of an answer file")
-        except InputError as error:
-            raise InputError(f"--output {error}; give another file") from None
+            read(path, lambda row: all(f in row for f in fields), "results")
+        except NotOurs as error:
+            raise InputError(f"--output {error}; it was left untouched: give another file") from None
+    check_writable_folder(path.parent, "--output's folder")
+
+
+def check_report_file(path: Path, option: str) -> None:
+    """A markdown report to splice into, before any work: absent, or a report of ours (it has the markers)."""
+    from ..markdown import END, START
+
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a folder; give a .md file")
+    check_writable_folder(path.parent, f"{option}'s folder")
+    if path.exists():
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError):
+            text = None
+        if text is None or (text.strip() and not (START in text and END in text)):
+            raise InputError(f"{option} {path} exists and is not a report of ours (no generated-tables markers); "
+                             "it was left untouched: give another file")
+
+
+def check_report_folder(folder: Path, option: str, names: tuple[str, ...] = ()) -> None:
+    """A folder reports go to, before any work: it is or can be a folder, and the reports `names` in it are ours."""
+    check_writable_folder(folder, option)
+    for name in names:
+        if name.endswith(".md"):
+            check_report_file(folder / name, option)
 
 
 def method_knobs(items: list[str] | None) -> dict[str, dict[str, str]]:
@@ -144,7 +184,8 @@ def require_files(inputs: list[Path]) -> None:
             raise InputError(f"no such file: {path}")
 
 
-def write_report(write, inputs: list[Path], out: Path, command: str | None) -> None:
+def write_report(write, inputs: list[Path], out: Path, command: str | None, names: tuple[str, ...] = ()) -> None:
     require_files(inputs)
+    check_report_folder(out, "--out", names)
     for path in write(inputs, out, command=command):
         err.print(f"wrote {path}")

@@ -24,6 +24,7 @@ from .common import (
     TasksOpt,
     ThreadsOpt,
     app,
+    check_report_file,
     err,
     grid,
     local_model,
@@ -111,7 +112,7 @@ def eval_report(
     """Write the markdown and CSV tables and the plots of the evaluation protocol from answer files."""
     from ..eval import report
 
-    write_report(report.write, inputs, out, command)
+    write_report(report.write, inputs, out, command, ("accuracy.md",))
 
 
 @eval_app.command("diff")
@@ -125,16 +126,16 @@ def eval_diff(
     """List the prompts where two methods' answers scored differently, the largest loss first, with the expected
     answer and the draft's: the first thing to read when a method falls short."""
     from ..eval import report
+    from ..markdown import splice
 
     require_files(inputs)
-    if out is not None and out.is_dir():
-        raise InputError(f"--out {out} is a folder; give a file name")
+    if out is not None:
+        check_report_file(out, "--out")
     text = "\n".join(report.diff(report.load(inputs), method, against))
     if out is None:
         print(text, end="")
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        splice(out, text)
         err.print(f"wrote {out}")
 
 
@@ -202,8 +203,8 @@ def eval_kvpress_selection(
     tasks: TasksOpt = "all",
     samples: SamplesOpt = 1,
     output: OutputOpt = Path("kvpress-selection.jsonl"),
-    report: Annotated[Path, typer.Option(help="Markdown file the comparison table is written (spliced) into.")] =
-    Path("docs/results/kvpress-selection.md"),
+    report: Annotated[Path, typer.Option(help="Markdown file the comparison table is written (spliced) into: a "
+                                              "report of ours or a new file.")] = Path("kvpress-selection.md"),
     command: Annotated[str | None, typer.Option(help="The command quoted in the report.")] = None,
     seed: SeedOpt = 42,
     target: TargetOpt = None,
@@ -219,7 +220,8 @@ def eval_kvpress_selection(
     from ..models import offline
     from ..models.loading import load_pair
 
-    task_list, length_list = grid(tasks, lengths, samples, output)
+    task_list, length_list = grid(tasks, lengths, samples, output, ("key", "case", "sample"))
+    check_report_file(report, "--report")
     case_list = list(kvpress_selection.CASES) if cases == "all" else harness.parse_list(cases, "cases")
     kvpress_selection.check_cases(case_list)  # before any model loads
     try:
@@ -287,8 +289,8 @@ def eval_reference(
     samples: SamplesOpt = 1,
     output: OutputOpt = Path("reference.jsonl"),
     report: Annotated[Path | None, typer.Option(
-        help="Markdown file the comparison table is written (spliced) into [default: docs/results/reference.md, "
-             "reference-speckv.md for speckv].")] = None,
+        help="Markdown file the comparison table is written (spliced) into, a report of ours or a new file "
+             "[default: reference.md, reference-speckv.md for speckv].")] = None,
     command: Annotated[str | None, typer.Option(help="The command quoted in the report.")] = None,
     seed: SeedOpt = 42,
     draft: DraftOpt = None,
@@ -305,23 +307,25 @@ def eval_reference(
     from ..models import offline
     from ..models.loading import Pair, load_model
 
-    task_list, length_list = grid(tasks, lengths, samples, output)
+    task_list, length_list = grid(tasks, lengths, samples, output, ("key", "sample", "overlap"))
     if method not in ("specpc", "speckv"):
         raise InputError(f"--method must be specpc or speckv, got {method!r}")
+    report = report or Path("reference.md" if method == "specpc" else "reference-speckv.md")
+    check_report_file(report, "--report")
+    ratio_list = _ratios(ratios) if method == "specpc" else []
+    budget_list = [parse_budget(b) for b in harness.parse_list(budgets, "budgets")] if method == "speckv" else []
+    if not all(isinstance(b, int) for b in budget_list):
+        raise InputError("SpecKV's --budgets are KV pairs per head (whole numbers)")
     draft_dir = local_model(draft, offline.DRAFT.name, "--draft", cache_dir)
     draft_model, tokenizer = load_model(draft_dir, dtype=dtype, threads=threads, log=err.print)
     common = {"seed": seed, "dtype": dtype, "threads": threads, "cache": cache_dir, "log": err.print}
     if method == "specpc":
-        written = reference.run_specpc(Pair(draft_model, tokenizer, draft_model), draft_dir, _ratios(ratios),
+        written = reference.run_specpc(Pair(draft_model, tokenizer, draft_model), draft_dir, ratio_list,
                                        task_list, length_list, samples, output, **common)
     else:
-        budget_list = [parse_budget(b) for b in harness.parse_list(budgets, "budgets")]
-        if not all(isinstance(b, int) for b in budget_list):
-            raise InputError("SpecKV's --budgets are KV pairs per head (whole numbers)")
         target_dir = local_model(target, offline.TARGET.name, "--target", cache_dir)
         target_model, _ = load_model(target_dir, dtype=dtype, threads=threads, log=err.print)
         written = reference.run_speckv(Pair(target_model, tokenizer, draft_model), target_dir, draft_dir,
                                        budget_list, task_list, length_list, samples, output, **common)
     say_written(written, "comparisons", output)
-    default = Path("docs/results") / ("reference.md" if method == "specpc" else "reference-speckv.md")
-    err.print(f"wrote {reference.report(read(output), report or default, command)}")
+    err.print(f"wrote {reference.report(read(output), report, command)}")

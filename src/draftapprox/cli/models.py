@@ -24,7 +24,8 @@ def models_fetch(
     from ..models import offline
 
     for name in names or [offline.DRAFT.name, offline.TARGET.name]:
-        already = offline.is_fetched(name, cache_dir)
+        folder = offline.model_dir(name, cache_dir)
+        already = folder.exists() and offline.intact(folder) is None
         path = offline.fetch(name, cache_dir)
         err.print(f"{name}: {'already cached' if already else 'ready'} at {path}")
 
