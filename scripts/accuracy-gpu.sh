@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU part of the accuracy protocol (../shared/spec/evaluation.md): 4k/8k/16k tokens, all 13 tasks, KV budgets
+# The GPU part of the accuracy protocol (docs/spec/evaluation.md): 4k/8k/16k tokens, all 13 tasks, KV budgets
 # up to 1024, on a CUDA device. Resumable like scripts/accuracy-grid.sh: every answer is appended to $OUTPUT as it
 # finishes and a rerun skips what is there, so a short lease can fill the grid over several runs (answers come in
 # sample-major order: each pass over the tasks and lengths completes before the next sample starts).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accuracy protocol of ../shared/spec/evaluation.md on the offline pair, resumable: rerun it and it continues
+# The accuracy protocol of docs/spec/evaluation.md on the offline pair, resumable: rerun it and it continues
 # where it stopped (every answer is appended to a JSONL file as it finishes). Hours of CPU time; run it in the
 # background (`nohup scripts/accuracy-grid.sh > grid.log 2>&1 &`) and commit docs/results as it fills.
 # STAGES (default: all) picks what to run, e.g. STAGES="main report".

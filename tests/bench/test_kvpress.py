@@ -1,5 +1,6 @@
-"""`bench kvpress` without kvpress's environment: a stand-in worker (this interpreter) times the requests, and the
-driver must measure our side, pair the two, resume, and write the table."""
+"""`bench kvpress`'s driver without kvpress's environment: a stand-in worker (this interpreter) answers the requests,
+and the driver must measure our side, pair the two, resume, and write the table. kvpress itself is timed for real
+in tests/eval/test_peers_real.py."""
 
 from __future__ import annotations
 
@@ -29,4 +30,4 @@ def test_ours_and_kvpress_are_timed_on_the_same_input(tmp_path, monkeypatch):
     assert kvpress.measure(*args, dtype="float32", log=lambda *_: None) == 0  # a rerun resumes: nothing left
     text = kvpress.write(read(out), tmp_path / "kvpress.md", "draftapprox bench kvpress").read_text()
     assert "| 512 | 64 |" in text and "| 1024 | 64 |" in text and "kvpress 0.5.5" in text
-    assert "`draftapprox bench kvpress`" in text and "| 200.0 |" in text  # kvpress side: median of 0.2 s
+    assert "`draftapprox bench kvpress`" in text  # the real kvpress side: tests/eval/test_peers_real.py

@@ -30,6 +30,7 @@ def test_thirteen_tasks_as_the_protocol_lists():
                                  "cwe", "fwe", "qa_1", "qa_2"]
 
 
+@pytest.mark.real
 @pytest.mark.parametrize("task", list(ruler.TASKS))
 def test_length_within_two_percent_and_counted_on_the_rendered_prompt(tokenizer, samples, task):
     s = samples[task]
@@ -39,12 +40,14 @@ def test_length_within_two_percent_and_counted_on_the_rendered_prompt(tokenizer,
     assert text.startswith("<|im_start|>system") and text.endswith(s.answer_prefix.lstrip())
 
 
+@pytest.mark.real
 @pytest.mark.parametrize("length", [1024, 4096])
 def test_other_lengths_fit_too(tokenizer, length):
     for task in ("niah_multikey_3", "vt", "cwe", "fwe", "qa_2"):
         assert 0.98 * length <= ruler.generate_sample(tokenizer, task, length, 0).prompt_tokens <= length
 
 
+@pytest.mark.real
 def test_generation_is_deterministic_and_samples_differ(tokenizer, samples):
     again = ruler.generate_sample(tokenizer, "niah_multikey_1", 2048, 3)
     assert again == samples["niah_multikey_1"]
@@ -52,6 +55,7 @@ def test_generation_is_deterministic_and_samples_differ(tokenizer, samples):
     assert other.outputs != again.outputs and other.context != again.context
 
 
+@pytest.mark.real
 def test_a_seed_gives_the_same_prompt_on_every_machine(samples):
     """The essay haystack is a shipped snapshot, not the running Python's documentation (3.12's differs), and the
     word lists are wonderwords 3.0.1's (2.2.0's noun list differs)."""
@@ -62,6 +66,7 @@ def test_a_seed_gives_the_same_prompt_on_every_machine(samples):
     assert samples["cwe"].fingerprint == "006360c9e4188b2d"  # all three word lists
 
 
+@pytest.mark.real
 def test_the_answers_are_in_the_haystack(samples):
     for task in [t for t in ruler.TASKS if t.startswith(("niah", "qa"))]:
         s = samples[task]
@@ -82,6 +87,7 @@ def test_the_answers_are_in_the_haystack(samples):
     assert holders == set(vt.outputs) and len(holders) == 5
 
 
+@pytest.mark.real
 def test_aggregation_answers_are_the_most_frequent_words(samples):
     cwe = samples["cwe"]
     main_list = cwe.context.rsplit("Below is a numbered list", 1)[1]
@@ -95,6 +101,7 @@ def test_aggregation_answers_are_the_most_frequent_words(samples):
     assert ranked == list(fwe.outputs)
 
 
+@pytest.mark.real
 def test_qa_needs_both_hops(samples):
     qa2 = samples["qa_2"]
     person = re.search(r"company that (.+) works for", qa2.question).group(1)
@@ -123,6 +130,7 @@ def test_bootstrap_interval_brackets_the_mean_and_is_degenerate_without_spread()
     assert bootstrap_mean_over_tasks({"a": [0.0, 100.0], "b": [100.0]}) == (75.0, None, None)
 
 
+@pytest.mark.real
 def test_bad_requests_are_refused(tokenizer):
     with pytest.raises(ConfigError, match="unknown RULER task"):
         ruler.generate_sample(tokenizer, "niah_single_9", 2048, 0)

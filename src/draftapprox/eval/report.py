@@ -154,6 +154,7 @@ def _write_markdown(rows: list[dict], table, path: Path, command: str | None) ->
     by_length: dict[int, dict] = defaultdict(dict)
     for (length, method, budget), by_task in table.items():
         by_length[length][(method, budget)] = by_task
+    lines += _summary(by_length)
     for length in sorted(by_length):
         group = by_length[length]
         refs = [(m, None) for m in REFERENCES if (m, None) in group]
@@ -258,6 +259,31 @@ def _difference(mine: dict[str, tuple[str, float]], theirs: dict[str, tuple[str,
         return f"{point:+.1f} [n=1: no interval] ({n})"
     text = f"{point:+.1f} [{lo:+.1f}, {hi:+.1f}]"
     return (f"**{text}**" if lo > 0 or hi < 0 else text) + f" ({n})"
+
+
+def _summary(by_length: dict[int, dict]) -> list[str]:
+    """Per length and kind of budget, one table of every method's mean over all tasks (rows: budgets), the figures
+    a report's prose quotes. Methods without every task at a budget, and peers, are left to the full tables."""
+    lines = ["## Summary: mean over all tasks [95% CI]", ""]
+    for length in sorted(by_length):
+        group = by_length[length]
+        tasks = _task_order({t for by_task in group.values() for t in by_task})
+        kinds = (("KV budget", lambda b: isinstance(b, int)), ("keep ratio", lambda b: isinstance(b, float)))
+        for kind, is_kind in kinds:
+            budgets = sorted({b for (_, b) in group if b is not None and is_kind(b)}, key=_budget_sort)
+            methods = sorted({m for (m, b) in group if b in budgets and ":" not in m}, key=_order)
+            if not budgets:
+                continue
+            refs = [m for m in REFERENCES if (m, None) in group and _complete(group[(m, None)], tasks)]
+            rows = []
+            for budget in budgets:
+                cells_ = [_avg(group[(m, None)]).replace("**", "") for m in refs]
+                cells_ += [_avg(group[(m, budget)]).replace("**", "")
+                           if (m, budget) in group and _complete(group[(m, budget)], tasks) else "-" for m in methods]
+                rows.append(f"| {kind} {budget} | " + " | ".join(cells_) + " |")
+            lines += [f"### {length} tokens, by {kind}", "", "| | " + " | ".join(refs + methods) + " |",
+                      "|---" * (len(refs) + len(methods) + 1) + "|", *rows, ""]
+    return lines
 
 
 def _table(title: str, group: dict, keys: list) -> list[str]:
