@@ -63,8 +63,8 @@ def tripwires(monkeypatch, tmp_path):
     def trip(*args, **kwargs):
         raise Tripwire("bad input reached the work it should have been refused before")
 
-    for module, name in ((loading, "load_model"), (loading, "load_pair"), (offline, "fetch"), (offline, "assemble"),
-                         (serve_app, "run"), (peers, "setup"), (engine, "server_process")):
+    for module, name in ((loading, "load_model"), (loading, "load_pair"), (offline, "assemble"), (offline, "convert"),
+                         (serve_app, "run"), (peers, "_step"), (engine, "server_process")):
         monkeypatch.setattr(module, name, trip)
     monkeypatch.setenv("DRAFTAPPROX_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)  # defaults that name files write here, never into the checkout
@@ -235,3 +235,25 @@ def test_a_report_file_of_ours_is_spliced_and_a_foreign_one_refused(tmp_path):
     with pytest.raises(Exception, match="not a report we generated"):
         splice(foreign, "new")
     assert foreign.read_text() == "# mine\n"
+
+
+BAD_VALUES = [
+    ["serve", "--upstream", "localhost:8000"], ["serve", "--upstream", "http://h:1/v2"],
+    ["serve", "--kv-cache-memory", "lots"], ["serve", "--prefill-chunk", "soon"], ["serve", "--chat-forward", "x"],
+    ["serve", "--method", "nope"], ["serve", "--upstream", "http://h:1/v1", "--method", "speckv"],
+    ["generate", "--example", "-b", "abc"], ["generate", "--example", "-m", "speckv", "--set", "window"],
+    ["generate", "--example", "--dtype", "float64"], ["compress", "--example", "-m", "fullkv"],
+    ["bench", "--methods", "nope"], ["bench", "--budgets", "x"], ["bench", "--lengths", "12"],
+    ["eval", "--tasks", "nope"], ["eval", "--methods", "speckv(window=)"], ["eval", "--shard", "3/2"],
+    ["bench", "proxy", "--engine", "nope"], ["bench", "proxy", "--stages", "nope"],
+    ["bench", "proxy", "--ratio", "2"], ["bench", "serve", "--methods", "nope"],
+    ["bench", "serve", "--clients", "two"], ["bench", "engine", "--engine", "sglang"],
+    ["bench", "overlap", "--ratio", "1.5"], ["eval", "reference", "--method", "laq"],
+    ["eval", "kvpress", "--presses", "magic"], ["eval", "kvpress-selection", "--cases", "magic"],
+    ["eval", "setup-peer", "nope"], ["models", "fetch", "nope"],
+]
+
+
+@pytest.mark.parametrize("args", BAD_VALUES, ids=[" ".join(a) for a in BAD_VALUES])
+def test_a_bad_value_is_one_line_before_any_model_loads(args):
+    assert_one_line_refusal(args)

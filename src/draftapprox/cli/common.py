@@ -26,11 +26,21 @@ DraftOpt = Annotated[str | None, typer.Option(help="Draft model: HF id, director
 TargetOpt = Annotated[str | None, typer.Option(help="Target model: HF id, directory, .gguf (default: offline 1.5B).")]
 ChatOpt = Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of plain text.")]
-DtypeOpt = Annotated[str, typer.Option(
+def _dtype(value: str | None) -> str | None:
+    """A dtype is checked when the command line is read, not when a model loads minutes later."""
+    from ..models.loading import CHOICES
+
+    if value is not None and value not in CHOICES:
+        raise typer.BadParameter(f"{value!r} is not a dtype; choose from {', '.join(CHOICES)}")
+    return value
+
+
+DtypeOpt = Annotated[str, typer.Option(callback=_dtype,
     help="auto (bfloat16 where the device computes it natively; on other CPUs bfloat16-weights, on older GPUs "
          "float16), float32, bfloat16, float16, bfloat16-weights (CPU: weights held in bfloat16, products in "
          "float32) or int8 (CPU: dynamic quantisation of linear layers).")]
-DraftDtypeOpt = Annotated[str | None, typer.Option(help="The draft's own dtype (default: --dtype), e.g. int8.")]
+DraftDtypeOpt = Annotated[str | None, typer.Option(
+    callback=_dtype, help="The draft's own dtype (default: --dtype), e.g. int8.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch.")]
 def _cache_folder(value: Path | None) -> Path | None:

@@ -185,10 +185,12 @@ def eval_kvpress(
         budget_list = [int(x) for x in harness.parse_list(budgets, "budgets")]
     except ValueError:
         raise InputError(f"--budgets must be whole token counts, got {budgets!r}") from None
+    press_list, mode_list = harness.parse_list(presses, "presses"), harness.parse_list(modes, "modes")
+    peers.check_kvpress(press_list, mode_list)  # before the target is fetched
     model_dir = local_model(target, offline.TARGET.name, "--target", cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    written = peers.run_kvpress(tokenizer, model_dir, harness.parse_list(presses, "presses"), budget_list,
-                                harness.parse_list(modes, "modes"), task_list, length_list, samples, output,
+    written = peers.run_kvpress(tokenizer, model_dir, press_list, budget_list, mode_list, task_list, length_list,
+                                samples, output,
                                 seed=seed, dtype=dtype, threads=threads, cache=cache_dir,
                                 knobs=pairs(knob, "--set"), log=err.print)
     say_written(written, "kvpress answers", output)

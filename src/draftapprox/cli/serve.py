@@ -129,6 +129,8 @@ def serve(
         from ..models.loading import Pair, load_model
         from ..serve.upstream import UpstreamBackend, check_upstream
 
+        if not upstream.startswith(("http://", "https://")) or not upstream.rstrip("/").endswith("/v1"):
+            raise ConfigError(f"--upstream must be an OpenAI base URL, http(s)://HOST:PORT/v1, got {upstream!r}")
         chosen = None if method == "none" else method_from(method or "specpc", budget or "0.25", knob)
         if chosen is not None and (not isinstance(chosen, PromptMethod) or chosen.needs_target):
             raise ConfigError(f"--upstream serves prompt methods that need no target (specpc, specprefill, "

@@ -117,6 +117,15 @@ def source_commit(name: str, cache: str | Path | None = None) -> str | None:
     return out.stdout.strip() or None
 
 
+def check_kvpress(presses: list[str], modes: list[str]) -> None:
+    for p in presses:
+        if p not in KVPRESS_PRESSES:
+            raise ConfigError(f"unknown kvpress press {p!r}; choose from {', '.join(KVPRESS_PRESSES)}")
+    for m in modes:
+        if m not in ("agnostic", "aware"):
+            raise ConfigError(f"mode must be 'agnostic' or 'aware', got {m!r}")
+
+
 def compressed_tokens(tokenizer, text: str) -> int:
     """Tokens of what kvpress compresses: the chat template up to the end of `text` (its `preprocess` split)."""
     separator = "#" * 16
@@ -137,12 +146,7 @@ def run_kvpress(tokenizer, model_dir: Path, presses: list[str], budgets: list[in
     A budget `C` (KV pairs per head, as for our methods) becomes kvpress's `compression_ratio` (about `1 - C / m`, see
     `compression_ratio`), `m` the tokens kvpress compresses (the context, plus the question when query-aware).
     """
-    for p in presses:
-        if p not in KVPRESS_PRESSES:
-            raise ConfigError(f"unknown kvpress press {p!r}; choose from {', '.join(KVPRESS_PRESSES)}")
-    for m in modes:
-        if m not in ("agnostic", "aware"):
-            raise ConfigError(f"mode must be 'agnostic' or 'aware', got {m!r}")
+    check_kvpress(presses, modes)
     exe = python("kvpress", cache)
     if not exe.exists():
         raise InputError("kvpress's environment is missing: run `draftapprox eval setup-peer kvpress` first")
