@@ -130,6 +130,8 @@ def agreement(ours: list[list[list[int]]], theirs: list[list[list[int]]],
                 continue
             x = scores[layer][head]
             mine = [p for p in a if p < len(x)]
+            if not mine:  # we kept the window alone: no scored cut to be tied at
+                continue
             cut = x[mine].min()
             candidates = torch.tensor([p for p in differ if p < len(x)], dtype=torch.long)
             tied += int(torch.isclose(x[candidates], cut, rtol=1e-5, atol=0).sum())
