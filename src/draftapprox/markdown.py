@@ -9,7 +9,8 @@ from .files import replace_generated
 START, END = "<!-- generated tables: start -->", "<!-- generated tables: end -->"
 
 
-def _ours(text: str) -> bool:
+def is_report(text: str) -> bool:
+    """Whether `text` is a report of ours: it holds the generated-tables markers."""
     return START in text and END in text
 
 
@@ -19,10 +20,10 @@ def splice(path: Path, generated: str) -> None:
     block = f"{START}\n{generated}\n{END}\n"
     if path.is_file():
         text = path.read_text(errors="replace")
-        if _ours(text):
+        if is_report(text):
             head, rest = text.split(START, 1)
             block = head + block + rest.split(END, 1)[1].lstrip("\n")
-    replace_generated(path, block, _ours)
+    replace_generated(path, block, is_report)
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:

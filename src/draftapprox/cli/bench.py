@@ -9,7 +9,6 @@ import typer
 
 from ..errors import ConfigError, InputError
 from .common import (
-    ANSWERS,
     BENCH_ROWS,
     METHODS_HELP,
     CacheOpt,
@@ -26,6 +25,7 @@ from .common import (
     TasksOpt,
     ThreadsOpt,
     app,
+    check_pause_file,
     check_report_file,
     check_report_folder,
     err,
@@ -238,8 +238,7 @@ def bench_serve(
 
     _, length_list = grid(task, lengths, 1, output, ("key", "kind"))
     check_report_folder(report, "--report", ("serving.md",))
-    if pause_file is not None and pause_file.is_dir():
-        raise InputError(f"--pause-file {pause_file} is a folder")
+    check_pause_file(pause_file)
     plan = serving.Plan(methods=harness.parse_list(methods, "methods"), lengths=length_list,
                         clients=counts(clients, "clients"), new_tokens=new_tokens,
                         prefill_chunk=counts(prefill_chunk, "prefill-chunk", auto=True)[0], task=task, seed=seed,
@@ -288,13 +287,12 @@ def bench_proxy(
 
     from ..bench import proxy
     from ..eval import harness
-    from ..eval.answer_log import NotOurs, read
+    from ..eval.answer_log import ANSWER_FIELDS, NotOurs, read
     from ..models import offline
 
     task_list, length_list = grid(tasks, lengths, samples, output, ("key", "stage", "engine"))
     check_report_folder(report, "--report", ("proxy.md",))
-    if pause_file is not None and pause_file.is_dir():
-        raise InputError(f"--pause-file {pause_file} is a folder")
+    check_pause_file(pause_file)
     try:
         client_list = [int(c) for c in harness.parse_list(clients, "clients")]
     except ValueError:
@@ -307,7 +305,7 @@ def bench_proxy(
         if not path.is_file():
             raise InputError(f"--reference {path} is not a file")
         try:
-            rows = read(path, lambda row: all(f in row for f in ANSWERS), "answer")
+            rows = read(path, lambda row: all(f in row for f in ANSWER_FIELDS), "answer")
         except NotOurs as error:
             raise InputError(f"--reference {error}") from None
         if not rows:

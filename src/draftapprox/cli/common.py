@@ -84,20 +84,21 @@ TasksOpt = Annotated[str, typer.Option(help="Comma-separated RULER tasks (defaul
 SamplesOpt = Annotated[int, typer.Option(help="Samples per task and length.")]
 OutputOpt = Annotated[Path, typer.Option(help="JSONL file answers are appended to (reruns skip what is there).")]
 SeedOpt = Annotated[int, typer.Option(help="RULER generation seed.")]
-ANSWERS = ("key", "sample", "task", "length", "method", "budget", "score")  # the fields of an answer row
 BENCH_ROWS = ("key", "length", "first_token")  # of a `bench` row
 METHODS_HELP = ("Comma-separated methods, each NAME or NAME(KEY=VALUE,...) to run it at other knobs (e.g. "
                 "speckv(window=64)); `draft` = the draft model alone.")
 
 
 def grid(tasks: str, lengths: str, samples: int, output: Path | None = None,
-         fields: tuple[str, ...] = ANSWERS) -> tuple[list[str], list[int]]:
+         fields: tuple[str, ...] | None = None) -> tuple[list[str], list[int]]:
     """The tasks and lengths of a grid, checked (with the sample count and the answer file, whose rows must have
     `fields`) before any model loads."""
     from ..eval import harness, ruler
 
     if output is not None:
-        check_output(output, fields)
+        from ..eval.answer_log import ANSWER_FIELDS
+
+        check_output(output, fields or ANSWER_FIELDS)
 
     task_list = list(ruler.TASKS) if tasks == "all" else harness.parse_list(tasks, "tasks")
     try:
@@ -133,7 +134,7 @@ def check_output(path: Path, fields: tuple[str, ...] = ("key",)) -> None:
 
 def check_report_file(path: Path, option: str) -> None:
     """A markdown report to splice into, before any work: absent, or a report of ours (it has the markers)."""
-    from ..markdown import END, START
+    from ..markdown import is_report
 
     if path.is_dir():
         raise InputError(f"{option} {path} is a folder; give a .md file")
@@ -143,9 +144,14 @@ def check_report_file(path: Path, option: str) -> None:
             text = path.read_text()
         except (UnicodeDecodeError, OSError):
             text = None
-        if text is None or (text.strip() and not (START in text and END in text)):
+        if text is None or (text.strip() and not is_report(text)):
             raise InputError(f"{option} {path} exists and is not a report of ours (no generated-tables markers); "
                              "it was left untouched: give another file")
+
+
+def check_pause_file(path: Path | None) -> None:
+    if path is not None and path.is_dir():
+        raise InputError(f"--pause-file {path} is a folder")
 
 
 def check_report_folder(folder: Path, option: str, names: tuple[str, ...] = ()) -> None:

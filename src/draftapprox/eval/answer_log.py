@@ -29,6 +29,9 @@ def label_of(key: str) -> str:
     return key.split("|", 1)[1]
 
 
+ANSWER_FIELDS = ("key", "sample", "task", "length", "method", "budget", "score")  # every answer row has these
+
+
 class NotOurs(ValueError):
     """A results file that is not one of ours (or not of the kind asked for): refused, and left untouched."""
 

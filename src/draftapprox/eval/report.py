@@ -18,12 +18,11 @@ from pathlib import Path
 from ..errors import InputError
 from ..files import check_writable_folder, replace_generated, save_figure
 from ..markdown import splice
-from .answer_log import label_of
+from .answer_log import ANSWER_FIELDS, label_of
 from .metrics import bootstrap_mean_over_tasks, mean
 from .ruler import TASKS
 
 REFERENCES = ("fullkv", "draft")
-ANSWER_FIELDS = ("key", "sample", "task", "length", "method", "budget", "score")
 CSV_FIELDS = ["method", "length", "budget", "task", "score", "n", "ci_low", "ci_high"]
 
 
