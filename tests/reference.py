@@ -205,3 +205,63 @@ def masked_greedy(model, ids: torch.Tensor, keep: list[list[set[int]]], steps: i
             logits = copy_(input_ids=tokens).logits[:, -1]
             tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
     return tokens[:, n:]
+
+
+def verified_lookahead(target, ids: torch.Tensor, draft_tokens: torch.Tensor, correct: int,
+                       eos: frozenset[int] = frozenset()) -> tuple[torch.Tensor, int]:
+    """VeriSpecKV's lookahead by full recomputation: the draft's tokens up to the first one the target, reading the
+    prompt and the tokens before it, would not have chosen greedily; then up to `correct` of the target's own greedy
+    tokens (stopping before an EOS). Returns (tokens, how many draft tokens were accepted)."""
+    seq, accepted = ids, 0
+
+    def choice(x: torch.Tensor) -> int:
+        with torch.no_grad():
+            return int(target(input_ids=x).logits[0, -1].argmax())
+
+    for j in range(draft_tokens.shape[1]):
+        if choice(seq) != int(draft_tokens[0, j]):
+            break
+        seq, accepted = torch.cat([seq, draft_tokens[:, j:j + 1]], dim=1), accepted + 1
+    if accepted < draft_tokens.shape[1]:
+        for _ in range(correct):
+            token = choice(seq)
+            if token in eos:
+                break
+            seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
+    return seq[:, ids.shape[1]:], accepted
+
+
+def hedged_keep(target, ids: torch.Tensor, lookahead: torch.Tensor, budget: int, window: int, kernel: int,
+                share: float, normalize: str) -> list[list[set[int]]]:
+    """VeriSpecKV's selection given its (verified) lookahead tokens: per KV head, `round(share * slots)` best
+    candidates by the prompt tail's rows alone, then the rest by the two sources combined (`none`: max over every
+    row, as SpecKV; `mass`: the mean of each source's scores over their sum; `rank`: the max of each source's place
+    in its ranking, 1 best, (m - i) / m for the i-th)."""
+    n, rows = ids.shape[1], lookahead.shape[1]
+    kv_heads, columns, slots = target.config.num_key_value_heads, n - window - 1, budget - window
+    reserved = round(share * slots)
+    keep = []
+    for attn in eager_attentions(target, torch.cat([ids, lookahead], dim=1)):
+        tail = kv_scores(attn, range(n - window - 1, n), columns, kv_heads, "max", "max", kernel)
+        both = kv_scores(attn, range(n - window - 1, n + rows), columns, kv_heads, "max", "max", kernel)
+        ahead = kv_scores(attn, range(n, n + rows), columns, kv_heads, "max", "max", kernel) if rows else None
+        heads = []
+        for g in range(kv_heads):
+            if normalize == "none" or ahead is None:
+                combined = both[g] if normalize == "none" else tail[g]
+            elif normalize == "mass":
+                t, a = sum(tail[g]), sum(ahead[g])
+                combined = [(x / t + y / a) / 2 for x, y in zip(tail[g], ahead[g], strict=True)]
+            else:
+                places = []
+                for source in (tail[g], ahead[g]):
+                    place = [0.0] * columns
+                    for i, k in enumerate(ranked(source)):
+                        place[k] = (columns - i) / columns
+                    places.append(place)
+                combined = [max(x, y) for x, y in zip(*places, strict=True)]
+            chosen = ranked(tail[g])[:reserved]
+            rest = [k for k in ranked(combined) if k not in chosen]
+            heads.append(set(chosen) | set(rest[: slots - len(chosen)]) | set(range(n - window - 1, n - 1)))
+        keep.append(heads)
+    return keep

@@ -30,6 +30,7 @@ from .methods import (
     SpecPrefill,
     StreamingLLM,
     TargetPC,
+    VeriSpecKV,
     make,
 )
 from .models.loading import Pair, check_tokenizers, load_model, load_pair, pair_from_models
@@ -40,6 +41,6 @@ __all__ = [
     "LAQ", "METHODS", "AdaKV", "AdaSpecKV", "Compression", "ConfigError", "DecodeBatch", "DraftApproxError",
     "FetchError", "FullKV", "InputError", "ModelError", "Pair", "Prepared", "PyramidKV", "RandomPC", "RecencyPC",
     "Record", "Result", "Sampling", "SnapKV", "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "StreamingLLM",
-    "TargetPC", "check_tokenizers", "compress", "generate", "generate_batched", "load_model", "load_pair", "make",
-    "new_state", "pair_from_models", "prepare",
+    "TargetPC", "VeriSpecKV", "check_tokenizers", "compress", "generate", "generate_batched", "load_model",
+    "load_pair", "make", "new_state", "pair_from_models", "prepare",
 ]

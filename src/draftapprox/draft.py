@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -17,6 +18,8 @@ from .capture import QueryCapture, check_captured, decoder_layers
 from .errors import ConfigError
 from .forward import Timings, forward
 from .scoring import window_probs
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -36,8 +39,8 @@ class PromptState:
     cache: DynamicCache | None = None
     queries: QueryCapture | None = None
     logits: torch.Tensor | None = None
-    _lookahead: tuple[torch.Tensor, bool] | None = None  # (tokens (b, L), stopped at EOS)
-    _scores: dict[tuple, torch.Tensor] = field(default_factory=dict)  # prompt methods' scores, by settings
+    _lookahead: tuple[torch.Tensor, bool, list[float]] | None = None  # (tokens (b, L), stopped at EOS, margins)
+    _scores: dict[tuple, object] = field(default_factory=dict)  # methods' memoised scores, by settings
 
     @property
     def n(self) -> int:
@@ -51,47 +54,59 @@ class PromptState:
     def lookahead(self, length: int) -> torch.Tensor:
         """The draft's first `length` greedy tokens after the prompt (fewer if it stops at EOS)."""
         if self._lookahead is not None:
-            tokens, stopped = self._lookahead
+            tokens, stopped, _ = self._lookahead
             if stopped or tokens.shape[1] >= length:
                 return tokens[:, :length]
         draft = self.require_draft("lookahead")
+        margins: list[float] = []
         with self.timings.phase("draft", draft.device):
-            tokens = greedy(draft, self.input_ids, new_cache(), length, self.eos_ids)
-        self.remember_lookahead(tokens, length)
+            tokens = greedy(draft, self.input_ids, new_cache(), length, self.eos_ids, margins=margins)
+        self.remember_lookahead(tokens, length, margins)
         return tokens
 
-    def scores_for(self, settings: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """A prompt method's token scores, computed once per prompt and `settings`: they do not depend on the
-        budget, so several budgets on one prompt pay for one scoring run."""
+    def lookahead_margins(self, length: int) -> torch.Tensor:
+        """The draft's confidence in each of its first `length` lookahead tokens: the probability of its choice
+        minus that of its runner-up, `(L,)` (0: a coin toss, 1: certain)."""
+        tokens = self.lookahead(length)
+        return torch.tensor(self._lookahead[2][:tokens.shape[1]])
+
+    def scores_for(self, settings: tuple, compute: Callable[[], T]) -> T:
+        """A method's scores (or what they are made from), computed once per prompt and `settings`: they do not
+        depend on the budget, so several budgets on one prompt pay for one scoring run."""
         if settings not in self._scores:
             self._scores[settings] = compute()
         return self._scores[settings]
 
-    def remember_lookahead(self, tokens: torch.Tensor, asked: int) -> None:
-        self._lookahead = (tokens, tokens.shape[1] < asked)
+    def remember_lookahead(self, tokens: torch.Tensor, asked: int, margins: list[float]) -> None:
+        self._lookahead = (tokens, tokens.shape[1] < asked, margins)
 
 
 @torch.inference_mode()
 def greedy(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache, length: int,
-           eos_ids: frozenset[int], capture: QueryCapture | None = None) -> torch.Tensor:
+           eos_ids: frozenset[int], capture: QueryCapture | None = None, margins: list[float] | None = None
+           ) -> torch.Tensor:
     """Greedy tokens from a dense prefill and one cached forward per token; never recomputes the prompt."""
     logits = forward(model, input_ids, cache, 0, capture=capture)
-    return greedy_from(model, logits, cache, input_ids.shape[1], length, eos_ids, capture)
+    return greedy_from(model, logits, cache, input_ids.shape[1], length, eos_ids, capture, margins=margins)
 
 
 @torch.inference_mode()
 def greedy_from(model: PreTrainedModel, logits: torch.Tensor, cache: DynamicCache, position: int, length: int,
-                eos_ids: frozenset[int], capture: QueryCapture | None = None, compressed: bool = False
-                ) -> torch.Tensor:
+                eos_ids: frozenset[int], capture: QueryCapture | None = None, compressed: bool = False,
+                margins: list[float] | None = None) -> torch.Tensor:
     """Greedy tokens `(b, <= length)` continuing from `logits`, the next one fed at `position`; stops at EOS.
 
     The last token is not fed back (nothing needs its KV), so `length` tokens cost `length - 1` forwards.
     `compressed`: `cache` is a compressed cache (LAQ's self-lookahead decodes from one).
+    `margins`: receives each token's top-1 minus top-2 probability (of the first sequence), the model's confidence.
     """
     tokens = []
     for step in range(length):
         token = logits.argmax(-1, keepdim=True)
         tokens.append(token)
+        if margins is not None:
+            top = logits[0].float().softmax(-1).topk(2).values
+            margins.append(float(top[0] - top[1]))
         if int(token[0, 0]) in eos_ids or step == length - 1:
             break
         logits = forward(model, token, cache, position + step, capture=capture, compressed=compressed)
@@ -126,9 +141,11 @@ def token_scores(state: PromptState, model: PreTrainedModel, window: int, lookah
             if lookahead <= 1:
                 forward(model, state.input_ids, cache, 0, logits=False, capture=capture)
             else:
-                tokens = greedy(model, state.input_ids, cache, lookahead, state.eos_ids, capture=capture)
+                margins: list[float] = []
+                tokens = greedy(model, state.input_ids, cache, lookahead, state.eos_ids, capture=capture,
+                                margins=margins)
                 if model is state.draft:
-                    state.remember_lookahead(tokens, lookahead)
+                    state.remember_lookahead(tokens, lookahead, margins)
         check_captured(model, capture)
         queries, scaling = capture.queries, capture.scaling
     with state.timings.phase("scoring", model.device):

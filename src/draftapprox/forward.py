@@ -93,10 +93,12 @@ def cache_keyword(module: type[torch.nn.Module]) -> str:
 @torch.inference_mode()
 def forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache | None, start: int | torch.Tensor, *,
             logits: bool = True, capture: QueryCapture | None = None, compressed: bool = False,
-            chunk: int | None = None, sparse: object | None = None) -> torch.Tensor | None:
+            chunk: int | None = None, sparse: object | None = None, every: bool = False) -> torch.Tensor | None:
     """Run `input_ids (b, q)` at positions `start .. start+q-1` (or at the given position ids `(b, q)`); returns
     last-position logits `(b, vocab)` or None.
 
+    `every`: return the logits of every position, `(b, q, vocab)` (a verification pass over a drafted answer reads
+    what the model would have written at each of its tokens); such a forward runs in one piece.
     `compressed`: the cache is a compressed one (its length is not the position), see `capture.scope`.
     `chunk`: longest piece run at once (default `PREFILL_CHUNK`); pieces extend the cache in order, so the result
     is the same as one forward up to float rounding.
@@ -112,12 +114,12 @@ def forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache
     else:
         positions = torch.arange(start, start + q, device=input_ids.device).expand(b, q)
     interleave = _interleave.get()
-    stop_after = max(capture.layers) if capture is not None and capture.layers and not logits else None
+    stop_after = max(capture.layers) if capture is not None and capture.layers and not (logits or every) else None
     out = None
     begin = 0
     while begin < q:
-        step = q if sparse is not None else chunk or PREFILL_CHUNK
-        if interleave is not None and sparse is None:
+        step = q if sparse is not None or every else chunk or PREFILL_CHUNK
+        if interleave is not None and sparse is None and not every:
             step = max(1, min(step, interleave.chunk(model)))
         ids, pos = input_ids[:, begin:begin + step], positions[:, begin:begin + step]
         begin += step
@@ -125,9 +127,10 @@ def forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache
         with scope(capture=capture, cache=cache if compressed else None, single_query_unmasked=compressed,
                    stop_after=stop_after, sparse=sparse):
             try:
-                if logits and last:
-                    out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
-                                **{cache_keyword(type(model)): cache}).logits[:, -1, :]
+                if (logits or every) and last:
+                    out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=0 if every else 1,
+                                **{cache_keyword(type(model)): cache}).logits
+                    out = out if every else out[:, -1, :]
                 else:
                     decoder = model.get_decoder()
                     decoder(input_ids=ids, position_ids=pos, use_cache=True, **{cache_keyword(type(decoder)): cache})

@@ -21,7 +21,7 @@ from ..reference import (
 )
 
 N = 160
-KV_METHODS = ["streamingllm", "snapkv", "pyramidkv", "adakv", "speckv", "adaspeckv", "laq"]
+KV_METHODS = ["streamingllm", "snapkv", "pyramidkv", "adakv", "speckv", "adaspeckv", "verispeckv", "laq"]
 SMALL = {"window": 8, "kernel": 5}  # knobs that fit a 160-token prompt
 PC_SMALL = {"window": 16, "kernel": 8, "start_layer": 1}
 
@@ -42,7 +42,8 @@ def small(name: str, budget):
 
 def test_every_method_is_registered_with_a_kind_and_summary():
     assert set(METHODS) == {"fullkv", "streamingllm", "snapkv", "pyramidkv", "adakv", "speckv", "adaspeckv",
-                            "laq", "specpc", "randompc", "recencypc", "targetpc", "specprefill", "speckvpc"}
+                            "verispeckv", "laq", "specpc", "randompc", "recencypc", "targetpc", "specprefill",
+                            "speckvpc"}
     for cls in METHODS.values():
         assert cls.kind in ("kv", "prompt", "cascade") and cls.summary
 

@@ -78,6 +78,9 @@ def eval_grid(
     shard: Annotated[str, typer.Option(
         help="I/N: only the samples whose index is I modulo N, so that N processes (each with its own --output) "
              "split the grid.")] = "0/1",
+    split: Annotated[str, typer.Option(
+        help="all, or dev (samples 0-4: choose knobs on these) or test (samples 5-9: report on these) among the "
+             "first --samples.")] = "all",
     cache_dir: CacheOpt = None,
 ) -> None:
     """Run every method x budget x length x task x sample not yet in OUTPUT, appending each answer as it ends."""
@@ -90,6 +93,8 @@ def eval_grid(
     if decode_batch < 1:
         raise InputError(f"--decode-batch must be >= 1, got {decode_batch}")
     shard_index, shards = _shard(shard)
+    if split not in ("all", "dev", "test"):
+        raise InputError(f"--split must be all, dev or test, got {split!r}")
     jobs = harness.plan(harness.parse_list(methods, "methods"), harness.parse_list(budgets, "budgets"),
                         method_knobs(knob))
     pair = load_pair(draft, target, dtype=dtype, draft_dtype=draft_dtype, device=device, threads=threads,
@@ -97,7 +102,8 @@ def eval_grid(
     models = {"draft_model": draft or "offline qwen2.5-coder-0.5b-instruct",
               "target_model": target or "offline qwen2.5-coder-1.5b-instruct"}
     written = harness.run(pair, jobs, task_list, length_list, samples, output, seed=seed, models=models,
-                          decode_batch=decode_batch, shard=(shard_index, shards), log=err.print)
+                          decode_batch=decode_batch, shard=(shard_index, shards),
+                          split=None if split == "all" else split, log=err.print)
     say_written(written, "answers", output)
 
 

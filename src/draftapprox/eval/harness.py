@@ -113,12 +113,15 @@ def plan(methods: Iterable[str], budgets: Iterable[str], knobs: dict[str, dict[s
     return sorted(jobs, key=lambda j: 3 if j.method == DRAFT_ALONE else order[METHODS[j.method].kind])
 
 
-def coordinates(tasks: list[str], lengths: list[int], count: int,
-                shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, int, str]]:
+def coordinates(tasks: list[str], lengths: list[int], count: int, shard: tuple[int, int] = (0, 1),
+                split: str | None = None) -> Iterator[tuple[int, int, str]]:
     """(index, length, task) in sample-major order: a stopped grid is short of whole samples, not of tasks.
     `shard` (i, n) keeps the sample indices equal to i modulo n: n processes, each with its own answer file, split
-    a grid between them (one per GPU, or several on one GPU that a single process leaves mostly idle)."""
+    a grid between them (one per GPU, or several on one GPU that a single process leaves mostly idle).
+    `split` (`dev`, `test`): only that split's indices among the first `count` (`ruler.SPLITS`)."""
     for index in range(shard[0], count, shard[1]):
+        if split is not None and ruler.split_of(index) != split:
+            continue
         for length in lengths:
             for task in tasks:
                 yield index, length, task
@@ -187,13 +190,14 @@ def check_grid(tasks: list[str], lengths: list[int]) -> None:
 
 def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count: int, output: Path, *,
         seed: int = 42, models: dict | None = None, progress: bool = True, max_new_tokens: int | None = None,
-        decode_batch: int = 1, shard: tuple[int, int] = (0, 1), log=print) -> int:
+        decode_batch: int = 1, shard: tuple[int, int] = (0, 1), split: str | None = None, log=print) -> int:
     """Run every job on every sample not yet in `output`; returns the number of answers written.
 
     `max_new_tokens` caps each task's answer length (RULER's by default), for quick smoke runs.
     `decode_batch` > 1: a sample's answers on the target are prepared first, then decoded together in groups of up
     to that many (`generation.generate_batched`), each written as soon as it finishes; a kill then loses the
     sample's answers still in flight, at most one group's. 1: one answer at a time, each written when done.
+    `split`: answer only the development (`dev`) or the test (`test`) samples; every row records its split.
     """
     if not jobs:
         raise ConfigError("no methods to run")
@@ -213,7 +217,9 @@ def run(pair: Pair, jobs: list[Job], tasks: list[str], lengths: list[int], count
     # what is left is known from the sample ids alone; each prompt is generated only when its turn comes (a 16k
     # prompt takes about half a second, and a large grid would otherwise wait minutes before its first answer)
     todo = []  # (index, length, task, jobs not yet answered), in sample-major order
-    for index, length, task in coordinates(tasks, lengths, count, shard):
+    if split is not None and split not in ruler.SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose from {', '.join(ruler.SPLITS)}")
+    for index, length, task in coordinates(tasks, lengths, count, shard, split):
         sid = ruler.sample_id(task, length, seed, index)
         pending = [j for j in jobs if answer_key(sid, j.name, j.budget) not in results.done]
         if pending:
@@ -289,7 +295,7 @@ class _Sample:
         cut = {} if result.kept_ids is None else {"compressed": self.pair.tokenizer.decode(result.kept_ids[0])}
         self.results.append({
             "key": answer_key(sample.id, job.name, job.budget), "sample": sample.id, "task": sample.task,
-            "index": sample.index, "length": sample.length, "seed": sample.seed,
+            "index": sample.index, "split": ruler.split_of(sample.index), "length": sample.length, "seed": sample.seed,
             "method": job.name, "budget": job.budget, "config": job.describe(),
             "prediction": result.text, "expected": list(sample.outputs),
             "score": score(sample.task, result.text, list(sample.outputs)),

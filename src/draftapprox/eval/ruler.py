@@ -88,6 +88,16 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 )}
 
 
+# The protocol's split of the sample indices (issue 25): every idea is tried and every knob chosen on the
+# development samples; the test samples are answered once per final candidate and never used to choose.
+SPLITS = {"dev": range(0, 5), "test": range(5, 10)}
+
+
+def split_of(index: int) -> str:
+    """The split a sample index belongs to: `dev`, `test`, or `beyond` (indices past the protocol's ten)."""
+    return next((name for name, indices in SPLITS.items() if index in indices), "beyond")
+
+
 def sample_id(task: str, length: int, seed: int, index: int) -> str:
     """A sample's name in answer files, known before (and without) generating it."""
     return f"{task}/{length}/{seed}/{index}"

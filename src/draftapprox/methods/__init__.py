@@ -21,16 +21,17 @@ from .specpc import SpecPC
 from .specprefill import SpecPrefill
 from .streamingllm import StreamingLLM
 from .targetpc import TargetPC
+from .verispeckv import VeriSpecKV
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (FullKV, StreamingLLM, SnapKV, PyramidKV, AdaKV, SpecKV, AdaSpecKV, LAQ,
+    for cls in (FullKV, StreamingLLM, SnapKV, PyramidKV, AdaKV, SpecKV, AdaSpecKV, VeriSpecKV, LAQ,
                 SpecPC, RandomPC, RecencyPC, TargetPC, SpecPrefill, SpecKVPC)
 }
 
 __all__ = ["LAQ", "METHODS", "AdaKV", "AdaSpecKV", "FullKV", "KVMethod", "KVSelection", "Method", "PromptMethod",
            "PyramidKV", "RandomPC", "RecencyPC", "ScorerKV", "SnapKV", "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill",
-           "StreamingLLM", "TargetPC", "knob_fields", "make", "parse_budget", "parse_setting"]
+           "StreamingLLM", "TargetPC", "VeriSpecKV", "knob_fields", "make", "parse_budget", "parse_setting"]
 
 
 def parse_budget(text: str) -> int | float:
