@@ -121,6 +121,33 @@ def eval_report(
     write_report(report.write, inputs, out, command, ("accuracy.md",))
 
 
+@eval_app.command("study")
+def eval_study(
+    inputs: Annotated[list[Path], typer.Argument(help="JSONL files written by `draftapprox eval`: the candidates' "
+                                                      "development answers, the chosen method's test answers and the "
+                                                      "baselines' answers on the same prompts.")],
+    chosen: Annotated[str, typer.Option(help="The chosen method as the grid names it, e.g. verispeckv or "
+                                             "verispeckv(window=8).")],
+    timing: Annotated[list[Path] | None, typer.Option(help="`draftapprox bench` file with SpecKV and the chosen "
+                                                           "method timed in one run.")] = None,
+    out: Annotated[Path, typer.Option(help="The study's markdown report; its CSV and plot go beside it.")] =
+    Path("robust-speckv.md"),
+    command: Annotated[str | None, typer.Option(help="The command that produced the JSONL, quoted in the report.")]
+    = None,
+) -> None:
+    """A method chosen on the development samples (0-4), reported against its baselines on the test samples
+    (5-9): overall, split by whether the draft alone was right, with paired intervals and the goal figures."""
+    from .. import methods
+    from ..eval import harness, study
+
+    require_files([*inputs, *(timing or [])])
+    check_report_file(out, "--out")
+    name, knobs = harness.parse_method(chosen)
+    methods.make(name, **knobs)  # an unknown method or knob is refused before any file is read
+    for path in study.write(inputs, out, chosen, timing, command=command):
+        err.print(f"wrote {path}")
+
+
 @eval_app.command("diff")
 def eval_diff(
     inputs: Annotated[list[Path], typer.Argument(help="JSONL files written by `draftapprox eval`.")],

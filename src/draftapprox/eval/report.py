@@ -239,25 +239,28 @@ def _paired(rows: list[dict]) -> list[str]:
                       "| row method | " + " | ".join(f"{m} minus row" for m in ours) + " |",
                       "|---" * (len(ours) + 1) + "|"]
             for method, b in others:
-                cells_ = [_difference(answers[(length, mine, budget)], answers[(length, method, b)])
+                cells_ = [paired_difference(answers[(length, mine, budget)], answers[(length, method, b)])[0]
                           if method != mine else "-" for mine in ours]
                 lines.append(f"| {method} | " + " | ".join(cells_) + " |")
             lines.append("")
     return lines
 
 
-def _difference(mine: dict[str, tuple[str, float]], theirs: dict[str, tuple[str, float]]) -> str:
+def paired_difference(mine: dict[str, tuple[str, float]], theirs: dict[str, tuple[str, float]]
+                      ) -> tuple[str, tuple[float, float | None, float | None, int] | None]:
+    """Mean over tasks of the per-prompt difference on the prompts both answered, as text (bold where the 95%
+    interval excludes zero) and as (point, low, high, prompts); ("-", None) when they share no prompt."""
     by_task: dict[str, list[float]] = defaultdict(list)
     for sample in sorted(mine.keys() & theirs.keys()):  # a fixed order: the seeded bootstrap then repeats
         by_task[mine[sample][0]].append(mine[sample][1] - theirs[sample][1])
     if not by_task:
-        return "-"
+        return "-", None
     point, lo, hi = bootstrap_mean_over_tasks(by_task)
     n = sum(len(v) for v in by_task.values())
     if lo is None:
-        return f"{point:+.1f} [n=1: no interval] ({n})"
+        return f"{point:+.1f} [n=1: no interval] ({n})", (point, lo, hi, n)
     text = f"{point:+.1f} [{lo:+.1f}, {hi:+.1f}]"
-    return (f"**{text}**" if lo > 0 or hi < 0 else text) + f" ({n})"
+    return (f"**{text}**" if lo > 0 or hi < 0 else text) + f" ({n})", (point, lo, hi, n)
 
 
 def _summary(by_length: dict[int, dict]) -> list[str]:

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The robust-SpecKV study behind docs/results/robust-speckv.md (issue 25), resumable: every answer is appended to
+# its JSONL as it finishes and a rerun skips what is there. The protocol: samples 0-4 of every task (--split dev)
+# are where every idea is tried and every knob chosen; samples 5-9 (--split test) are answered once, by the chosen
+# method, and never used to choose. FullKV, the draft alone, SpecKV, Ada-SpecKV and SnapKV come from the main grid
+# (docs/results/raw/ruler-*-cpu.jsonl, same prompts, same precision), so only the candidates run here.
+#   STAGES="screen combine test length report" bash scripts/robust-speckv.sh     (hours of this 2-core CPU)
+# Timing (time to first token, decode step) is a separate stage on a quiet machine: STAGES=timing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RAW=docs/results/raw
+DEV=$RAW/robust-speckv-dev-2048.jsonl
+DTYPE=${DTYPE:-bfloat16}
+LENGTH_TASKS=niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery,vt,fwe  # the main grid's length check
+# The chosen method, from the development study (docs/results/robust-speckv.md says why)
+CHOSEN=${CHOSEN:-"verispeckv"}
+# Each idea alone, at the budget where SpecKV's gap is studied (128): the target's verification of the draft
+# (with and without its own correction tokens), a fixed budget split with prompt-only scores, the two ways of
+# normalising the sources, the draft-confidence and target-agreement gates, the budget-sized window, AdaKV.
+SCREEN="verispeckv(correct=0),verispeckv,verispeckv(verify=false,correct=0,share=0.5),\
+verispeckv(verify=false,correct=0,normalize=rank),verispeckv(verify=false,correct=0,normalize=mass),\
+verispeckv(verify=false,correct=0,share=0.5,gate=margin),verispeckv(correct=0,share=0.5,gate=agreement),\
+verispeckv(window=8),verispeckv(allocation=adaptive)"
+COMBINE=${COMBINE:-"verispeckv(window=8,allocation=adaptive),verispeckv(window=8),verispeckv"}
+grid() { draftapprox eval --dtype "$DTYPE" --decode-batch 48 --samples 10 "$@"; }
+for stage in ${STAGES:-screen combine test length report}; do
+  case $stage in
+    screen)  grid --split dev --lengths 2048 --budgets 128 --methods "$SCREEN" --output "$DEV" ;;
+    combine) grid --split dev --lengths 2048 --budgets 64,128,256 --methods "$COMBINE" --output "$DEV" ;;
+    test)    grid --split test --lengths 2048 --budgets 64,128,256 --methods "$CHOSEN" \
+               --output "$RAW/ruler-2048-cpu-robust.jsonl" ;;
+    length)  grid --split test --lengths 4096 --budgets 256 --methods "$CHOSEN" --tasks "$LENGTH_TASKS" \
+               --output "$RAW/ruler-4096-cpu-robust.jsonl" ;;
+    timing)  # one benchmark run, SpecKV and the chosen method side by side (the lookahead of the bench protocol)
+      draftapprox bench --methods "speckv,$CHOSEN" --budgets 128 --lengths 2048 --repeats 3 --no-floors \
+        --set speckv.lookahead=32 --set verispeckv.lookahead=32 --output "$RAW/bench-robust-cpu.jsonl" ;;
+    report)
+      draftapprox eval study "$DEV" "$RAW"/ruler-2048-cpu.jsonl "$RAW"/speckv-settings-2048.jsonl \
+        "$RAW"/ruler-2048-cpu-robust.jsonl "$RAW"/ruler-4096-cpu.jsonl "$RAW"/ruler-4096-cpu-robust.jsonl \
+        --chosen "$CHOSEN" --timing "$RAW/bench-robust-cpu.jsonl" --out docs/results/robust-speckv.md \
+        --command "STAGES=\"screen combine test length timing report\" CHOSEN=\"$CHOSEN\" scripts/robust-speckv.sh" ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
+done

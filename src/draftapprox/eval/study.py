@@ -1,0 +1,295 @@
+"""The development/test study of a new method against its baselines (`draftapprox eval study`), for issue 25's
+docs/results/robust-speckv.md.
+
+The split decides what may be compared: candidates are compared on the development samples (where they were
+chosen), the chosen method against the baselines on the test samples (answered once, never used to choose), each
+row's split read from the row (or, for rows older than the field, from its sample index by the same rule).
+Every figure is a mean over tasks with a 95% stratified bootstrap interval; differences are paired, prompt by
+prompt, on the prompts both methods answered; "draft right" means the draft model alone answered that prompt fully
+right. The goal figures' verdicts apply the issue's thresholds to these numbers and nothing else.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import InputError
+from ..files import replace_generated, save_figure
+from ..markdown import is_report, splice, table
+from .harness import parse_method
+from .metrics import bootstrap_mean_over_tasks
+from .report import load, paired_difference
+from .ruler import split_of
+
+BASELINES = ("fullkv", "draft", "snapkv", "speckv", "adaspeckv")
+HEADLINE = "Chosen method: "
+CSV_FIELDS = ["split", "length", "method", "budget", "group", "score", "ci_low", "ci_high", "n"]
+Answers = dict[str, tuple[str, float]]  # sample -> (task, score)
+
+
+class Study:
+    """Answers by (split, length, method, budget), and which prompts the draft alone got right."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.answers: dict[tuple[str, int, str, object], Answers] = defaultdict(dict)
+        for r in rows:
+            split = r.get("split") or split_of(r["index"])
+            self.answers[(split, r["length"], r["method"], r["budget"])][r["sample"]] = (r["task"], r["score"])
+        self.right = {s: score == 100 for (_, _, m, _), a in self.answers.items() if m == "draft"
+                      for s, (_, score) in a.items()}
+
+    def get(self, split: str, length: int, method: str, budget: object) -> Answers:
+        """A method's answers; FullKV and the draft have no budget and serve every budget."""
+        return self.answers.get((split, length, method, None if method in ("fullkv", "draft") else budget), {})
+
+    def methods(self, split: str, length: int) -> list[str]:
+        found = {m for (s, n, m, _) in self.answers if s == split and n == length}
+        return [m for m in BASELINES if m in found] + sorted(found - set(BASELINES))
+
+    def budgets(self, split: str, length: int) -> list[int]:
+        return sorted({b for (s, n, _, b) in self.answers if s == split and n == length and isinstance(b, int)})
+
+    def group(self, answers: Answers, which: str) -> Answers:
+        """All answers (means over tasks), or those where the draft was right or wrong, pooled over tasks (one
+        stratum: the split leaves some tasks one prompt or none, and a mean over tasks would then weigh one
+        prompt as a whole task), as the accuracy report's own split does."""
+        if which == "all":
+            return answers
+        want = which == "draft right"
+        return {s: ("pooled", a[1]) for s, a in answers.items() if s in self.right and self.right[s] == want}
+
+
+GROUPS = ("all", "draft right", "draft wrong")
+
+
+def mean_over_tasks(answers: Answers) -> tuple[float | None, float | None, float | None, int]:
+    if not answers:
+        return None, None, None, 0
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for task, score in answers.values():
+        by_task[task].append(score)
+    point, lo, hi = bootstrap_mean_over_tasks(dict(sorted(by_task.items())))
+    return point, lo, hi, len(answers)
+
+
+def _cell(answers: Answers) -> str:
+    point, lo, hi, n = mean_over_tasks(answers)
+    if point is None:
+        return "-"
+    return f"{point:.1f} " + ("[no interval]" if lo is None else f"[{lo:.1f}, {hi:.1f}]") + f" ({n})"
+
+
+def _difference(study: Study, mine: Answers, theirs: Answers, which: str) -> tuple[str, tuple | None]:
+    """The paired difference within one group of prompts, as text and as numbers for the verdicts."""
+    return paired_difference(study.group(mine, which), study.group(theirs, which))
+
+
+def development(study: Study, length: int = 2048) -> list[str]:
+    """Every candidate and baseline on the development prompts, split by the draft's answer, with its paired
+    difference from SpecKV at the same budget (what each idea buys) on all prompts and on the draft-wrong ones."""
+    lines = ["## Development study (samples 0-4 of every task)", "",
+             "Every idea was tried and every knob chosen on these prompts. Cells: mean over tasks (draft right, "
+             "draft wrong: over answers) [95% bootstrap interval] (answers). The last two columns are paired "
+             "differences from SpecKV at the same budget, bold where the interval excludes zero.", ""]
+    for budget in study.budgets("dev", length):
+        speckv = study.get("dev", length, "speckv", budget)
+        rows = []
+        for method in study.methods("dev", length):
+            answers = study.get("dev", length, method, budget)
+            if not answers:
+                continue
+            diffs = ["-", "-"] if method == "speckv" else [
+                _difference(study, answers, speckv, which)[0] for which in ("all", "draft wrong")]
+            rows.append([method, *(_cell(study.group(answers, g)) for g in GROUPS), *diffs])
+        lines += [f"### {length} tokens, budget {budget}", "",
+                  *table(["method", "all", "draft right", "draft wrong", "minus SpecKV (all)",
+                          "minus SpecKV (draft wrong)"], rows), ""]
+    return lines
+
+
+def test_set(study: Study, chosen: str, length: int, budgets: list[int]) -> list[str]:
+    """The chosen method against the baselines on the test prompts, overall and split by the draft's answer."""
+    lines = []
+    for budget in budgets:
+        mine = study.get("test", length, chosen, budget)
+        if not mine:
+            continue
+        rows = [[chosen, *(_cell(study.group(mine, g)) for g in GROUPS), "-", "-", "-"]]
+        for method in BASELINES:
+            theirs = study.get("test", length, method, budget)
+            if theirs:
+                rows.append([method, *(_cell(study.group(theirs, g)) for g in GROUPS),
+                             *(_difference(study, mine, theirs, g)[0] for g in GROUPS)])
+        lines += [f"### {length} tokens, budget {budget}", "",
+                  *table(["method", "all", "draft right", "draft wrong", f"{chosen} minus row (all)",
+                          "(draft right)", "(draft wrong)"], rows), ""]
+    return lines
+
+
+def timing(rows: dict, chosen: str) -> tuple[list[str], float | None]:
+    """Time to first token and decode step of SpecKV and the chosen method from one benchmark file."""
+    found = {}
+    for (_, length), r in rows.items():
+        base = r["method"]
+        if base in ("speckv", parse_method(chosen)[0]) and r["config"].startswith(base):
+            found[(r["method"] if r["method"] == "speckv" else chosen, length)] = r
+    out = []
+    ratio = None
+    for length in sorted({n for _, n in found}):
+        spec, mine = found.get(("speckv", length)), found.get((chosen, length))
+        if spec is None or mine is None:
+            continue
+        ratio = mine["first_token"] / spec["first_token"]
+        out.append([str(length), f"{spec['first_token']:.2f}", f"{mine['first_token']:.2f}", f"{ratio:.2f}x",
+                    f"{spec['decode_per_token']:.3f}", f"{mine['decode_per_token']:.3f}",
+                    f"{mine['decode_per_token'] / spec['decode_per_token']:.2f}x"])
+    if not out:
+        return [], None
+    return ["## Time (one benchmark run)", "",
+            *table(["length", "SpecKV first token (s)", f"{chosen} first token (s)", "ratio",
+                    "SpecKV decode step (s)", f"{chosen} decode step (s)", "ratio"], out), ""], ratio
+
+
+def goals(study: Study, chosen: str, ttft_ratio: float | None) -> list[str]:
+    """The issue's goal figures on the test prompts, each with its number and verdict."""
+    def diff(length: int, budget: int, other: str, which: str = "all") -> tuple | None:
+        mine, theirs = study.get("test", length, chosen, budget), study.get("test", length, other, budget)
+        return _difference(study, mine, theirs, which)[1] if mine and theirs else None
+
+    def verdict(numbers: tuple | None, test: Callable[[tuple], bool], say: str) -> list[str]:
+        if numbers is None:
+            return [say, "not measured yet"]
+        point, lo, hi, n = numbers
+        interval = "no interval" if lo is None else f"[{lo:+.1f}, {hi:+.1f}]"
+        return [say, f"{point:+.1f} {interval} ({n} prompts)", "met" if test(numbers) else "missed"]
+
+    rows = [
+        verdict(diff(2048, 128, "fullkv"), lambda d: d[0] >= -5, "budget 128: within 5 points of FullKV"),
+        verdict(diff(2048, 128, "draft"), lambda d: d[1] is not None and d[1] > 0,
+                "budget 128: ahead of the draft alone, interval above zero"),
+        verdict(diff(2048, 64, "adaspeckv"), lambda d: d[0] > 0, "budget 64: ahead of Ada-SpecKV"),
+        verdict(diff(2048, 128, "speckv", "draft right"), lambda d: d[0] >= -1,
+                "budget 128, draft-right prompts: no more than 1 point below SpecKV"),
+        verdict(diff(4096, 256, "fullkv"), lambda d: d[0] >= -3, "4,096 tokens, budget 256: within 3 points of FullKV"),
+        ["time to first token at most 1.1x SpecKV's", "not measured yet" if ttft_ratio is None else
+         f"{ttft_ratio:.2f}x", *([] if ttft_ratio is None else ["met" if ttft_ratio <= 1.1 else "missed"])],
+    ]
+    rows = [r + [""] * (3 - len(r)) for r in rows]
+    return ["## Goal figures (test prompts)", "",
+            "Differences are the chosen method minus the named one, paired by prompt, mean over tasks "
+            "[95% interval]. A point estimate that meets a threshold its interval straddles is met on the point "
+            "alone; the interval says how sure.", "",
+            *table(["goal", "measured", "verdict"], rows), ""]
+
+
+def csv_rows(study: Study) -> list[dict]:
+    out = []
+    for (split, length, method, budget), answers in sorted(study.answers.items(), key=str):
+        for which in GROUPS:
+            point, lo, hi, n = mean_over_tasks(study.group(answers, which))
+            if point is not None:
+                out.append(dict(split=split, length=length, method=method, budget="" if budget is None else budget,
+                                group=which, score=round(point, 2), ci_low="" if lo is None else round(lo, 2),
+                                ci_high="" if hi is None else round(hi, 2), n=n))
+    return out
+
+
+def _write_csv(study: Study, path: Path) -> Path:
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(csv_rows(study))
+    header = ",".join(CSV_FIELDS)
+    return replace_generated(path, buffer.getvalue(), lambda text: text.splitlines()[0] == header, "study table")
+
+
+def _plot(study: Study, chosen: str, path: Path) -> Path | None:
+    """Left: every candidate on the development prompts at each budget, draft right and wrong; right: the chosen
+    method against the baselines on the test prompts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dev = [m for m in study.methods("dev", 2048) if m not in ("fullkv", "draft")]
+    budgets = study.budgets("dev", 2048)
+    if not dev or not budgets:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(14, 0.32 * len(dev) * len(budgets) + 2.5),
+                             gridspec_kw={"width_ratios": [3, 2]})
+    labels, right, wrong = [], [], []
+    for budget in budgets:
+        for method in dev:
+            answers = study.get("dev", 2048, method, budget)
+            if answers:
+                labels.append(f"{method} @{budget}")
+                right.append(mean_over_tasks(study.group(answers, "draft right"))[0] or 0)
+                wrong.append(mean_over_tasks(study.group(answers, "draft wrong"))[0] or 0)
+    y = range(len(labels))
+    axes[0].barh([i + 0.2 for i in y], right, height=0.4, label="draft right", color="tab:blue")
+    axes[0].barh([i - 0.2 for i in y], wrong, height=0.4, label="draft wrong", color="tab:red")
+    axes[0].set_yticks(list(y), labels, fontsize=7)
+    axes[0].invert_yaxis()
+    axes[0].set_xlabel("RULER score (development prompts, mean over tasks)")
+    axes[0].legend(loc="lower right")
+    for method in (chosen, *BASELINES):
+        points = [(b, mean_over_tasks(study.get("test", 2048, method, b))) for b in (64, 128, 256)]
+        points = [(b, m) for b, m in points if m[0] is not None]
+        if points:
+            axes[1].errorbar([b for b, _ in points], [m[0] for _, m in points],
+                             yerr=[[m[0] - (m[1] if m[1] is not None else m[0]) for _, m in points],
+                                   [(m[2] if m[2] is not None else m[0]) - m[0] for _, m in points]],
+                             marker="o", capsize=2, label=method, linewidth=2.2 if method == chosen else 1.2)
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_xlabel("KV budget (pairs per head)")
+    axes[1].set_ylabel("RULER score (test prompts)")
+    axes[1].legend(fontsize=7)
+    axes[1].set_title("test prompts, 2,048 tokens")
+    fig.tight_layout()
+    saved = save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return saved
+
+
+def write(paths: list[Path], out: Path, chosen: str, timing_paths: list[Path] | None = None,
+          command: str | None = None) -> list[Path]:
+    """robust-speckv.md (first line: the chosen method with its knobs), its CSV and its plot."""
+    from ..methods import make
+
+    rows = load(paths)
+    if not rows:
+        raise InputError("no answers in the input files")
+    name, knobs = parse_method(chosen)
+    method = make(name, **knobs)
+    settings = ", ".join(f"{f.name}={getattr(method, f.name)}" for f in method.knobs())
+    study = Study(rows)
+    ratio, time_lines = None, []
+    if timing_paths:
+        from ..bench.report import load as load_bench
+
+        time_lines, ratio = timing(load_bench(timing_paths), chosen)
+    lines = ["The protocol: RULER samples 0-4 of every task are the development set, 5-9 the test set "
+             "(`draftapprox eval --split`); each answer row records its split. Baselines come from the main grid, "
+             "on the same prompts and precision.", ""]
+    if command:
+        lines += ["Command:", "", "```", command, "```", ""]
+    lines += goals(study, chosen, ratio)
+    lines += ["## Test set (samples 5-9, answered once by the chosen method)", "",
+              "Cells: mean over tasks (draft right, draft wrong: over answers) [95% bootstrap interval] (answers); "
+              "the last three columns are paired "
+              f"differences, {chosen} minus the row, bold where the interval excludes zero.", ""]
+    lines += test_set(study, chosen, 2048, [64, 128, 256]) + test_set(study, chosen, 4096, [256])
+    lines += time_lines + development(study)
+    out = Path(out)
+    splice(out, "\n".join(lines))
+    text = out.read_text()
+    body = text.split("\n", 1)[1] if text.startswith(HEADLINE) else text
+    replace_generated(out, f"{HEADLINE}{name}({settings})\n{body}", is_report)
+    written = [out, _write_csv(study, out.with_suffix(".csv"))]
+    figure = _plot(study, chosen, out.with_suffix(".png"))
+    return written + ([figure] if figure else [])
+
