@@ -245,6 +245,8 @@ BAD_VALUES = [
     ["generate", "--example", "--dtype", "float64"], ["compress", "--example", "-m", "fullkv"],
     ["bench", "--methods", "nope"], ["bench", "--budgets", "x"], ["bench", "--lengths", "12"],
     ["eval", "--tasks", "nope"], ["eval", "--methods", "speckv(window=)"], ["eval", "--shard", "3/2"],
+    ["eval", "--split", "train"], ["eval", "study", "--chosen", "nosuchkv", "README.md"],
+    ["eval", "study", "--chosen", "verispeckv(share=2)", "README.md"],
     ["bench", "proxy", "--engine", "nope"], ["bench", "proxy", "--stages", "nope"],
     ["bench", "proxy", "--ratio", "2"], ["bench", "serve", "--methods", "nope"],
     ["bench", "serve", "--clients", "two"], ["bench", "engine", "--engine", "sglang"],

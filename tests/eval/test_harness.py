@@ -93,6 +93,19 @@ def test_shards_split_the_grid_by_sample_index(pair, tmp_path):
         harness.run(pair, jobs(), TASKS, [1024], 1, outs[0], progress=False, shard=(2, 2))
 
 
+def test_a_split_answers_only_its_samples_and_every_row_records_its_split(pair, tmp_path):
+    """The protocol's split: samples 0-4 develop, 5-9 test; a split run touches no other sample."""
+    assert [i for i, _, _ in harness.coordinates(TASKS[:1], [1024], 10, split="test")] == [5, 6, 7, 8, 9]
+    out = tmp_path / "test.jsonl"
+    fullkv = harness.plan(["fullkv"], ["64"])
+    harness.run(pair, fullkv, TASKS[:1], [1024], 7, out, progress=False, max_new_tokens=1, split="test")
+    assert [(r["index"], r["split"]) for r in lines(out)] == [(5, "test"), (6, "test")]
+    harness.run(pair, fullkv, TASKS[:1], [1024], 7, out, progress=False, max_new_tokens=1)  # all: 0-4 join
+    assert sorted({r["split"] for r in lines(out) if r["index"] < 5}) == ["dev"]
+    with pytest.raises(ConfigError, match="unknown split"):
+        harness.run(pair, fullkv, TASKS[:1], [1024], 1, out, progress=False, split="train")
+
+
 def test_batched_decoding_writes_the_same_answers_once(pair, tmp_path):
     one, many = tmp_path / "one.jsonl", tmp_path / "many.jsonl"
     harness.run(pair, jobs(), TASKS, [1024], 1, one, progress=False, max_new_tokens=6)
