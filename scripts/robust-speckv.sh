@@ -15,11 +15,13 @@ LENGTH_TASKS=niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery,vt,fw
 # The chosen method, from the development study (docs/results/robust-speckv.md says why)
 CHOSEN=${CHOSEN:-"verispeckv"}
 # Each idea alone, at the budget where SpecKV's gap is studied (128): the target's verification of the draft
-# (with and without its own correction tokens), a fixed budget split with prompt-only scores, the two ways of
-# normalising the sources, the draft-confidence and target-agreement gates, the budget-sized window, AdaKV.
-SCREEN="verispeckv(correct=0),verispeckv,verispeckv(verify=false,correct=0,share=0.5),\
-verispeckv(verify=false,correct=0,normalize=rank),verispeckv(verify=false,correct=0,normalize=mass),\
-verispeckv(verify=false,correct=0,share=0.5,gate=margin),verispeckv(correct=0,share=0.5,gate=agreement),\
+# (alone, with the target's own correction tokens, with the draft's rewrite, with both), a fixed budget split with
+# prompt-only scores, the two ways of normalising the sources, the draft-confidence and target-agreement gates, the
+# budget-sized window, AdaKV's allocation.
+PLAIN="verify=false,redraft=0,correct=0"
+SCREEN="verispeckv(redraft=0,correct=0),verispeckv(redraft=0),verispeckv(correct=0),verispeckv,\
+verispeckv($PLAIN,share=0.5),verispeckv($PLAIN,normalize=rank),verispeckv($PLAIN,normalize=mass),\
+verispeckv($PLAIN,share=0.5,gate=margin),verispeckv(redraft=0,correct=0,share=0.5,gate=agreement),\
 verispeckv(window=8),verispeckv(allocation=adaptive)"
 COMBINE=${COMBINE:-"verispeckv(window=8,allocation=adaptive),verispeckv(window=8),verispeckv"}
 grid() { draftapprox eval --dtype "$DTYPE" --decode-batch 48 --samples 10 "$@"; }

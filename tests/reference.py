@@ -208,27 +208,43 @@ def masked_greedy(model, ids: torch.Tensor, keep: list[list[set[int]]], steps: i
 
 
 def verified_lookahead(target, ids: torch.Tensor, draft_tokens: torch.Tensor, correct: int,
-                       eos: frozenset[int] = frozenset()) -> tuple[torch.Tensor, int]:
+                       eos: frozenset[int] = frozenset(), draft=None, redraft: int = 0) -> tuple[torch.Tensor, int]:
     """VeriSpecKV's lookahead by full recomputation: the draft's tokens up to the first one the target, reading the
-    prompt and the tokens before it, would not have chosen greedily; then up to `correct` of the target's own greedy
-    tokens (stopping before an EOS). Returns (tokens, how many draft tokens were accepted)."""
-    seq, accepted = ids, 0
+    prompt and the tokens before it, would not have chosen greedily. Then, `redraft` times, the target's token there
+    followed by the draft's greedy rewrite (up to the lookahead's length, EOS included), checked the same way; then
+    up to `correct` of the target's own greedy tokens (stopping before an EOS). Returns (tokens, how many of the
+    draft's first answer were accepted)."""
+    n, length = ids.shape[1], draft_tokens.shape[1]
 
-    def choice(x: torch.Tensor) -> int:
+    def choice(model, x: torch.Tensor) -> int:
         with torch.no_grad():
-            return int(target(input_ids=x).logits[0, -1].argmax())
+            return int(model(input_ids=x).logits[0, -1].argmax())
 
-    for j in range(draft_tokens.shape[1]):
-        if choice(seq) != int(draft_tokens[0, j]):
+    seq, answer, first = ids, draft_tokens, None
+    for round_ in range(redraft + 1):
+        good = 0
+        while good < answer.shape[1] and choice(target, seq) == int(answer[0, good]):
+            seq, good = torch.cat([seq, answer[:, good:good + 1]], dim=1), good + 1
+        first = good if first is None else first
+        if good == answer.shape[1]:
+            return seq[:, n:], first
+        fix = choice(target, seq)
+        if round_ == redraft or fix in eos:
             break
-        seq, accepted = torch.cat([seq, draft_tokens[:, j:j + 1]], dim=1), accepted + 1
-    if accepted < draft_tokens.shape[1]:
-        for _ in range(correct):
-            token = choice(seq)
+        rewrite, x = [fix], torch.cat([seq, torch.tensor([[fix]])], dim=1)
+        for _ in range(length - (seq.shape[1] - n) - 1):
+            token = choice(draft, x)
+            rewrite.append(token)
             if token in eos:
                 break
-            seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
-    return seq[:, ids.shape[1]:], accepted
+            x = torch.cat([x, torch.tensor([[token]])], dim=1)
+        answer = torch.tensor([rewrite])
+    for _ in range(correct):
+        token = choice(target, seq)
+        if token in eos:
+            break
+        seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
+    return seq[:, n:], first
 
 
 def hedged_keep(target, ids: torch.Tensor, lookahead: torch.Tensor, budget: int, window: int, kernel: int,

@@ -40,6 +40,7 @@ class PromptState:
     queries: QueryCapture | None = None
     logits: torch.Tensor | None = None
     _lookahead: tuple[torch.Tensor, bool, list[float]] | None = None  # (tokens (b, L), stopped at EOS, margins)
+    draft_cache: DynamicCache | None = None  # the draft's cache after its lookahead (prompt + tokens but the last)
     _scores: dict[tuple, object] = field(default_factory=dict)  # methods' memoised scores, by settings
 
     @property
@@ -59,9 +60,10 @@ class PromptState:
                 return tokens[:, :length]
         draft = self.require_draft("lookahead")
         margins: list[float] = []
+        cache = new_cache()
         with self.timings.phase("draft", draft.device):
-            tokens = greedy(draft, self.input_ids, new_cache(), length, self.eos_ids, margins=margins)
-        self.remember_lookahead(tokens, length, margins)
+            tokens = greedy(draft, self.input_ids, cache, length, self.eos_ids, margins=margins)
+        self.remember_lookahead(tokens, length, margins, cache)
         return tokens
 
     def lookahead_margins(self, length: int) -> torch.Tensor:
@@ -77,8 +79,10 @@ class PromptState:
             self._scores[settings] = compute()
         return self._scores[settings]
 
-    def remember_lookahead(self, tokens: torch.Tensor, asked: int, margins: list[float]) -> None:
+    def remember_lookahead(self, tokens: torch.Tensor, asked: int, margins: list[float],
+                           cache: DynamicCache | None = None) -> None:
         self._lookahead = (tokens, tokens.shape[1] < asked, margins)
+        self.draft_cache = cache
 
 
 @torch.inference_mode()
@@ -145,7 +149,7 @@ def token_scores(state: PromptState, model: PreTrainedModel, window: int, lookah
                 tokens = greedy(model, state.input_ids, cache, lookahead, state.eos_ids, capture=capture,
                                 margins=margins)
                 if model is state.draft:
-                    state.remember_lookahead(tokens, lookahead, margins)
+                    state.remember_lookahead(tokens, lookahead, margins, cache)
         check_captured(model, capture)
         queries, scaling = capture.queries, capture.scaling
     with state.timings.phase("scoring", model.device):

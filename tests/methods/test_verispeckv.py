@@ -42,21 +42,44 @@ def test_the_lookahead_is_the_draft_up_to_its_first_rejected_token_then_the_targ
     # the draft agrees with the target on its first `agree` tokens, then writes something else
     draft = mine.clone()
     draft[0, agree:] = (mine[0, agree:] + 1) % pair.target.config.vocab_size
-    method = make("verispeckv", 40, correct=3, **SMALL)
+    method = make("verispeckv", 40, redraft=0, correct=3, **SMALL)
     state = _state_with_draft(pair, ids, draft, method.rows)
     look = method.verified(state, L)
     tokens, accepted = verified_lookahead(pair.target, ids, draft, correct=3, eos=state.eos_ids)
     assert (look.accepted, look.drafted) == (accepted, L) == (agree, L)
     assert look.rows == tokens.shape[1] and torch.equal(tokens[:, :agree], draft[:, :agree])
-    assert look.corrected == (0 if agree == L else tokens.shape[1] - agree) and look.corrected <= 3
+    assert look.rows <= (L if agree == L else agree + 3)
     assert state.cache.layers[0].keys.shape[2] == N  # the shared cache is left as it was found
+    assert _kept(method.select(state).keep) == speckv_keep(pair.target, ids, tokens, 40, 8, 5)
+
+
+@pytest.mark.parametrize(("redraft", "given"), [(1, False), (2, False), (1, True), (2, True)])
+def test_the_draft_rewrites_its_answer_from_the_targets_token_and_the_target_checks_it_again(pair, redraft, given):
+    """With the draft's own answer the rewrite continues the cache its lookahead left; with a given answer (no
+    such cache: agreeing with the target on its first token only) the draft prefills prompt and accepted tokens."""
+    ids = prompt_ids(N)
+    method = make("verispeckv", 40, redraft=redraft, correct=2, **SMALL)
+    draft = None
+    if given:
+        mine = _target_greedy(pair, ids, L)
+        draft = mine.clone()
+        draft[0, 1:] = (mine[0, 1:] + 1) % pair.target.config.vocab_size
+    state = _state_with_draft(pair, ids, draft, method.rows)
+    answer = state.lookahead(L)
+    assert (state.draft_cache is None) == given
+    look = method.verified(state, L)
+    tokens, accepted = verified_lookahead(pair.target, ids, answer, correct=2, eos=state.eos_ids, draft=pair.draft,
+                                          redraft=redraft)
+    assert (look.accepted, look.rows) == (accepted, tokens.shape[1])
+    assert accepted == 1 if given else True
+    assert state.cache.layers[0].keys.shape[2] == N
     assert _kept(method.select(state).keep) == speckv_keep(pair.target, ids, tokens, 40, 8, 5)
 
 
 @pytest.mark.parametrize(("share", "normalize"), [(0.5, "none"), (0.0, "mass"), (0.25, "rank"), (1.0, "none")])
 def test_hedged_selection_equals_slow_reference(pair, share, normalize):
     ids = prompt_ids(N)
-    method = make("verispeckv", 40, correct=2, share=share, normalize=normalize, **SMALL)
+    method = make("verispeckv", 40, redraft=0, correct=2, share=share, normalize=normalize, **SMALL)
     state = _state_with_draft(pair, ids, None, method.rows)
     keep = _kept(method.select(state).keep)
     tokens, _ = verified_lookahead(pair.target, ids, state.lookahead(L), correct=2, eos=state.eos_ids)
@@ -66,7 +89,7 @@ def test_hedged_selection_equals_slow_reference(pair, share, normalize):
 def test_without_verification_it_is_speckv(qwen_pair):
     ids = prompt_ids(N)
     state = _state_with_draft(qwen_pair, ids, None, 9)
-    plain = make("verispeckv", 40, verify=False, correct=0, **SMALL).select(state).keep
+    plain = make("verispeckv", 40, verify=False, redraft=0, correct=0, **SMALL).select(state).keep
     assert all(torch.equal(a, b) for a, b in zip(plain, da.SpecKV(40, **SMALL).select(state).keep, strict=True))
 
 
@@ -112,7 +135,9 @@ def test_one_verification_serves_every_budget_and_hedge(qwen_pair):
     ({"normalize": "softmax"}, "normalize"),
     ({"allocation": "pyramid"}, "allocation"),
     ({"verify": False}, "needs verify"),
-    ({"verify": False, "correct": 0, "gate": "agreement"}, "needs verify"),
+    ({"verify": False, "correct": 0}, "redraft=1 needs verify"),
+    ({"verify": False, "correct": 0, "redraft": 0, "gate": "agreement"}, "needs verify"),
+    ({"redraft": -1}, "redraft"),
     ({"correct": -1}, "correct"),
 ])
 def test_invalid_knobs_are_refused(knobs, message):

@@ -48,7 +48,7 @@ def test_completion_reports_usage_and_the_method_record(server):
             "config"} <= set(extra)
 
 
-@pytest.mark.parametrize("method", ["fullkv", "speckv", "specpc"])
+@pytest.mark.parametrize("method", ["fullkv", "speckv", "verispeckv", "specpc"])
 def test_a_stream_gives_the_same_text_as_the_whole_answer(server, method):
     url, _ = server
     body = {"draftapprox": options(method)}
@@ -197,7 +197,7 @@ def test_a_failing_request_fails_alone(server, monkeypatch):
 def test_batched_answers_equal_answers_served_alone(server):
     url, _ = server
     requests = [(words(30 + 15 * i, seed=i), m) for i, m in enumerate(["fullkv", "speckv", "snapkv", "adakv",
-                                                                        "specpc", "fullkv"])]
+                                                                        "specpc", "verispeckv", "fullkv"])]
 
     def ask(prompt, method):
         return complete(url, prompt, max_tokens=12, extra_body={"draftapprox": options(method)})

@@ -3,10 +3,11 @@
 SpecKV fails when the draft answers wrong: the wrong answer's queries point at the wrong needle and the kept pairs
 follow them. The target already runs the draft's answer over its full prompt cache to score it, so asking that
 same forward for its logits (one output projection more) shows where the target would have written something else:
-speculative decoding's acceptance test. The draft's answer is trusted up to the first token the target rejects;
-from there the target writes `correct` tokens of its own on the full cache (the answer FullKV would give, which is
-the lookahead the draft should have written), and their queries stand in for the rejected ones. Every one of these
-tokens is discarded afterwards, as SpecKV's are.
+speculative decoding's acceptance test. The draft's answer is trusted up to the first token the target rejects.
+There the target's own token replaces it and the draft rewrites the rest of its answer from it (`redraft` rounds,
+each checked again); after the last round the target writes `correct` tokens of its own on the full cache. What
+scores the prompt is then the answer FullKV would give, as far as the rounds reach: the lookahead the draft should
+have written. Every one of these tokens is discarded afterwards, as SpecKV's are.
 
 The other knobs are the hedges of issue 25's study, kept so that each can be measured against the default:
 `share` of the budget given to prompt-only (window) scores, fixed or scaled by the draft's doubt (`gate`), the two
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import truncate_cache
+from ..cache import new_cache, shallow_copy, truncate_cache
 from ..capture import QueryCapture, check_captured
 from ..draft import PromptState, greedy_from
 from ..errors import ConfigError
@@ -32,17 +33,14 @@ from .scorer import ScorerKV, Scores
 @dataclass
 class Lookahead:
     """The rows that score the prompt after verification: queries `(b, H, R, d)` and keys `(b, G, R, d)` per layer
-    at positions `n .. n+R-1` (the accepted draft tokens, then the target's own), and how much of the draft held."""
+    at positions `n .. n+R-1` (the accepted draft tokens, the rewrites the target accepted, then the target's own),
+    and how much of the draft's first answer held."""
 
     queries: dict[int, torch.Tensor]
     keys: dict[int, torch.Tensor]
     drafted: int
-    accepted: int
-    corrected: int
-
-    @property
-    def rows(self) -> int:
-        return self.accepted + self.corrected
+    accepted: int  # of the draft's first answer
+    rows: int
 
     @property
     def agreement(self) -> float:
@@ -52,16 +50,18 @@ class Lookahead:
 
 @dataclass
 class VeriSpecKV(ScorerKV):
-    """`verify`: the target checks the draft's answer and keeps it up to its first rejected token; `correct`:
-    target tokens written from the rejection on (0: none); `lookahead`: draft tokens (None: max_new_tokens).
+    """`verify`: the target checks the draft's answer and keeps it up to its first rejected token; `redraft`:
+    rounds in which the draft rewrites its answer from the target's token there; `correct`: target tokens written
+    from the last rejection on (0: none); `lookahead`: draft tokens (None: max_new_tokens).
     `share`: fraction of the non-window slots kept for the prompt tail's own top pairs; `gate`: `none` (the share
     as given), `agreement` (the share times the fraction of the draft the target rejected) or `margin` (times the
     draft's mean doubt, 1 - top-1 + top-2 probability). `normalize`: `none` (SpecKV's max over raw attention),
     `mass` (the mean of each source's per-head distribution) or `rank` (the max of each source's rank
     percentile). `allocation`: `uniform` (the top pairs of every KV head) or `adaptive` (AdaKV, floor `alpha`).
-    With `verify=False, correct=0, share=0` it is SpecKV exactly."""
+    With `verify=False, redraft=0, correct=0, share=0` it is SpecKV exactly."""
 
     verify: bool = True
+    redraft: int = 1
     correct: int = 8
     lookahead: int | None = None
     share: float = 0.0
@@ -70,11 +70,12 @@ class VeriSpecKV(ScorerKV):
     allocation: str = "uniform"
     alpha: float = 0.2
     name = "verispeckv"
-    summary = "SpecKV whose draft answer the target verifies: kept up to its first rejected token, then the target's"
+    summary = "SpecKV whose draft answer the target verifies; from its first rejected token the target's own score"
     needs_draft = True
 
     def validate(self) -> None:
         positive(self, "correct", self.correct, minimum=0)
+        positive(self, "redraft", self.redraft, minimum=0)
         if self.lookahead is not None:
             positive(self, "lookahead", self.lookahead, minimum=0)
         if isinstance(self.share, bool) or not isinstance(self.share, int | float) or not 0 <= self.share <= 1:
@@ -84,8 +85,10 @@ class VeriSpecKV(ScorerKV):
         choice(self, "allocation", self.allocation, ("uniform", "adaptive"))
         if self.gate == "agreement" and not self.verify:
             raise ConfigError(f"{self.name}: gate=agreement needs verify=true (the agreement is the target's)")
-        if self.correct and not self.verify:
-            raise ConfigError(f"{self.name}: correct={self.correct} needs verify=true (nothing is rejected without it)")
+        for knob in ("correct", "redraft"):
+            if getattr(self, knob) and not self.verify:
+                raise ConfigError(f"{self.name}: {knob}={getattr(self, knob)} needs verify=true (nothing is rejected "
+                                  "without it)")
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"{self.name}: alpha must be in [0, 1], got {self.alpha}")
         super().validate()
@@ -102,31 +105,66 @@ class VeriSpecKV(ScorerKV):
         drafted = tokens.shape[1]
         if not drafted:
             return Lookahead({}, {}, 0, 0, 0)
-        seen = QueryCapture(rows=drafted)
-        with state.timings.phase("target_lookahead", target.device):
-            logits = forward(target, tokens, state.cache, n, logits=False, every=self.verify, capture=seen)
-        check_captured(target, seen)
-        accepted = drafted
-        if self.verify:
-            # the target's own choice at each draft token: from the prompt's last logits, then from each draft token
-            wanted = torch.cat([state.logits[:, None], logits[:, :-1]], dim=1).argmax(-1)
-            rejected = (wanted[0] != tokens[0].to(wanted.device)).nonzero()
-            accepted = int(rejected[0]) if rejected.numel() else drafted
-        queries = {i: q[..., :accepted, :] for i, q in seen.queries.items()}
-        corrected = 0
-        if accepted < drafted and self.correct:
-            truncate_cache(state.cache, n + accepted)
+        position, last = n, state.logits  # where the next token goes, and the target's logits that predict it
+        rows: list[dict[int, torch.Tensor]] = []
+        taken: list[torch.Tensor] = []  # the tokens whose rows are kept, in order
+        accepted, rejected, draft_cache = drafted, False, None
+        for round_ in range(self.redraft + 1):
+            seen = QueryCapture(rows=tokens.shape[1])
+            with state.timings.phase("target_lookahead", target.device):
+                logits = forward(target, tokens, state.cache, position, logits=False, every=self.verify, capture=seen)
+            check_captured(target, seen)
+            good = tokens.shape[1]
+            if self.verify:
+                # the target's own choice at each token: from the logits before it, then from each token in turn
+                wanted = torch.cat([last[:, None], logits[:, :-1]], dim=1).argmax(-1)
+                wrong = (wanted[0] != tokens[0].to(wanted.device)).nonzero()
+                good = int(wrong[0]) if wrong.numel() else tokens.shape[1]
+            rows.append({i: q[..., :good, :] for i, q in seen.queries.items()})
+            taken.append(tokens[:, :good])
+            accepted = good if round_ == 0 else accepted
+            position += good
+            rejected = good < tokens.shape[1]
+            if not rejected:
+                break
+            last = last if good == 0 else logits[:, good - 1]
+            truncate_cache(state.cache, position)
+            fix = wanted[:, good:good + 1]
+            if round_ == self.redraft or int(fix[0, 0]) in state.eos_ids:
+                break
+            # the draft rewrites the rest of its answer from the target's token; the next round checks it
+            draft_cache = draft_cache or self._draft_cache(state, torch.cat(taken, dim=1))
+            truncate_cache(draft_cache, position)
+            draft = state.require_draft(self.name)
+            with state.timings.phase("draft", draft.device):
+                ahead = forward(draft, fix, draft_cache, position)
+                room = length - (position - n) - 1
+                more = greedy_from(draft, ahead, draft_cache, position + 1, room, state.eos_ids) if room > 0 else None
+            tokens = fix if more is None else torch.cat([fix, more.to(fix.device)], dim=1)
+        if rejected and self.correct:
             own = QueryCapture(rows=self.correct)
-            start = state.logits if accepted == 0 else logits[:, accepted - 1]
             with state.timings.phase("target_lookahead", target.device):
                 # `correct + 1` tokens feed `correct` of them (the last is never fed); fewer when it stops at EOS
-                greedy_from(target, start, state.cache, n + accepted, self.correct + 1, state.eos_ids, capture=own)
+                greedy_from(target, last, state.cache, position, self.correct + 1, state.eos_ids, capture=own)
             if own.queries:
-                corrected = next(iter(own.queries.values())).shape[2]
-                queries = {i: torch.cat([q, own.queries[i]], dim=2) for i, q in queries.items()}
-        keys = {i: state.cache.layers[i].keys[:, :, n:n + accepted + corrected].clone() for i in queries}
+                rows.append(own.queries)
+        queries = {i: torch.cat([r[i] for r in rows], dim=2) for i in rows[0]}
+        count = next(iter(queries.values())).shape[2]
+        keys = {i: state.cache.layers[i].keys[:, :, n:n + count].clone() for i in queries}
         truncate_cache(state.cache, n)
-        return Lookahead(queries, keys, drafted, accepted, corrected)
+        return Lookahead(queries, keys, drafted, accepted, count)
+
+    @staticmethod
+    def _draft_cache(state: PromptState, taken: torch.Tensor):
+        """A cache of the draft's own that holds the prompt and the accepted tokens: the one its lookahead left
+        (shared, so copied; appends go to buffers of the copy's own), or a prefill when there is none."""
+        if state.draft_cache is not None:
+            return shallow_copy(state.draft_cache)
+        draft, cache = state.require_draft("verispeckv"), new_cache()
+        with state.timings.phase("draft", draft.device):
+            forward(draft, torch.cat([state.input_ids, taken.to(state.input_ids.device)], dim=1), cache, 0,
+                    logits=False)
+        return cache
 
     def share_of(self, state: PromptState, look: Lookahead, length: int) -> float:
         """The share of the slots the prompt tail's own top pairs get, after the gate."""
@@ -139,7 +177,7 @@ class VeriSpecKV(ScorerKV):
     def scores(self, state: PromptState) -> Scores:
         n, w = state.n, self.window
         length = state.max_new_tokens if self.lookahead is None else self.lookahead
-        settings = (self.name, length, self.verify, self.correct)
+        settings = (self.name, length, self.verify, self.redraft, self.correct)
         look = state.scores_for(settings, lambda: self.verified(state, length))
         slots = self.tokens(n) - w
         reserved = round(self.share_of(state, look, length) * slots)
