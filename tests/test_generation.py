@@ -102,6 +102,23 @@ def test_work_is_shared_across_budgets_on_one_prompt_state(qwen_pair):
     assert state.timings.seconds["draft"] == seconds["draft"]
 
 
+@pytest.mark.parametrize("name", ["speckv", "verispeckv"])
+def test_a_request_of_its_own_keeps_only_its_compressed_cache_while_it_decodes(qwen_pair, name):
+    """The uncompressed prefill, its queries and the draft's cache are dropped once the request's cache is built
+    (a server decodes with the prepared request in hand); a caller's shared state keeps them for other methods."""
+    from draftapprox.generation import new_state, prepare
+
+    ids = prompt_ids(120)
+    method = da.make(name, 40, window=8, kernel=5)
+    prepared = prepare(qwen_pair, ids, method, max_new_tokens=4)
+    assert prepared.state.cache is None and prepared.state.queries is None and prepared.state.draft_cache is None
+    shared = new_state(qwen_pair, ids, 4)
+    again = prepare(qwen_pair, ids, method, max_new_tokens=4, state=shared)
+    assert shared.cache is not None and shared.cache.layers[0].keys.shape[2] == 120
+    assert shared.draft_cache is not None
+    assert again.record.kv_bytes_kept == prepared.record.kv_bytes_kept
+
+
 def test_targetpc_reads_the_shared_prefill_and_selects_as_on_its_own(qwen_pair):
     """Without lookahead TargetPC's rows are the target's own prefill's, so a shared prefill that captured them
     serves it with no second forward, and the selection is the one it makes alone."""

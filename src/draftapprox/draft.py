@@ -72,6 +72,13 @@ class PromptState:
         tokens = self.lookahead(length)
         return torch.tensor(self._lookahead[2][:tokens.shape[1]])
 
+    def release(self) -> None:
+        """Drop what only selection needed (the uncompressed prefill cache, its captured queries, the draft's cache,
+        memoised scores) once a request's own cache is built: a request that keeps its state while it decodes must
+        not keep the full prompt's KV with it."""
+        self.cache = self.queries = self.draft_cache = None
+        self._scores = {}
+
     def scores_for(self, settings: tuple, compute: Callable[[], T]) -> T:
         """A method's scores (or what they are made from), computed once per prompt and `settings`: they do not
         depend on the budget, so several budgets on one prompt pay for one scoring run."""

@@ -223,6 +223,7 @@ def prepare(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling, stop = sampling or Sampling(), [s for s in (stop or []) if s]
+    owned = state is None  # a state of our own is released once compressed; a caller's is shared with others
     if state is None:
         ids = prompt if isinstance(prompt, torch.Tensor) else encode(pair, prompt, chat, max_new_tokens)
         state = new_state(pair, ids, max_new_tokens)
@@ -260,6 +261,8 @@ def prepare(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None
             kept_bytes = kv_bytes(cache)
             position = n if keep_positions else kept_tokens
     reserve(cache, max_new_tokens)
+    if owned:
+        state.release()
     timings = {k: v - start.get(k, 0.0) for k, v in state.timings.seconds.items() if v - start.get(k, 0.0) > 0}
     record = Record(method.name, n, budget, kept_tokens, per_token * n, kept_bytes, timings=timings,
                     first_token_seconds=time.perf_counter() - began, budget_note=method.budget_note(n))
