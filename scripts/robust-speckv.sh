@@ -12,8 +12,8 @@ RAW=docs/results/raw
 DEV=$RAW/robust-speckv-dev-2048.jsonl
 DTYPE=${DTYPE:-bfloat16}
 LENGTH_TASKS=niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery,vt,fwe  # the main grid's length check
-# The chosen method, from the development study (docs/results/robust-speckv.md says why)
-CHOSEN=${CHOSEN:-"verispeckv"}
+# The chosen method, from the development study (docs/results/robust-speckv.md says why); empty until chosen
+CHOSEN=${CHOSEN:-}
 # Each idea alone, at the budget where SpecKV's gap is studied (128): the target's verification of the draft
 # (alone, with the target's own correction tokens, with the draft's rewrite, with both), a fixed budget split with
 # prompt-only scores, the two ways of normalising the sources, the draft-confidence and target-agreement gates, the
@@ -29,6 +29,7 @@ for stage in ${STAGES:-screen combine test length report}; do
   case $stage in
     screen)  grid --split dev --lengths 2048 --budgets 128 --methods "$SCREEN" --output "$DEV" ;;
     combine) grid --split dev --lengths 2048 --budgets 64,128,256 --methods "$COMBINE" --output "$DEV" ;;
+    test|length|timing) [ -n "$CHOSEN" ] || { echo "set CHOSEN= to the method the development study chose" >&2; exit 2; } ;;&
     test)    grid --split test --lengths 2048 --budgets 64,128,256 --methods "$CHOSEN" \
                --output "$RAW/ruler-2048-cpu-robust.jsonl" ;;
     length)  grid --split test --lengths 4096 --budgets 256 --methods "$CHOSEN" --tasks "$LENGTH_TASKS" \
@@ -36,10 +37,12 @@ for stage in ${STAGES:-screen combine test length report}; do
     timing)  # one benchmark run, SpecKV and the chosen method side by side (the lookahead of the bench protocol)
       draftapprox bench --methods "speckv,$CHOSEN" --budgets 128 --lengths 2048 --repeats 3 --no-floors \
         --set speckv.lookahead=32 --set verispeckv.lookahead=32 --output "$RAW/bench-robust-cpu.jsonl" ;;
-    report)
-      draftapprox eval study "$DEV" "$RAW"/ruler-2048-cpu.jsonl "$RAW"/speckv-settings-2048.jsonl \
-        "$RAW"/ruler-2048-cpu-robust.jsonl "$RAW"/ruler-4096-cpu.jsonl "$RAW"/ruler-4096-cpu-robust.jsonl \
-        --chosen "$CHOSEN" --timing "$RAW/bench-robust-cpu.jsonl" --out docs/results/robust-speckv.md \
+    report)  # from whatever has been answered so far; without CHOSEN, the development study alone
+      inputs=()
+      for f in "$DEV" "$RAW"/ruler-2048-cpu.jsonl "$RAW"/speckv-settings-2048.jsonl "$RAW"/ruler-2048-cpu-robust.jsonl \
+               "$RAW"/ruler-4096-cpu.jsonl "$RAW"/ruler-4096-cpu-robust.jsonl; do [ -f "$f" ] && inputs+=("$f"); done
+      [ -f "$RAW/bench-robust-cpu.jsonl" ] && inputs+=(--timing "$RAW/bench-robust-cpu.jsonl")
+      draftapprox eval study "${inputs[@]}" ${CHOSEN:+--chosen "$CHOSEN"} --out docs/results/robust-speckv.md \
         --command "STAGES=\"screen combine test length timing report\" CHOSEN=\"$CHOSEN\" scripts/robust-speckv.sh" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

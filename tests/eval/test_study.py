@@ -55,7 +55,7 @@ def test_study_compares_candidates_on_dev_and_the_chosen_one_on_test(tmp_path):
     md = out.read_text()
     first, rest = md.split("\n", 1)
     assert first.startswith("Chosen method: verispeckv(window=32, kernel=7, pool=max, reduction=max, verify=True, "
-                            "correct=8,")
+                            "redraft=1, correct=8,")
     assert rest.startswith("# Robust SpecKV\n\nProse.") and rest.rstrip().endswith("After.")
     dev = md.split("## Development study")[1]
     # on dev: verispeckv 100 everywhere; draft-wrong prompts (3, 4): SpecKV 0, verispeckv 100
@@ -84,3 +84,11 @@ def test_study_refuses_an_unknown_chosen_method(tmp_path):
 
     with pytest.raises(ConfigError, match="unknown method"):
         study.write([grid(tmp_path)], tmp_path / "x.md", "nosuchkv")
+
+
+def test_before_a_method_is_chosen_only_the_development_study_is_written(tmp_path):
+    out = tmp_path / "robust.md"
+    study.write([grid(tmp_path)], out, None)
+    md = out.read_text()
+    assert md.startswith("Chosen method: none yet") and "## Development study" in md
+    assert "## Test set" not in md and "## Goal figures" not in md

@@ -126,8 +126,9 @@ def eval_study(
     inputs: Annotated[list[Path], typer.Argument(help="JSONL files written by `draftapprox eval`: the candidates' "
                                                       "development answers, the chosen method's test answers and the "
                                                       "baselines' answers on the same prompts.")],
-    chosen: Annotated[str, typer.Option(help="The chosen method as the grid names it, e.g. verispeckv or "
-                                             "verispeckv(window=8).")],
+    chosen: Annotated[str | None, typer.Option(help="The chosen method as the grid names it, e.g. verispeckv or "
+                                                    "verispeckv(window=8); none: the development study alone.")]
+    = None,
     timing: Annotated[list[Path] | None, typer.Option(help="`draftapprox bench` file with SpecKV and the chosen "
                                                            "method timed in one run.")] = None,
     out: Annotated[Path, typer.Option(help="The study's markdown report; its CSV and plot go beside it.")] =
@@ -137,13 +138,11 @@ def eval_study(
 ) -> None:
     """A method chosen on the development samples (0-4), reported against its baselines on the test samples
     (5-9): overall, split by whether the draft alone was right, with paired intervals and the goal figures."""
-    from .. import methods
-    from ..eval import harness, study
+    from ..eval import study
 
     require_files([*inputs, *(timing or [])])
     check_report_file(out, "--out")
-    name, knobs = harness.parse_method(chosen)
-    methods.make(name, **knobs)  # an unknown method or knob is refused before any file is read
+    study.headline(chosen)  # an unknown method or knob is refused before any file is read
     for path in study.write(inputs, out, chosen, timing, command=command):
         err.print(f"wrote {path}")
 

@@ -207,7 +207,7 @@ def _write_csv(study: Study, path: Path) -> Path:
     return replace_generated(path, buffer.getvalue(), lambda text: text.splitlines()[0] == header, "study table")
 
 
-def _plot(study: Study, chosen: str, path: Path) -> Path | None:
+def _plot(study: Study, chosen: str | None, path: Path) -> Path | None:
     """Left: every candidate on the development prompts at each budget, draft right and wrong; right: the chosen
     method against the baselines on the test prompts."""
     import matplotlib
@@ -236,7 +236,7 @@ def _plot(study: Study, chosen: str, path: Path) -> Path | None:
     axes[0].invert_yaxis()
     axes[0].set_xlabel("RULER score (development prompts, mean over tasks)")
     axes[0].legend(loc="lower right")
-    for method in (chosen, *BASELINES):
+    for method in ([chosen] if chosen else []) + list(BASELINES):
         points = [(b, mean_over_tasks(study.get("test", 2048, method, b))) for b in (64, 128, 256)]
         points = [(b, m) for b, m in points if m[0] is not None]
         if points:
@@ -244,6 +244,8 @@ def _plot(study: Study, chosen: str, path: Path) -> Path | None:
                              yerr=[[m[0] - (m[1] if m[1] is not None else m[0]) for _, m in points],
                                    [(m[2] if m[2] is not None else m[0]) - m[0] for _, m in points]],
                              marker="o", capsize=2, label=method, linewidth=2.2 if method == chosen else 1.2)
+    if not axes[1].lines:
+        axes[1].set_visible(False)
     axes[1].set_xscale("log", base=2)
     axes[1].set_xlabel("KV budget (pairs per head)")
     axes[1].set_ylabel("RULER score (test prompts)")
@@ -255,20 +257,28 @@ def _plot(study: Study, chosen: str, path: Path) -> Path | None:
     return saved
 
 
-def write(paths: list[Path], out: Path, chosen: str, timing_paths: list[Path] | None = None,
-          command: str | None = None) -> list[Path]:
-    """robust-speckv.md (first line: the chosen method with its knobs), its CSV and its plot."""
+def headline(chosen: str | None) -> str:
+    """The report's first line: the chosen method with every knob, or that none is chosen yet."""
     from ..methods import make
 
+    if chosen is None:
+        return f"{HEADLINE}none yet (the development study is under way; nothing below is a test-set figure)"
+    name, knobs = parse_method(chosen)
+    method = make(name, **knobs)
+    return f"{HEADLINE}{name}(" + ", ".join(f"{f.name}={getattr(method, f.name)}" for f in method.knobs()) + ")"
+
+
+def write(paths: list[Path], out: Path, chosen: str | None, timing_paths: list[Path] | None = None,
+          command: str | None = None) -> list[Path]:
+    """robust-speckv.md (first line: the chosen method with its knobs), its CSV and its plot. Without a chosen
+    method (the study still under way) only the development study is written."""
     rows = load(paths)
     if not rows:
         raise InputError("no answers in the input files")
-    name, knobs = parse_method(chosen)
-    method = make(name, **knobs)
-    settings = ", ".join(f"{f.name}={getattr(method, f.name)}" for f in method.knobs())
+    first = headline(chosen)
     study = Study(rows)
     ratio, time_lines = None, []
-    if timing_paths:
+    if timing_paths and chosen is not None:
         from ..bench.report import load as load_bench
 
         time_lines, ratio = timing(load_bench(timing_paths), chosen)
@@ -277,18 +287,19 @@ def write(paths: list[Path], out: Path, chosen: str, timing_paths: list[Path] | 
              "on the same prompts and precision.", ""]
     if command:
         lines += ["Command:", "", "```", command, "```", ""]
-    lines += goals(study, chosen, ratio)
-    lines += ["## Test set (samples 5-9, answered once by the chosen method)", "",
-              "Cells: mean over tasks (draft right, draft wrong: over answers) [95% bootstrap interval] (answers); "
-              "the last three columns are paired "
-              f"differences, {chosen} minus the row, bold where the interval excludes zero.", ""]
-    lines += test_set(study, chosen, 2048, [64, 128, 256]) + test_set(study, chosen, 4096, [256])
+    if chosen is not None:
+        lines += goals(study, chosen, ratio)
+        lines += ["## Test set (samples 5-9, answered once by the chosen method)", "",
+                  "Cells: mean over tasks (draft right, draft wrong: over answers) [95% bootstrap interval] "
+                  f"(answers); the last three columns are paired differences, {chosen} minus the row, bold where "
+                  "the interval excludes zero.", ""]
+        lines += test_set(study, chosen, 2048, [64, 128, 256]) + test_set(study, chosen, 4096, [256])
     lines += time_lines + development(study)
     out = Path(out)
     splice(out, "\n".join(lines))
     text = out.read_text()
     body = text.split("\n", 1)[1] if text.startswith(HEADLINE) else text
-    replace_generated(out, f"{HEADLINE}{name}({settings})\n{body}", is_report)
+    replace_generated(out, f"{first}\n{body}", is_report)
     written = [out, _write_csv(study, out.with_suffix(".csv"))]
     figure = _plot(study, chosen, out.with_suffix(".png"))
     return written + ([figure] if figure else [])
