@@ -107,14 +107,19 @@ def _round(bound: float | None) -> float | str:
     return "" if bound is None else round(bound, 2)  # no interval: an empty CSV cell
 
 
-def _write_csv(table, path: Path) -> Path:
+def write_csv(path: Path, fields: list[str], rows: list[dict], what: str) -> Path:
+    """A generated CSV table, written only over a file that is one (its header is ours)."""
     buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, CSV_FIELDS)
+    writer = csv.DictWriter(buffer, fields)
     writer.writeheader()
-    for row in _summaries(table):
-        writer.writerow({**row, "budget": "" if row["budget"] is None else row["budget"]})
-    header = ",".join(CSV_FIELDS)
-    return replace_generated(path, buffer.getvalue(), lambda text: text.splitlines()[0] == header, "results table")
+    writer.writerows(rows)
+    header = ",".join(fields)
+    return replace_generated(path, buffer.getvalue(), lambda text: text.splitlines()[0] == header, what)
+
+
+def _write_csv(table, path: Path) -> Path:
+    rows = [{**row, "budget": "" if row["budget"] is None else row["budget"]} for row in _summaries(table)]
+    return write_csv(path, CSV_FIELDS, rows, "results table")
 
 
 def _budget_sort(b: object) -> tuple[int, float]:

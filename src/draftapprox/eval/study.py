@@ -11,8 +11,6 @@ right. The goal figures' verdicts apply the issue's thresholds to these numbers 
 
 from __future__ import annotations
 
-import csv
-import io
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +20,7 @@ from ..files import replace_generated, save_figure
 from ..markdown import is_report, splice, table
 from .harness import parse_method
 from .metrics import bootstrap_mean_over_tasks
-from .report import load, paired_difference
+from .report import load, paired_difference, write_csv
 from .ruler import split_of
 
 BASELINES = ("fullkv", "draft", "snapkv", "speckv", "adaspeckv")
@@ -132,11 +130,9 @@ def test_set(study: Study, chosen: str, length: int, budgets: list[int]) -> list
 
 def timing(rows: dict, chosen: str) -> tuple[list[str], float | None]:
     """Time to first token and decode step of SpecKV and the chosen method from one benchmark file."""
-    found = {}
-    for (_, length), r in rows.items():
-        base = r["method"]
-        if base in ("speckv", parse_method(chosen)[0]) and r["config"].startswith(base):
-            found[(r["method"] if r["method"] == "speckv" else chosen, length)] = r
+    name = parse_method(chosen)[0]
+    found = {("speckv" if r["method"] == "speckv" else chosen, length): r for (_, length), r in rows.items()
+             if r["method"] in ("speckv", name)}
     out = []
     ratio = None
     for length in sorted({n for _, n in found}):
@@ -198,13 +194,6 @@ def csv_rows(study: Study) -> list[dict]:
     return out
 
 
-def _write_csv(study: Study, path: Path) -> Path:
-    buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, CSV_FIELDS)
-    writer.writeheader()
-    writer.writerows(csv_rows(study))
-    header = ",".join(CSV_FIELDS)
-    return replace_generated(path, buffer.getvalue(), lambda text: text.splitlines()[0] == header, "study table")
 
 
 def _plot(study: Study, chosen: str | None, path: Path) -> Path | None:
@@ -300,7 +289,7 @@ def write(paths: list[Path], out: Path, chosen: str | None, timing_paths: list[P
     text = out.read_text()
     body = text.split("\n", 1)[1] if text.startswith(HEADLINE) else text
     replace_generated(out, f"{first}\n{body}", is_report)
-    written = [out, _write_csv(study, out.with_suffix(".csv"))]
+    written = [out, write_csv(out.with_suffix(".csv"), CSV_FIELDS, csv_rows(study), "study table")]
     figure = _plot(study, chosen, out.with_suffix(".png"))
     return written + ([figure] if figure else [])
 
