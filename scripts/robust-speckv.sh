@@ -17,17 +17,21 @@ CHOSEN=${CHOSEN:-}
 # Each idea alone, at the budget where SpecKV's gap is studied (128): the target's verification of the draft
 # (alone, with the target's own correction tokens, with the draft's rewrite, with both), a fixed budget split with
 # prompt-only scores, the two ways of normalising the sources, the draft-confidence and target-agreement gates, the
-# budget-sized window, AdaKV's allocation.
+# budget-sized window, AdaKV's allocation, and the draft's whole answer scoring beside the verified one (union).
+# EARLY: the ideas dropped after the first two development samples of every task (26 prompts), each 10 or more
+# points behind the rest there (robust-speckv.md has their numbers); SCREEN: the rest, on all development prompts.
 PLAIN="verify=false,redraft=0,correct=0"
-SCREEN="verispeckv(redraft=0,correct=0),verispeckv(redraft=0),verispeckv(correct=0),verispeckv,\
-verispeckv($PLAIN,share=0.5),verispeckv($PLAIN,normalize=rank),verispeckv($PLAIN,normalize=mass),\
-verispeckv($PLAIN,share=0.5,gate=margin),verispeckv(redraft=0,correct=0,share=0.5,gate=agreement),\
-verispeckv(window=8),verispeckv(allocation=adaptive)"
+EARLY="verispeckv(redraft=0,correct=0),verispeckv(redraft=0),verispeckv($PLAIN,normalize=mass),\
+verispeckv(redraft=0,correct=0,share=0.5,gate=agreement)"
+SCREEN="verispeckv(union=true),verispeckv(union=true,window=8),verispeckv,verispeckv(window=8),\
+verispeckv(allocation=adaptive),verispeckv(correct=0),verispeckv($PLAIN,share=0.5),\
+verispeckv($PLAIN,share=0.5,gate=margin),verispeckv($PLAIN,normalize=rank)"
 COMBINE=${COMBINE:-"verispeckv(window=8,allocation=adaptive),verispeckv(window=8),verispeckv"}
 grid() { draftapprox eval --dtype "$DTYPE" --decode-batch 48 --samples 10 "$@"; }
 for stage in ${STAGES:-screen combine test length report}; do
   case $stage in
-    screen)  grid --split dev --lengths 2048 --budgets 128 --methods "$SCREEN" --output "$DEV" ;;
+    screen)  grid --split dev --samples 2 --lengths 2048 --budgets 128 --methods "$EARLY" --output "$DEV"
+             grid --split dev --lengths 2048 --budgets 128 --methods "$SCREEN" --output "$DEV" ;;
     combine) grid --split dev --lengths 2048 --budgets 64,128,256 --methods "$COMBINE" --output "$DEV" ;;
     test|length|timing) [ -n "$CHOSEN" ] || { echo "set CHOSEN= to the method the development study chose" >&2; exit 2; } ;;&
     test)    grid --split test --lengths 2048 --budgets 64,128,256 --methods "$CHOSEN" \

@@ -281,3 +281,23 @@ def hedged_keep(target, ids: torch.Tensor, lookahead: torch.Tensor, budget: int,
             heads.append(set(chosen) | set(rest[: slots - len(chosen)]) | set(range(n - window - 1, n - 1)))
         keep.append(heads)
     return keep
+
+
+def union_keep(target, ids: torch.Tensor, answers: list[torch.Tensor], budget: int, window: int,
+               kernel: int) -> list[list[set[int]]]:
+    """SpecKV's selection when several answers score the prompt: each answer in its own forward after the prompt,
+    its rows (with the prompt tail's) reduced by max as SpecKV does, then the max over the answers per candidate."""
+    n, kv_heads, columns = ids.shape[1], target.config.num_key_value_heads, ids.shape[1] - window - 1
+    per_answer = []
+    for answer in answers:
+        rows = range(n - window - 1, n + answer.shape[1])
+        per_answer.append([kv_scores(attn, rows, columns, kv_heads, "max", "max", kernel)
+                           for attn in eager_attentions(target, torch.cat([ids, answer], dim=1))])
+    keep = []
+    for layer in zip(*per_answer, strict=True):
+        heads = []
+        for g in range(kv_heads):
+            best = [max(values) for values in zip(*(scores[g] for scores in layer), strict=True)]
+            heads.append(set(ranked(best)[: budget - window]) | set(range(n - window - 1, n - 1)))
+        keep.append(heads)
+    return keep

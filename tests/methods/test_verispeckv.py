@@ -10,7 +10,7 @@ from draftapprox.generation import new_state, prefill
 from draftapprox.methods import make
 
 from ..conftest import prompt_ids
-from ..reference import hedged_keep, speckv_keep, verified_lookahead
+from ..reference import hedged_keep, speckv_keep, union_keep, verified_lookahead
 
 N, L = 160, 6
 SMALL = {"window": 8, "kernel": 5, "lookahead": L}
@@ -51,6 +51,21 @@ def test_the_lookahead_is_the_draft_up_to_its_first_rejected_token_then_the_targ
     assert look.rows <= (L if agree == L else agree + 3)
     assert state.cache.layers[0].keys.shape[2] == N  # the shared cache is left as it was found
     assert _kept(method.select(state).keep) == speckv_keep(pair.target, ids, tokens, 40, 8, 5)
+
+
+@pytest.mark.parametrize("agree", [2, L])
+def test_union_scores_the_prompt_by_the_verified_lookahead_and_the_drafts_whole_answer(pair, agree):
+    ids = prompt_ids(N)
+    mine = _target_greedy(pair, ids, L)
+    draft = mine.clone()
+    draft[0, agree:] = (mine[0, agree:] + 1) % pair.target.config.vocab_size
+    method = make("verispeckv", 40, redraft=0, correct=3, union=True, **SMALL)
+    state = _state_with_draft(pair, ids, draft, method.rows)
+    tokens, _ = verified_lookahead(pair.target, ids, draft, correct=3, eos=state.eos_ids)
+    keep = _kept(method.select(state).keep)
+    assert keep == union_keep(pair.target, ids, [tokens, draft], 40, 8, 5)
+    # nothing rejected: the draft's answer is the verified one, and union changes nothing
+    assert (keep == speckv_keep(pair.target, ids, draft, 40, 8, 5)) == (agree == L)
 
 
 @pytest.mark.parametrize(("redraft", "given"), [(1, False), (2, False), (1, True), (2, True)])
@@ -137,6 +152,7 @@ def test_one_verification_serves_every_budget_and_hedge(qwen_pair):
     ({"verify": False}, "needs verify"),
     ({"verify": False, "correct": 0}, "redraft=1 needs verify"),
     ({"verify": False, "correct": 0, "redraft": 0, "gate": "agreement"}, "needs verify"),
+    ({"verify": False, "correct": 0, "redraft": 0, "union": True}, "union=True needs verify"),
     ({"redraft": -1}, "redraft"),
     ({"correct": -1}, "correct"),
 ])

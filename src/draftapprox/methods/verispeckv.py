@@ -11,12 +11,15 @@ have written. Every one of these tokens is discarded afterwards, as SpecKV's are
 
 The other knobs are the hedges of issue 25's study, kept so that each can be measured against the default:
 `share` of the budget given to prompt-only (window) scores, fixed or scaled by the draft's doubt (`gate`), the two
-sources normalised before they are combined (`normalize`), and AdaKV's allocation (`allocation`).
+sources normalised before they are combined (`normalize`), and AdaKV's allocation (`allocation`). `union` hedges
+the verification itself: where the target rejected part of the draft's answer, the draft's whole answer scores the
+prompt beside the verified one (the max over both, as SpecKV's max over rows), so a draft that was right in
+substance but worded differently from the target loses nothing against SpecKV.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +44,9 @@ class Lookahead:
     drafted: int
     accepted: int  # of the draft's first answer
     rows: int
+    # the draft's whole first answer, rows and keys as above, when the target rejected part of it (else empty)
+    first_queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    first_keys: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def agreement(self) -> float:
@@ -58,6 +64,7 @@ class VeriSpecKV(ScorerKV):
     draft's mean doubt, 1 - top-1 + top-2 probability). `normalize`: `none` (SpecKV's max over raw attention),
     `mass` (the mean of each source's per-head distribution) or `rank` (the max of each source's rank
     percentile). `allocation`: `uniform` (the top pairs of every KV head) or `adaptive` (AdaKV, floor `alpha`).
+    `union`: the draft's whole first answer scores the prompt too, beside the verified lookahead.
     With `verify=False, redraft=0, correct=0, share=0` it is SpecKV exactly."""
 
     verify: bool = True
@@ -69,6 +76,7 @@ class VeriSpecKV(ScorerKV):
     normalize: str = "none"
     allocation: str = "uniform"
     alpha: float = 0.2
+    union: bool = False
     name = "verispeckv"
     summary = "SpecKV whose draft answer the target verifies; from its first rejected token the target's own score"
     needs_draft = True
@@ -85,7 +93,7 @@ class VeriSpecKV(ScorerKV):
         choice(self, "allocation", self.allocation, ("uniform", "adaptive"))
         if self.gate == "agreement" and not self.verify:
             raise ConfigError(f"{self.name}: gate=agreement needs verify=true (the agreement is the target's)")
-        for knob in ("correct", "redraft"):
+        for knob in ("correct", "redraft", "union"):
             if getattr(self, knob) and not self.verify:
                 raise ConfigError(f"{self.name}: {knob}={getattr(self, knob)} needs verify=true (nothing is rejected "
                                   "without it)")
@@ -109,6 +117,8 @@ class VeriSpecKV(ScorerKV):
         rows: list[dict[int, torch.Tensor]] = []
         taken: list[torch.Tensor] = []  # the tokens whose rows are kept, in order
         accepted, rejected, draft_cache = drafted, False, None
+        first_queries: dict[int, torch.Tensor] = {}
+        first_keys: dict[int, torch.Tensor] = {}
         for round_ in range(self.redraft + 1):
             seen = QueryCapture(rows=tokens.shape[1])
             with state.timings.phase("target_lookahead", target.device):
@@ -120,6 +130,9 @@ class VeriSpecKV(ScorerKV):
                 wanted = torch.cat([last[:, None], logits[:, :-1]], dim=1).argmax(-1)
                 wrong = (wanted[0] != tokens[0].to(wanted.device)).nonzero()
                 good = int(wrong[0]) if wrong.numel() else tokens.shape[1]
+            if round_ == 0 and good < drafted:  # kept whole before the rejected part leaves the cache
+                first_queries = dict(seen.queries)
+                first_keys = {i: state.cache.layers[i].keys[:, :, n:n + drafted].clone() for i in seen.queries}
             rows.append({i: q[..., :good, :] for i, q in seen.queries.items()})
             taken.append(tokens[:, :good])
             accepted = good if round_ == 0 else accepted
@@ -152,7 +165,7 @@ class VeriSpecKV(ScorerKV):
         count = next(iter(queries.values())).shape[2]
         keys = {i: state.cache.layers[i].keys[:, :, n:n + count].clone() for i in queries}
         truncate_cache(state.cache, n)
-        return Lookahead(queries, keys, drafted, accepted, count)
+        return Lookahead(queries, keys, drafted, accepted, count, first_queries, first_keys)
 
     @staticmethod
     def _draft_cache(state: PromptState, taken: torch.Tensor):
@@ -183,21 +196,28 @@ class VeriSpecKV(ScorerKV):
         reserved = round(self.share_of(state, look, length) * slots)
         tail_at = torch.arange(n - w - 1, n)
         rows = look.rows
-        look_at = torch.arange(n, n + rows)
         columns = n - w - 1
+        answers = [(look.queries, look.keys)]  # the lookaheads that score the prompt, each over its own keys
+        if self.union and look.first_queries:
+            answers.append((look.first_queries, look.first_keys))
         with state.timings.phase("scoring", state.target.device):
             per_layer = []
             for i, q in sorted(state.queries.queries.items()):
                 tail_q, scaling = q[..., -(w + 1):, :], state.queries.scaling[i]
-                keys = state.cache.layers[i].keys
-                if rows:
-                    keys = torch.cat([keys, look.keys[i].to(keys.dtype)], dim=2)
-                if self.normalize == "none" and not reserved:  # SpecKV's own reduction over all rows at once
-                    both = torch.cat([tail_q, look.queries[i]], dim=2) if rows else tail_q
-                    per_layer.append(self.layer_scores(both, torch.cat([tail_at, look_at]), keys, columns, scaling))
+                prompt_keys = state.cache.layers[i].keys
+                joint = self.normalize == "none" and not reserved  # SpecKV's own reduction over all rows at once
+                tail = None if joint and rows else self.layer_scores(tail_q, tail_at, prompt_keys, columns, scaling)
+                ahead = None
+                for queries, keys in answers if rows else ():
+                    at = torch.arange(n, n + queries[i].shape[2])
+                    keys = torch.cat([prompt_keys, keys[i].to(prompt_keys.dtype)], dim=2)
+                    score = (self.layer_scores(torch.cat([tail_q, queries[i]], dim=2), torch.cat([tail_at, at]),
+                                               keys, columns, scaling) if joint
+                             else self.layer_scores(queries[i], at, keys, columns, scaling))
+                    ahead = score if ahead is None else torch.maximum(ahead, score)
+                if joint:
+                    per_layer.append(tail if ahead is None else ahead)
                     continue
-                tail = self.layer_scores(tail_q, tail_at, keys, columns, scaling)
-                ahead = self.layer_scores(look.queries[i], look_at, keys, columns, scaling) if rows else None
                 per_layer.append(_reserve(_combine(tail, ahead, self.normalize), tail, reserved))
         return Scores(per_layer, range(n - w - 1, n - 1), refeed=True)
 
