@@ -92,3 +92,22 @@ def test_before_a_method_is_chosen_only_the_development_study_is_written(tmp_pat
     md = out.read_text()
     assert md.startswith("Chosen method: none yet") and "## Development study" in md
     assert "## Test set" not in md and "## Goal figures" not in md
+
+
+def bench_file(path, task, speckv, mine):
+    """A benchmark run on one `task` prompt: SpecKV's and verispeckv's time to first token at 2,048 tokens."""
+    rows = [{"key": f"{m}@128|2048", "method": m, "length": 2048, "first_token": t, "decode_per_token": 0.2,
+             "env": {"settings": {"task": task}}} for m, t in (("speckv", speckv), ("verispeckv", mine))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_each_timed_prompt_has_its_table_and_the_goal_takes_the_slowest(tmp_path):
+    out = tmp_path / "robust.md"
+    timed = [bench_file(tmp_path / "a.jsonl", "niah_multikey_1", 10.0, 10.5),
+             bench_file(tmp_path / "b.jsonl", "vt", 10.0, 12.0)]
+    study.write([grid(tmp_path)], out, "verispeckv", timed)
+    md = out.read_text()
+    assert "## Time (one benchmark run, a `niah_multikey_1` prompt)" in md and "1.05x" in md
+    assert "## Time (one benchmark run, a `vt` prompt)" in md
+    assert "| time to first token at most 1.1x SpecKV's (the slowest prompt timed) | 1.20x | missed |" in md

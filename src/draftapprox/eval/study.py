@@ -129,7 +129,8 @@ def test_set(study: Study, chosen: str, length: int, budgets: list[int]) -> list
 
 
 def timing(rows: dict, chosen: str) -> tuple[list[str], float | None]:
-    """Time to first token and decode step of SpecKV and the chosen method from one benchmark file."""
+    """Time to first token and decode step of SpecKV and the chosen method from one benchmark file (one prompt:
+    its task says whether the draft's answer held there, which is what the verification's cost depends on)."""
     name = parse_method(chosen)[0]
     found = {("speckv" if r["method"] == "speckv" else chosen, length): r for (_, length), r in rows.items()
              if r["method"] in ("speckv", name)}
@@ -145,7 +146,8 @@ def timing(rows: dict, chosen: str) -> tuple[list[str], float | None]:
                     f"{mine['decode_per_token'] / spec['decode_per_token']:.2f}x"])
     if not out:
         return [], None
-    return ["## Time (one benchmark run)", "",
+    task = next(iter(found.values())).get("env", {}).get("settings", {}).get("task", "?")
+    return [f"## Time (one benchmark run, a `{task}` prompt)", "",
             *table(["length", "SpecKV first token (s)", f"{chosen} first token (s)", "ratio",
                     "SpecKV decode step (s)", f"{chosen} decode step (s)", "ratio"], out), ""], ratio
 
@@ -171,8 +173,9 @@ def goals(study: Study, chosen: str, ttft_ratio: float | None) -> list[str]:
         verdict(diff(2048, 128, "speckv", "draft right"), lambda d: d[0] >= -1,
                 "budget 128, draft-right prompts: no more than 1 point below SpecKV"),
         verdict(diff(4096, 256, "fullkv"), lambda d: d[0] >= -3, "4,096 tokens, budget 256: within 3 points of FullKV"),
-        ["time to first token at most 1.1x SpecKV's", "not measured yet" if ttft_ratio is None else
-         f"{ttft_ratio:.2f}x", *([] if ttft_ratio is None else ["met" if ttft_ratio <= 1.1 else "missed"])],
+        ["time to first token at most 1.1x SpecKV's (the slowest prompt timed)",
+         "not measured yet" if ttft_ratio is None else f"{ttft_ratio:.2f}x",
+         *([] if ttft_ratio is None else ["met" if ttft_ratio <= 1.1 else "missed"])],
     ]
     rows = [r + [""] * (3 - len(r)) for r in rows]
     return ["## Goal figures (test prompts)", "",
@@ -270,7 +273,10 @@ def write(paths: list[Path], out: Path, chosen: str | None, timing_paths: list[P
     if timing_paths and chosen is not None:
         from ..bench.report import load as load_bench
 
-        time_lines, ratio = timing(load_bench(timing_paths), chosen)
+        for path in timing_paths:  # one benchmark file per prompt; the goal is judged on the slowest ratio
+            more, mine = timing(load_bench([path]), chosen)
+            time_lines += more
+            ratio = mine if ratio is None or (mine is not None and mine > ratio) else ratio
     lines = ["The protocol: RULER samples 0-4 of every task are the development set, 5-9 the test set "
              "(`draftapprox eval --split`); each answer row records its split. Baselines come from the main grid, "
              "on the same prompts and precision.", ""]
