@@ -12,23 +12,26 @@ RAW=docs/results/raw
 DEV=$RAW/robust-speckv-dev-2048.jsonl
 DTYPE=${DTYPE:-bfloat16}
 LENGTH_TASKS=niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery,vt,fwe  # the main grid's length check
-# The chosen method, from the development study (docs/results/robust-speckv.md says why); empty until chosen
-CHOSEN=${CHOSEN:-}
+# The chosen method, from the development study (docs/results/robust-speckv.md says why): VeriSpecKV's defaults,
+# which became the study's choice (union, AdaKV's allocation, window=8) once it was made
+CHOSEN=${CHOSEN:-verispeckv}
 # Each idea alone, at the budget where SpecKV's gap is studied (128): the target's verification of the draft
 # (alone, with the target's own correction tokens, with the draft's rewrite, with both), a fixed budget split with
 # prompt-only scores, the two ways of normalising the sources, the draft-confidence and target-agreement gates, the
 # budget-sized window, AdaKV's allocation, and the draft's whole answer scoring beside the verified one (union).
+# Each is spelled against BASE, the verification as it was screened (SpecKV's window and allocation, no union).
 # EARLY: the ideas dropped after the first two development samples of every task (26 prompts, budget 128), each
 # 10 or more points behind the rest there (robust-speckv.md has their numbers); SCREEN: the rest, and the
-# combinations of those that helped, on all development prompts at budgets 64/128/256 (one grid, so that every
-# setting shares each prompt's prefill, draft answer and verification).
-PLAIN="verify=false,redraft=0,correct=0"
-EARLY="verispeckv(redraft=0,correct=0),verispeckv(redraft=0),verispeckv($PLAIN,normalize=mass),\
-verispeckv(redraft=0,correct=0,share=0.5,gate=agreement)"
-SCREEN="verispeckv(union=true),verispeckv(union=true,window=8),verispeckv,verispeckv(window=8),\
-verispeckv(allocation=adaptive),verispeckv(correct=0),verispeckv($PLAIN,share=0.5),\
-verispeckv($PLAIN,share=0.5,gate=margin),verispeckv($PLAIN,normalize=rank),\
-verispeckv(allocation=adaptive,window=8),verispeckv(allocation=adaptive,union=true,window=8)"
+# combinations of those that helped, on the development prompts at budgets 64/128/256 (one grid, so that every
+# setting shares each prompt's prefill, draft answer and verification). The last of SCREEN is the choice.
+BASE="allocation=uniform,union=false,window=32"
+PLAIN="verify=false,redraft=0,correct=0,$BASE"
+EARLY="verispeckv(redraft=0,correct=0,$BASE),verispeckv(redraft=0,$BASE),verispeckv($PLAIN,normalize=mass),\
+verispeckv(redraft=0,correct=0,share=0.5,gate=agreement,$BASE)"
+SCREEN="verispeckv(allocation=uniform,window=32),verispeckv(allocation=uniform),verispeckv($BASE),\
+verispeckv(allocation=uniform,union=false),verispeckv(union=false,window=32),verispeckv(correct=0,$BASE),\
+verispeckv($PLAIN,share=0.5),verispeckv($PLAIN,share=0.5,gate=margin),verispeckv($PLAIN,normalize=rank),\
+verispeckv(union=false),verispeckv"
 grid() { draftapprox eval --dtype "$DTYPE" --decode-batch 48 --samples 10 "$@"; }
 for stage in ${STAGES:-screen test length report}; do
   case $stage in

@@ -54,7 +54,7 @@ def test_study_compares_candidates_on_dev_and_the_chosen_one_on_test(tmp_path):
     study.write([grid(tmp_path)], out, "verispeckv", command="scripts/robust-speckv.sh")
     md = out.read_text()
     first, rest = md.split("\n", 1)
-    assert first.startswith("Chosen method: verispeckv(window=32, kernel=7, pool=max, reduction=max, verify=True, "
+    assert first.startswith("Chosen method: verispeckv(window=8, kernel=7, pool=max, reduction=max, verify=True, "
                             "redraft=1, correct=8,")
     assert rest.startswith("# Robust SpecKV\n\nProse.") and rest.rstrip().endswith("After.")
     dev = md.split("## Development study")[1]

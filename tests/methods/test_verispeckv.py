@@ -13,7 +13,9 @@ from ..conftest import prompt_ids
 from ..reference import hedged_keep, speckv_keep, union_keep, verified_lookahead
 
 N, L = 160, 6
-SMALL = {"window": 8, "kernel": 5, "lookahead": L}
+SPECKV = {"window": 8, "kernel": 5, "lookahead": L}
+# the verification alone (uniform allocation, one answer), which the slow references of SpecKV's selection check
+SMALL = {**SPECKV, "allocation": "uniform", "union": False}
 
 
 def _kept(keep: list[torch.Tensor]) -> list[list[set[int]]]:
@@ -59,7 +61,7 @@ def test_union_scores_the_prompt_by_the_verified_lookahead_and_the_drafts_whole_
     mine = _target_greedy(pair, ids, L)
     draft = mine.clone()
     draft[0, agree:] = (mine[0, agree:] + 1) % pair.target.config.vocab_size
-    method = make("verispeckv", 40, redraft=0, correct=3, union=True, **SMALL)
+    method = make("verispeckv", 40, redraft=0, correct=3, **{**SMALL, "union": True})
     state = _state_with_draft(pair, ids, draft, method.rows)
     tokens, _ = verified_lookahead(pair.target, ids, draft, correct=3, eos=state.eos_ids)
     keep = _kept(method.select(state).keep)
@@ -105,7 +107,7 @@ def test_without_verification_it_is_speckv(qwen_pair):
     ids = prompt_ids(N)
     state = _state_with_draft(qwen_pair, ids, None, 9)
     plain = make("verispeckv", 40, verify=False, redraft=0, correct=0, **SMALL).select(state).keep
-    assert all(torch.equal(a, b) for a, b in zip(plain, da.SpecKV(40, **SMALL).select(state).keep, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(plain, da.SpecKV(40, **SPECKV).select(state).keep, strict=True))
 
 
 def test_the_gates_lean_on_the_prompt_as_the_draft_is_doubted(qwen_pair):
@@ -139,7 +141,7 @@ def test_one_verification_serves_every_budget_and_hedge(qwen_pair):
     da.generate(qwen_pair, ids, make("verispeckv", 40, **SMALL), max_new_tokens=L, state=state)
     spent = state.timings.seconds["target_lookahead"]
     for knobs in ({"share": 0.5}, {"normalize": "rank"}, {"allocation": "adaptive"}):
-        out = da.generate(qwen_pair, ids, make("verispeckv", 48, **SMALL, **knobs), max_new_tokens=L, state=state)
+        out = da.generate(qwen_pair, ids, make("verispeckv", 48, **{**SMALL, **knobs}), max_new_tokens=L, state=state)
         assert out.record.kv_bytes_kept == out.record.kv_bytes_full * 48 // N
     assert state.timings.seconds["target_lookahead"] == spent
 
@@ -152,7 +154,7 @@ def test_one_verification_serves_every_budget_and_hedge(qwen_pair):
     ({"verify": False}, "needs verify"),
     ({"verify": False, "correct": 0}, "redraft=1 needs verify"),
     ({"verify": False, "correct": 0, "redraft": 0, "gate": "agreement"}, "needs verify"),
-    ({"verify": False, "correct": 0, "redraft": 0, "union": True}, "union=True needs verify"),
+    ({"verify": False, "correct": 0, "redraft": 0}, "union=True needs verify"),
     ({"redraft": -1}, "redraft"),
     ({"correct": -1}, "correct"),
 ])

@@ -65,8 +65,12 @@ class VeriSpecKV(ScorerKV):
     `mass` (the mean of each source's per-head distribution) or `rank` (the max of each source's rank
     percentile). `allocation`: `uniform` (the top pairs of every KV head) or `adaptive` (AdaKV, floor `alpha`).
     `union`: the draft's whole first answer scores the prompt too, beside the verified lookahead.
-    With `verify=False, redraft=0, correct=0, share=0` it is SpecKV exactly."""
+    The defaults are what the development study chose (docs/results/robust-speckv.md): the verification with one
+    rewrite and 8 target tokens, union, AdaKV's allocation and `window=8`, a window sized for budgets of 64-256
+    rather than SpecKV's 32, which takes a quarter of a 128 budget. With `verify=False, redraft=0, correct=0,
+    union=False, allocation=uniform, window=32` it is SpecKV exactly."""
 
+    window: int = 8
     verify: bool = True
     redraft: int = 1
     correct: int = 8
@@ -74,9 +78,9 @@ class VeriSpecKV(ScorerKV):
     share: float = 0.0
     gate: str = "none"
     normalize: str = "none"
-    allocation: str = "uniform"
+    allocation: str = "adaptive"
     alpha: float = 0.2
-    union: bool = False
+    union: bool = True
     name = "verispeckv"
     summary = "SpecKV whose draft answer the target verifies; from its first rejected token the target's own score"
     needs_draft = True
