@@ -273,10 +273,9 @@ def write(paths: list[Path], out: Path, chosen: str | None, timing_paths: list[P
     if timing_paths and chosen is not None:
         from ..bench.report import load as load_bench
 
-        for path in timing_paths:  # one benchmark file per prompt; the goal is judged on the slowest ratio
-            more, mine = timing(load_bench([path]), chosen)
-            time_lines += more
-            ratio = mine if ratio is None or (mine is not None and mine > ratio) else ratio
+        timed = [timing(load_bench([path]), chosen) for path in timing_paths]  # one benchmark file per prompt
+        time_lines = [line for lines, _ in timed for line in lines]
+        ratio = max((r for _, r in timed if r is not None), default=None)  # the goal is judged on the slowest
     lines = ["The protocol: RULER samples 0-4 of every task are the development set, 5-9 the test set "
              "(`draftapprox eval --split`); each answer row records its split. Baselines come from the main grid, "
              "on the same prompts and precision.", ""]
