@@ -35,6 +35,23 @@ def test_bounds_follow_the_rates_and_the_cache():
     assert compacted == pytest.approx(at["decode"] - 2 * linear / 1e9)  # two bytes fewer per linear weight
 
 
+def test_a_tied_output_head_is_read_every_step_and_counts_once():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(config).eval()
+    embedding = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is embedding
+    rest = sum(p.numel() * 4 for p in model.parameters() if p is not embedding)
+    assert limits.streamed_bytes(model) == rest + embedding.numel() * 4
+    # kept in bfloat16 with its few-row products through the kernel, the head is its own parameter on the same
+    # storage: still one head's bytes
+    small = compact(model.to(torch.bfloat16), widen=False)
+    assert small.get_output_embeddings().weight.data_ptr() == embedding.data_ptr()
+    assert limits.streamed_bytes(small) == (rest + embedding.numel() * 4) // 2
+
+
 def test_rates_are_measured_on_this_machine():
     rates = limits.rates(tiny_model("qwen2"))
     # two slow cores reach tens of GFLOP/s and GB/s; a broken measurement would be off by orders of magnitude

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import draftapprox as da
 from draftapprox import kernels
@@ -55,6 +56,35 @@ def test_compact_model_decodes_like_model_generate_on_the_rounded_weights():
     assert ours == ref
     kv = da.generate(pair, ids, da.SnapKV(32, window=8), max_new_tokens=4)
     assert kv.record.kv_bytes_kept < kv.record.kv_bytes_full
+
+
+@pytest.mark.parametrize("rows", [1, 5, KERNEL_ROWS + 1])
+def test_compact_linear_on_bfloat16_rows_is_the_bfloat16_linear(rows):
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(203, 517).to(torch.bfloat16)
+    x = torch.randn(rows, 203, dtype=torch.bfloat16)
+    ours = CompactLinear(linear, torch.bfloat16)
+    assert ours.weight.data_ptr() == linear.weight.data_ptr() and ours(x).dtype == torch.bfloat16
+    # float32 sums of the same bfloat16 products, rounded once: within bfloat16's rounding of the library's
+    reference = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+    torch.testing.assert_close(ours(x).float(), reference, atol=2e-2, rtol=1e-2)
+
+
+def test_a_bfloat16_model_keeps_its_precision_and_decodes_through_the_kernel():
+    model = tiny_model("qwen2").to(torch.bfloat16)
+    reference = tiny_model("qwen2").to(torch.bfloat16)
+    pair = pair_from_models(compact(model, widen=False), tiny_tokenizer())
+    assert is_compact(pair.target) and precision(pair.target) == "bfloat16"
+    assert all(p.dtype == torch.bfloat16 for p in pair.target.parameters())
+    ids = prompt_ids(90)
+    with torch.inference_mode():
+        ours = pair.target(ids[:, -1:]).logits.float()  # one row: the kernel
+        ref = reference(ids[:, -1:]).logits.float()
+    torch.testing.assert_close(ours, ref, atol=0.1, rtol=0.05)
+    result = da.generate(pair, ids, da.FullKV(), max_new_tokens=6, ignore_eos=True)
+    assert len(result.tokens) == 6
+    with pytest.raises(ValueError, match="takes a bfloat16 model"):
+        compact(tiny_model("qwen2"), widen=False)
 
 
 def test_compact_refuses_a_gpu_model():

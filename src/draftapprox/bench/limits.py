@@ -60,9 +60,17 @@ def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
 
 def streamed_bytes(model: torch.nn.Module) -> int:
     """Bytes of the weights a decode step reads: every parameter but the input embedding, at its stored size
-    (bfloat16-weights models hold their linear layers in 2 bytes)."""
+    (bfloat16-weights models hold their linear layers in 2 bytes). An output head tied to the embedding is read
+    whole every step although its parameter is the embedding's, so it counts once."""
     embedding = model.get_input_embeddings().weight
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding)
+    head = model.get_output_embeddings()
+    stored = {}  # by storage: a head that shares the embedding's storage under a parameter of its own counts once
+    for p in model.parameters():
+        if p is not embedding:
+            stored[p.data_ptr()] = p.numel() * p.element_size()
+    if head is not None and head.weight is embedding:
+        stored[embedding.data_ptr()] = embedding.numel() * embedding.element_size()
+    return sum(stored.values())
 
 
 def bounds(model: torch.nn.Module, gemm: float, gemv: float, n: int) -> dict:

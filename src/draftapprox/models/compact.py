@@ -10,6 +10,11 @@ prefill 4x slower than float32. Holding the weights in bfloat16 and widening the
 Activations, the KV cache, attention and everything the capture sees are float32. The only rounding is that of
 the parameters to bfloat16, which a bfloat16 model has too (`load_model` loads them in bfloat16, so the float32
 model is never held whole).
+
+A CPU with native bfloat16 (AVX-512 BF16) prefills a bfloat16 model at its GEMM rate, but PyTorch's bfloat16 GEMV
+for a decode step's single row streams the weights well below the memory bandwidth. `compact(model, widen=False)`
+gives such a model the same kernel for its few-row products, the output head included, and leaves everything else
+in bfloat16: its prefill is unchanged, its decode step reads the weights at the kernel's rate.
 """
 
 from __future__ import annotations
@@ -29,21 +34,24 @@ KERNEL_ROWS = 64
 
 
 class CompactLinear(torch.nn.Module):
-    """`nn.Linear` with its weight stored in bfloat16 and its products in float32."""
+    """`nn.Linear` with its weight stored in bfloat16: a few rows through the kernel (products in float32), many
+    rows through the GEMM library in the activations' dtype. The bias is kept in the activations' dtype."""
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        # `.to` of a weight already in bfloat16 is the same storage: a tied output head stays tied
         self.weight = torch.nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
-        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(),
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().to(dtype),
                                                                         requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        kernel = kernels.load() if rows <= KERNEL_ROWS and x.dtype == torch.float32 and x.is_cpu else None
+        few = rows <= KERNEL_ROWS and x.dtype in (torch.float32, torch.bfloat16) and x.is_cpu
+        kernel = kernels.load() if few else None
         if kernel is None:
             return F.linear(x, _widened(self.weight, x.dtype), self.bias)
-        flat = x.reshape(rows, self.in_features)
+        flat = x.reshape(rows, self.in_features).float()  # no copy for float32 rows
         if torch.autograd.profiler._is_profiler_enabled:  # a pybind call the profiler would not see on its own
             with torch.profiler.record_function("draftapprox::linear_bf16"):
                 out = kernel.linear_bf16(flat, self.weight)
@@ -51,7 +59,7 @@ class CompactLinear(torch.nn.Module):
             out = kernel.linear_bf16(flat, self.weight)
         if self.bias is not None:
             out += self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=bfloat16"
@@ -61,10 +69,13 @@ _local = threading.local()
 
 
 def _widened(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`weight` in `dtype`, written into a buffer kept per shape: a fresh 55 MB tensor per linear per chunk cost
-    more in page faults than the widening itself (a 2k prefill of the 1.5B took 28.6 s against float32's 23.2).
+    """`weight` itself for bfloat16 activations; else `weight` in `dtype`, written into a buffer kept per shape: a
+    fresh 55 MB tensor per linear per chunk cost more in page faults than the widening itself (a 2k prefill of the
+    1.5B took 28.6 s against float32's 23.2).
     One buffer per shape and thread is safe: a forward runs its linears one after another, and a draft in a worker
     thread never shares a buffer with the target's forward."""
+    if weight.dtype == dtype:
+        return weight
     scratch = _local.__dict__.setdefault("buffers", {})
     key = (tuple(weight.shape), dtype)
     if key not in scratch:
@@ -72,26 +83,34 @@ def _widened(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return scratch[key].copy_(weight)
 
 
-def compact(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace every `nn.Linear` of `model` by a `CompactLinear`, in place, and widen every other parameter and
-    buffer to float32, so activations and the KV cache are float32. A model loaded in bfloat16 so becomes the
-    bfloat16 model's parameters computed in float32; a float32 one has only its linear weights rounded. The input
-    embedding is a lookup, widened like the rest (a tied output head shares it and stays a float32 `Linear`)."""
+def compact(model: torch.nn.Module, *, widen: bool = True) -> torch.nn.Module:
+    """Replace every `nn.Linear` of `model` by a `CompactLinear`, in place.
+
+    `widen` (bfloat16-weights): widen every other parameter and buffer to float32, so activations and the KV cache
+    are float32. A model loaded in bfloat16 so becomes the bfloat16 model's parameters computed in float32; a
+    float32 one has only its linear weights rounded. The input embedding is a lookup, widened like the rest (a tied
+    output head shares it and stays a float32 `Linear`).
+    Without `widen`, the model must be bfloat16 and stays so; only its few-row products change, to the kernel's
+    float32 sums of the same bfloat16 weights, the tied output head included (it is the same storage)."""
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("bfloat16-weights is a CPU precision; on a GPU use bfloat16")
+    if not widen and next(model.parameters()).dtype != torch.bfloat16:
+        raise ValueError("compact(widen=False) takes a bfloat16 model")
+    dtype = torch.float32 if widen else torch.bfloat16
     embedding = model.get_input_embeddings().weight
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear and child.weight is not embedding:
-                setattr(parent, name, CompactLinear(child))
-    for module in model.modules():
-        if isinstance(module, CompactLinear):
-            continue
-        for _, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            if tensor.is_floating_point() and tensor.dtype != torch.float32:
-                tensor.data = tensor.data.float()
-    if hasattr(model, "config"):
-        model.config.dtype = torch.float32
+            if type(child) is torch.nn.Linear and (child.weight is not embedding or not widen):
+                setattr(parent, name, CompactLinear(child, dtype))
+    if widen:
+        for module in model.modules():
+            if isinstance(module, CompactLinear):
+                continue
+            for _, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if tensor.is_floating_point() and tensor.dtype != torch.float32:
+                    tensor.data = tensor.data.float()
+        if hasattr(model, "config"):
+            model.config.dtype = torch.float32
     if kernels.load() is None:
         log.warning("draftapprox: bfloat16-weights without its kernel decodes at PyTorch's emulated speed")
     return model

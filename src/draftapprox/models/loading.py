@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -25,7 +27,7 @@ CHOICES = ("auto", *DTYPES, "int8", COMPACT)
 
 def auto_dtype(device: str | torch.device) -> str:
     """The precision a device computes fastest without losing the methods' accuracy: bfloat16 where the hardware
-    has it (CUDA from Ampere on; CPUs with AVX-512 BF16 or AMX, where it doubles the 1.5B's prefill speed),
+    has it (CUDA from Ampere on; CPUs whose AVX-512 BF16 or AMX beats float32, see `native_cpu_bf16`),
     float16 on older GPUs. A CPU without native bfloat16 emulates it, slower than float32, so there the weights
     are held in bfloat16 and multiplied in float32 (`COMPACT`: float32's prefill, half the bytes a decode step
     reads), or float32 where that kernel cannot be built."""
@@ -40,11 +42,32 @@ def auto_dtype(device: str | torch.device) -> str:
 
 
 def native_cpu_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX). oneDNN also "supports" bfloat16 on
-    any AVX-512 CPU by emulation, which is what `torch.ops.mkldnn._is_mkldnn_bf16_supported` reports; measured on
-    such a Xeon, emulated bfloat16 ran the 1.5B's 2k prefill 4x slower than float32 (docs/results/profile.md)."""
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX) faster than float32. oneDNN also
+    "supports" bfloat16 on any AVX-512 CPU by emulation, which is what `torch.ops.mkldnn._is_mkldnn_bf16_supported`
+    reports; measured on such a Xeon, emulated bfloat16 ran the 1.5B's 2k prefill 4x slower than float32
+    (docs/results/profile.md). Even the flag is not enough: a Xeon with AVX-512 BF16 but no AMX multiplied
+    bfloat16 at 146 GFLOP/s against float32's 235, where an EPYC with the same flag ran bfloat16 GEMMs at about
+    600 GFLOP/s. So where the flag is there, a short GEMM of each decides (`bf16_gemm_speedup`)."""
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16")) and bf16_gemm_speedup() > 1.1
+
+
+@functools.cache
+def bf16_gemm_speedup() -> float:
+    """bfloat16's GEMM rate over float32's on this CPU, for a prefill-shaped multiply (best of 3 each, about a
+    quarter of a second once per process)."""
+    def best(dtype: torch.dtype) -> float:
+        x, w = torch.randn(512, 1536, dtype=dtype), torch.randn(4096, 1536, dtype=dtype)
+        F.linear(x, w)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            F.linear(x, w)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.inference_mode():
+        return best(torch.float32) / best(torch.bfloat16)
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -169,6 +192,8 @@ def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype = "
     model = fuse(model.to(device).eval())
     if compacted:
         model = compact(model)
+    elif dtype == torch.bfloat16 and device_type == "cpu" and kernels.load() is not None:
+        model = compact(model, widen=False)  # bfloat16 still, decode steps through the kernel (models/compact.py)
     model = prepare(_quantize_int8(model) if int8 else model)
     if log is not None:
         log(f"loaded {source if source is not None else offline.TARGET.name}: {count / 1e9:.2f}B parameters, "
@@ -182,7 +207,7 @@ def precision(model: PreTrainedModel) -> str:
 
     if any(isinstance(m, DynamicInt8Linear) for m in model.modules()):
         return "int8"
-    if is_compact(model):
+    if is_compact(model) and model.dtype == torch.float32:
         return COMPACT
     return str(model.dtype).removeprefix("torch.")
 
