@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The performance protocol on the offline pair, resumable (rows already in the JSONL are skipped). Timings are
 # only comparable within one file measured on an otherwise idle machine: stop other jobs first.
-# STAGES (default: all) picks what to run, e.g. STAGES="main report".
+# STAGES (default: all) picks what to run, e.g. STAGES="main report". ENGINE_OUT and ENGINE_DIR put the engine
+# stage of another machine in files of its own (a ratio means something only within one machine's file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAW=docs/results/raw
 OUT=$RAW/bench-cpu.jsonl
-ENGINE_OUT=$RAW/bench-engine-cpu.jsonl
+ENGINE_OUT=${ENGINE_OUT:-$RAW/bench-engine-cpu.jsonl}
+ENGINE_DIR=${ENGINE_DIR:-docs/results/engine}
 STAGES=${STAGES:-"main long sparse drafts chunk peers report engine"}
 METHODS=fullkv,streamingllm,snapkv,adakv,speckv,specpc,speckvpc,specprefill
 LOOKAHEAD=(--set speckv.lookahead=32 --set speckvpc.lookahead=32)
@@ -47,7 +49,8 @@ for stage in $STAGES; do
         "${LOOKAHEAD[@]}" --output "$ENGINE_OUT"
       draftapprox bench engine --dtype float32 --lengths 1024,2048,4096 --repeats 1 --output "$ENGINE_OUT"
       draftapprox bench engine --dtype bfloat16 --lengths 1024,2048 --repeats 1 --output "$ENGINE_OUT"
-      draftapprox bench report "$ENGINE_OUT" --out docs/results/engine --command "scripts/benchmark.sh (STAGES=engine)" ;;
+      draftapprox bench report "$ENGINE_OUT" --out "$ENGINE_DIR" \
+        --command "ENGINE_OUT=$ENGINE_OUT ENGINE_DIR=$ENGINE_DIR scripts/benchmark.sh (STAGES=engine)" ;;
     report)
       draftapprox bench report "$OUT" --out docs/results --command "scripts/benchmark.sh (STAGES=\"$STAGES\")" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
