@@ -192,8 +192,9 @@ def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype = "
     model = fuse(model.to(device).eval())
     if compacted:
         model = compact(model)
-    elif dtype == torch.bfloat16 and device_type == "cpu" and kernels.load() is not None:
-        model = compact(model, widen=False)  # bfloat16 still, decode steps through the kernel (models/compact.py)
+    elif dtype == torch.bfloat16 and device_type == "cpu" and getattr(kernels.load(), "vectorised", bool)():
+        # bfloat16 still, decode steps through the kernel (models/compact.py); its portable loop would be slower
+        model = compact(model, widen=False)
     model = prepare(_quantize_int8(model) if int8 else model)
     if log is not None:
         log(f"loaded {source if source is not None else offline.TARGET.name}: {count / 1e9:.2f}B parameters, "
