@@ -120,8 +120,8 @@ def test_compact_decode_step_reads_half_the_bytes(one_thread):
 
 def test_the_kernel_streams_bfloat16_weights_faster_than_pytorch(one_thread):
     """A bfloat16 model on the CPU decodes through the kernel (models/compact.py) because PyTorch's bfloat16 GEMV
-    streamed the weights at half its rate on the AVX-512 BF16 Xeon (1.7-2.7x by shape). A 32 MiB weight, more than
-    a last-level cache share, one row. Loosely: not slower."""
+    streamed the weights at half its rate on the AVX-512 BF16 Xeon (1.7-2.7x by shape). Two 16 MiB weights, more
+    than a last-level cache share, one row. Loosely: not slower."""
     from draftapprox import kernels
 
     kernel = kernels.load()

@@ -27,10 +27,10 @@ def _best(fn, repeats: int = 7) -> float:
     return best
 
 
-def gemm_rate(hidden: int, intermediate: int, dtype: torch.dtype, rows: int = 2048) -> float:
+def gemm_rate(hidden: int, intermediate: int, dtype: torch.dtype, rows: int = 2048, repeats: int = 7) -> float:
     """FLOP/s of `(rows x hidden) @ (hidden x intermediate)`, the largest multiply of a prefill chunk."""
     a, w = torch.randn(rows, hidden, dtype=dtype), torch.randn(intermediate, hidden, dtype=dtype)
-    return 2 * rows * hidden * intermediate / _best(lambda: torch.nn.functional.linear(a, w))
+    return 2 * rows * hidden * intermediate / _best(lambda: torch.nn.functional.linear(a, w), repeats)
 
 
 def gemv_rate(hidden: int, intermediate: int, dtype: torch.dtype) -> float:
@@ -64,13 +64,9 @@ def streamed_bytes(model: torch.nn.Module) -> int:
     whole every step although its parameter is the embedding's, so it counts once."""
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
-    stored = {}  # by storage: a head that shares the embedding's storage under a parameter of its own counts once
-    for p in model.parameters():
-        if p is not embedding:
-            stored[p.data_ptr()] = p.numel() * p.element_size()
-    if head is not None and head.weight is embedding:
-        stored[embedding.data_ptr()] = embedding.numel() * embedding.element_size()
-    return sum(stored.values())
+    read = [p for p in model.parameters() if p is not embedding] + ([head.weight] if head is not None else [])
+    # by storage: a head counts once, whether it is its own parameter, the embedding's, or its own on shared storage
+    return sum({p.data_ptr(): p.numel() * p.element_size() for p in read}.values())
 
 
 def bounds(model: torch.nn.Module, gemm: float, gemv: float, n: int) -> dict:

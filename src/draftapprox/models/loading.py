@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from .. import kernels
+from ..bench import limits
 from ..capture import prepare
 from ..errors import ModelError
 from . import offline
@@ -56,18 +56,9 @@ def native_cpu_bf16() -> bool:
 def bf16_gemm_speedup() -> float:
     """bfloat16's GEMM rate over float32's on this CPU, for a prefill-shaped multiply (best of 3 each, about a
     quarter of a second once per process)."""
-    def best(dtype: torch.dtype) -> float:
-        x, w = torch.randn(512, 1536, dtype=dtype), torch.randn(4096, 1536, dtype=dtype)
-        F.linear(x, w)
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            F.linear(x, w)
-            times.append(time.perf_counter() - start)
-        return min(times)
-
     with torch.inference_mode():
-        return best(torch.float32) / best(torch.bfloat16)
+        rates = [limits.gemm_rate(1536, 4096, dtype, rows=512, repeats=3) for dtype in (torch.bfloat16, torch.float32)]
+    return rates[0] / rates[1]
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -192,14 +183,19 @@ def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype = "
     model = fuse(model.to(device).eval())
     if compacted:
         model = compact(model)
-    elif dtype == torch.bfloat16 and device_type == "cpu" and getattr(kernels.load(), "vectorised", bool)():
-        # bfloat16 still, decode steps through the kernel (models/compact.py); its portable loop would be slower
-        model = compact(model, widen=False)
+    elif dtype == torch.bfloat16 and device_type == "cpu" and _vectorised_kernel():
+        model = compact(model, widen=False)  # bfloat16 still, decode steps through the kernel (models/compact.py)
     model = prepare(_quantize_int8(model) if int8 else model)
     if log is not None:
         log(f"loaded {source if source is not None else offline.TARGET.name}: {count / 1e9:.2f}B parameters, "
             f"{precision(model)} on {device}, {time.perf_counter() - began:.1f} s")
     return model, tokenizer
+
+
+def _vectorised_kernel() -> bool:
+    """Whether the kernel built with its AVX-512 path; its portable loop is slower than PyTorch's bfloat16 GEMV."""
+    kernel = kernels.load()
+    return kernel is not None and kernel.vectorised()
 
 
 def precision(model: PreTrainedModel) -> str:
