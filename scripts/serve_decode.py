@@ -11,16 +11,14 @@ which `bench serve` reports from.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from draftapprox.cache import batch_caches
 from draftapprox.eval import ruler
 from draftapprox.eval.answer_log import Results
-from draftapprox.generation import DecodeBatch, Prepared, prepare
+from draftapprox.generation import DecodeBatch, prepare, twin
 from draftapprox.methods import FullKV, make
 from draftapprox.models.loading import load_pair, precision
 
@@ -66,11 +64,6 @@ def main(argv: list[str]) -> int:
         print(f"{name}: {args.concurrency} x {args.length} tokens, step {step:.3f} s, "
               f"{args.concurrency / step:.2f} tokens/s", file=sys.stderr)
     return 0
-
-
-def twin(p: Prepared) -> Prepared:
-    """Another request identical to `p`, with a copy of its cache (a batch takes over what joins it)."""
-    return dataclasses.replace(p, cache=batch_caches([p.cache]))
 
 
 if __name__ == "__main__":

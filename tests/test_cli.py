@@ -50,6 +50,13 @@ def test_generate_json_reports_text_bytes_and_timings(monkeypatch, capsys, model
     assert {"draft", "target_prefill", "decode"} <= set(record["timings"]) and isinstance(record["text"], str)
 
 
+def test_generate_with_static_decode_writes_the_same_answer(monkeypatch, capsys, models):
+    args = ["generate", "-m", "snapkv", "-b", "40", "-n", "6", "--json", "--set", "window=8", *tiny(models)]
+    plain = json.loads(cli(monkeypatch, capsys, args)[1])
+    code, out, _ = cli(monkeypatch, capsys, [*args, "--static-decode"])
+    assert code == 0 and json.loads(out)["text"] == plain["text"] and plain["new_tokens"] == 6
+
+
 def test_generate_from_prompt_file_prompt_method(monkeypatch, capsys, models, tmp_path):
     path = tmp_path / "prompt.txt"
     path.write_text(PROMPT)

@@ -143,10 +143,11 @@ def test_a_stop_string_counts_only_after_some_text():
     assert _cut("abc", ["\n"]) is None
 
 
-def test_batched_decoding_gives_each_request_the_tokens_it_gets_alone(pair):
+@pytest.mark.parametrize("static", [False, True])
+def test_batched_decoding_gives_each_request_the_tokens_it_gets_alone(pair, static):
     """Every cache layout (contiguous, per-layer and per-head lengths, refeed, shorter prompts, original position
     ids) in one batch, requests of different lengths leaving it as they finish; float64 so that the batched
-    matmuls cannot flip a greedy choice by rounding."""
+    matmuls cannot flip a greedy choice by rounding. `static`: fixed-shape steps, made anew at each departure."""
     pair.target.double()
     pair.draft.double()
     ids = prompt_ids(96)
@@ -155,7 +156,7 @@ def test_batched_decoding_gives_each_request_the_tokens_it_gets_alone(pair):
                da.SpecPC(0.25, window=8, kernel=5, start_layer=1), da.SpecPrefill(0.25)]
     state = da.new_state(pair, ids, 10)
     prepared = [da.prepare(pair, ids, m, max_new_tokens=3 + i, state=state) for i, m in enumerate(methods)]
-    together = dict(da.generate_batched(pair, prepared, max_batch=4))
+    together = dict(da.generate_batched(pair, prepared, max_batch=4, static=static))
     assert sorted(together) == list(range(len(methods)))
     for i, method in enumerate(methods):
         alone = da.generate(pair, ids, method, max_new_tokens=3 + i)
@@ -169,7 +170,8 @@ def test_batch_size_must_be_positive(qwen_pair):
         list(da.generate_batched(qwen_pair, [], max_batch=0))
 
 
-def test_sequences_joining_and_leaving_a_running_batch_get_the_tokens_they_get_alone(pair):
+@pytest.mark.parametrize("static", [False, True])
+def test_sequences_joining_and_leaving_a_running_batch_get_the_tokens_they_get_alone(pair, static):
     """A server's batch: members join between steps (re-stacking the rows already running, decoded tokens
     included) and leave early (a cancelled client); every other member's tokens stay those it gets alone."""
     pair.target.double()
@@ -178,7 +180,7 @@ def test_sequences_joining_and_leaving_a_running_batch_get_the_tokens_they_get_a
     methods = [da.FullKV(), da.AdaKV(24, scorer=da.SnapKV(24, window=4)), da.SpecKV(24, window=4, lookahead=3),
                da.SpecPC(0.5, window=4, kernel=3, start_layer=1)]
     alone = [da.generate(pair, i, m, max_new_tokens=9).tokens for i, m in zip(ids, methods, strict=True)]
-    batch = da.DecodeBatch(pair)
+    batch = da.DecodeBatch(pair, static=static)
     got: dict[int, list[int]] = {k: [] for k in range(4)}
     results = {}
     step = 0

@@ -36,3 +36,24 @@ def test_gpu_grid_script_runs_its_grid_and_resumes(tmp_path):
     for i in range(2):
         rows = [json.loads(line) for line in (tmp_path / f"answers-shard{i}-of2.jsonl").read_text().splitlines()]
         assert len(rows) == 3 and {r["index"] for r in rows} == {i}
+
+
+def test_cuda_graph_script_measures_both_loops_and_resumes(tmp_path):
+    """On a CPU the static step runs eagerly: the script's rows, its table and the tokens are what is checked."""
+    tok = tiny_tokenizer(chat=True)
+    target = save_tiny(tmp_path / "target", tiny_model("llama", seed=0), tok)
+    draft = save_tiny(tmp_path / "draft", tiny_model("llama", layers=2, seed=1), tok)
+    out, page = tmp_path / "rows.jsonl", tmp_path / "page.md"
+    args = [sys.executable, str(ROOT / "scripts" / "cuda_graph_decode.py"), "--device", "cpu", "--draft", draft,
+            "--target", target, "--length", "512", "--steps", "6", "--batches", "1,3", "--output", str(out),
+            "--out", str(page)]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 8 and {(r["method"], r["batch"], r["static"]) for r in rows} == {
+        (m, b, s) for m in ("fullkv", "speckv@256") for b in (1, 3) for s in (False, True)}
+    assert not any(r["captured"] for r in rows)
+    text = page.read_text()
+    assert text.count("no (eager)") == 4 and "| no |" not in text  # four pairs, each with the loop's tokens
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and len(out.read_text().splitlines()) == 8

@@ -193,7 +193,10 @@ class BatchLayer(_TailLayer):
         self.prefix_keys, self.prefix_values, self.valid = keys, values, valid
         self._start_tail(keys, values)
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+               tail_valid: torch.Tensor | None = None):
+        """Single-query attention over the padded prompt part and the tail `key/value`; `tail_valid (t,)`, where
+        given, masks tail positions not written yet (a `StaticLayer`'s)."""
         b, h, q, d = query.shape
         if q != 1:
             raise ValueError("a batch of compressed caches decodes one token per sequence at a time")
@@ -202,6 +205,8 @@ class BatchLayer(_TailLayer):
         prefix = (rows @ self.prefix_keys.transpose(-1, -2)) * scaling
         prefix = prefix.masked_fill(~self.valid[:, :, None, :], float("-inf"))
         tail = (rows @ key.transpose(-1, -2)) * scaling
+        if tail_valid is not None:
+            tail = tail.masked_fill(~tail_valid, float("-inf"))
         probs = torch.cat([prefix, tail], dim=-1).float().softmax(-1).to(query.dtype)
         prefix_probs, tail_probs = probs.split([prefix.shape[-1], tail.shape[-1]], dim=-1)
         out = prefix_probs @ self.prefix_values + tail_probs @ value
@@ -211,6 +216,52 @@ class BatchLayer(_TailLayer):
         """Keep only the sequences `rows` (the others finished)."""
         for name in ("prefix_keys", "prefix_values", "valid", "keys", "values"):
             setattr(self, name, getattr(self, name).index_select(0, rows))
+
+    def get_seq_length(self) -> int:
+        return self.prefix_keys.shape[2] + self.keys.shape[2]
+
+
+class StaticLayer(BatchLayer):
+    """A `BatchLayer` whose every tensor keeps its shape and address while decoding, so that a decode step can be
+    captured once as a CUDA graph and replayed (`static_decode`).
+
+    The tail is a buffer of `capacity` positions written at `step`, a one-element tensor that every layer of a
+    cache shares and the caller advances after each step; attention masks the positions not written yet. A
+    graph replays whatever the step tensor holds, where a Python index would be frozen at capture time.
+    """
+
+    def __init__(self, layer: BatchLayer, capacity: int, step: torch.Tensor):
+        keys = torch.cat([layer.prefix_keys, layer.keys], dim=2)  # tokens decoded before join the prompt part
+        values = torch.cat([layer.prefix_values, layer.values], dim=2)
+        tail = torch.ones(layer.keys.shape[:3], dtype=torch.bool, device=keys.device)
+        super().__init__(keys, values, torch.cat([layer.valid, tail], dim=2))
+        b, g, _, d = keys.shape
+        self.keys, self.values = keys.new_zeros(b, g, capacity, d), values.new_zeros(b, g, capacity, d)
+        self.step = step
+        self._positions = torch.arange(capacity, device=keys.device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.keys.index_copy_(2, self.step, key_states)
+        self.values.index_copy_(2, self.step, value_states)
+        return self.keys, self.values
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+               tail_valid: torch.Tensor | None = None):
+        return super().attend(query, key, value, scaling, self._positions <= self.step)
+
+    def reserve(self, extra: int) -> None:
+        raise ValueError("a static cache layer holds a fixed number of positions")
+
+    def written(self) -> BatchLayer:
+        """The positions written so far as an ordinary `BatchLayer` (a copy): what decoding continues from once
+        the batch changes shape."""
+        step = int(self.step)
+        out = BatchLayer(self.prefix_keys, self.prefix_values, self.valid)
+        out.keys, out.values = self.keys[:, :, :step].clone(), self.values[:, :, :step].clone()
+        return out
+
+    def select(self, rows: torch.Tensor) -> None:
+        raise ValueError("a static cache layer keeps its rows; take `written()` to select")
 
     def get_seq_length(self) -> int:
         return self.prefix_keys.shape[2] + self.keys.shape[2]

@@ -22,6 +22,7 @@ from .errors import ConfigError, InputError
 from .forward import forward
 from .methods import METHODS, FullKV, KVMethod, Method, PromptMethod, SpecKVPC
 from .models.loading import Pair
+from .static_decode import StaticDecode
 
 
 @dataclass
@@ -277,19 +278,28 @@ def finish(pair: Pair, prepared: Prepared, tokens: list[int], reason: str, decod
     return Result(_finish_text(pair.tokenizer, tokens, prepared.stop), tokens, record, prepared.kept_ids)
 
 
+def twin(p: Prepared) -> Prepared:
+    """Another request identical to `p`, with a copy of its cache (a batch takes over the cache of what joins it):
+    how a benchmark fills a batch from one prepared prompt."""
+    return dataclasses.replace(p, cache=batch_caches([p.cache]))
+
+
 def generate(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None, *, max_new_tokens: int = 64,
              chat: bool = False, sampling: Sampling | None = None, stop: list[str] | None = None,
-             state: PromptState | None = None, ignore_eos: bool = False) -> Result:
+             state: PromptState | None = None, ignore_eos: bool = False, static: bool = False) -> Result:
     """Generate from `prompt` with `method` (default FullKV); returns the text and a `Record`.
 
     `prompt` may be text or token ids `(1, n)`. Pass a `state` from `new_state` to share the target prefill and
     the draft lookahead between several methods on the same prompt (its timings then accumulate).
+    `static`: decode with fixed-shape steps, replayed as a CUDA graph on a GPU (`static_decode`).
     """
     return generate_prepared(pair, prepare(pair, prompt, method, max_new_tokens=max_new_tokens, chat=chat,
-                                           sampling=sampling, stop=stop, state=state, ignore_eos=ignore_eos))
+                                           sampling=sampling, stop=stop, state=state, ignore_eos=ignore_eos),
+                             static=static)
 
 
-def generate_batched(pair: Pair, prepared: list[Prepared], max_batch: int = 32) -> Iterator[tuple[int, Result]]:
+def generate_batched(pair: Pair, prepared: list[Prepared], max_batch: int = 32,
+                     static: bool = False) -> Iterator[tuple[int, Result]]:
     """Decode prepared requests of one target together, yielding `(index, result)` as each one finishes.
 
     Requests are sorted by cache length and grouped, at most `max_batch` to a group; each step is one forward of
@@ -297,7 +307,8 @@ def generate_batched(pair: Pair, prepared: list[Prepared], max_batch: int = 32) 
     the weights: twenty sequences cost a few times one sequence's step, not twenty times). A group's caches are
     padded to its longest, so a group closes before its padded KV bytes would outgrow the weights: past that, a
     separate pass over the weights is the cheaper way. A request's `decode` seconds run from its group's start
-    until it finished, and its record names the group's size.
+    until it finished, and its record names the group's size. `static`: as for `generate`; each departure from a
+    group then re-captures its step.
     """
     if max_batch < 1:
         raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
@@ -307,15 +318,16 @@ def generate_batched(pair: Pair, prepared: list[Prepared], max_batch: int = 32) 
     group: list[int] = []
     for i in sorted(range(len(prepared)), key=lambda i: lengths[i]):
         if group and (len(group) == max_batch or (len(group) + 1) * lengths[i] * per_token > weights):
-            yield from _decode_group(pair, prepared, group)
+            yield from _decode_group(pair, prepared, group, static)
             group = []
         group.append(i)
     if group:
-        yield from _decode_group(pair, prepared, group)
+        yield from _decode_group(pair, prepared, group, static)
 
 
-def _decode_group(pair: Pair, prepared: list[Prepared], group: list[int]) -> Iterator[tuple[int, Result]]:
-    batch = DecodeBatch(pair)
+def _decode_group(pair: Pair, prepared: list[Prepared], group: list[int],
+                  static: bool) -> Iterator[tuple[int, Result]]:
+    batch = DecodeBatch(pair, static)
     for i in group:
         batch.join(prepared[i], key=i)
     while batch:
@@ -325,9 +337,9 @@ def _decode_group(pair: Pair, prepared: list[Prepared], group: list[int]) -> Ite
                     step.result.record, decode_batch=len(group)))
 
 
-def generate_prepared(pair: Pair, p: Prepared) -> Result:
-    """Decode one prepared request on its own."""
-    batch = DecodeBatch(pair)
+def generate_prepared(pair: Pair, p: Prepared, static: bool = False) -> Result:
+    """Decode one prepared request on its own (`static`: as for `generate`)."""
+    batch = DecodeBatch(pair, static)
     batch.join(p)
     while True:
         for step in batch.step():
@@ -364,14 +376,18 @@ class DecodeBatch:
     A lone sequence decodes on its own cache, exactly as it would alone. With several, their caches are stacked
     into `BatchLayer`s (`batch_caches`), once per change of membership: a join re-stacks the running rows with the
     newcomer's cache (which the batch then owns: `Prepared.cache` is released), a departure only drops rows.
+    `static`: steps run over fixed-shape storage (`static_decode.StaticDecode`), replayed as a CUDA graph on a GPU,
+    made anew at each change of membership.
     """
 
-    def __init__(self, pair: Pair):
+    def __init__(self, pair: Pair, static: bool = False):
         self.pair = pair
         self._per_token = kv_bytes_per_token(pair)
         self.members: list[_Member] = []
         self._cache: DynamicCache | None = None  # the first `_stacked` members' sequences, in order
         self._stacked = 0  # members joined later are stacked in before the next forward
+        self._static_steps = static
+        self._static: StaticDecode | None = None  # holds `_cache`'s sequences while the membership stays
 
     def __len__(self) -> int:
         return len(self.members)
@@ -387,6 +403,11 @@ class DecodeBatch:
             return False
         self._drop([slot])
         return True
+
+    @property
+    def captured(self) -> bool:
+        """Whether the step now replays a CUDA graph (`static` on a GPU, once warmed up)."""
+        return self._static is not None and self._static.captured
 
     def kv_bytes(self) -> int:
         """Bytes the members' caches hold logically: each compressed prompt plus one position per token decoded."""
@@ -416,6 +437,7 @@ class DecodeBatch:
     def _drop(self, slots: list[int]) -> None:
         if not slots:
             return
+        self._thaw()
         stacked = [i for i in range(self._stacked) if i not in slots]
         if self._cache is not None and len(stacked) < self._stacked:
             if not stacked:
@@ -434,11 +456,24 @@ class DecodeBatch:
         fed = torch.cat([m.fed for m in members])
         positions = torch.tensor([[m.prepared.position + len(m.tokens) - 1] for m in members],
                                  device=self.pair.target.device)
-        out = forward(self.pair.target, fed, self._cache, positions, compressed=True)
+        if self._static_steps:
+            if self._static is None:  # every forward this membership can still need
+                steps = max(m.prepared.max_new_tokens - len(m.tokens) for m in members)
+                self._static = StaticDecode(self.pair.target, self._cache, steps)
+            out = self._static(fed, positions)
+        else:
+            out = forward(self.pair.target, fed, self._cache, positions, compressed=True)
         for m, logits in zip(members, out.split(1), strict=True):
             m.logits = logits
 
+    def _thaw(self) -> None:
+        """Before the membership changes: the static step's cache back as an ordinary one (the step's shapes
+        were those of the old membership)."""
+        if self._static is not None:
+            self._cache, self._static = self._static.written(), None
+
     def _restack(self) -> None:
+        self._thaw()
         members = self.members
         if len(members) == 1:
             self._cache = members[0].prepared.cache

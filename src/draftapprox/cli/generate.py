@@ -76,6 +76,8 @@ def generate(
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     cache_dir: CacheOpt = None,
+    static_decode: Annotated[bool, typer.Option(
+        "--static-decode", help="Decode with fixed-shape steps, replayed as a CUDA graph on a GPU.")] = False,
 ) -> None:
     """Generate an answer with a method applied to the prompt."""
     from ..generation import Sampling
@@ -85,7 +87,8 @@ def generate(
     prompt = _read_prompt(prompt_file, example)
     sampling = Sampling(temperature, top_p, seed)
     pair = pair_for(chosen, draft, target, dtype, draft_dtype, device, threads, cache_dir)
-    result = run(pair, prompt, chosen, max_new_tokens=max_new_tokens, chat=chat, sampling=sampling, stop=stop)
+    result = run(pair, prompt, chosen, max_new_tokens=max_new_tokens, chat=chat, sampling=sampling, stop=stop,
+                 static=static_decode)
     if as_json:
         print(json.dumps({"text": result.text, **result.record.to_dict(), "config": chosen.describe()}))
     else:
