@@ -263,9 +263,6 @@ class StaticLayer(BatchLayer):
     def select(self, rows: torch.Tensor) -> None:
         raise ValueError("a static cache layer keeps its rows; take `written()` to select")
 
-    def get_seq_length(self) -> int:
-        return self.prefix_keys.shape[2] + self.keys.shape[2]
-
 
 def _head_pairs(layer: CacheLayerMixin, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Sequence `row` of a layer as (keys, values) `(m_h, d)` per KV head, whatever its layout."""
