@@ -1,4 +1,5 @@
-"""In-place gated MLPs: the same outputs as the model's own forward, on every architecture that has them."""
+"""In-place gated MLPs: the same outputs as the model's own forward, on every architecture that has them, for a few
+rows (the plain path) and for a chunk of many (the gate and up projections written into per-thread buffers)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,44 @@ import copy
 import pytest
 import torch
 
+from draftapprox.models import scratch
+from draftapprox.models.compact import KERNEL_ROWS, compact
 from draftapprox.models.fuse import fusable, fuse
 
 from ..conftest import ARCHS, prompt_ids, tiny_model
 
 
+@pytest.mark.parametrize("rows", [40, 3 * KERNEL_ROWS])
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_fused_forward_equals_the_models_own(arch):
+def test_fused_forward_equals_the_models_own(arch, rows):
     model = tiny_model(arch)
     fused = fuse(copy.deepcopy(model))
     patched = [m for m in fused.modules() if "forward" in vars(m)]
     assert patched and all(fusable(m) for m in patched)
-    ids = prompt_ids(40)
+    ids = prompt_ids(rows)
     with torch.inference_mode():
         torch.testing.assert_close(fused(ids).logits, model(ids).logits, atol=1e-6, rtol=1e-5)
+
+
+def test_a_compact_model_writes_its_projections_into_buffers_that_it_reuses():
+    model = tiny_model("qwen2")
+    reference = compact(copy.deepcopy(model))  # compact, not fused: every product a fresh tensor
+    fused = fuse(compact(copy.deepcopy(model)))
+    ids = prompt_ids(3 * KERNEL_ROWS)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(ids).logits, reference(ids).logits, atol=1e-6, rtol=1e-5)
+        first = scratch.buffer("mlp.gate", (1,), torch.float32).data_ptr()
+        fused(prompt_ids(2 * KERNEL_ROWS, seed=2))  # fewer rows: the same storage, not a new one
+        assert scratch.buffer("mlp.gate", (1,), torch.float32).data_ptr() == first
+
+
+def test_a_hooked_projection_runs_as_a_module_call():
+    model = fuse(tiny_model("llama"))
+    calls = []
+    model.model.layers[0].mlp.up_proj.register_forward_hook(lambda *args: calls.append(1))
+    with torch.inference_mode():
+        model(prompt_ids(3 * KERNEL_ROWS))
+    assert calls == [1]
 
 
 def test_only_plain_gated_mlps_are_touched():

@@ -20,12 +20,12 @@ in bfloat16: its prefill is unchanged, its decode step reads the weights at the 
 from __future__ import annotations
 
 import logging
-import threading
 
 import torch
 import torch.nn.functional as F
 
 from .. import kernels
+from . import scratch
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class CompactLinear(torch.nn.Module):
         few = rows <= KERNEL_ROWS and x.dtype in (torch.float32, torch.bfloat16) and x.is_cpu
         kernel = kernels.load() if few else None
         if kernel is None:
-            return F.linear(x, _widened(self.weight, x.dtype), self.bias)
+            return F.linear(x, widened(self.weight, x.dtype), self.bias)
         flat = x.reshape(rows, self.in_features).float()  # no copy for float32 rows
         if torch.autograd.profiler._is_profiler_enabled:  # a pybind call the profiler would not see on its own
             with torch.profiler.record_function("draftapprox::linear_bf16"):
@@ -65,22 +65,14 @@ class CompactLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=bfloat16"
 
 
-_local = threading.local()
-
-
-def _widened(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`weight` itself for bfloat16 activations; else `weight` in `dtype`, written into a buffer kept per shape: a
-    fresh 55 MB tensor per linear per chunk cost more in page faults than the widening itself (a 2k prefill of the
-    1.5B took 28.6 s against float32's 23.2).
-    One buffer per shape and thread is safe: a forward runs its linears one after another, and a draft in a worker
-    thread never shares a buffer with the target's forward."""
+def widened(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` itself for bfloat16 activations; else `weight` in `dtype`, written into this thread's scratch
+    buffer (`scratch.py`): a fresh 55 MB tensor per linear per chunk cost more in page faults than the widening
+    itself (a 2k prefill of the 1.5B took 28.6 s against float32's 23.2). The widened copy is used by one multiply
+    and done with before the next linear widens its own."""
     if weight.dtype == dtype:
         return weight
-    scratch = _local.__dict__.setdefault("buffers", {})
-    key = (tuple(weight.shape), dtype)
-    if key not in scratch:
-        scratch[key] = torch.empty(weight.shape, dtype=dtype)
-    return scratch[key].copy_(weight)
+    return scratch.buffer("widened", tuple(weight.shape), dtype).copy_(weight)
 
 
 def compact(model: torch.nn.Module, *, widen: bool = True) -> torch.nn.Module:
