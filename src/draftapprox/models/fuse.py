@@ -6,8 +6,9 @@ tensor's pages are faulted in on first touch. Applying SiLU to the gate's output
 projection into it took one such MLP from 648 to 584 ms (1.7 s of a 2k prefill); one multiply over the gate and up
 weights concatenated measured no faster (597 ms) and would duplicate them while loading, so they stay apart.
 On a CPU, a chunk of many rows also writes the gate and up projections into per-thread buffers (`scratch.py`)
-instead of fresh tensors: over 32 MB each, those were mapped and faulted in anew every layer (a 2k SpecPC pass of
-the 0.5B draft took 9.7 s against 8.7 s with the buffers, medians of three pairs). The arithmetic is the same products and sums.
+instead of fresh tensors: over 32 MB each, those were mapped and faulted in anew every layer (a 2k-token forward
+of the 0.5B draft took 9.7 s against 8.7 s with the buffers, medians of three pairs). The arithmetic is the same
+products and sums.
 """
 
 from __future__ import annotations
