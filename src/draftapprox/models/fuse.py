@@ -25,11 +25,15 @@ from .compact import KERNEL_ROWS, CompactLinear, widened
 _GATED = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 
 
-def _into_buffer(linear: torch.nn.Module, x: torch.Tensor, role: str) -> torch.Tensor | None:
-    """`linear(x)` for 2-D `x`, written into this thread's buffer for `role`; None where `linear` is not a plain
-    or compact linear layer without hooks, whose call must then run as it is."""
-    if type(linear) not in (torch.nn.Linear, CompactLinear) or linear._forward_hooks or linear._forward_pre_hooks:
-        return None
+def _plain(linear: torch.nn.Module) -> bool:
+    """A plain or compact linear layer without hooks: one whose product may be written into a buffer, its call
+    skipped."""
+    return type(linear) in (torch.nn.Linear, CompactLinear) and not linear._forward_hooks \
+        and not linear._forward_pre_hooks
+
+
+def _into_buffer(linear: torch.nn.Module, x: torch.Tensor, role: str) -> torch.Tensor:
+    """`linear(x)` for 2-D `x` and a `_plain` linear, written into this thread's buffer for `role`."""
     weight = widened(linear.weight, x.dtype) if type(linear) is CompactLinear else linear.weight
     out = scratch.buffer(role, (x.shape[0], linear.out_features), x.dtype)
     if linear.bias is None:
@@ -39,12 +43,12 @@ def _into_buffer(linear: torch.nn.Module, x: torch.Tensor, role: str) -> torch.T
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if rows > KERNEL_ROWS and x.is_cpu and not torch.is_grad_enabled():  # out= products have no gradient
+    # out= products have no gradient; a hooked projection keeps its module call
+    if rows > KERNEL_ROWS and x.is_cpu and not torch.is_grad_enabled() and _plain(self.gate_proj) \
+            and _plain(self.up_proj):
         flat = x.reshape(rows, x.shape[-1])
-        gate = _into_buffer(self.gate_proj, flat, "mlp.gate")
-        up = _into_buffer(self.up_proj, flat, "mlp.up") if gate is not None else None
-        if up is not None:
-            return self.down_proj(F.silu(gate, inplace=True).mul_(up)).view(*x.shape[:-1], -1)
+        gate = F.silu(_into_buffer(self.gate_proj, flat, "mlp.gate"), inplace=True)
+        return self.down_proj(gate.mul_(_into_buffer(self.up_proj, flat, "mlp.up"))).view(*x.shape[:-1], -1)
     return self.down_proj(F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x)))
 
 
