@@ -18,7 +18,12 @@ def single_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sc
     b, h, _, d = query.shape
     g = key.shape[1]
     rows = query.view(b, g, h // g, d)
-    scores = torch.matmul(rows, key.transpose(-1, -2)).float() * scaling
+    if key.dtype == torch.bfloat16:
+        # oneDNN's bfloat16 batched product copies a transposed key operand first (640 us a layer at 4k cached
+        # tokens of the 1.5B, on an AMX Xeon); with the small query transposed instead it took a fifth of the time
+        scores = torch.matmul(key, rows.transpose(-1, -2)).transpose(-1, -2).float() * scaling
+    else:
+        scores = torch.matmul(rows, key.transpose(-1, -2)).float() * scaling
     probs = scores.softmax(-1).to(value.dtype)
     return torch.matmul(probs, value).view(b, 1, h, d)
 

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 import draftapprox as da
 from draftapprox import kernels
-from draftapprox.models.compact import KERNEL_ROWS, CompactLinear, compact, is_compact
+from draftapprox.models import fuse as fuse_module
+from draftapprox.models.compact import KERNEL_ROWS, PACKED_ROWS, CompactLinear, compact, is_compact, packable
+from draftapprox.models.fuse import fuse
 from draftapprox.models.loading import pair_from_models, precision
 
 from ..conftest import prompt_ids, tiny_model, tiny_tokenizer
@@ -85,6 +87,45 @@ def test_a_bfloat16_model_keeps_its_precision_and_decodes_through_the_kernel():
     assert len(result.tokens) == 6
     with pytest.raises(ValueError, match="takes a bfloat16 model"):
         compact(tiny_model("qwen2"), widen=False)
+
+
+needs_onednn = pytest.mark.skipif(not packable(), reason="this torch has no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, PACKED_ROWS, PACKED_ROWS + 1, 300])
+def test_a_packed_linear_equals_the_bfloat16_linear_and_keeps_its_weight(rows):
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(203, 517).to(torch.bfloat16)
+    ours = CompactLinear(linear, torch.bfloat16)
+    ours.pack()
+    x = torch.randn(2, rows, 203, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert ours.packed_for(x) == (2 * rows > PACKED_ROWS)
+        out = ours(x)
+    assert out.shape == (2, rows, 517) and out.dtype == torch.bfloat16
+    assert ours.weight.data_ptr() == linear.weight.data_ptr()  # the plain weight stays, for the kernel
+    reference = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+    torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=1e-2)
+    assert not ours.packed_for(x.requires_grad_())  # oneDNN's packed product has no gradient
+
+
+@needs_onednn
+def test_a_packed_model_prefills_and_decodes_like_the_plain_bfloat16_model():
+    reference = tiny_model("qwen2").to(torch.bfloat16)
+    model = fuse(compact(tiny_model("qwen2").to(torch.bfloat16), widen=False, pack=True))
+    linears = [m for m in model.modules() if isinstance(m, CompactLinear)]
+    head = model.get_output_embeddings()
+    assert all((m.packed is None) == (m is head) for m in linears)
+    assert "packed" in repr(model.model.layers[0].mlp.gate_proj)
+    ids = prompt_ids(300)
+    with torch.inference_mode():  # 300 rows: the MLP in blocks of packed products
+        assert fuse_module._blocked(model.model.layers[0].mlp, torch.zeros(1, 300, 64, dtype=torch.bfloat16))
+        torch.testing.assert_close(model(ids).logits.float(), reference(ids).logits.float(), atol=0.1, rtol=0.05)
+    pair = pair_from_models(model, tiny_tokenizer())
+    assert len(da.generate(pair, ids[:, :90], da.FullKV(), max_new_tokens=6, ignore_eos=True).tokens) == 6
+    with pytest.raises(ValueError, match="pack=True"):
+        compact(tiny_model("qwen2"), pack=True)
 
 
 def test_compact_refuses_a_gpu_model():

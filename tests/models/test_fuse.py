@@ -21,10 +21,13 @@ def test_fused_forward_equals_the_models_own(arch, rows):
     model = tiny_model(arch)
     fused = fuse(copy.deepcopy(model))
     patched = [m for m in fused.modules() if "forward" in vars(m)]
-    assert patched and all(fusable(m) for m in patched)
+    mlps = [m for m in patched if fusable(m)]
+    norms = [m for m in patched if type(m).__name__.endswith("RMSNorm")]
+    assert mlps and norms and len(mlps) + len(norms) == len(patched)
     ids = prompt_ids(rows)
     with torch.inference_mode():
-        torch.testing.assert_close(fused(ids).logits, model(ids).logits, atol=1e-6, rtol=1e-5)
+        # float32 sums of the norm in another order: rounding-level differences only
+        torch.testing.assert_close(fused(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_a_compact_model_writes_its_projections_into_buffers_that_it_reuses():
@@ -33,7 +36,7 @@ def test_a_compact_model_writes_its_projections_into_buffers_that_it_reuses():
     fused = fuse(compact(copy.deepcopy(model)))
     ids = prompt_ids(3 * KERNEL_ROWS)
     with torch.inference_mode():
-        torch.testing.assert_close(fused(ids).logits, reference(ids).logits, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(fused(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
         first = scratch.buffer("mlp.gate", (1,), torch.float32).data_ptr()
         fused(prompt_ids(2 * KERNEL_ROWS, seed=2))  # fewer rows: the same storage, not a new one
         assert scratch.buffer("mlp.gate", (1,), torch.float32).data_ptr() == first

@@ -162,8 +162,3 @@ bool vectorised() {
   return false;
 #endif
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_bf16", &linear_bf16, "float32 rows times bfloat16 weights, products in float32");
-  m.def("vectorised", &vectorised, "whether the AVX-512 path was compiled");
-}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from ..bench import limits
 from ..capture import prepare
 from ..errors import ModelError
 from . import offline
-from .compact import compact, is_compact
+from .compact import compact, is_compact, packable
 from .fuse import fuse
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -184,12 +185,20 @@ def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype = "
     if compacted:
         model = compact(model)
     elif dtype == torch.bfloat16 and device_type == "cpu" and _vectorised_kernel():
-        model = compact(model, widen=False)  # bfloat16 still, decode steps through the kernel (models/compact.py)
+        # bfloat16 still, decode steps through the kernel, prefill from packed weights (models/compact.py)
+        model = compact(model, widen=False, pack=_pack())
     model = prepare(_quantize_int8(model) if int8 else model)
     if log is not None:
         log(f"loaded {source if source is not None else offline.TARGET.name}: {count / 1e9:.2f}B parameters, "
             f"{precision(model)} on {device}, {time.perf_counter() - began:.1f} s")
     return model, tokenizer
+
+
+def _pack() -> bool:
+    """Whether a bfloat16 CPU model also holds packed weights: where bfloat16 is native (a prefill is GEMM-bound,
+    and the packed layout is what oneDNN's AMX and AVX-512 BF16 kernels read), unless
+    `DRAFTAPPROX_PACKED_WEIGHTS=0` asks to save their memory."""
+    return os.environ.get("DRAFTAPPROX_PACKED_WEIGHTS", "1") != "0" and packable() and native_cpu_bf16()
 
 
 def _vectorised_kernel() -> bool:
