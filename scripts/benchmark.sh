@@ -48,7 +48,7 @@ for stage in $STAGES; do
       draftapprox bench --methods fullkv,speckv,specpc --budgets 256,0.25 --lengths 1024,2048,4096 --repeats 1 \
         "${LOOKAHEAD[@]}" --output "$ENGINE_OUT"
       draftapprox bench engine --dtype float32 --lengths 1024,2048,4096 --repeats 1 --output "$ENGINE_OUT"
-      draftapprox bench engine --dtype bfloat16 --lengths 1024,2048 --repeats 1 --output "$ENGINE_OUT"
+      draftapprox bench engine --dtype bfloat16 --lengths 1024,2048,4096 --repeats 1 --output "$ENGINE_OUT"
       draftapprox bench report "$ENGINE_OUT" --out "$ENGINE_DIR" \
         --command "ENGINE_OUT=$ENGINE_OUT ENGINE_DIR=$ENGINE_DIR scripts/benchmark.sh (STAGES=engine)" ;;
     report)

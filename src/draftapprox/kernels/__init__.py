@@ -36,7 +36,7 @@ def load():
                                       verbose=False)
     except (RuntimeError, OSError, ImportError, SystemExit) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.warning("draftapprox: the bfloat16-weight kernel could not be built (%s); using PyTorch", first)
+        log.warning("draftapprox: the compiled CPU kernels could not be built (%s); using PyTorch", first)
         return None
 
 
