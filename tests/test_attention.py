@@ -2,21 +2,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from draftapprox import attention, kernels
 from draftapprox.attention import causal_tail, single_query
 
 
+@pytest.mark.parametrize("path", ["kernel", "matmul"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("heads", "kv_heads", "n"), [(12, 2, 300), (4, 4, 17), (14, 2, 1)])
-def test_single_query_equals_sdpa_on_a_view_of_a_larger_buffer(dtype, heads, kv_heads, n):
+@pytest.mark.parametrize(("heads", "kv_heads", "n", "d"),
+                         [(12, 2, 300, 64), (4, 4, 17, 64), (14, 2, 1, 64), (12, 2, 1000, 128), (6, 3, 40, 72)])
+def test_single_query_equals_sdpa_on_a_view_of_a_larger_buffer(path, dtype, heads, kv_heads, n, d, monkeypatch):
+    if path == "matmul":
+        monkeypatch.setattr(attention, "_kernel_reads", lambda *tensors: False)
+    elif kernels.load() is None or not kernels.load().vectorised():
+        pytest.skip("the compiled AVX-512 kernels are not built here")
     torch.manual_seed(0)
-    buffer = torch.randn(2, kv_heads, n + 9, 64, dtype=dtype)
-    key, value = buffer[:, :, :n], torch.randn(2, kv_heads, n + 9, 64, dtype=dtype)[:, :, :n]
-    query = torch.randn(2, heads, 1, 64, dtype=dtype)
-    ours = single_query(query, key, value, 0.125)
-    ref = F.scaled_dot_product_attention(query, key, value, scale=0.125, enable_gqa=True).transpose(1, 2)
-    assert ours.shape == (2, 1, heads, 64)
+    buffer = torch.randn(2, kv_heads, n + 9, d, dtype=dtype)
+    key, value = buffer[:, :, :n], torch.randn(2, kv_heads, n + 9, d, dtype=dtype)[:, :, :n]
+    query = torch.randn(2, heads, 1, d, dtype=dtype)
+    with torch.inference_mode():
+        assert attention._kernel_reads(query, key, value) == (path == "kernel")
+        ours = single_query(query, key, value, 0.125)
+    ref = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), scale=0.125,
+                                         enable_gqa=True).transpose(1, 2)
+    assert ours.shape == (2, 1, heads, d) and ours.dtype == dtype
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
-    torch.testing.assert_close(ours, ref, **tol)
+    torch.testing.assert_close(ours.float(), ref, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,4 +1,5 @@
-"""Single-query attention for decoding, as matrix products on the KV heads.
+"""Single-query attention for decoding: one compiled pass over the cache on a CPU, else matrix products on the KV
+heads; and causal attention for a chunk that continues a cache.
 
 A decode step's attention reads the cache once; CPU SDPA instead tiles the one query row per head into blocks made
 for prefill and ran 7x below the memory bandwidth at 4k cached tokens (2.6 ms a layer of the 1.5B target, 74 ms
@@ -10,22 +11,33 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
+
 
 def single_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
     """Attention of `query (b, H, 1, d)` over every position of `key/value (b, G, n, d)` (H a multiple of G, a KV
     head's query heads consecutive, as `repeat_kv` orders them); returns `(b, 1, H, d)`, the layout the attention
-    functions of transformers return."""
+    functions of transformers return. On a CPU with the compiled kernels, one pass over the cache
+    (`kernels/decode_attention.cpp`); elsewhere two matrix products."""
     b, h, _, d = query.shape
+    if _kernel_reads(query, key, value):
+        out = kernels.call("decode_attention", query.reshape(b, h, d).float(), key, value, scaling)
+        return out.to(query.dtype).view(b, 1, h, d)
     g = key.shape[1]
     rows = query.view(b, g, h // g, d)
-    if key.dtype == torch.bfloat16:
-        # oneDNN's bfloat16 batched product copies a transposed key operand first (640 us a layer at 4k cached
-        # tokens of the 1.5B, on an AMX Xeon); with the small query transposed instead it took a fifth of the time
-        scores = torch.matmul(key, rows.transpose(-1, -2)).transpose(-1, -2).float() * scaling
-    else:
-        scores = torch.matmul(rows, key.transpose(-1, -2)).float() * scaling
+    scores = torch.matmul(rows, key.transpose(-1, -2)).float() * scaling
     probs = scores.softmax(-1).to(value.dtype)
     return torch.matmul(probs, value).view(b, 1, h, d)
+
+
+def _kernel_reads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether the compiled kernel computes this attention: CPU tensors in float32 or bfloat16, rows of the cache
+    contiguous (a cache's views of its reserved buffers are), and the kernel's AVX-512 path built."""
+    if not (query.is_cpu and key.dtype == value.dtype and key.dtype in (torch.float32, torch.bfloat16)
+            and key.stride(-1) == 1 and value.stride(-1) == 1 and key.shape[2] > 0 and not torch.is_grad_enabled()):
+        return False
+    kernel = kernels.load()
+    return kernel is not None and kernel.vectorised()
 
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

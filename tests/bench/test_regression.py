@@ -132,3 +132,40 @@ def test_the_kernel_streams_bfloat16_weights_faster_than_pytorch(one_thread):
     ours = _best(lambda: [kernel.linear_bf16(wide, w) for w in weights])
     torch_bf16 = _best(lambda: [F.linear(x, w) for w in weights])
     assert ours <= 1.0 * torch_bf16, (ours, torch_bf16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_decode_attention_is_not_slower_than_matrix_products(one_thread, dtype, monkeypatch):
+    """The 1.5B's decode shape at 4k cached positions: the kernel reads the cache once (on an AMX Xeon 0.4 ms a
+    layer in bfloat16 against 1.2 ms for the two batched products and the copy one of them made). Loosely: not
+    slower than the products."""
+    from draftapprox import attention, kernels
+
+    if kernels.load() is None or not kernels.load().vectorised():
+        pytest.skip("the compiled AVX-512 kernels are not built here")
+    torch.manual_seed(0)
+    key = torch.randn(1, 2, 4096 + 64, 128, dtype=dtype)[:, :, :4096]
+    value = torch.randn(1, 2, 4096 + 64, 128, dtype=dtype)[:, :, :4096]
+    query = torch.randn(1, 12, 1, 128, dtype=dtype)
+    with torch.inference_mode():
+        ours = _best(lambda: single_query(query, key, value, 128**-0.5))
+        monkeypatch.setattr(attention, "_kernel_reads", lambda *tensors: False)
+        products = _best(lambda: single_query(query, key, value, 128**-0.5))
+    assert ours <= 1.0 * products, (ours, products)
+
+
+def test_the_compiled_norm_is_faster_than_the_models_own(one_thread):
+    """One RMSNorm of a 2k-token chunk of the 1.5B in bfloat16: six PyTorch passes against one compiled one (2.3-8
+    ms against 0.55 on the AMX Xeon). Loosely: at most two thirds of the time."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from draftapprox import kernels
+
+    if kernels.load() is None:
+        pytest.skip("no C++ compiler here")
+    norm = Qwen2RMSNorm(1536).to(torch.bfloat16)
+    x = torch.randn(1, 2048, 1536, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ours = _best(lambda: kernels.load().rms_norm(x, norm.weight, norm.variance_epsilon))
+        theirs = _best(lambda: norm(x))
+    assert ours <= 0.67 * theirs, (ours, theirs)

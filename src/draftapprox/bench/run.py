@@ -3,8 +3,9 @@
 Each job (a method at a budget, or a floor) runs in its own process, which loads only the models the job needs:
 the process's resident set is then what a user running that method would pay, so "SpecKV's RSS over FullKV's"
 really measures the draft's cost. Inside the process, lengths run in increasing order, each with one warm-up
-and `repeats` timed generations of exactly `new_tokens` tokens (EOS ignored). Every (job, length) becomes one
-fsynced JSONL row as soon as it is measured, so a benchmark resumes where a kill left it.
+(which also measures the memory) and `repeats` timed generations of exactly `new_tokens` tokens (EOS ignored).
+Every (job, length) becomes one fsynced JSONL row as soon as it is measured, so a benchmark resumes where a kill
+left it.
 
 Floors (what the SpecPC/SpecKV targets of the performance issue are stated against):
 - `draft-prefill`: the draft's forward over the whole prompt, no logits (all SpecPC's draft needs);
@@ -306,23 +307,26 @@ def worker(job: harness.Job, lengths: list[int], settings: Settings, output: Pat
         sample = ruler.generate_sample(tokenizer, settings.task, length, 0, settings.seed)
         ids = ruler.encode(tokenizer, sample.context + sample.question, sample.answer_prefix)
 
-        def once(new_tokens: int, ids=ids) -> dict:
-            with Memory(device) as memory:
-                if pair is None or job.method == TARGET_PREFILL:
-                    measured = _timed_floor(job, model, ids)
-                else:
-                    measured = _timed_generation(job, pair, ids, new_tokens)
-            return {**measured, **memory.result()}
+        def once(ids=ids) -> dict:
+            if pair is None or job.method == TARGET_PREFILL:
+                return _timed_floor(job, model, ids)
+            return _timed_generation(job, pair, ids, settings.new_tokens)
 
+        memory: dict = {}
         if job.method in LIMITS:
             runs = [_limit(model, env["rates"], ids.shape[1])]
         else:
-            once(2)  # warm-up: same shapes, short decode
-            runs = [once(settings.new_tokens) for _ in range(settings.repeats)]
+            # the warm-up is also the memory run: its heap is trimmed first, so that the peak over the base is what
+            # the block needs; the timed runs then reuse the heap as a serving process would (a trimmed heap is
+            # faulted in again page by page, which a 2k prefill of the 1.5B paid as 0.3-0.9 s of system time)
+            with Memory(device) as measured:
+                once()
+            memory = measured.result()
+            runs = [once() for _ in range(settings.repeats)]
         results.append({"key": key(job, settings, length), "method": job.method, "budget": job.budget,
                         "variant": variant(job, settings), "knobs": dict(job.knobs),
                         "config": job.describe() if job.method not in FLOORS else job.label, "length": length,
-                        **_median(runs), "finished": time.time(), "env": env})
+                        **_median(runs), **memory, "finished": time.time(), "env": env})
         print(length, flush=True)
 
 

@@ -1,5 +1,5 @@
-"""Compiled CPU kernels, built once per machine and torch version on first use (torch's C++ extension loader,
-with ninja and the system's C++ compiler) and cached under the draftapprox cache directory.
+"""Compiled CPU kernels, built once per machine, torch version and source text on first use (torch's C++ extension
+loader, with ninja and the system's C++ compiler) and cached under the draftapprox cache directory.
 
 They are optional: where the build fails (no compiler), `load` returns None, says why once, and callers keep
 their portable PyTorch path.
@@ -8,6 +8,7 @@ their portable PyTorch path.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -17,15 +18,19 @@ import torch
 from ..paths import cache_dir
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name(name) for name in ("module.cpp", "linear_bf16.cpp", "rms_norm.cpp")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("module.cpp", "linear_bf16.cpp", "rms_norm.cpp", "decode_attention.cpp")]
 
 
 @functools.cache
 def load():
-    """The compiled module (`linear_bf16`, `vectorised`, `rms_norm`), or None where it cannot be built here."""
+    """The compiled module (`linear_bf16`, `vectorised`, `rms_norm`, `decode_attention`), or None where it cannot
+    be built here."""
     from torch.utils import cpp_extension
 
-    build = cache_dir() / "kernels" / f"torch-{torch.__version__}"
+    # one build per torch version and source text: processes running different checkouts never share a build
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:12]
+    build = cache_dir() / "kernels" / f"torch-{torch.__version__}-{digest}"
     build.mkdir(parents=True, exist_ok=True)
     flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]  # OpenMP: at::parallel_for is serial without
     try:
