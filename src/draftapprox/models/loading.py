@@ -17,7 +17,7 @@ from .. import kernels
 from ..bench import limits
 from ..capture import prepare
 from ..errors import ModelError
-from . import offline
+from . import offline, scratch
 from .compact import compact, is_compact, packable
 from .fuse import fuse
 
@@ -181,6 +181,8 @@ def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype = "
         if bars:
             hf_logging.enable_progress_bar()
     count = sum(p.numel() for p in model.parameters())
+    if device_type == "cpu":
+        scratch.keep_heap()  # a forward's activations reused, not faulted in anew each layer (models/scratch.py)
     model = fuse(model.to(device).eval())
     if compacted:
         model = compact(model)
