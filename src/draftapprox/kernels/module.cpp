@@ -1,14 +1,16 @@
 // The Python module of the compiled kernels: one binding per kernel, each defined in its own file.
 #include <torch/extension.h>
 
-torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w);
+torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w,
+                          const c10::optional<torch::Tensor>& bias);
 bool vectorised();
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
                                double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_bf16", &linear_bf16, "float32 rows times bfloat16 weights, products in float32");
+  m.def("linear_bf16", &linear_bf16, "float32 or bfloat16 rows times bfloat16 weights, products in float32",
+        py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
   m.def("vectorised", &vectorised, "whether the AVX-512 path was compiled");
   m.def("rms_norm", &rms_norm, "RMSNorm of the last dimension, as transformers' Llama/Qwen norms round it");
   m.def("decode_attention", &decode_attention, "one query per head over every cached key, float32 softmax");

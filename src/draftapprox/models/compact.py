@@ -84,10 +84,8 @@ class CompactLinear(torch.nn.Module):
         kernel = kernels.load() if few else None
         if kernel is None:
             return F.linear(x, widened(self.weight, x.dtype), self.bias)
-        out = kernels.call("linear_bf16", x.reshape(rows, self.in_features).float(), self.weight)  # float32: no copy
-        if self.bias is not None:
-            out += self.bias
-        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        out = kernels.call("linear_bf16", x.reshape(rows, self.in_features), self.weight, self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         packed = ", packed" if self.packed is not None else ""
