@@ -28,8 +28,9 @@ from draftapprox.models.loading import load_pair, precision
 
 GROUPS = {
     "matrix multiplies": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "draftapprox::linear_bf16",
-                          "aten::linear"),
-    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_softmax", "aten::softmax"),
+                          "aten::linear", "mkldnn::_linear_pointwise"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_softmax", "aten::softmax",
+                  "draftapprox::decode_attention"),
 }
 DECODE_STEPS = 8
 
