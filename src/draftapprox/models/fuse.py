@@ -78,8 +78,9 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _norm_forward(self, x: torch.Tensor) -> torch.Tensor:
-    if x.is_cpu and not torch.is_grad_enabled() and x.dtype == self.weight.dtype \
-            and x.dtype in (torch.float32, torch.bfloat16) and kernels.load() is not None:
+    kernel = kernels.load() if x.is_cpu and not torch.is_grad_enabled() and x.dtype == self.weight.dtype else None
+    # bfloat16 rows need the AVX-512 path: compilers do not vectorise the scalar conversions
+    if kernel is not None and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and kernel.vectorised())):
         return kernels.call("rms_norm", x, self.weight, self.variance_epsilon)
     return type(self).forward(self, x)
 
