@@ -21,7 +21,7 @@ which otherwise reorders a plain weight on every call. On a Xeon with AMX that l
 projection at 2,048 rows at 1,745 GFLOP/s against 1,514 plain, and, multiplied in blocks of `PACK_ROWS` rows
 (`fuse.py`), one gated MLP took 87 ms against 121 ms. Its single-row GEMV streamed 24.8 GB/s against the
 kernel's 29.2, so both copies are kept: the kernel reads the plain one for a few rows, oneDNN the packed one for
-more. The cost is the memory of the decoder's linear weights a second time (2.7 GB for the 1.5B target); the
+more. The cost is the memory of the decoder's linear weights a second time (2.6 GB for the 1.5B target); the
 output head, tied to the input embedding in the offline pair, is not packed (a prefill asks it for one row).
 """
 
@@ -71,9 +71,9 @@ class CompactLinear(torch.nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_ROWS)
 
     def packed_for(self, x: torch.Tensor) -> bool:
-        """Whether `x` multiplies through the packed copy: bfloat16 rows, more of them than the kernel is best at,
-        and no gradient (oneDNN's packed product has none)."""
-        return self.packed is not None and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() \
+        """Whether `x` multiplies through the packed copy: bfloat16 CPU rows, more of them than the kernel is best
+        at, and no gradient (oneDNN's packed product has none)."""
+        return self.packed is not None and x.is_cpu and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() \
             and x.numel() // self.in_features > PACKED_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
