@@ -8,9 +8,9 @@ of system time against a 13 s forward. Reusing one buffer per role took the faul
 
 Below 32 MB, glibc serves from its heap, but by default gives the heap's top back to the OS as soon as more than
 128 kB of it is free, so each layer's fresh activations (6 MB per tensor in a 2k-token chunk of the 1.5B) were
-faulted in again as well; `keep_heap` raises that threshold, which took a 2k prefill of the 1.5B from 21k-41k
-faults to 0-12k and 3.8-3.9 s to 3.5-3.8 s on an AMX Xeon. The price is up to `KEPT_HEAP` of freed memory held
-for reuse; `malloc_trim` (which the benchmark calls before measuring memory) still returns it.
+faulted in again as well; `keep_heap` raises that threshold. On an AMX Xeon, a warm 2k prefill of the 1.5B went
+from 21k-41k faults to 0-3k, and from 3.6-3.9 s to 3.4-3.6 s (two processes each). The price is up to `KEPT_HEAP`
+of freed memory held for reuse; `malloc_trim` (which the benchmark calls before measuring memory) still returns it.
 """
 
 from __future__ import annotations
