@@ -36,8 +36,7 @@ def _kernel_reads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
     if not (query.is_cpu and key.dtype == value.dtype and key.dtype in (torch.float32, torch.bfloat16)
             and key.stride(-1) == 1 and value.stride(-1) == 1 and key.shape[2] > 0 and not torch.is_grad_enabled()):
         return False
-    kernel = kernels.load()
-    return kernel is not None and kernel.vectorised()
+    return kernels.vectorised()
 
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

@@ -51,10 +51,9 @@ def gemv_rate(hidden: int, intermediate: int, dtype: torch.dtype) -> float:
     weights = [torch.full((rows, cols), 0.01, dtype=dtype) for _ in range(max(2, GEMV_WORKING_SET // size))]
     x = torch.full((1, cols), 0.5, dtype=dtype)
     products = [lambda m: torch.nn.functional.linear(x, m)]
-    kernel = kernels.load() if dtype == torch.bfloat16 else None
-    if kernel is not None and kernel.vectorised():
+    if dtype == torch.bfloat16 and kernels.vectorised():
         rows32 = x.float()
-        products.append(lambda m: kernel.linear_bf16(rows32, m))
+        products.append(lambda m: kernels.load().linear_bf16(rows32, m))
 
     def sweep(product) -> None:
         for m in weights:

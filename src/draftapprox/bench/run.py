@@ -14,8 +14,6 @@ Floors (what the SpecPC/SpecKV targets of the performance issue are stated again
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import platform
@@ -36,6 +34,7 @@ from ..eval import harness, ruler
 from ..eval.answer_log import Results, at_budget
 from ..forward import forward
 from ..generation import generate
+from ..models import scratch
 from ..models.loading import Pair, load_model, load_pair
 from . import limits
 
@@ -135,12 +134,6 @@ def run(jobs: list[harness.Job], settings: Settings, output: Path, progress: boo
 # --- inside the worker process -----------------------------------------------------------------------------------
 
 
-def _trim() -> None:
-    """Hand freed heap back to the OS so the next measurement's baseline is not inflated by the last one."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _rss() -> int | None:
     try:
         with open("/proc/self/statm") as f:
@@ -182,7 +175,7 @@ class Memory:
         self.device = device
 
     def __enter__(self) -> Memory:
-        _trim()
+        scratch.release_heap()
         self.base_rss = self.peak_rss = _rss()
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -293,10 +286,10 @@ def worker(job: harness.Job, lengths: list[int], settings: Settings, output: Pat
     results = Results(output)
     if settings.prefill_chunk is not None:
         forward_module.PREFILL_CHUNK = settings.prefill_chunk
-    _trim()
+    scratch.release_heap()
     before = _rss()
     pair, model, tokenizer = _models(job, settings)
-    _trim()
+    scratch.release_heap()
     loaded = None if before is None else _rss() - before  # what the job's models add to a process
     device = (model if model is not None else pair.target).device
     env = {**harness.environment(pair or Pair(model, tokenizer)), "cpu": _cpu_name(), "loaded_rss": loaded,

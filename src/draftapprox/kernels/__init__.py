@@ -20,6 +20,7 @@ from ..paths import cache_dir
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name)
            for name in ("module.cpp", "linear_bf16.cpp", "rms_norm.cpp", "decode_attention.cpp")]
+HEADERS = [Path(__file__).with_name("bf16.h")]  # included by the sources, so part of what a build is keyed by
 
 
 @functools.cache
@@ -29,7 +30,7 @@ def load():
     from torch.utils import cpp_extension
 
     # one build per torch version and source text: processes running different checkouts never share a build
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS)).hexdigest()[:12]
     build = cache_dir() / "kernels" / f"torch-{torch.__version__}-{digest}"
     build.mkdir(parents=True, exist_ok=True)
     flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]  # OpenMP: at::parallel_for is serial without
@@ -43,6 +44,13 @@ def load():
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("draftapprox: the compiled CPU kernels could not be built (%s); using PyTorch", first)
         return None
+
+
+def vectorised() -> bool:
+    """Whether the kernels are built here with their AVX-512 paths; their portable loops are slower than PyTorch's
+    bfloat16 GEMV and conversions, so bfloat16 callers use them only then."""
+    module = load()
+    return module is not None and module.vectorised()
 
 
 def call(name: str, *args):

@@ -16,26 +16,19 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "bf16.h"
 
 namespace {
 
 constexpr int64_t kBlock = 256;  // keys a task scores: a few blocks per head keep both cores busy at batch 1
+constexpr int kRows = 8;         // query rows scored at once: their sums fill the registers
 
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-#endif
+using draftapprox::load16;
 
-#if defined(__AVX512F__)
 // e^x for x <= 0, 16 at a time: 2^(x log2 e) as 2^n (scalef) times a degree-6 polynomial for 2^f, |f| <= 1/2,
 // within 2e-7 relative of std::exp; a block's scalar std::exp calls were most of the kernel's time.
 inline __m512 exp16(__m512 x) {
@@ -138,14 +131,15 @@ void block_rows(const float* q, const T* k, const T* v, int64_t ks, int64_t vs, 
   weigh_block<R>(scores, v + from * vs, vs, count, d, acc);
 }
 
-// Rows of a group in runs of at most 8 (the register budget); 1-8 cover every grouped-query model in use.
+// Rows of a group in runs of at most kRows; 1-8 rows per KV head cover every grouped-query model in use.
 template <typename T>
 void block(const float* q, const T* k, const T* v, int64_t ks, int64_t vs, int64_t from, int64_t to, int64_t d,
            int64_t rows, float scale, float* scores, float* acc, float* maxima, float* sums) {
-  for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+  static_assert(kRows == 8, "the cases below instantiate 1..kRows rows");
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
     const float* qr = q + r0 * d;
     float* ar = acc + r0 * d;
-    switch (std::min<int64_t>(8, rows - r0)) {
+    switch (std::min<int64_t>(kRows, rows - r0)) {
       case 1: block_rows<1>(qr, k, v, ks, vs, from, to, d, scale, scores, ar, maxima + r0, sums + r0); break;
       case 2: block_rows<2>(qr, k, v, ks, vs, from, to, d, scale, scores, ar, maxima + r0, sums + r0); break;
       case 3: block_rows<3>(qr, k, v, ks, vs, from, to, d, scale, scores, ar, maxima + r0, sums + r0); break;
@@ -175,7 +169,7 @@ void attend(const float* Q, const T* K, const T* V, float* O, int64_t B, int64_t
   std::vector<Partial> partial(tasks * R);
   std::vector<float> sums(tasks * R * d, 0.f);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(kBlock * 8), maxima(R), total(R);
+    std::vector<float> scores(kBlock * kRows), maxima(R), total(R);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bg = t / blocks, blk = t % blocks, b = bg / G, g = bg % G;
       const int64_t from = blk * kBlock, to = std::min(n, from + kBlock);

@@ -11,9 +11,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "bf16.h"
 
 namespace {
 
@@ -40,14 +38,8 @@ void norm_row(const T* x, const T* w, T* y, int64_t H, float eps) {
 }
 
 #if defined(__AVX512F__)
-// 16 bfloat16 to float32: a bfloat16 is a float32's high half.
-inline __m512 widen16(__m256i bits) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
-inline __m512 load16(const at::BFloat16* p) {
-  return widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+using draftapprox::load16;
+using draftapprox::widen16;
 
 // 16 float32 to bfloat16, rounded to nearest even as c10::BFloat16 rounds finite values.
 inline __m256i round16(__m512 v) {

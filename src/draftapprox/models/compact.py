@@ -71,10 +71,11 @@ class CompactLinear(torch.nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_ROWS)
 
     def packed_for(self, x: torch.Tensor) -> bool:
-        """Whether `x` multiplies through the packed copy: bfloat16 CPU rows, more of them than the kernel is best
-        at, and no gradient (oneDNN's packed product has none)."""
+        """Whether rows `x` multiply through the packed copy: bfloat16 CPU rows, more of them than the kernel is
+        best at, and no gradient (oneDNN's packed product has none). The rows are counted by `x`'s own last
+        dimension, so a gated MLP can ask its down projection about the rows it is about to run."""
         return self.packed is not None and x.is_cpu and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() \
-            and x.numel() // self.in_features > PACKED_ROWS
+            and x.numel() // x.shape[-1] > PACKED_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_for(x):

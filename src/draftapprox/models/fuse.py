@@ -78,9 +78,11 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _norm_forward(self, x: torch.Tensor) -> torch.Tensor:
-    kernel = kernels.load() if x.is_cpu and not torch.is_grad_enabled() and x.dtype == self.weight.dtype else None
-    # bfloat16 rows need the AVX-512 path: compilers do not vectorise the scalar conversions
-    if kernel is not None and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and kernel.vectorised())):
+    if x.dtype == torch.bfloat16:
+        compiled = kernels.vectorised()  # the AVX-512 path: compilers do not vectorise the scalar conversions
+    else:
+        compiled = x.dtype == torch.float32 and kernels.load() is not None
+    if compiled and x.is_cpu and not torch.is_grad_enabled() and x.dtype == self.weight.dtype:
         return kernels.call("rms_norm", x, self.weight, self.variance_epsilon)
     return type(self).forward(self, x)
 

@@ -186,7 +186,7 @@ def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype = "
     model = fuse(model.to(device).eval())
     if compacted:
         model = compact(model)
-    elif dtype == torch.bfloat16 and device_type == "cpu" and _vectorised_kernel():
+    elif dtype == torch.bfloat16 and device_type == "cpu" and kernels.vectorised():
         # bfloat16 still, decode steps through the kernel, prefill from packed weights (models/compact.py)
         model = compact(model, widen=False, pack=_pack())
     model = prepare(_quantize_int8(model) if int8 else model)
@@ -201,12 +201,6 @@ def _pack() -> bool:
     and the packed layout is what oneDNN's AMX and AVX-512 BF16 kernels read), unless
     `DRAFTAPPROX_PACKED_WEIGHTS=0` asks to save their memory."""
     return os.environ.get("DRAFTAPPROX_PACKED_WEIGHTS", "1") != "0" and packable() and native_cpu_bf16()
-
-
-def _vectorised_kernel() -> bool:
-    """Whether the kernel built with its AVX-512 path; its portable loop is slower than PyTorch's bfloat16 GEMV."""
-    kernel = kernels.load()
-    return kernel is not None and kernel.vectorised()
 
 
 def precision(model: PreTrainedModel) -> str:

@@ -15,6 +15,7 @@ of freed memory held for reuse; `malloc_trim` (which the benchmark calls before 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
@@ -48,14 +49,30 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # mallopt's param
 
 
 @functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def release_heap() -> None:
+    """Hand freed heap memory back to the OS now (glibc's `malloc_trim`), whatever `keep_heap` keeps: what a
+    memory measurement's baseline must not include."""
+    with contextlib.suppress(AttributeError):
+        if _libc() is not None:
+            _libc().malloc_trim(0)
+
+
+@functools.cache
 def keep_heap() -> bool:
     """Have glibc keep freed heap memory for reuse (once per process; a no-op elsewhere, or with
     `DRAFTAPPROX_KEEP_HEAP=0`). Returns whether it took effect."""
-    if os.environ.get("DRAFTAPPROX_KEEP_HEAP", "1") == "0":
+    libc = _libc()
+    if os.environ.get("DRAFTAPPROX_KEEP_HEAP", "1") == "0" or libc is None:
         return False
+    settings = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, KEPT_HEAP), (_M_TOP_PAD, 64 << 20))
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        settings = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, KEPT_HEAP), (_M_TOP_PAD, 64 << 20))
         return all(libc.mallopt(param, value) == 1 for param, value in settings)
-    except (OSError, AttributeError):
+    except AttributeError:
         return False
