@@ -1,5 +1,6 @@
 """Single-query attention for decoding: one compiled pass over the cache on a CPU, else matrix products on the KV
-heads; and causal attention for a chunk that continues a cache.
+heads; and causal attention for a prefill chunk (the first or one that continues a cache): one compiled
+flash-style pass on a CPU, else PyTorch's flash kernel.
 
 A decode step's attention reads the cache once; CPU SDPA instead tiles the one query row per head into blocks made
 for prefill and ran 7x below the memory bandwidth at 4k cached tokens (2.6 ms a layer of the 1.5B target, 74 ms
@@ -8,6 +9,8 @@ value once for all of them, with no `repeat_kv` copy, and the softmax runs in fl
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -31,12 +34,37 @@ def single_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sc
 
 
 def _kernel_reads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether the compiled kernel computes this attention: CPU tensors in float32 or bfloat16, rows of the cache
-    contiguous (a cache's views of its reserved buffers are), and the kernel's AVX-512 path built."""
+    """Whether the compiled kernels compute this attention: CPU tensors in float32 or bfloat16, rows of the cache
+    contiguous (a cache's views of its reserved buffers are), and the kernels' AVX-512 paths built."""
     if not (query.is_cpu and key.dtype == value.dtype and key.dtype in (torch.float32, torch.bfloat16)
             and key.stride(-1) == 1 and value.stride(-1) == 1 and key.shape[2] > 0 and not torch.is_grad_enabled()):
         return False
     return kernels.vectorised()
+
+
+def causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of `query (b, H, q, d)`, the newest `q` positions of `key/value (b, G, n, d)`, each over every key
+    up to its own position (a whole prompt, a prefill chunk after the first, a lookahead over a cached prompt);
+    returns `(b, q, H, d)`. One compiled flash-style pass where `_prefill_kernel_reads`, else `causal_tail`."""
+    if _prefill_kernel_reads(query, key, value):
+        return kernels.call("prefill_attention", query, key, value, scaling)
+    return causal_tail(query, key, value, scaling)
+
+
+def _prefill_kernel_reads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether `kernels/prefill_attention.cpp` computes this causal attention: what the decode kernel takes, with
+    head sizes in whole 16-wide vectors. On the EPYC it ran the 0.5B and 1.5B's shapes at 2k-4k tokens in 0.71-0.75x
+    of CPU SDPA's time in float32 and 0.46-0.49x in bfloat16. Not bfloat16 on a CPU with AMX: SDPA's tiles use the
+    AMX units there (500-870 GFLOP/s on the AMX Xeon, docs/results/profile-amx.md) and the kernel's AVX-512 dot
+    products were not measured against them."""
+    return (_kernel_reads(query, key, value) and query.dtype == key.dtype and query.stride(-1) == 1
+            and query.shape[-1] % 16 == 0 and not (query.dtype == torch.bfloat16 and _amx()))
+
+
+@functools.cache
+def _amx() -> bool:
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("amx_bf16"))
 
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

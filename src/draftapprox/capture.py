@@ -22,7 +22,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from .attention import causal_tail, single_query
+from .attention import causal, single_query
 from .errors import ModelError
 
 PREFIX = "draftapprox_"
@@ -115,10 +115,12 @@ def _make_wrapper(base: str):
                 attention_mask = None
             if query.shape[2] == 1 and attention_mask is None and _plain(kwargs):
                 return single_query(query, key, value, scaling), None
-            if (causal_chunks and query.shape[2] > 1 and attention_mask is not None and query.shape[0] == 1
-                    and query.is_cpu and _plain(kwargs) and kwargs.get("sliding_window") is None):
-                # a chunk after the first, or a lookahead: its queries are the newest keys (forward never pads)
-                return causal_tail(query, key, value, scaling), None
+            if (causal_chunks and query.shape[2] > 1 and (attention_mask is None or query.shape[0] == 1)
+                    and query.is_cpu and _plain(kwargs) and kwargs.get("sliding_window") is None
+                    and kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False):
+                # the queries are the newest keys: with no mask, a whole causal prompt; with one, a chunk after
+                # the first or a lookahead (forward never pads)
+                return causal(query, key, value, scaling), None
         return base_fn(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"{PREFIX}{base}"

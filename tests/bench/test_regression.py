@@ -169,3 +169,22 @@ def test_the_compiled_norm_is_faster_than_the_models_own(one_thread):
         ours = _best(lambda: kernels.load().rms_norm(x, norm.weight, norm.variance_epsilon))
         theirs = _best(lambda: norm(x))
     assert ours <= 0.67 * theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_prefill_attention_is_faster_than_sdpa(one_thread, dtype):
+    """The draft's attention shape (14 query heads on 2 KV heads, head size 64) over a 1k-token prompt, causal: the
+    kernel against CPU SDPA as transformers calls it (keys repeated per query head). On the EPYC at 2k-4k tokens it
+    took 0.71-0.75x of SDPA's time in float32 and 0.46-0.49x in bfloat16. Loosely: at most 0.9x."""
+    from draftapprox import attention
+
+    torch.manual_seed(0)
+    key, value = torch.randn(1, 2, 1024, 64, dtype=dtype), torch.randn(1, 2, 1024, 64, dtype=dtype)
+    query = torch.randn(1, 1024, 14, 64, dtype=dtype).transpose(1, 2)
+    with torch.inference_mode():
+        if not attention._prefill_kernel_reads(query, key, value):
+            pytest.skip("the compiled prefill attention does not take this dtype here")
+        ours = _best(lambda: attention.causal(query, key, value, 0.125), 5)
+        sdpa = _best(lambda: F.scaled_dot_product_attention(query, key.repeat_interleave(7, 1),
+                                                            value.repeat_interleave(7, 1), is_causal=True), 5)
+    assert ours <= 0.9 * sdpa, (ours, sdpa)

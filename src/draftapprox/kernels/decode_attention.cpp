@@ -16,7 +16,7 @@
 #include <limits>
 #include <vector>
 
-#include "bf16.h"
+#include "simd.h"
 
 namespace {
 
@@ -27,23 +27,8 @@ inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
 #if defined(__AVX512F__)
+using draftapprox::exp16;
 using draftapprox::load16;
-
-// e^x for x <= 0, 16 at a time: 2^(x log2 e) as 2^n (scalef) times a degree-6 polynomial for 2^f, |f| <= 1/2,
-// within 2e-7 relative of std::exp; a block's scalar std::exp calls were most of the kernel's time.
-inline __m512 exp16(__m512 x) {
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));  // e^f = 2^(t - n)
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
 #endif
 
 // The block's maximum of a row's scores, the scores replaced by e^(score - maximum), and their sum.

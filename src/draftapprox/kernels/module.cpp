@@ -7,6 +7,8 @@ bool vectorised();
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
                                double scale);
+torch::Tensor prefill_attention(const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
+                                double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "float32 or bfloat16 rows times bfloat16 weights, products in float32",
@@ -14,4 +16,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vectorised", &vectorised, "whether the AVX-512 path was compiled");
   m.def("rms_norm", &rms_norm, "RMSNorm of the last dimension, as transformers' Llama/Qwen norms round it");
   m.def("decode_attention", &decode_attention, "one query per head over every cached key, float32 softmax");
+  m.def("prefill_attention", &prefill_attention, "causal attention of the newest queries over every key up to each");
 }

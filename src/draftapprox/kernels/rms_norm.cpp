@@ -11,7 +11,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "bf16.h"
+#include "simd.h"
 
 namespace {
 
@@ -39,15 +39,8 @@ void norm_row(const T* x, const T* w, T* y, int64_t H, float eps) {
 
 #if defined(__AVX512F__)
 using draftapprox::load16;
+using draftapprox::round16;
 using draftapprox::widen16;
-
-// 16 float32 to bfloat16, rounded to nearest even as c10::BFloat16 rounds finite values.
-inline __m256i round16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-}
 
 // Compilers do not vectorise c10::BFloat16's conversions; this row is 16 columns at a time.
 template <>

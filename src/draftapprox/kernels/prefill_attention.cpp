@@ -1,0 +1,384 @@
+// Causal attention of a prefill chunk: the q newest positions of n keys, each query over every key up to its own
+// position, in one flash-style pass (no n x n scores, no mask, no repeat_kv copy of the keys).
+//
+// CPU SDPA ran at a fifth of the GEMM rate here and grew to a third of the draft's forward at 8k tokens. Its tiles
+// go through a general GEMM call per block plus separate softmax passes; here a tile of query rows is scored
+// against a block of keys in registers, its online-softmax update is applied to the same tile while it is in L1,
+// and the weighted values accumulate into the tile's float32 sums. All query heads of a KV head share its keys,
+// so a task takes every head of a group for a run of positions: each packed key block is read by R x 32 rows.
+//
+// bfloat16 inputs use AVX-512 BF16 dot products (vdpbf16ps: pairs of bfloat16 products summed in float32) on keys
+// and values packed into pair-interleaved blocks once per call; the probabilities are rounded to bfloat16 before
+// they weigh the values, as SDPA's CPU kernel does. float32 inputs use float32 FMAs on keys packed transposed.
+// The softmax, its running maximum and sum, and the accumulated output are float32 throughout.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+constexpr int64_t kKeys = 64;       // keys per block: one online-softmax step; 4 vectors of scores per row
+constexpr int64_t kPositions = 32;  // query positions per task; times a group's heads, the task's rows
+constexpr int kTile = 6;            // query rows per register tile: 6 x 4 accumulators, 4 operands, 1 broadcast
+constexpr int kVectors = 4;         // 16-wide vectors per tile row: the key block's scores, a chunk of output
+
+#if defined(__AVX512F__)
+using draftapprox::exp16;
+using draftapprox::round16;
+
+struct Rows {  // the rows of one register tile: their query rows and where their scores, weights and sums live
+  const void* query[kTile];
+  float* scores;  // [kTile][kKeys]
+  void* probs;    // [kTile][kKeys], in the product's input type
+  float* sums;    // [kTile][d]
+};
+
+// ---- float32: keys packed transposed per block, [d][kKeys]; values read in place, [key][d] at stride vs ----
+
+template <int T>
+void score_f32(const Rows& rows, const float* kt, int64_t d, float scale) {
+  __m512 acc[T][kVectors];
+  for (int r = 0; r < T; ++r)
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < d; ++c) {
+    __m512 k[kVectors];
+    for (int v = 0; v < kVectors; ++v) k[v] = _mm512_loadu_ps(kt + c * kKeys + 16 * v);
+    for (int r = 0; r < T; ++r) {
+      const __m512 q = _mm512_set1_ps(static_cast<const float*>(rows.query[r])[c]);
+      for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_fmadd_ps(q, k[v], acc[r][v]);
+    }
+  }
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int r = 0; r < T; ++r)
+    for (int v = 0; v < kVectors; ++v) _mm512_storeu_ps(rows.scores + r * kKeys + 16 * v, _mm512_mul_ps(acc[r][v], s));
+}
+
+// sums[r][c0, c0 + 16V) += sum over keys j of p[r][j] v[j][c0, c0 + 16V): V and T fixed at compile time so that the
+// T x V sums stay in registers while the block's values stream past them.
+template <int T, int V>
+void weigh_f32_chunk(const float* p, const float* v, int64_t vs, int64_t count, float* sums, int64_t d) {
+  __m512 acc[T][V];
+  for (int r = 0; r < T; ++r)
+    for (int u = 0; u < V; ++u) acc[r][u] = _mm512_loadu_ps(sums + r * d + 16 * u);
+  for (int64_t j = 0; j < count; ++j) {
+    __m512 x[V];
+    for (int u = 0; u < V; ++u) x[u] = _mm512_loadu_ps(v + j * vs + 16 * u);
+    for (int r = 0; r < T; ++r) {
+      const __m512 w = _mm512_set1_ps(p[r * kKeys + j]);
+      for (int u = 0; u < V; ++u) acc[r][u] = _mm512_fmadd_ps(w, x[u], acc[r][u]);
+    }
+  }
+  for (int r = 0; r < T; ++r)
+    for (int u = 0; u < V; ++u) _mm512_storeu_ps(sums + r * d + 16 * u, acc[r][u]);
+}
+
+template <int T>
+void weigh_f32(const Rows& rows, const float* v, int64_t vs, int64_t count, int64_t d) {
+  const float* p = static_cast<const float*>(rows.probs);
+  int64_t c0 = 0;
+  for (; c0 + 16 * kVectors <= d; c0 += 16 * kVectors)
+    weigh_f32_chunk<T, kVectors>(p, v + c0, vs, count, rows.sums + c0, d);
+  for (; c0 < d; c0 += 16) weigh_f32_chunk<T, 1>(p, v + c0, vs, count, rows.sums + c0, d);
+}
+
+#if defined(__AVX512BF16__)
+// ---- bfloat16: keys packed [d/2][kKeys][2] and values [kKeys/2][d][2]: each 32-bit lane one pair of a dot ----
+
+inline __m512bh pair(const void* p) {  // one bfloat16 pair broadcast to every lane
+  int32_t bits;
+  std::memcpy(&bits, p, 4);
+  return reinterpret_cast<__m512bh>(_mm512_set1_epi32(bits));
+}
+
+inline __m512bh load_pairs(const at::BFloat16* p) {
+  return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
+}
+
+template <int T>
+void score_bf16(const Rows& rows, const at::BFloat16* kp, int64_t d, float scale) {
+  __m512 acc[T][kVectors];
+  for (int r = 0; r < T; ++r)
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < d / 2; ++c) {
+    __m512bh k[kVectors];
+    for (int v = 0; v < kVectors; ++v) k[v] = load_pairs(kp + (c * kKeys + 16 * v) * 2);
+    for (int r = 0; r < T; ++r) {
+      const __m512bh q = pair(static_cast<const at::BFloat16*>(rows.query[r]) + 2 * c);
+      for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], q, k[v]);
+    }
+  }
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int r = 0; r < T; ++r)
+    for (int v = 0; v < kVectors; ++v) _mm512_storeu_ps(rows.scores + r * kKeys + 16 * v, _mm512_mul_ps(acc[r][v], s));
+}
+
+template <int T, int V>
+void weigh_bf16_chunk(const at::BFloat16* p, const at::BFloat16* vp, int64_t pairs, float* sums, int64_t d) {
+  __m512 acc[T][V];
+  for (int r = 0; r < T; ++r)
+    for (int u = 0; u < V; ++u) acc[r][u] = _mm512_loadu_ps(sums + r * d + 16 * u);
+  for (int64_t j = 0; j < pairs; ++j) {
+    __m512bh x[V];
+    for (int u = 0; u < V; ++u) x[u] = load_pairs(vp + (j * d + 16 * u) * 2);
+    for (int r = 0; r < T; ++r) {
+      const __m512bh w = pair(p + r * kKeys + 2 * j);
+      for (int u = 0; u < V; ++u) acc[r][u] = _mm512_dpbf16_ps(acc[r][u], w, x[u]);
+    }
+  }
+  for (int r = 0; r < T; ++r)
+    for (int u = 0; u < V; ++u) _mm512_storeu_ps(sums + r * d + 16 * u, acc[r][u]);
+}
+
+template <int T>
+void weigh_bf16(const Rows& rows, const at::BFloat16* vp, int64_t count, int64_t d) {
+  const at::BFloat16* p = static_cast<const at::BFloat16*>(rows.probs);
+  const int64_t pairs = (count + 1) / 2;  // a block's odd last key pairs with a zero weight and a zero value
+  int64_t c0 = 0;
+  for (; c0 + 16 * kVectors <= d; c0 += 16 * kVectors)
+    weigh_bf16_chunk<T, kVectors>(p, vp + 2 * c0, pairs, rows.sums + c0, d);
+  for (; c0 < d; c0 += 16) weigh_bf16_chunk<T, 1>(p, vp + 2 * c0, pairs, rows.sums + c0, d);
+}
+#endif
+
+// One row's online-softmax step over a block of scores: keys past `last` (its own position) get no weight; the
+// row's running maximum and sum are updated, its accumulated output rescaled when the maximum grew, and the
+// block's weights e^(score - maximum) written in the product's input type (rounded to nearest even for bfloat16).
+template <typename E>
+void softmax_row(const float* s, int64_t last, float* maximum, float* total, float* sums, int64_t d, E* probs) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 x[kVectors];
+  __mmask16 keep[kVectors];
+  __m512 m = minus_inf;
+  for (int v = 0; v < kVectors; ++v) {
+    keep[v] = _mm512_cmple_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32(16 * v)),
+                                      _mm512_set1_epi32(static_cast<int32_t>(last)));
+    x[v] = _mm512_mask_loadu_ps(minus_inf, keep[v], s + 16 * v);
+    m = _mm512_max_ps(m, x[v]);
+  }
+  const float grown = std::max(*maximum, _mm512_reduce_max_ps(m));
+  if (grown > *maximum) {
+    const float alpha = std::exp(*maximum - grown);  // 0 on the row's first block (its maximum was -inf)
+    *total *= alpha;
+    const __m512 a = _mm512_set1_ps(alpha);
+    for (int64_t c = 0; c < d; c += 16) _mm512_storeu_ps(sums + c, _mm512_mul_ps(a, _mm512_loadu_ps(sums + c)));
+    *maximum = grown;
+  }
+  const __m512 mm = _mm512_set1_ps(grown);
+  __m512 acc = _mm512_setzero_ps();
+  for (int v = 0; v < kVectors; ++v) {
+    const __m512 e = _mm512_maskz_mov_ps(keep[v], exp16(_mm512_sub_ps(x[v], mm)));  // exp16(-inf) is not 0
+    acc = _mm512_add_ps(acc, e);
+    if constexpr (std::is_same_v<E, float>) {
+      _mm512_storeu_ps(probs + 16 * v, e);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + 16 * v), round16(e));
+    }
+  }
+  *total += _mm512_reduce_add_ps(acc);
+}
+
+// What a call shares with its tasks.
+struct Problem {
+  const void* query;  // (B, H, q, d) at strides qs
+  int64_t qs[3];
+  void* out;       // (B, q, H, d), contiguous
+  const void* kp;  // packed keys, blocks * kKeys * d elements per (b, g), one block after another
+  const void* vp;  // packed values likewise (bfloat16), or the values themselves (float32) at strides vs
+  int64_t vs[3];
+  int64_t B, G, R, q, n, d, blocks;
+  float scale;
+};
+
+// A register tile of T rows against one key block: scores, each row's softmax step, weighted values. `lasts[r]` is
+// the last key of the block row r may see, relative to the block's first.
+template <typename E, int T>
+void tile(const Problem& p, const Rows& rows, int64_t bg, int64_t block, int64_t count, const int64_t* lasts,
+          float* maxima, float* totals) {
+  const int64_t packed = (bg * p.blocks + block) * kKeys * p.d;
+  if constexpr (std::is_same_v<E, float>) {
+    score_f32<T>(rows, static_cast<const float*>(p.kp) + packed, p.d, p.scale);
+  } else {
+#if defined(__AVX512BF16__)  // instantiated only there (attend<at::BFloat16>)
+    score_bf16<T>(rows, static_cast<const at::BFloat16*>(p.kp) + packed, p.d, p.scale);
+#endif
+  }
+  for (int r = 0; r < T; ++r)
+    softmax_row(rows.scores + r * kKeys, std::min(lasts[r], count - 1), maxima + r, totals + r, rows.sums + r * p.d,
+                p.d, static_cast<E*>(rows.probs) + r * kKeys);
+  if constexpr (std::is_same_v<E, float>) {
+    const int64_t b = bg / p.G, g = bg % p.G;
+    const float* v = static_cast<const float*>(p.vp) + b * p.vs[0] + g * p.vs[1] + block * kKeys * p.vs[2];
+    weigh_f32<T>(rows, v, p.vs[2], count, p.d);
+  } else {
+#if defined(__AVX512BF16__)
+    weigh_bf16<T>(rows, static_cast<const at::BFloat16*>(p.vp) + packed, count, p.d);
+#endif
+  }
+}
+
+template <typename E>
+void any_tile(int t, const Problem& p, const Rows& rows, int64_t bg, int64_t block, int64_t count,
+              const int64_t* lasts, float* maxima, float* totals) {
+  static_assert(kTile == 6, "the cases below instantiate 1..kTile rows");
+  switch (t) {
+    case 1: tile<E, 1>(p, rows, bg, block, count, lasts, maxima, totals); break;
+    case 2: tile<E, 2>(p, rows, bg, block, count, lasts, maxima, totals); break;
+    case 3: tile<E, 3>(p, rows, bg, block, count, lasts, maxima, totals); break;
+    case 4: tile<E, 4>(p, rows, bg, block, count, lasts, maxima, totals); break;
+    case 5: tile<E, 5>(p, rows, bg, block, count, lasts, maxima, totals); break;
+    default: tile<E, 6>(p, rows, bg, block, count, lasts, maxima, totals); break;
+  }
+}
+
+// One task: every head of KV head g of batch b, for query positions [first, first + kPositions) of the chunk. Its
+// rows are ordered by position, then head, so a tile's rows see nondecreasing numbers of keys.
+template <typename E>
+void task(const Problem& p, int64_t bg, int64_t first, std::vector<float>& scratch) {
+  const int64_t positions = std::min(kPositions, p.q - first), rows = positions * p.R, d = p.d;
+  const int64_t offset = p.n - p.q + first;  // the key position of the task's first query
+  scratch.resize(rows * (d + 2) + 2 * kTile * kKeys);
+  float* sums = scratch.data();
+  float* maxima = sums + rows * d;
+  float* totals = maxima + rows;
+  float* scores = totals + rows;
+  void* probs = scores + kTile * kKeys;  // kTile * kKeys floats hold them in either type
+  std::fill(sums, sums + rows * d, 0.f);
+  std::fill(maxima, maxima + rows, -std::numeric_limits<float>::infinity());
+  std::fill(totals, totals + rows, 0.f);
+  const int64_t b = bg / p.G, g = bg % p.G;
+  const E* q = static_cast<const E*>(p.query);
+  for (int64_t block = 0; block <= (offset + positions - 1) / kKeys; ++block) {
+    const int64_t from = block * kKeys, count = std::min(kKeys, p.n - from);
+    for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+      const int t = static_cast<int>(std::min<int64_t>(kTile, rows - r0));
+      if (offset + (r0 + t - 1) / p.R < from) continue;  // no row of this tile sees a key of the block
+      Rows tile{{}, scores, probs, sums + r0 * d};
+      int64_t lasts[kTile];
+      for (int r = 0; r < t; ++r) {
+        const int64_t row = r0 + r, pos = first + row / p.R;
+        tile.query[r] = q + b * p.qs[0] + (g * p.R + row % p.R) * p.qs[1] + pos * p.qs[2];
+        lasts[r] = offset + row / p.R - from;
+      }
+      any_tile<E>(t, p, tile, bg, block, count, lasts, maxima + r0, totals + r0);
+    }
+  }
+  E* out = static_cast<E*>(p.out);
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t pos = first + row / p.R, h = g * p.R + row % p.R;
+    E* o = out + ((b * p.q + pos) * p.G * p.R + h) * d;
+    const __m512 inv = _mm512_set1_ps(1.f / totals[row]);
+    for (int64_t c = 0; c < d; c += 16) {
+      const __m512 y = _mm512_mul_ps(inv, _mm512_loadu_ps(sums + row * d + c));
+      if constexpr (std::is_same_v<E, float>) {
+        _mm512_storeu_ps(o + c, y);
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c), round16(y));
+      }
+    }
+  }
+}
+
+// Keys of each (b, g) into blocks of kKeys: float32 transposed, [d][kKeys]; bfloat16 in pairs, [d/2][kKeys][2].
+// Values, bfloat16 only, in pairs of keys: [kKeys/2][d][2]. Past the last key, zeros.
+template <typename E>
+void pack(const E* src, const int64_t s[3], E* dst, int64_t B, int64_t G, int64_t n, int64_t d, int64_t blocks,
+          bool values) {
+  at::parallel_for(0, B * G * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bg = t / blocks, block = t % blocks, b = bg / G, g = bg % G;
+      E* out = dst + t * kKeys * d;
+      std::fill(out, out + kKeys * d, E(0));
+      for (int64_t j = 0; j < std::min(kKeys, n - block * kKeys); ++j) {
+        const E* row = src + b * s[0] + g * s[1] + (block * kKeys + j) * s[2];
+        for (int64_t c = 0; c < d; ++c) {
+          int64_t at;
+          if constexpr (std::is_same_v<E, float>) {
+            at = c * kKeys + j;
+          } else {
+            at = values ? ((j / 2) * d + c) * 2 + j % 2 : ((c / 2) * kKeys + j) * 2 + c % 2;
+          }
+          out[at] = row[c];
+        }
+      }
+    }
+  });
+}
+
+// The tasks, largest first (the last positions see the most keys), taken by the threads as they come free.
+template <typename E>
+void attend(const Problem& p) {
+  const int64_t spans = (p.q + kPositions - 1) / kPositions, tasks = spans * p.B * p.G;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<float> scratch;
+    for (int64_t t = next++; t < tasks; t = next++) {
+      const int64_t span = spans - 1 - t / (p.B * p.G), bg = t % (p.B * p.G);
+      task<E>(p, bg, span * kPositions, scratch);
+    }
+  });
+}
+#endif
+
+}  // namespace
+
+torch::Tensor prefill_attention(const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
+                                double scale) {
+  TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4,
+              "prefill_attention takes query (b, H, q, d) and key/value (b, G, n, d)");
+  TORCH_CHECK(key.sizes() == value.sizes(), "prefill_attention: keys and values must have the same shape");
+  TORCH_CHECK(query.scalar_type() == key.scalar_type() && key.scalar_type() == value.scalar_type(),
+              "prefill_attention: query, keys and values must share a dtype");
+  TORCH_CHECK(query.device().is_cpu() && key.device().is_cpu() && value.device().is_cpu(),
+              "prefill_attention runs on the CPU");
+  const int64_t B = key.size(0), G = key.size(1), n = key.size(2), d = key.size(3), H = query.size(1),
+                q = query.size(2);
+  TORCH_CHECK(query.size(0) == B && query.size(3) == d && H % G == 0 && q > 0 && q <= n && d % 16 == 0,
+              "prefill_attention: query ", query.sizes(), " does not fit keys ", key.sizes(),
+              " (head size a multiple of 16, at most as many queries as keys)");
+  TORCH_CHECK(query.stride(3) == 1 && key.stride(3) == 1 && value.stride(3) == 1,
+              "prefill_attention: rows of queries, keys and values contiguous");
+  auto out = torch::empty({B, q, H, d}, query.options());
+#if defined(__AVX512F__)
+  const bool bf16 = query.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(bf16 || query.scalar_type() == torch::kFloat32, "prefill_attention takes bfloat16 or float32");
+#if !defined(__AVX512BF16__)
+  if (bf16) {  // no bfloat16 dot product here: the float32 path on widened copies, rounded back
+    return prefill_attention(query.to(torch::kFloat32), key.to(torch::kFloat32), value.to(torch::kFloat32), scale)
+        .to(torch::kBFloat16);
+  }
+#endif
+  const int64_t blocks = (n + kKeys - 1) / kKeys;
+  auto kp = torch::empty({B * G * blocks * kKeys * d}, key.options().memory_format(c10::MemoryFormat::Contiguous));
+  const int64_t ks[3] = {key.stride(0), key.stride(1), key.stride(2)};
+  Problem p{query.data_ptr(), {query.stride(0), query.stride(1), query.stride(2)}, out.data_ptr(), kp.data_ptr(),
+            value.data_ptr(), {value.stride(0), value.stride(1), value.stride(2)}, B, G, H / G, q, n, d, blocks,
+            static_cast<float>(scale)};
+  if (!bf16) {
+    pack(key.data_ptr<float>(), ks, kp.data_ptr<float>(), B, G, n, d, blocks, false);
+    attend<float>(p);
+    return out;
+  }
+#if defined(__AVX512BF16__)
+  auto vp = torch::empty_like(kp);
+  pack(key.data_ptr<at::BFloat16>(), ks, kp.data_ptr<at::BFloat16>(), B, G, n, d, blocks, false);
+  pack(value.data_ptr<at::BFloat16>(), p.vs, vp.data_ptr<at::BFloat16>(), B, G, n, d, blocks, true);
+  p.vp = vp.data_ptr();
+  attend<at::BFloat16>(p);
+#endif
+  return out;
+#else
+  TORCH_CHECK(false, "prefill_attention needs the kernels' AVX-512 build");
+  return out;
+#endif
+}
