@@ -30,7 +30,7 @@ GROUPS = {
     "matrix multiplies": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "draftapprox::linear_bf16",
                           "aten::linear", "mkldnn::_linear_pointwise"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_softmax", "aten::softmax",
-                  "draftapprox::decode_attention"),
+                  "draftapprox::decode_attention", "draftapprox::prefill_attention"),
 }
 DECODE_STEPS = 8
 

@@ -27,10 +27,11 @@
 
 namespace {
 
-constexpr int64_t kKeys = 64;       // keys per block: one online-softmax step; 4 vectors of scores per row
+constexpr int64_t kKeys = 128;      // keys per block: one online-softmax step; 8 vectors of scores per row
 constexpr int64_t kPositions = 32;  // query positions per task; times a group's heads, the task's rows
 constexpr int kTile = 6;            // query rows per register tile: 6 x 4 accumulators, 4 operands, 1 broadcast
-constexpr int kVectors = 4;         // 16-wide vectors per tile row: the key block's scores, a chunk of output
+constexpr int kVectors = 4;         // 16-wide vectors per tile row: a quarter of the block's scores, output columns
+constexpr int kScores = kKeys / 16;  // vectors of one row's scores in a block
 
 #if defined(__AVX512F__)
 using draftapprox::exp16;
@@ -45,8 +46,9 @@ struct Rows {  // the rows of one register tile: their query rows and where thei
 
 // ---- float32: keys packed transposed per block, [d][kKeys]; values read in place, [key][d] at stride vs ----
 
+// Scores of T rows against keys [h, h + 16 kVectors) of the block, in registers.
 template <int T>
-void score_f32(const Rows& rows, const float* kt, int64_t d, float scale) {
+void score_f32_part(const Rows& rows, const float* kt, int64_t h, int64_t d, float scale) {
   __m512 acc[T][kVectors];
   for (int r = 0; r < T; ++r)
     for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_setzero_ps();
@@ -60,7 +62,13 @@ void score_f32(const Rows& rows, const float* kt, int64_t d, float scale) {
   }
   const __m512 s = _mm512_set1_ps(scale);
   for (int r = 0; r < T; ++r)
-    for (int v = 0; v < kVectors; ++v) _mm512_storeu_ps(rows.scores + r * kKeys + 16 * v, _mm512_mul_ps(acc[r][v], s));
+    for (int v = 0; v < kVectors; ++v)
+      _mm512_storeu_ps(rows.scores + r * kKeys + h + 16 * v, _mm512_mul_ps(acc[r][v], s));
+}
+
+template <int T>
+void score_f32(const Rows& rows, const float* kt, int64_t d, float scale) {
+  for (int64_t h = 0; h < kKeys; h += 16 * kVectors) score_f32_part<T>(rows, kt + h, h, d, scale);
 }
 
 // sums[r][c0, c0 + 16V) += sum over keys j of p[r][j] v[j][c0, c0 + 16V): V and T fixed at compile time so that the
@@ -105,7 +113,7 @@ inline __m512bh load_pairs(const at::BFloat16* p) {
 }
 
 template <int T>
-void score_bf16(const Rows& rows, const at::BFloat16* kp, int64_t d, float scale) {
+void score_bf16_part(const Rows& rows, const at::BFloat16* kp, int64_t h, int64_t d, float scale) {
   __m512 acc[T][kVectors];
   for (int r = 0; r < T; ++r)
     for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_setzero_ps();
@@ -119,7 +127,13 @@ void score_bf16(const Rows& rows, const at::BFloat16* kp, int64_t d, float scale
   }
   const __m512 s = _mm512_set1_ps(scale);
   for (int r = 0; r < T; ++r)
-    for (int v = 0; v < kVectors; ++v) _mm512_storeu_ps(rows.scores + r * kKeys + 16 * v, _mm512_mul_ps(acc[r][v], s));
+    for (int v = 0; v < kVectors; ++v)
+      _mm512_storeu_ps(rows.scores + r * kKeys + h + 16 * v, _mm512_mul_ps(acc[r][v], s));
+}
+
+template <int T>
+void score_bf16(const Rows& rows, const at::BFloat16* kp, int64_t d, float scale) {
+  for (int64_t h = 0; h < kKeys; h += 16 * kVectors) score_bf16_part<T>(rows, kp + 2 * h, h, d, scale);
 }
 
 template <int T, int V>
@@ -157,10 +171,10 @@ template <typename E>
 void softmax_row(const float* s, int64_t last, float* maximum, float* total, float* sums, int64_t d, E* probs) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 x[kVectors];
-  __mmask16 keep[kVectors];
+  __m512 x[kScores];
+  __mmask16 keep[kScores];
   __m512 m = minus_inf;
-  for (int v = 0; v < kVectors; ++v) {
+  for (int v = 0; v < kScores; ++v) {
     keep[v] = _mm512_cmple_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32(16 * v)),
                                       _mm512_set1_epi32(static_cast<int32_t>(last)));
     x[v] = _mm512_mask_loadu_ps(minus_inf, keep[v], s + 16 * v);
@@ -176,13 +190,15 @@ void softmax_row(const float* s, int64_t last, float* maximum, float* total, flo
   }
   const __m512 mm = _mm512_set1_ps(grown);
   __m512 acc = _mm512_setzero_ps();
-  for (int v = 0; v < kVectors; ++v) {
+  for (int v = 0; v < kScores; ++v) {
     const __m512 e = _mm512_maskz_mov_ps(keep[v], exp16(_mm512_sub_ps(x[v], mm)));  // exp16(-inf) is not 0
     acc = _mm512_add_ps(acc, e);
     if constexpr (std::is_same_v<E, float>) {
       _mm512_storeu_ps(probs + 16 * v, e);
     } else {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + 16 * v), round16(e));
+#if defined(__AVX512BF16__)  // one instruction for round16's five, the same rounding (nearest even)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + 16 * v), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+#endif
     }
   }
   *total += _mm512_reduce_add_ps(acc);
