@@ -57,3 +57,25 @@ def test_cuda_graph_script_measures_both_loops_and_resumes(tmp_path):
     assert text.count("no (eager)") == 4 and "| no |" not in text  # four pairs, each with the loop's tokens
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and len(out.read_text().splitlines()) == 8
+
+
+def test_prefill_attention_script_tabulates_both_attentions(tmp_path):
+    """On tiny local models (head size 16, which the kernel takes): a row per model and length, a row per path."""
+    from draftapprox import kernels
+
+    if not kernels.vectorised():
+        import pytest
+
+        pytest.skip("the compiled AVX-512 kernels are not built here")
+    tok = tiny_tokenizer(chat=True)
+    target = save_tiny(tmp_path / "target", tiny_model("llama", seed=0), tok)
+    draft = save_tiny(tmp_path / "draft", tiny_model("llama", layers=2, seed=1), tok)
+    page = tmp_path / "page.md"
+    args = [sys.executable, str(ROOT / "scripts" / "prefill_attention.py"), "--draft", draft, "--target", target,
+            "--lengths", "256,512", "--pairs", "1", "--start-layer", "1", "--out", str(page)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = page.read_text()
+    assert text.count("| draft (4 heads on 2, head size 16) | float32 |") == 2  # tiny models run in float32
+    assert text.count("| target (4 heads on 2, head size 16) | float32 |") == 2
+    assert text.count("| draft SpecPC pass |") == 2 and text.count("| target prefill |") == 2

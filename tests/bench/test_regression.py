@@ -9,7 +9,6 @@ slower and the ratios meaningless.
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
 import torch
@@ -66,16 +65,6 @@ def test_compression_pays_in_ratios(one_thread):
     assert pc_prefill <= 0.6 * full_prefill, (pc_prefill, full_prefill)
 
 
-def _best(fn, repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def test_decode_attention_is_not_slower_than_sdpa(one_thread):
     """A mid-size decode shape (12 query heads on 2 KV heads, 4k cached positions): the matrix-product attention
     reads the cache once; SDPA's prefill tiling was measured several times slower here. Loosely: not slower."""
@@ -83,8 +72,8 @@ def test_decode_attention_is_not_slower_than_sdpa(one_thread):
     buffer = torch.randn(1, 2, 4096 + 64, 128)
     key, value = buffer[:, :, :4096], torch.randn(1, 2, 4096 + 64, 128)[:, :, :4096]
     query = torch.randn(1, 12, 1, 128)
-    ours = _best(lambda: single_query(query, key, value, 128**-0.5))
-    sdpa = _best(lambda: F.scaled_dot_product_attention(query, key, value, enable_gqa=True))
+    ours = limits.best(lambda: single_query(query, key, value, 128**-0.5))
+    sdpa = limits.best(lambda: F.scaled_dot_product_attention(query, key, value, enable_gqa=True))
     assert ours <= 1.3 * sdpa, (ours, sdpa)
 
 
@@ -112,7 +101,7 @@ def test_compact_decode_step_reads_half_the_bytes(one_thread):
 
         return once
 
-    float32, bf16 = (_best(step(p), 9) for p in pairs)
+    float32, bf16 = (limits.best(step(p), 9) for p in pairs)
     bound = limits.bounds(small, 1.0, limits.gemv_rate(1024, 4096, torch.float32), 256)["decode"]
     assert bf16 <= 0.85 * float32, (bf16, float32)
     assert bf16 <= 3 * bound, (bf16, bound)
@@ -129,8 +118,8 @@ def test_the_kernel_streams_bfloat16_weights_faster_than_pytorch(one_thread):
     weights = [torch.randn(4096, 2048, dtype=torch.bfloat16) for _ in range(2)]
     x = torch.randn(1, 2048, dtype=torch.bfloat16)
     wide = x.float()
-    ours = _best(lambda: [kernel.linear_bf16(wide, w) for w in weights])
-    torch_bf16 = _best(lambda: [F.linear(x, w) for w in weights])
+    ours = limits.best(lambda: [kernel.linear_bf16(wide, w) for w in weights])
+    torch_bf16 = limits.best(lambda: [F.linear(x, w) for w in weights])
     assert ours <= 1.0 * torch_bf16, (ours, torch_bf16)
 
 
@@ -148,9 +137,9 @@ def test_the_compiled_decode_attention_is_not_slower_than_matrix_products(one_th
     value = torch.randn(1, 2, 4096 + 64, 128, dtype=dtype)[:, :, :4096]
     query = torch.randn(1, 12, 1, 128, dtype=dtype)
     with torch.inference_mode():
-        ours = _best(lambda: single_query(query, key, value, 128**-0.5))
+        ours = limits.best(lambda: single_query(query, key, value, 128**-0.5))
         monkeypatch.setattr(attention, "_kernel_reads", lambda *tensors: False)
-        products = _best(lambda: single_query(query, key, value, 128**-0.5))
+        products = limits.best(lambda: single_query(query, key, value, 128**-0.5))
     assert ours <= 1.0 * products, (ours, products)
 
 
@@ -166,8 +155,8 @@ def test_the_compiled_norm_is_faster_than_the_models_own(one_thread):
     norm = Qwen2RMSNorm(1536).to(torch.bfloat16)
     x = torch.randn(1, 2048, 1536, dtype=torch.bfloat16)
     with torch.inference_mode():
-        ours = _best(lambda: kernels.load().rms_norm(x, norm.weight, norm.variance_epsilon))
-        theirs = _best(lambda: norm(x))
+        ours = limits.best(lambda: kernels.load().rms_norm(x, norm.weight, norm.variance_epsilon))
+        theirs = limits.best(lambda: norm(x))
     assert ours <= 0.67 * theirs, (ours, theirs)
 
 
@@ -184,7 +173,7 @@ def test_the_compiled_prefill_attention_is_faster_than_sdpa(one_thread, dtype):
     with torch.inference_mode():
         if not attention._prefill_kernel_reads(query, key, value):
             pytest.skip("the compiled prefill attention does not take this dtype here")
-        ours = _best(lambda: attention.causal(query, key, value, 0.125), 5)
-        sdpa = _best(lambda: F.scaled_dot_product_attention(query, key.repeat_interleave(7, 1),
+        ours = limits.best(lambda: attention.causal(query, key, value, 0.125), 5)
+        sdpa = limits.best(lambda: F.scaled_dot_product_attention(query, key.repeat_interleave(7, 1),
                                                             value.repeat_interleave(7, 1), is_causal=True), 5)
     assert ours <= 0.9 * sdpa, (ours, sdpa)

@@ -18,16 +18,16 @@ from ..models import compact
 GEMV_WORKING_SET = 1 << 30  # bytes of weights a GEMV pass streams: far beyond any last-level cache
 
 
-def _best(fn, repeats: int = 7) -> float:
-    """The fastest of `repeats` runs after a warm-up: a limit is what the machine can do, not what it did while
-    something else ran."""
+def best(fn, repeats: int = 7) -> float:
+    """Seconds of the fastest of `repeats` runs after a warm-up: a limit (and a kernel's speed in a regression
+    guard) is what the machine can do, not what it did while something else ran."""
     fn()
-    best = float("inf")
+    fastest = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        fastest = min(fastest, time.perf_counter() - start)
+    return fastest
 
 
 def gemm_rate(hidden: int, intermediate: int, dtype: torch.dtype, rows: int = 2048, repeats: int = 7) -> float:
@@ -38,7 +38,7 @@ def gemm_rate(hidden: int, intermediate: int, dtype: torch.dtype, rows: int = 20
     if dtype == torch.bfloat16 and compact.packable():
         packed = torch.ops.mkldnn._reorder_linear_weight(w, compact.PACK_ROWS)
         products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
-    return 2 * rows * hidden * intermediate / min(_best(product, repeats) for product in products)
+    return 2 * rows * hidden * intermediate / min(best(product, repeats) for product in products)
 
 
 def gemv_rate(hidden: int, intermediate: int, dtype: torch.dtype) -> float:
@@ -59,7 +59,7 @@ def gemv_rate(hidden: int, intermediate: int, dtype: torch.dtype) -> float:
         for m in weights:
             product(m)
 
-    return len(weights) * size / min(_best(lambda product=product: sweep(product)) for product in products)
+    return len(weights) * size / min(best(lambda product=product: sweep(product)) for product in products)
 
 
 def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
