@@ -378,7 +378,7 @@ torch::Tensor prefill_attention(const torch::Tensor& query, const torch::Tensor&
   }
 #endif
   const int64_t blocks = (n + kKeys - 1) / kKeys;
-  auto kp = torch::empty({B * G * blocks * kKeys * d}, key.options().memory_format(c10::MemoryFormat::Contiguous));
+  auto kp = torch::empty({B * G * blocks * kKeys * d}, key.options());
   const int64_t ks[3] = {key.stride(0), key.stride(1), key.stride(2)};
   Problem p{query.data_ptr(), {query.stride(0), query.stride(1), query.stride(2)}, out.data_ptr(), kp.data_ptr(),
             value.data_ptr(), {value.stride(0), value.stride(1), value.stride(2)}, B, G, H / G, q, n, d, blocks,
