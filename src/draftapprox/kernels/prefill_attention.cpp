@@ -10,9 +10,9 @@
 // GFLOP/s in bfloat16 at 1k-4k tokens (docs/results/prefill-attention.md); the dot products alone (the softmax
 // left out) at 360-380.
 //
-// bfloat16 inputs use AVX-512 BF16 dot products (vdpbf16ps: pairs of bfloat16 products summed in float32) on keys
-// and values packed into pair-interleaved blocks once per call; the probabilities are rounded to bfloat16 before
-// they weigh the values, as SDPA's CPU kernel does. float32 inputs use float32 FMAs on keys packed transposed.
+// Keys and values are packed into blocks once per call. bfloat16 inputs use AVX-512 BF16 dot products (vdpbf16ps:
+// pairs of bfloat16 products summed in float32) on pair-interleaved blocks, and the probabilities are rounded to
+// bfloat16 before they weigh the values, as SDPA's CPU kernel does; float32 inputs use FMAs, keys transposed.
 // The softmax, its running maximum and sum, and the accumulated output are float32 throughout.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -23,7 +23,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -38,29 +37,63 @@ constexpr int kScores = kKeys / 16;  // vectors of one row's scores in a block
 
 #if defined(__AVX512F__)
 using draftapprox::exp16;
-using draftapprox::round16;
 
+// How the products read their operands. A step of a dot product covers P elements of one 32-bit lane: float32
+// one (an FMA), bfloat16 a pair (an AVX-512 BF16 dot product, the pair's two products summed in float32). So keys
+// are packed per block as [d/P][kKeys][P] (float32: transposed) and values as [kKeys/P][d][P] (float32: as they
+// are), and one code serves both.
+template <typename E>
+struct Dot;
+
+template <>
+struct Dot<float> {
+  using Vec = __m512;
+  static constexpr int P = 1;
+  static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static Vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_fmadd_ps(a, b, acc); }
+  static void store(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+};
+
+#if defined(__AVX512BF16__)
+template <>
+struct Dot<at::BFloat16> {
+  using Vec = __m512bh;
+  static constexpr int P = 2;
+  static Vec load(const at::BFloat16* p) { return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p)); }
+  static Vec broadcast(const at::BFloat16* p) {  // one pair to every lane
+    int32_t bits;
+    std::memcpy(&bits, p, 4);
+    return reinterpret_cast<__m512bh>(_mm512_set1_epi32(bits));
+  }
+  static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_dpbf16_ps(acc, a, b); }
+  static void store(at::BFloat16* p, __m512 x) {  // rounded to nearest even, as c10::BFloat16 rounds
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+  }
+};
+#endif
+
+template <typename E>
 struct Rows {  // the rows of one register tile: their query rows and where their scores, weights and sums live
-  const void* query[kTile];
+  const E* query[kTile];
   float* scores;  // [kTile][kKeys]
-  void* probs;    // [kTile][kKeys], in the product's input type
+  E* probs;       // [kTile][kKeys]
   float* sums;    // [kTile][d]
 };
 
-// ---- float32: keys packed transposed per block, [d][kKeys]; values read in place, [key][d] at stride vs ----
-
-// Scores of T rows against keys [h, h + 16 kVectors) of the block, in registers.
-template <int T>
-void score_f32_part(const Rows& rows, const float* kt, int64_t h, int64_t d, float scale) {
+// Scores of T rows against keys [h, h + 16 kVectors) of a packed key block, in registers.
+template <typename E, int T>
+void score_part(const Rows<E>& rows, const E* kp, int64_t h, int64_t d, float scale) {
+  using D = Dot<E>;
   __m512 acc[T][kVectors];
   for (int r = 0; r < T; ++r)
     for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < d; ++c) {
-    __m512 k[kVectors];
-    for (int v = 0; v < kVectors; ++v) k[v] = _mm512_loadu_ps(kt + c * kKeys + 16 * v);
+  for (int64_t c = 0; c < d / D::P; ++c) {
+    typename D::Vec k[kVectors];
+    for (int v = 0; v < kVectors; ++v) k[v] = D::load(kp + (c * kKeys + h + 16 * v) * D::P);
     for (int r = 0; r < T; ++r) {
-      const __m512 q = _mm512_set1_ps(static_cast<const float*>(rows.query[r])[c]);
-      for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_fmadd_ps(q, k[v], acc[r][v]);
+      const typename D::Vec q = D::broadcast(rows.query[r] + D::P * c);
+      for (int v = 0; v < kVectors; ++v) acc[r][v] = D::madd(acc[r][v], q, k[v]);
     }
   }
   const __m512 s = _mm512_set1_ps(scale);
@@ -69,103 +102,26 @@ void score_f32_part(const Rows& rows, const float* kt, int64_t h, int64_t d, flo
       _mm512_storeu_ps(rows.scores + r * kKeys + h + 16 * v, _mm512_mul_ps(acc[r][v], s));
 }
 
-template <int T>
-void score_f32(const Rows& rows, const float* kt, int64_t d, float scale) {
-  for (int64_t h = 0; h < kKeys; h += 16 * kVectors) score_f32_part<T>(rows, kt + h, h, d, scale);
-}
-
-// sums[r][c0, c0 + 16V) += sum over keys j of p[r][j] v[j][c0, c0 + 16V): V and T fixed at compile time so that the
-// T x V sums stay in registers while the block's values stream past them.
-template <int T, int V>
-void weigh_f32_chunk(const float* p, const float* v, int64_t vs, int64_t count, float* sums, int64_t d) {
+// sums[r][c0, c0 + 16V) += sum over keys j of probs[r][j] v[j][c0, c0 + 16V): V and T fixed at compile time so
+// that the T x V sums stay in registers while the block's packed values (from column c0 on) stream past them.
+template <typename E, int T, int V>
+void weigh_chunk(const Rows<E>& rows, const E* vp, int64_t steps, int64_t c0, int64_t d) {
+  using D = Dot<E>;
+  float* sums = rows.sums + c0;
   __m512 acc[T][V];
   for (int r = 0; r < T; ++r)
     for (int u = 0; u < V; ++u) acc[r][u] = _mm512_loadu_ps(sums + r * d + 16 * u);
-  for (int64_t j = 0; j < count; ++j) {
-    __m512 x[V];
-    for (int u = 0; u < V; ++u) x[u] = _mm512_loadu_ps(v + j * vs + 16 * u);
+  for (int64_t j = 0; j < steps; ++j) {
+    typename D::Vec x[V];
+    for (int u = 0; u < V; ++u) x[u] = D::load(vp + (j * d + c0 + 16 * u) * D::P);
     for (int r = 0; r < T; ++r) {
-      const __m512 w = _mm512_set1_ps(p[r * kKeys + j]);
-      for (int u = 0; u < V; ++u) acc[r][u] = _mm512_fmadd_ps(w, x[u], acc[r][u]);
+      const typename D::Vec w = D::broadcast(rows.probs + r * kKeys + D::P * j);
+      for (int u = 0; u < V; ++u) acc[r][u] = D::madd(acc[r][u], w, x[u]);
     }
   }
   for (int r = 0; r < T; ++r)
     for (int u = 0; u < V; ++u) _mm512_storeu_ps(sums + r * d + 16 * u, acc[r][u]);
 }
-
-template <int T>
-void weigh_f32(const Rows& rows, const float* v, int64_t vs, int64_t count, int64_t d) {
-  const float* p = static_cast<const float*>(rows.probs);
-  int64_t c0 = 0;
-  for (; c0 + 16 * kVectors <= d; c0 += 16 * kVectors)
-    weigh_f32_chunk<T, kVectors>(p, v + c0, vs, count, rows.sums + c0, d);
-  for (; c0 < d; c0 += 16) weigh_f32_chunk<T, 1>(p, v + c0, vs, count, rows.sums + c0, d);
-}
-
-#if defined(__AVX512BF16__)
-// ---- bfloat16: keys packed [d/2][kKeys][2] and values [kKeys/2][d][2]: each 32-bit lane one pair of a dot ----
-
-inline __m512bh pair(const void* p) {  // one bfloat16 pair broadcast to every lane
-  int32_t bits;
-  std::memcpy(&bits, p, 4);
-  return reinterpret_cast<__m512bh>(_mm512_set1_epi32(bits));
-}
-
-inline __m512bh load_pairs(const at::BFloat16* p) {
-  return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
-}
-
-template <int T>
-void score_bf16_part(const Rows& rows, const at::BFloat16* kp, int64_t h, int64_t d, float scale) {
-  __m512 acc[T][kVectors];
-  for (int r = 0; r < T; ++r)
-    for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < d / 2; ++c) {
-    __m512bh k[kVectors];
-    for (int v = 0; v < kVectors; ++v) k[v] = load_pairs(kp + (c * kKeys + 16 * v) * 2);
-    for (int r = 0; r < T; ++r) {
-      const __m512bh q = pair(static_cast<const at::BFloat16*>(rows.query[r]) + 2 * c);
-      for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], q, k[v]);
-    }
-  }
-  const __m512 s = _mm512_set1_ps(scale);
-  for (int r = 0; r < T; ++r)
-    for (int v = 0; v < kVectors; ++v)
-      _mm512_storeu_ps(rows.scores + r * kKeys + h + 16 * v, _mm512_mul_ps(acc[r][v], s));
-}
-
-template <int T>
-void score_bf16(const Rows& rows, const at::BFloat16* kp, int64_t d, float scale) {
-  for (int64_t h = 0; h < kKeys; h += 16 * kVectors) score_bf16_part<T>(rows, kp + 2 * h, h, d, scale);
-}
-
-template <int T, int V>
-void weigh_bf16_chunk(const at::BFloat16* p, const at::BFloat16* vp, int64_t pairs, float* sums, int64_t d) {
-  __m512 acc[T][V];
-  for (int r = 0; r < T; ++r)
-    for (int u = 0; u < V; ++u) acc[r][u] = _mm512_loadu_ps(sums + r * d + 16 * u);
-  for (int64_t j = 0; j < pairs; ++j) {
-    __m512bh x[V];
-    for (int u = 0; u < V; ++u) x[u] = load_pairs(vp + (j * d + 16 * u) * 2);
-    for (int r = 0; r < T; ++r) {
-      const __m512bh w = pair(p + r * kKeys + 2 * j);
-      for (int u = 0; u < V; ++u) acc[r][u] = _mm512_dpbf16_ps(acc[r][u], w, x[u]);
-    }
-  }
-  for (int r = 0; r < T; ++r)
-    for (int u = 0; u < V; ++u) _mm512_storeu_ps(sums + r * d + 16 * u, acc[r][u]);
-}
-
-template <int T>
-void weigh_bf16(const Rows& rows, const at::BFloat16* vp, int64_t count, int64_t d) {
-  const at::BFloat16* p = static_cast<const at::BFloat16*>(rows.probs);
-  const int64_t pairs = (count + 1) / 2;  // a block's odd last key pairs with a zero weight and a zero value
-  int64_t c0 = 0;
-  for (; c0 + 16 * kVectors <= d; c0 += 16 * kVectors)
-    weigh_bf16_chunk<T, kVectors>(p, vp + 2 * c0, pairs, rows.sums + c0, d);
-  for (; c0 < d; c0 += 16) weigh_bf16_chunk<T, 1>(p, vp + 2 * c0, pairs, rows.sums + c0, d);
-}
-#endif
 
 // One row's online-softmax step over a block of scores: keys past `last` (its own position) get no weight; the
 // row's running maximum and sum are updated, its accumulated output rescaled when the maximum grew, and the
@@ -196,13 +152,7 @@ void softmax_row(const float* s, int64_t last, float* maximum, float* total, flo
   for (int v = 0; v < kScores; ++v) {
     const __m512 e = _mm512_maskz_mov_ps(keep[v], exp16(_mm512_sub_ps(x[v], mm)));  // exp16(-inf) is not 0
     acc = _mm512_add_ps(acc, e);
-    if constexpr (std::is_same_v<E, float>) {
-      _mm512_storeu_ps(probs + 16 * v, e);
-    } else {
-#if defined(__AVX512BF16__)  // one instruction for round16's five, the same rounding (nearest even)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + 16 * v), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
-#endif
-    }
+    Dot<E>::store(probs + 16 * v, e);
   }
   *total += _mm512_reduce_add_ps(acc);
 }
@@ -213,8 +163,7 @@ struct Problem {
   int64_t qs[3];
   void* out;       // (B, q, H, d), contiguous
   const void* kp;  // packed keys, blocks * kKeys * d elements per (b, g), one block after another
-  const void* vp;  // packed values likewise (bfloat16), or the values themselves (float32) at strides vs
-  int64_t vs[3];
+  const void* vp;  // packed values, likewise
   int64_t B, G, R, q, n, d, blocks;
   float scale;
 };
@@ -222,32 +171,24 @@ struct Problem {
 // A register tile of T rows against one key block: scores, each row's softmax step, weighted values. `lasts[r]` is
 // the last key of the block row r may see, relative to the block's first.
 template <typename E, int T>
-void tile(const Problem& p, const Rows& rows, int64_t bg, int64_t block, int64_t count, const int64_t* lasts,
+void tile(const Problem& p, const Rows<E>& rows, int64_t bg, int64_t block, int64_t count, const int64_t* lasts,
           float* maxima, float* totals) {
+  constexpr int P = Dot<E>::P;
   const int64_t packed = (bg * p.blocks + block) * kKeys * p.d;
-  if constexpr (std::is_same_v<E, float>) {
-    score_f32<T>(rows, static_cast<const float*>(p.kp) + packed, p.d, p.scale);
-  } else {
-#if defined(__AVX512BF16__)  // instantiated only there (attend<at::BFloat16>)
-    score_bf16<T>(rows, static_cast<const at::BFloat16*>(p.kp) + packed, p.d, p.scale);
-#endif
-  }
+  const E* kp = static_cast<const E*>(p.kp) + packed;
+  for (int64_t h = 0; h < kKeys; h += 16 * kVectors) score_part<E, T>(rows, kp, h, p.d, p.scale);
   for (int r = 0; r < T; ++r)
     softmax_row(rows.scores + r * kKeys, std::min(lasts[r], count - 1), maxima + r, totals + r, rows.sums + r * p.d,
-                p.d, static_cast<E*>(rows.probs) + r * kKeys);
-  if constexpr (std::is_same_v<E, float>) {
-    const int64_t b = bg / p.G, g = bg % p.G;
-    const float* v = static_cast<const float*>(p.vp) + b * p.vs[0] + g * p.vs[1] + block * kKeys * p.vs[2];
-    weigh_f32<T>(rows, v, p.vs[2], count, p.d);
-  } else {
-#if defined(__AVX512BF16__)
-    weigh_bf16<T>(rows, static_cast<const at::BFloat16*>(p.vp) + packed, count, p.d);
-#endif
-  }
+                p.d, rows.probs + r * kKeys);
+  const E* vp = static_cast<const E*>(p.vp) + packed;
+  const int64_t steps = (count + P - 1) / P;  // an odd last key pairs with a zero weight and a zero value
+  int64_t c0 = 0;
+  for (; c0 + 16 * kVectors <= p.d; c0 += 16 * kVectors) weigh_chunk<E, T, kVectors>(rows, vp, steps, c0, p.d);
+  for (; c0 < p.d; c0 += 16) weigh_chunk<E, T, 1>(rows, vp, steps, c0, p.d);
 }
 
 template <typename E>
-void any_tile(int t, const Problem& p, const Rows& rows, int64_t bg, int64_t block, int64_t count,
+void any_tile(int t, const Problem& p, const Rows<E>& rows, int64_t bg, int64_t block, int64_t count,
               const int64_t* lasts, float* maxima, float* totals) {
   static_assert(kTile == 6, "the cases below instantiate 1..kTile rows");
   switch (t) {
@@ -271,7 +212,7 @@ void task(const Problem& p, int64_t bg, int64_t first, std::vector<float>& scrat
   float* maxima = sums + rows * d;
   float* totals = maxima + rows;
   float* scores = totals + rows;
-  void* probs = scores + kTile * kKeys;  // kTile * kKeys floats hold them in either type
+  E* probs = reinterpret_cast<E*>(scores + kTile * kKeys);  // kTile * kKeys floats hold them in either type
   std::fill(sums, sums + rows * d, 0.f);
   std::fill(maxima, maxima + rows, -std::numeric_limits<float>::infinity());
   std::fill(totals, totals + rows, 0.f);
@@ -282,7 +223,7 @@ void task(const Problem& p, int64_t bg, int64_t first, std::vector<float>& scrat
     for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
       const int t = static_cast<int>(std::min<int64_t>(kTile, rows - r0));
       if (offset + (r0 + t - 1) / p.R < from) continue;  // no row of this tile sees a key of the block
-      Rows tile{{}, scores, probs, sums + r0 * d};
+      Rows<E> tile{{}, scores, probs, sums + r0 * d};
       int64_t lasts[kTile];
       for (int r = 0; r < t; ++r) {
         const int64_t row = r0 + r, pos = first + row / p.R;
@@ -297,22 +238,16 @@ void task(const Problem& p, int64_t bg, int64_t first, std::vector<float>& scrat
     const int64_t pos = first + row / p.R, h = g * p.R + row % p.R;
     E* o = out + ((b * p.q + pos) * p.G * p.R + h) * d;
     const __m512 inv = _mm512_set1_ps(1.f / totals[row]);
-    for (int64_t c = 0; c < d; c += 16) {
-      const __m512 y = _mm512_mul_ps(inv, _mm512_loadu_ps(sums + row * d + c));
-      if constexpr (std::is_same_v<E, float>) {
-        _mm512_storeu_ps(o + c, y);
-      } else {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c), round16(y));
-      }
-    }
+    for (int64_t c = 0; c < d; c += 16) Dot<E>::store(o + c, _mm512_mul_ps(inv, _mm512_loadu_ps(sums + row * d + c)));
   }
 }
 
-// Keys of each (b, g) into blocks of kKeys: float32 transposed, [d][kKeys]; bfloat16 in pairs, [d/2][kKeys][2].
-// Values, bfloat16 only, in pairs of keys: [kKeys/2][d][2]. Past the last key, zeros.
+// Keys of each (b, g) into blocks of kKeys, [d/P][kKeys][P], and values into [kKeys/P][d][P] (see Dot). Past the
+// last key, zeros.
 template <typename E>
 void pack(const E* src, const int64_t s[3], E* dst, int64_t B, int64_t G, int64_t n, int64_t d, int64_t blocks,
           bool values) {
+  constexpr int64_t P = Dot<E>::P;
   at::parallel_for(0, B * G * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bg = t / blocks, block = t % blocks, b = bg / G, g = bg % G;
@@ -320,15 +255,8 @@ void pack(const E* src, const int64_t s[3], E* dst, int64_t B, int64_t G, int64_
       std::fill(out, out + kKeys * d, E(0));
       for (int64_t j = 0; j < std::min(kKeys, n - block * kKeys); ++j) {
         const E* row = src + b * s[0] + g * s[1] + (block * kKeys + j) * s[2];
-        for (int64_t c = 0; c < d; ++c) {
-          int64_t at;
-          if constexpr (std::is_same_v<E, float>) {
-            at = c * kKeys + j;
-          } else {
-            at = values ? ((j / 2) * d + c) * 2 + j % 2 : ((c / 2) * kKeys + j) * 2 + c % 2;
-          }
-          out[at] = row[c];
-        }
+        for (int64_t c = 0; c < d; ++c)
+          out[values ? ((j / P) * d + c) * P + j % P : ((c / P) * kKeys + j) * P + c % P] = row[c];
       }
     }
   });
@@ -346,6 +274,22 @@ void attend(const Problem& p) {
       task<E>(p, bg, span * kPositions, scratch);
     }
   });
+}
+
+// Keys and values packed once per call, then the tasks.
+template <typename E>
+void run(const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& out,
+         double scale) {
+  const int64_t B = key.size(0), G = key.size(1), n = key.size(2), d = key.size(3);
+  const int64_t blocks = (n + kKeys - 1) / kKeys;
+  auto kp = torch::empty({B * G * blocks * kKeys * d}, key.options());
+  auto vp = torch::empty_like(kp);
+  const int64_t ks[3] = {key.stride(0), key.stride(1), key.stride(2)};
+  const int64_t vs[3] = {value.stride(0), value.stride(1), value.stride(2)};
+  pack(key.data_ptr<E>(), ks, kp.data_ptr<E>(), B, G, n, d, blocks, false);
+  pack(value.data_ptr<E>(), vs, vp.data_ptr<E>(), B, G, n, d, blocks, true);
+  attend<E>({query.data_ptr(), {query.stride(0), query.stride(1), query.stride(2)}, out.data_ptr(), kp.data_ptr(),
+             vp.data_ptr(), B, G, query.size(1) / G, query.size(2), n, d, blocks, static_cast<float>(scale)});
 }
 #endif
 
@@ -377,24 +321,13 @@ torch::Tensor prefill_attention(const torch::Tensor& query, const torch::Tensor&
         .to(torch::kBFloat16);
   }
 #endif
-  const int64_t blocks = (n + kKeys - 1) / kKeys;
-  auto kp = torch::empty({B * G * blocks * kKeys * d}, key.options());
-  const int64_t ks[3] = {key.stride(0), key.stride(1), key.stride(2)};
-  Problem p{query.data_ptr(), {query.stride(0), query.stride(1), query.stride(2)}, out.data_ptr(), kp.data_ptr(),
-            value.data_ptr(), {value.stride(0), value.stride(1), value.stride(2)}, B, G, H / G, q, n, d, blocks,
-            static_cast<float>(scale)};
-  if (!bf16) {
-    pack(key.data_ptr<float>(), ks, kp.data_ptr<float>(), B, G, n, d, blocks, false);
-    attend<float>(p);
-    return out;
-  }
+  if (bf16) {
 #if defined(__AVX512BF16__)
-  auto vp = torch::empty_like(kp);
-  pack(key.data_ptr<at::BFloat16>(), ks, kp.data_ptr<at::BFloat16>(), B, G, n, d, blocks, false);
-  pack(value.data_ptr<at::BFloat16>(), p.vs, vp.data_ptr<at::BFloat16>(), B, G, n, d, blocks, true);
-  p.vp = vp.data_ptr();
-  attend<at::BFloat16>(p);
+    run<at::BFloat16>(query, key, value, out, scale);
 #endif
+  } else {
+    run<float>(query, key, value, out, scale);
+  }
   return out;
 #else
   TORCH_CHECK(false, "prefill_attention needs the kernels' AVX-512 build");
