@@ -3,12 +3,16 @@
 # only comparable within one file measured on an otherwise idle machine: stop other jobs first.
 # STAGES (default: all) picks what to run, e.g. STAGES="main report". ENGINE_OUT and ENGINE_DIR put the engine
 # stage of another machine in files of its own (a ratio means something only within one machine's file).
+# BASELINE names an earlier run's JSONL of the same protocol on the same kind of machine: the report sets each
+# job's times against it (e.g. BASELINE=docs/results/raw/bench-cpu-earlier-engine.jsonl, the EPYC before the
+# compiled prefill attention).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAW=docs/results/raw
 OUT=$RAW/bench-cpu.jsonl
 ENGINE_OUT=${ENGINE_OUT:-$RAW/bench-engine-cpu.jsonl}
 ENGINE_DIR=${ENGINE_DIR:-docs/results/engine}
+BASELINE=${BASELINE:-}
 STAGES=${STAGES:-"main vllm long sparse drafts chunk batched peers report engine"}
 METHODS=fullkv,streamingllm,snapkv,adakv,speckv,specpc,speckvpc,specprefill
 LOOKAHEAD=(--set speckv.lookahead=32 --set speckvpc.lookahead=32)
@@ -58,7 +62,8 @@ for stage in $STAGES; do
       draftapprox bench report "$ENGINE_OUT" --out "$ENGINE_DIR" \
         --command "ENGINE_OUT=$ENGINE_OUT ENGINE_DIR=$ENGINE_DIR scripts/benchmark.sh (STAGES=engine)" ;;
     report)
-      draftapprox bench report "$OUT" --out docs/results --command "scripts/benchmark.sh (STAGES=\"$STAGES\")" ;;
+      draftapprox bench report "$OUT" --out docs/results ${BASELINE:+--baseline "$BASELINE"} \
+        --command "${BASELINE:+BASELINE=$BASELINE }scripts/benchmark.sh (STAGES=\"$STAGES\")" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
