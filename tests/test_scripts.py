@@ -79,3 +79,19 @@ def test_prefill_attention_script_tabulates_both_attentions(tmp_path):
     assert text.count("| draft (4 heads on 2, head size 16) | float32 |") == 2  # tiny models run in float32
     assert text.count("| target (4 heads on 2, head size 16) | float32 |") == 2
     assert text.count("| draft SpecPC pass |") == 2 and text.count("| target prefill |") == 2
+
+
+def test_batched_decode_script_decodes_every_answer_both_ways(tmp_path):
+    """A decode takes over its prepared cache, so the script must give each way caches of its own; on tiny local
+    models every answer is then decoded alone and in one batch, and the page says how many came out the same."""
+    tok = tiny_tokenizer(chat=True)
+    target = save_tiny(tmp_path / "target", tiny_model("llama", seed=0), tok)
+    draft = save_tiny(tmp_path / "draft", tiny_model("llama", layers=2, seed=1), tok)
+    page = tmp_path / "page.md"
+    args = [sys.executable, str(ROOT / "scripts" / "batched_decode.py"), "--draft", draft, "--target", target,
+            "--length", "512", "--new-tokens", "4", "--budgets", "64,128", "--out", str(page)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = page.read_text()
+    assert "13 answers to one" in text and "| one at a time |" in text and "| together (groups of " in text
+    assert "Identical tokens, batched against one at a time:" in text

@@ -57,3 +57,11 @@ def test_rates_are_measured_on_this_machine():
     # two slow cores reach tens of GFLOP/s and GB/s; a broken measurement would be off by orders of magnitude
     assert 1e9 < rates["gemm_flops"] < 1e14 and 1e9 < rates["gemv_bytes"] < 1e13
     assert torch.get_num_threads() >= 1
+
+
+def test_an_int8_model_has_no_limits_and_says_so():
+    from draftapprox.errors import ConfigError
+
+    model = torch.ao.quantization.quantize_dynamic(tiny_model("llama"), {torch.nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(ConfigError, match="int8"):
+        limits.bounds(model, 1e11, 1e10, 128)

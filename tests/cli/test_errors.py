@@ -45,7 +45,7 @@ ANSWER = {"key": "vt/2048/42/0|fullkv", "sample": "vt/2048/42/0", "task": "vt", 
           "budget": None, "score": 100.0}
 BENCH = {"key": "fullkv|2048", "method": "fullkv", "budget": None, "length": 2048, "first_token": 1.0}
 # what each file-taking parameter reads or writes
-INPUTS = {"inputs", "reference"}  # our JSONL files, read
+INPUTS = {"inputs", "reference", "baseline"}  # our JSONL files, read
 OUTPUTS = {"output"}  # our JSONL files, appended to
 FOLDERS = {("bench", "report"): "out", ("eval", "report"): "out", ("bench", "serve"): "report",
            ("bench", "proxy"): "report"}

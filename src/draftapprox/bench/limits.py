@@ -13,6 +13,7 @@ import time
 import torch
 
 from .. import kernels
+from ..errors import ConfigError
 from ..models import compact
 
 GEMV_WORKING_SET = 1 << 30  # bytes of weights a GEMV pass streams: far beyond any last-level cache
@@ -65,6 +66,9 @@ def gemv_rate(hidden: int, intermediate: int, dtype: torch.dtype) -> float:
 def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
     """(parameters a prefill multiplies: all but the input embedding and the LM head; parameters a decode step
     reads: those plus the LM head). The input embedding is a lookup and is never streamed."""
+    if any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules()):
+        raise ConfigError("the GEMM-bound and bandwidth limits are of bfloat16/float32 models; this one has "
+                          "dynamically quantised int8 linear layers")
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     head_params = head.weight.numel() if head is not None else 0

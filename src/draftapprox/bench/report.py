@@ -46,8 +46,12 @@ def _jobs(rows) -> list[str]:
     return sorted(labels, key=lambda j: (j.split()[0] != "fullkv", _floor(rows, j), j))
 
 
-def write(paths: list[Path], out: Path, command: str | None = None) -> list[Path]:
+def write(paths: list[Path], out: Path, command: str | None = None, baseline: list[Path] | None = None
+          ) -> list[Path]:
+    """performance.md and the plots; `baseline`: an earlier run of the same protocol (an older engine on the same
+    kind of machine), each job's times set against its own there."""
     rows = load(paths)
+    base = load(baseline) if baseline else None  # a bad file is refused before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lengths = sorted({n for _, n in rows})
@@ -100,6 +104,9 @@ def write(paths: list[Path], out: Path, command: str | None = None) -> list[Path
     versus = against_engines(rows)
     if versus:
         lines.extend(["### Against a real engine serving FullKV (same prompts, same file)", "", *versus, ""])
+    if base:
+        lines.extend([f"### Against an earlier run ({', '.join(f'`{Path(b).name}`' for b in baseline)})", "",
+                      *against_baseline(rows, base), ""])
     rates = [r for r in rows.values() if r["method"] in (DRAFT_LIMIT, TARGET_LIMIT)]
     if rates:
         lines.extend(["Limits measured in this run: " + "; ".join(sorted({
@@ -230,6 +237,27 @@ def against_engines(rows) -> list[str]:
         return []
     header = ["job", "tokens"] + [f"{kind} / {name}'s" for name in names for kind in ("first token", "decode")]
     return table(header, body)
+
+
+def against_baseline(rows, base) -> list[str]:
+    """Each job's first-token and decode time against the same job's in an earlier run (below 1: faster now).
+    Only a run of the same protocol on the same kind of machine makes this a comparison of engines; the
+    machine each ran on is named beside it."""
+    body = []
+    for (label, n), row in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        old = base.get((label, n))
+        if old is None or row["method"].startswith("engine:"):
+            continue
+        now_d, old_d = row["decode_per_token"], old["decode_per_token"]
+        body.append([label, str(n), _fmt(old["first_token"]), _fmt(row["first_token"]),
+                     f"{row['first_token'] / old['first_token']:.2f}x",
+                     _fmt(old_d, digits=3), _fmt(now_d, digits=3), f"{now_d / old_d:.2f}x" if now_d and old_d else "-"])
+    if not body:
+        return ["No job was measured at the same length in both runs."]
+    machines = [next(iter(r.values()))["env"].get("cpu", "?") for r in (base, rows)]
+    return [f"Machines: earlier {machines[0]}, now {machines[1]}.", "",
+            *table(["job", "tokens", "first token then, s", "now, s", "now / then", "decode then, s/token", "now",
+                    "now / then"], body)]
 
 
 def _plot(rows, jobs: list[str], lengths: list[int], out: Path) -> list[Path]:

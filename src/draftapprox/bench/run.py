@@ -101,6 +101,15 @@ def key(job: harness.Job, settings: Settings, length: int) -> str:
     return f"{label(job, settings)}|{length}"
 
 
+def measurable(jobs: list[harness.Job], settings: Settings) -> list[harness.Job]:
+    """The jobs this run can measure: a GEMM-bound limit is the model's multiply-adds at the measured GEMM rate of
+    its own dtype, which a dynamically quantised int8 draft does not have (its products are int8 GEMMs that the
+    probe does not time), so its draft limit is left out."""
+    if (settings.draft_dtype or "") == "int8":
+        return [j for j in jobs if j.method != DRAFT_LIMIT]
+    return jobs
+
+
 def run(jobs: list[harness.Job], settings: Settings, output: Path, progress: bool = True) -> int:
     """Measure every (job, length) not yet in `output`, one worker process per job; returns rows written."""
     if settings.prefill_chunk is not None and settings.prefill_chunk < 1:
@@ -109,6 +118,7 @@ def run(jobs: list[harness.Job], settings: Settings, output: Path, progress: boo
         raise ConfigError("bench needs --repeats >= 1 and --new-tokens >= 2 (decode time is per token after the "
                           "first)")
     harness.check_grid([settings.task], settings.lengths)
+    jobs = measurable(jobs, settings)
     done = Results(output).done
     todo = [(job, [n for n in sorted(settings.lengths) if key(job, settings, n) not in done]) for job in jobs]
     todo = [(job, lengths) for job, lengths in todo if lengths]

@@ -91,11 +91,15 @@ def bench_report(
     out: Annotated[Path, typer.Option(help="Directory for performance.md and the plots.")] = Path("docs/results"),
     command: Annotated[str | None, typer.Option(help="The command that produced the JSONL, quoted in the report.")]
     = None,
+    baseline: Annotated[list[Path] | None, typer.Option(
+        help="An earlier run's JSONL (same protocol, same kind of machine): each job's times against it.")] = None,
 ) -> None:
     """Write performance.md (tables, targets) and the plots from benchmark files."""
+    from functools import partial
+
     from ..bench import report
 
-    write_report(report.write, inputs, out, command, ("performance.md",))
+    write_report(partial(report.write, baseline=baseline), inputs, out, command, ("performance.md",))
 
 
 @bench_app.command("overlap")
