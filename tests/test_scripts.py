@@ -11,10 +11,20 @@ from .conftest import save_tiny, tiny_model, tiny_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_grid_script_runs_its_grid_and_resumes(tmp_path):
+def _tiny_pair(tmp_path) -> tuple[str, str]:
+    """A tiny local draft (2 layers) and target sharing a chat tokenizer, saved for the scripts to load."""
     tok = tiny_tokenizer(chat=True)
     target = save_tiny(tmp_path / "target", tiny_model("llama", seed=0), tok)
-    draft = save_tiny(tmp_path / "draft", tiny_model("llama", layers=2, seed=1), tok)
+    return save_tiny(tmp_path / "draft", tiny_model("llama", layers=2, seed=1), tok), target
+
+
+def _script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_gpu_grid_script_runs_its_grid_and_resumes(tmp_path):
+    draft, target = _tiny_pair(tmp_path)
     out = tmp_path / "answers.jsonl"
     env = {**os.environ, "DEVICE": "cpu", "SAMPLES": "1", "LENGTHS": "1024", "BUDGETS": "64,0.25",
            "METHODS": "fullkv,speckv,specpc", "OUTPUT": str(out), "CLI": f"{sys.executable} -m draftapprox"}
@@ -40,14 +50,11 @@ def test_gpu_grid_script_runs_its_grid_and_resumes(tmp_path):
 
 def test_cuda_graph_script_measures_both_loops_and_resumes(tmp_path):
     """On a CPU the static step runs eagerly: the script's rows, its table and the tokens are what is checked."""
-    tok = tiny_tokenizer(chat=True)
-    target = save_tiny(tmp_path / "target", tiny_model("llama", seed=0), tok)
-    draft = save_tiny(tmp_path / "draft", tiny_model("llama", layers=2, seed=1), tok)
+    draft, target = _tiny_pair(tmp_path)
     out, page = tmp_path / "rows.jsonl", tmp_path / "page.md"
-    args = [sys.executable, str(ROOT / "scripts" / "cuda_graph_decode.py"), "--device", "cpu", "--draft", draft,
-            "--target", target, "--length", "512", "--steps", "6", "--batches", "1,3", "--output", str(out),
-            "--out", str(page)]
-    first = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    args = ["--device", "cpu", "--draft", draft, "--target", target, "--length", "512", "--steps", "6",
+            "--batches", "1,3", "--output", str(out), "--out", str(page)]
+    first = _script("cuda_graph_decode.py", *args)
     assert first.returncode == 0, first.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 8 and {(r["method"], r["batch"], r["static"]) for r in rows} == {
@@ -55,7 +62,7 @@ def test_cuda_graph_script_measures_both_loops_and_resumes(tmp_path):
     assert not any(r["captured"] for r in rows)
     text = page.read_text()
     assert text.count("no (eager)") == 4 and "| no |" not in text  # four pairs, each with the loop's tokens
-    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    again = _script("cuda_graph_decode.py", *args)
     assert again.returncode == 0 and len(out.read_text().splitlines()) == 8
 
 
@@ -67,13 +74,10 @@ def test_prefill_attention_script_tabulates_both_attentions(tmp_path):
         import pytest
 
         pytest.skip("the compiled AVX-512 kernels are not built here")
-    tok = tiny_tokenizer(chat=True)
-    target = save_tiny(tmp_path / "target", tiny_model("llama", seed=0), tok)
-    draft = save_tiny(tmp_path / "draft", tiny_model("llama", layers=2, seed=1), tok)
+    draft, target = _tiny_pair(tmp_path)
     page = tmp_path / "page.md"
-    args = [sys.executable, str(ROOT / "scripts" / "prefill_attention.py"), "--draft", draft, "--target", target,
-            "--lengths", "256,512", "--pairs", "1", "--start-layer", "1", "--out", str(page)]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    done = _script("prefill_attention.py", "--draft", draft, "--target", target, "--lengths", "256,512", "--pairs",
+                   "1", "--start-layer", "1", "--out", str(page))
     assert done.returncode == 0, done.stderr[-2000:]
     text = page.read_text()
     assert text.count("| draft (4 heads on 2, head size 16) | float32 |") == 2  # tiny models run in float32
@@ -84,13 +88,10 @@ def test_prefill_attention_script_tabulates_both_attentions(tmp_path):
 def test_batched_decode_script_decodes_every_answer_both_ways(tmp_path):
     """A decode takes over its prepared cache, so the script must give each way caches of its own; on tiny local
     models every answer is then decoded alone and in one batch, and the page says how many came out the same."""
-    tok = tiny_tokenizer(chat=True)
-    target = save_tiny(tmp_path / "target", tiny_model("llama", seed=0), tok)
-    draft = save_tiny(tmp_path / "draft", tiny_model("llama", layers=2, seed=1), tok)
+    draft, target = _tiny_pair(tmp_path)
     page = tmp_path / "page.md"
-    args = [sys.executable, str(ROOT / "scripts" / "batched_decode.py"), "--draft", draft, "--target", target,
-            "--length", "512", "--new-tokens", "4", "--budgets", "64,128", "--out", str(page)]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    done = _script("batched_decode.py", "--draft", draft, "--target", target, "--length", "512", "--new-tokens", "4",
+                   "--budgets", "64,128", "--out", str(page))
     assert done.returncode == 0, done.stderr[-2000:]
     text = page.read_text()
     assert "13 answers to one" in text and "| one at a time |" in text and "| together (groups of " in text

@@ -38,6 +38,8 @@ def test_engine_and_limit_targets_are_checked_and_tabulated(tmp_path):
     # SpecPC against each engine: first token 9/21 and 9/90, decode 0.16/0.28 and 0.16/0.16
     assert "| 0.10x | 1.00x | 0.43x | 0.57x |" in lines["specpc@0.25"]
     assert "GEMM 270 GFLOP/s, GEMV 24.0 GB/s" in text
+    for plot in ("performance-scaling.png", "performance-phases.png"):  # shown on the page, not only written
+        assert f"]({plot})" in text and (tmp_path / "out" / plot).is_file()
 
 
 def test_baseline_sets_each_job_against_its_earlier_run(tmp_path):

@@ -72,6 +72,8 @@ def write(paths: list[Path], out: Path, command: str | None = None, baseline: li
              ""]
     if command:
         lines += [f"Command: `{command}`", ""]
+    lines += ["![Time to first token, KV cache held and peak memory against prompt length](performance-scaling.png)",
+              "", f"![Phases of the time to first token at {lengths[-1]} tokens](performance-phases.png)", ""]
 
     def grid(title: str, cell) -> None:
         body = [[job, *(cell(rows.get((job, n)), full.get(n)) for n in lengths)] for job in jobs]
