@@ -119,6 +119,11 @@ def write(paths: list[Path], out: Path, command: str | None = None, baseline: li
     return [path, *_plot(rows, jobs, lengths, out)]
 
 
+def _by_length(rows) -> list:
+    """The rows as ((label, length), row), shortest prompt first, then by label: the order of the per-row tables."""
+    return sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+
+
 def _sparse(row: dict) -> bool:
     return str(row.get("knobs", {}).get("sparse_prefill", "")).lower() in ("true", "1", "yes")
 
@@ -134,7 +139,7 @@ def _first(rows, method: str, n: int) -> dict | None:
 def sparse_prefill(rows) -> list[str]:
     """Target prefill with the vertical-slash pattern against SpecKV's dense one at the same length."""
     body = []
-    for (label, n), row in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (label, n), row in _by_length(rows):
         dense = _first(rows, row["method"], n) if _sparse(row) else None
         if dense is not None:
             sparse_s, dense_s = row["phases"]["target_prefill"], dense["phases"]["target_prefill"]
@@ -225,7 +230,7 @@ def against_engines(rows) -> list[str]:
     1: ours is faster)."""
     names = sorted({_name(r) for r in rows.values() if r["method"].startswith("engine:")})
     body = []
-    for (label, n), row in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (label, n), row in _by_length(rows):
         if not names or row["method"] in FLOORS or row["method"].startswith("engine:"):
             continue
         cells = []
@@ -246,7 +251,7 @@ def against_baseline(rows, base) -> list[str]:
     Only a run of the same protocol on the same kind of machine makes this a comparison of engines; the
     machine each ran on is named beside it."""
     body = []
-    for (label, n), row in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (label, n), row in _by_length(rows):
         old = base.get((label, n))
         if old is None or row["method"].startswith("engine:"):
             continue
