@@ -33,12 +33,12 @@ ARCHS = {
 
 
 def tiny_model(arch: str = "qwen2", layers: int = 4, heads: int = 4, kv_heads: int = 2, seed: int = 0,
-               context: int = 2048, attn: str = "sdpa"):
+               context: int = 2048, attn: str = "sdpa", head_dim: int = 16):
     """A small decoder with random weights; GQA when kv_heads < heads. Scaled-up init gives peaky attention."""
     config_cls, model_cls = ARCHS[arch]
     extra = {"sliding_window": None} if arch == "mistral" else {}
     config = config_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16,
+                        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
                         max_position_embeddings=context, tie_word_embeddings=False, initializer_range=0.2,
                         eos_token_id=VOCAB - 1, bos_token_id=VOCAB - 2, pad_token_id=VOCAB - 2,
                         attn_implementation=attn, **extra)

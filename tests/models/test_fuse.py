@@ -1,13 +1,16 @@
 """In-place gated MLPs: the same outputs as the model's own forward, on every architecture that has them, for a few
-rows (the plain path) and for a chunk of many (the gate and up projections written into per-thread buffers)."""
+rows (the plain path) and for a chunk of many (the gate and up projections written into per-thread buffers); and
+bfloat16 models taking the compiled rotary embedding and SiLU-and-product."""
 
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
 
+from draftapprox import kernels
 from draftapprox.models import scratch
 from draftapprox.models.compact import KERNEL_ROWS, compact
 from draftapprox.models.fuse import fusable, fuse
@@ -57,3 +60,30 @@ def test_only_plain_gated_mlps_are_touched():
     assert fusable(mlp)
     mlp.act_fn = torch.nn.GELU()
     assert not fusable(mlp)
+
+
+@pytest.mark.skipif(not kernels.vectorised(), reason="no AVX-512 build of the kernels here")
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_a_bfloat16_model_rotates_and_gates_in_compiled_passes(arch, monkeypatch):
+    model = tiny_model(arch, head_dim=32).to(torch.bfloat16)
+    modeling = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    original = getattr(modeling.apply_rotary_pos_emb, "draftapprox_original", modeling.apply_rotary_pos_emb)
+    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", original)  # the reference: transformers' own
+    ids = prompt_ids(3 * KERNEL_ROWS)
+    with torch.inference_mode():
+        expected = model(ids).logits
+    fused = fuse(copy.deepcopy(model))
+    assert modeling.apply_rotary_pos_emb.draftapprox_original is original
+    called = []
+    real_call = kernels.call
+    monkeypatch.setattr(kernels, "call", lambda name, *args: called.append(name) or real_call(name, *args))
+    with torch.inference_mode():
+        ours = fused(ids).logits
+    layers = len(model.model.layers)
+    assert called.count("rope") == layers and called.count("silu_mul_") == layers
+    # the kernels give the reference's bits (tests/kernels); only the compiled norm's sums differ in order
+    torch.testing.assert_close(ours.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    with torch.inference_mode():  # float32 keeps transformers' own rotary embedding
+        called.clear()
+        fused.float()(ids)
+    assert "rope" not in called and "silu_mul_" not in called

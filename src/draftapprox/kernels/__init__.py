@@ -20,15 +20,14 @@ from ..paths import cache_dir
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name)
            for name in ("module.cpp", "linear_bf16.cpp", "rms_norm.cpp", "decode_attention.cpp",
-                      "prefill_attention.cpp")]
+                      "prefill_attention.cpp", "silu_mul.cpp", "rope.cpp")]
 HEADERS = [Path(__file__).with_name("simd.h")]  # included by the sources, so part of what a build is keyed by
 
 
 @functools.cache
 def load():
-    """The compiled module (`linear_bf16`, `vectorised`, `rms_norm`, `decode_attention`,
-    `prefill_attention`), or None where it cannot
-    be built here."""
+    """The compiled module (`linear_bf16`, `vectorised`, `rms_norm`, `decode_attention`, `prefill_attention`,
+    `silu_mul_`, `rope`), or None where it cannot be built here."""
     from torch.utils import cpp_extension
 
     # one build per torch version and source text: processes running different checkouts never share a build

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -36,7 +37,7 @@ constexpr int kVectors = 4;         // 16-wide vectors per tile row: a quarter o
 constexpr int kScores = kKeys / 16;  // vectors of one row's scores in a block
 
 #if defined(__AVX512F__)
-using draftapprox::exp16;
+using draftapprox::exp2_16;
 
 // How the products read their operands. A step of a dot product covers P elements of one 32-bit lane: float32
 // one (an FMA), bfloat16 a pair (an AVX-512 BF16 dot product, the pair's two products summed in float32). So keys
@@ -83,7 +84,7 @@ struct Rows {  // the rows of one register tile: their query rows and where thei
 
 // Scores of T rows against keys [h, h + 16 kVectors) of a packed key block, in registers.
 template <typename E, int T>
-void score_part(const Rows<E>& rows, const E* kp, int64_t h, int64_t d, float scale) {
+void score_part(const Rows<E>& rows, const E* kp, int64_t h, int64_t d) {
   using D = Dot<E>;
   __m512 acc[T][kVectors];
   for (int r = 0; r < T; ++r)
@@ -96,10 +97,8 @@ void score_part(const Rows<E>& rows, const E* kp, int64_t h, int64_t d, float sc
       for (int v = 0; v < kVectors; ++v) acc[r][v] = D::madd(acc[r][v], q, k[v]);
     }
   }
-  const __m512 s = _mm512_set1_ps(scale);
   for (int r = 0; r < T; ++r)
-    for (int v = 0; v < kVectors; ++v)
-      _mm512_storeu_ps(rows.scores + r * kKeys + h + 16 * v, _mm512_mul_ps(acc[r][v], s));
+    for (int v = 0; v < kVectors; ++v) _mm512_storeu_ps(rows.scores + r * kKeys + h + 16 * v, acc[r][v]);
 }
 
 // sums[r][c0, c0 + 16V) += sum over keys j of probs[r][j] v[j][c0, c0 + 16V): V and T fixed at compile time so
@@ -123,38 +122,46 @@ void weigh_chunk(const Rows<E>& rows, const E* vp, int64_t steps, int64_t c0, in
     for (int u = 0; u < V; ++u) _mm512_storeu_ps(sums + r * d + 16 * u, acc[r][u]);
 }
 
-// One row's online-softmax step over a block of scores: keys past `last` (its own position) get no weight; the
-// row's running maximum and sum are updated, its accumulated output rescaled when the maximum grew, and the
-// block's weights e^(score - maximum) written in the product's input type (rounded to nearest even for bfloat16).
+// One row's online-softmax step over a block of its unscaled scores: keys past `last` (its own position) get no
+// weight; the row's running maximum (unscaled) and its 16 lanes of partial sums are updated, its accumulated output
+// rescaled when the maximum grew, and the block's weights e^(scale (score - maximum)) = 2^(c score - c maximum),
+// c = scale log2(e), written in the product's input type (rounded to nearest even for bfloat16). The
+// probabilities that weigh bfloat16 values are rounded to bfloat16, so a degree-4 polynomial is exact enough there.
 template <typename E>
-void softmax_row(const float* s, int64_t last, float* maximum, float* total, float* sums, int64_t d, E* probs) {
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+void softmax_row(const float* s, int64_t last, float c, float* maximum, float* total, float* sums, int64_t d,
+                 E* probs) {
+  constexpr int kDegree = std::is_same_v<E, float> ? 6 : 4;
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const bool whole = last >= kKeys - 1;  // the row sees every key of the block: no masks
   __m512 x[kScores];
   __mmask16 keep[kScores];
   __m512 m = minus_inf;
   for (int v = 0; v < kScores; ++v) {
-    keep[v] = _mm512_cmple_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32(16 * v)),
-                                      _mm512_set1_epi32(static_cast<int32_t>(last)));
-    x[v] = _mm512_mask_loadu_ps(minus_inf, keep[v], s + 16 * v);
+    if (whole) {
+      x[v] = _mm512_loadu_ps(s + 16 * v);
+    } else {
+      const int64_t seen = std::clamp<int64_t>(last + 1 - 16 * v, 0, 16);
+      keep[v] = static_cast<__mmask16>((1u << seen) - 1);
+      x[v] = _mm512_mask_loadu_ps(minus_inf, keep[v], s + 16 * v);
+    }
     m = _mm512_max_ps(m, x[v]);
   }
+  __m512 sum = _mm512_loadu_ps(total);
   const float grown = std::max(*maximum, _mm512_reduce_max_ps(m));
   if (grown > *maximum) {
-    const float alpha = std::exp(*maximum - grown);  // 0 on the row's first block (its maximum was -inf)
-    *total *= alpha;
-    const __m512 a = _mm512_set1_ps(alpha);
-    for (int64_t c = 0; c < d; c += 16) _mm512_storeu_ps(sums + c, _mm512_mul_ps(a, _mm512_loadu_ps(sums + c)));
+    const __m512 a = _mm512_set1_ps(std::exp2(c * (*maximum - grown)));  // 0 on the row's first block
+    sum = _mm512_mul_ps(a, sum);
+    for (int64_t k = 0; k < d; k += 16) _mm512_storeu_ps(sums + k, _mm512_mul_ps(a, _mm512_loadu_ps(sums + k)));
     *maximum = grown;
   }
-  const __m512 mm = _mm512_set1_ps(grown);
-  __m512 acc = _mm512_setzero_ps();
+  const __m512 cv = _mm512_set1_ps(c), shift = _mm512_set1_ps(c * grown);
   for (int v = 0; v < kScores; ++v) {
-    const __m512 e = _mm512_maskz_mov_ps(keep[v], exp16(_mm512_sub_ps(x[v], mm)));  // exp16(-inf) is not 0
-    acc = _mm512_add_ps(acc, e);
+    __m512 e = exp2_16<kDegree>(_mm512_fmsub_ps(x[v], cv, shift));
+    if (!whole) e = _mm512_maskz_mov_ps(keep[v], e);  // exp2_16(-inf) is not 0
+    sum = _mm512_add_ps(sum, e);
     Dot<E>::store(probs + 16 * v, e);
   }
-  *total += _mm512_reduce_add_ps(acc);
+  _mm512_storeu_ps(total, sum);
 }
 
 // What a call shares with its tasks.
@@ -176,12 +183,16 @@ void tile(const Problem& p, const Rows<E>& rows, int64_t bg, int64_t block, int6
   constexpr int P = Dot<E>::P;
   const int64_t packed = (bg * p.blocks + block) * kKeys * p.d;
   const E* kp = static_cast<const E*>(p.kp) + packed;
-  for (int64_t h = 0; h < kKeys; h += 16 * kVectors) score_part<E, T>(rows, kp, h, p.d, p.scale);
+  // rows are in nondecreasing order of position, so the last sees the most keys: none sees a key from `seen` on,
+  // and the scores and weighted values of those keys (on a block at the diagonal) are neither computed nor used
+  const int64_t seen = std::min(lasts[T - 1], count - 1) + 1;
+  for (int64_t h = 0; h < seen; h += 16 * kVectors) score_part<E, T>(rows, kp, h, p.d);
+  const float c = p.scale * 1.4426950408889634f;
   for (int r = 0; r < T; ++r)
-    softmax_row(rows.scores + r * kKeys, std::min(lasts[r], count - 1), maxima + r, totals + r, rows.sums + r * p.d,
-                p.d, rows.probs + r * kKeys);
+    softmax_row(rows.scores + r * kKeys, std::min(lasts[r], count - 1), c, maxima + r, totals + 16 * r,
+                rows.sums + r * p.d, p.d, rows.probs + r * kKeys);
   const E* vp = static_cast<const E*>(p.vp) + packed;
-  const int64_t steps = (count + P - 1) / P;  // an odd last key pairs with a zero weight and a zero value
+  const int64_t steps = (seen + P - 1) / P;  // an odd last key pairs with a zero weight
   int64_t c0 = 0;
   for (; c0 + 16 * kVectors <= p.d; c0 += 16 * kVectors) weigh_chunk<E, T, kVectors>(rows, vp, steps, c0, p.d);
   for (; c0 < p.d; c0 += 16) weigh_chunk<E, T, 1>(rows, vp, steps, c0, p.d);
@@ -207,15 +218,15 @@ template <typename E>
 void task(const Problem& p, int64_t bg, int64_t first, std::vector<float>& scratch) {
   const int64_t positions = std::min(kPositions, p.q - first), rows = positions * p.R, d = p.d;
   const int64_t offset = p.n - p.q + first;  // the key position of the task's first query
-  scratch.resize(rows * (d + 2) + 2 * kTile * kKeys);
+  scratch.resize(rows * (d + 17) + 2 * kTile * kKeys);
   float* sums = scratch.data();
   float* maxima = sums + rows * d;
   float* totals = maxima + rows;
-  float* scores = totals + rows;
+  float* scores = totals + 16 * rows;
   E* probs = reinterpret_cast<E*>(scores + kTile * kKeys);  // kTile * kKeys floats hold them in either type
   std::fill(sums, sums + rows * d, 0.f);
   std::fill(maxima, maxima + rows, -std::numeric_limits<float>::infinity());
-  std::fill(totals, totals + rows, 0.f);
+  std::fill(totals, totals + 16 * rows, 0.f);
   const int64_t b = bg / p.G, g = bg % p.G;
   const E* q = static_cast<const E*>(p.query);
   for (int64_t block = 0; block <= (offset + positions - 1) / kKeys; ++block) {
@@ -230,14 +241,14 @@ void task(const Problem& p, int64_t bg, int64_t first, std::vector<float>& scrat
         tile.query[r] = q + b * p.qs[0] + (g * p.R + row % p.R) * p.qs[1] + pos * p.qs[2];
         lasts[r] = offset + row / p.R - from;
       }
-      any_tile<E>(t, p, tile, bg, block, count, lasts, maxima + r0, totals + r0);
+      any_tile<E>(t, p, tile, bg, block, count, lasts, maxima + r0, totals + 16 * r0);
     }
   }
   E* out = static_cast<E*>(p.out);
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t pos = first + row / p.R, h = g * p.R + row % p.R;
     E* o = out + ((b * p.q + pos) * p.G * p.R + h) * d;
-    const __m512 inv = _mm512_set1_ps(1.f / totals[row]);
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(_mm512_loadu_ps(totals + 16 * row)));
     for (int64_t c = 0; c < d; c += 16) Dot<E>::store(o + c, _mm512_mul_ps(inv, _mm512_loadu_ps(sums + row * d + c)));
   }
 }
