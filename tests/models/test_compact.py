@@ -72,6 +72,15 @@ def test_compact_linear_on_bfloat16_rows_is_the_bfloat16_linear(rows):
     torch.testing.assert_close(ours(x).float(), reference, atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+def test_bfloat16_rows_are_the_float32_sums_rounded_once(rows):
+    torch.manual_seed(rows)
+    x, w = torch.randn(rows, 203, dtype=torch.bfloat16), torch.randn(517, 203, dtype=torch.bfloat16)
+    bias = torch.randn(517, dtype=torch.bfloat16)
+    wide = kernels.load().linear_bf16(x.float(), w, bias.float())
+    assert torch.equal(kernels.load().linear_bf16(x, w, bias), wide.to(torch.bfloat16))
+
+
 def test_a_bfloat16_model_keeps_its_precision_and_decodes_through_the_kernel():
     model = tiny_model("qwen2").to(torch.bfloat16)
     reference = tiny_model("qwen2").to(torch.bfloat16)
