@@ -3,6 +3,7 @@
 # only comparable within one file measured on an otherwise idle machine: stop other jobs first.
 # STAGES (default: all) picks what to run, e.g. STAGES="main report". ENGINE_OUT and ENGINE_DIR put the engine
 # stage of another machine in files of its own (a ratio means something only within one machine's file).
+# ENGINE_REPEATS (default 1) sets the engine stage's timed runs per row (each row's median is reported).
 # BASELINE names an earlier run's JSONL of the same protocol on the same kind of machine: the report sets each
 # job's times against it (e.g. BASELINE=docs/results/raw/bench-cpu-earlier-engine.jsonl, the EPYC before the
 # compiled prefill attention).
@@ -12,6 +13,7 @@ RAW=docs/results/raw
 OUT=$RAW/bench-cpu.jsonl
 ENGINE_OUT=${ENGINE_OUT:-$RAW/bench-engine-cpu.jsonl}
 ENGINE_DIR=${ENGINE_DIR:-docs/results/engine}
+ENGINE_REPEATS=${ENGINE_REPEATS:-1}
 BASELINE=${BASELINE:-}
 STAGES=${STAGES:-"main vllm long sparse drafts chunk batched peers report engine"}
 METHODS=fullkv,streamingllm,snapkv,adakv,speckv,specpc,speckvpc,specprefill
@@ -55,12 +57,15 @@ for stage in $STAGES; do
     engine) # the engine-speed protocol: our FullKV, SpecKV, SpecPC (dtype auto) against vLLM-CPU serving the same
             # target in float32 and bfloat16, the floors and the GEMM/GEMV limits, one file, one quiet machine
       draftapprox eval setup-peer vllm
-      draftapprox bench --methods fullkv,speckv,specpc --budgets 256,0.25 --lengths 1024,2048,4096 --repeats 1 \
+      draftapprox bench --methods fullkv,speckv,specpc --budgets 256,0.25 --lengths 1024,2048,4096 \
+        --repeats "$ENGINE_REPEATS" \
         "${LOOKAHEAD[@]}" --output "$ENGINE_OUT"
-      draftapprox bench engine --dtype float32 --lengths 1024,2048,4096 --repeats 1 --output "$ENGINE_OUT"
-      draftapprox bench engine --dtype bfloat16 --lengths 1024,2048,4096 --repeats 1 --output "$ENGINE_OUT"
+      draftapprox bench engine --dtype float32 --lengths 1024,2048,4096 --repeats "$ENGINE_REPEATS" \
+        --output "$ENGINE_OUT"
+      draftapprox bench engine --dtype bfloat16 --lengths 1024,2048,4096 --repeats "$ENGINE_REPEATS" \
+        --output "$ENGINE_OUT"
       draftapprox bench report "$ENGINE_OUT" --out "$ENGINE_DIR" \
-        --command "ENGINE_OUT=$ENGINE_OUT ENGINE_DIR=$ENGINE_DIR scripts/benchmark.sh (STAGES=engine)" ;;
+        --command "ENGINE_OUT=$ENGINE_OUT ENGINE_DIR=$ENGINE_DIR ENGINE_REPEATS=$ENGINE_REPEATS scripts/benchmark.sh (STAGES=engine)" ;;
     report)
       draftapprox bench report "$OUT" --out docs/results ${BASELINE:+--baseline "$BASELINE"} \
         --command "${BASELINE:+BASELINE=$BASELINE }scripts/benchmark.sh (STAGES=\"$STAGES\")" ;;

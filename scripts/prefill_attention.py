@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from draftapprox import attention, kernels
 from draftapprox.bench import limits
-from draftapprox.cache import new_cache
+from draftapprox.cache import head_size, new_cache
 from draftapprox.eval import ruler
 from draftapprox.forward import forward
 from draftapprox.generation import compress_prompt, new_state
@@ -30,9 +30,8 @@ from draftapprox.models.loading import load_pair, precision
 
 
 def _shapes(model) -> tuple[int, int, int]:
-    config = model.config
-    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_attention_heads, config.num_key_value_heads, d
+    config = model.config.get_text_config()
+    return config.num_attention_heads, config.num_key_value_heads, head_size(config)
 
 
 def _both(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[float, float]:

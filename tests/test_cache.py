@@ -8,8 +8,10 @@ from draftapprox.cache import (
     HeadwiseLayer,
     batch_caches,
     compress_cache,
+    head_size,
     kept_pairs,
     kv_bytes,
+    kv_bytes_per_token,
     new_cache,
     reserve,
     shallow_copy,
@@ -151,3 +153,14 @@ def test_batch_layer_tail_reserves_and_survives_selection():
         each.select(torch.tensor([1, 2]))
     forward(model, ids[1:], batch, torch.tensor([[13], [14]]), compressed=True)
     assert torch.equal(layer.keys[:, :, :1], layer_tail) and layer.keys.shape == (2, 2, 2, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tokens_kv_bytes_follow_the_configs_head_size_and_the_activations_dtype(dtype):
+    model = tiny_model("qwen3", head_dim=32).to(dtype)  # a head size apart from hidden / heads (64 / 4)
+    assert head_size(model.config) == 32
+    per_token = kv_bytes_per_token(model)
+    assert per_token == 2 * 4 * 2 * 32 * torch.finfo(dtype).bits // 8  # keys and values, layers, KV heads
+    cache = new_cache()
+    forward(model, prompt_ids(37), cache, 0, logits=False)
+    assert kv_bytes(cache) == 37 * per_token

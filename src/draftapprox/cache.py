@@ -346,6 +346,21 @@ def truncate_cache(cache: DynamicCache, length: int) -> None:
         layer.truncate(length)
 
 
+def head_size(config) -> int:
+    """The size of one attention head of a model's (text) config: its `head_dim` where it sets one (Qwen3 and others
+    make it differ from hidden / heads), else hidden / heads."""
+    config = config.get_text_config()
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes one token's keys and values take in an uncompressed cache of `model`: every layer, every KV head, in
+    the activations' dtype (the input embedding's: a bfloat16-weights model holds float32 activations)."""
+    config = model.config.get_text_config()
+    element = model.get_input_embeddings().weight.element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_size(config) * element
+
+
 def kv_bytes(cache: DynamicCache) -> int:
     """Bytes of keys and values actually held by a cache."""
     total = 0

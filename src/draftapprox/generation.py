@@ -15,7 +15,17 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .cache import BatchLayer, batch_caches, cache_length, compress_cache, kv_bytes, new_cache, reserve, shallow_copy
+from .cache import (
+    BatchLayer,
+    batch_caches,
+    cache_length,
+    compress_cache,
+    kv_bytes,
+    kv_bytes_per_token,
+    new_cache,
+    reserve,
+    shallow_copy,
+)
 from .capture import QueryCapture, check_captured
 from .draft import PromptState
 from .errors import ConfigError, InputError
@@ -117,13 +127,6 @@ def check_ids(pair: Pair, ids: torch.Tensor, max_new_tokens: int = 0) -> torch.T
         raise InputError(f"the prompt has {ids.shape[1]} tokens; with {max_new_tokens} new tokens that exceeds the "
                          f"target's context of {limit}")
     return ids
-
-
-def kv_bytes_per_token(pair: Pair) -> int:
-    cfg = pair.target.config.get_text_config()
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    element = torch.finfo(pair.target.dtype).bits // 8
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * element
 
 
 def new_state(pair: Pair, input_ids: torch.Tensor, max_new_tokens: int) -> PromptState:
@@ -228,7 +231,7 @@ def prepare(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None
     if state is None:
         ids = prompt if isinstance(prompt, torch.Tensor) else encode(pair, prompt, chat, max_new_tokens)
         state = new_state(pair, ids, max_new_tokens)
-    n, per_token = state.n, kv_bytes_per_token(pair)
+    n, per_token = state.n, kv_bytes_per_token(pair.target)
     budget = None if isinstance(method, FullKV) else min(method.tokens(n), n)
     kept_tokens = kept_ids = None
     start = dict(state.timings.seconds)
@@ -313,7 +316,7 @@ def generate_batched(pair: Pair, prepared: list[Prepared], max_batch: int = 32,
     if max_batch < 1:
         raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
     weights = sum(t.numel() * t.element_size() for t in pair.target.parameters())
-    per_token = kv_bytes_per_token(pair)
+    per_token = kv_bytes_per_token(pair.target)
     lengths = [cache_length(p.cache) for p in prepared]
     group: list[int] = []
     for i in sorted(range(len(prepared)), key=lambda i: lengths[i]):
@@ -382,7 +385,7 @@ class DecodeBatch:
 
     def __init__(self, pair: Pair, static: bool = False):
         self.pair = pair
-        self._per_token = kv_bytes_per_token(pair)
+        self._per_token = kv_bytes_per_token(pair.target)
         self.members: list[_Member] = []
         self._cache: DynamicCache | None = None  # the first `_stacked` members' sequences, in order
         self._stacked = 0  # members joined later are stacked in before the next forward

@@ -13,6 +13,7 @@ import time
 import torch
 
 from .. import kernels
+from ..cache import kv_bytes_per_token
 from ..errors import ConfigError
 from ..models import compact
 
@@ -90,11 +91,8 @@ def streamed_bytes(model: torch.nn.Module) -> int:
 def bounds(model: torch.nn.Module, gemm: float, gemv: float, n: int) -> dict:
     """Seconds a prefill of `n` tokens cannot beat at `gemm` FLOP/s, and a decode step at `n` cached tokens at
     `gemv` bytes/s (the weights as stored, plus the KV cache in the activations' dtype)."""
-    cfg = model.config.get_text_config()
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    element = model.get_input_embeddings().weight.element_size()  # the activations', hence the cache's, dtype
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * d * n * element
-    return {"prefill": 2 * matmul_params(model)[0] * n / gemm, "decode": (streamed_bytes(model) + kv) / gemv}
+    return {"prefill": 2 * matmul_params(model)[0] * n / gemm,
+            "decode": (streamed_bytes(model) + n * kv_bytes_per_token(model)) / gemv}
 
 
 def rates(model: torch.nn.Module) -> dict:

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..cache import kv_bytes_per_token
 from ..errors import DraftApproxError
 from ..forward import PREFILL_CHUNK, interleaved
-from ..generation import DecodeBatch, Result, Sampling, kv_bytes_per_token, prepare
+from ..generation import DecodeBatch, Result, Sampling, prepare
 from ..methods import FullKV, Method
 from ..models.loading import Pair
 from .events import Failed
@@ -100,7 +101,7 @@ class Scheduler:
         self.pair, self.kv_cache_memory, self.max_queue = pair, kv_cache_memory, max_queue
         self.prefill_chunk = prefill_chunk
         self.metrics = metrics or Metrics()
-        self.per_token = kv_bytes_per_token(pair)
+        self.per_token = kv_bytes_per_token(pair.target)
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._running: dict[int, Job] = {}
