@@ -54,7 +54,7 @@ def causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling:
 def _prefill_kernel_reads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether `kernels/prefill_attention.cpp` computes this causal attention: what the decode kernel takes, with
     head sizes in whole 16-wide vectors. On the EPYC it ran the 0.5B and 1.5B's shapes at 1k-4k tokens in
-    0.63-0.82x of CPU SDPA's time in float32 and 0.39-0.44x in bfloat16 (docs/results/prefill-attention.md). Not
+    0.59-0.76x of CPU SDPA's time in float32 and 0.33-0.42x in bfloat16 (docs/results/prefill-attention.md). Not
     bfloat16 on a CPU with AMX: SDPA's tiles use the AMX units there (500-870 GFLOP/s on the AMX Xeon,
     docs/results/profile-amx.md) and the kernel's AVX-512 dot products were not measured against them."""
     return (_kernel_reads(query, key, value) and query.dtype == key.dtype and query.stride(-1) == 1

@@ -6,9 +6,9 @@
 // call per block plus separate softmax passes; here a tile of query rows is scored against a block of keys in
 // registers, its online-softmax update is applied to the same tile while it is in L1, and the weighted values
 // accumulate into the tile's float32 sums. All query heads of a KV head share its keys, so a task takes every head
-// of a group for a run of positions: each packed key block is read by R x 32 rows. On the EPYC this ran at 255-345
-// GFLOP/s in bfloat16 at 1k-4k tokens (docs/results/prefill-attention.md); the dot products alone (the softmax
-// left out) at 360-380.
+// of a group for a run of positions: each packed key block is read by R x 32 rows. On the EPYC this ran at 295-370
+// GFLOP/s in bfloat16 at 1k-4k tokens (docs/results/prefill-attention.md); the first version's dot products alone
+// (the softmax left out) at 360-380.
 //
 // Keys and values are packed into blocks once per call. bfloat16 inputs use AVX-512 BF16 dot products (vdpbf16ps:
 // pairs of bfloat16 products summed in float32) on pair-interleaved blocks, and the probabilities are rounded to
