@@ -218,7 +218,7 @@ template <typename E>
 void task(const Problem& p, int64_t bg, int64_t first, std::vector<float>& scratch) {
   const int64_t positions = std::min(kPositions, p.q - first), rows = positions * p.R, d = p.d;
   const int64_t offset = p.n - p.q + first;  // the key position of the task's first query
-  scratch.resize(rows * (d + 17) + 2 * kTile * kKeys);
+  scratch.resize(rows * (d + 1 + 16) + 2 * kTile * kKeys);  // per row: sums, maximum, 16 lanes of total
   float* sums = scratch.data();
   float* maxima = sums + rows * d;
   float* totals = maxima + rows;

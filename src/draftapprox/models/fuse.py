@@ -57,11 +57,17 @@ def _into_buffer(linear: torch.nn.Module, x: torch.Tensor, role: str) -> torch.T
     return torch.addmm(linear.bias, x, weight.t(), out=out)
 
 
+def _bf16_pass(*tensors: torch.Tensor) -> bool:
+    """Whether a compiled bfloat16 pass may take these: bfloat16 CPU tensors, no gradient, the kernels' AVX-512
+    build. What each pass needs of their shapes and layouts its caller checks."""
+    return all(t.dtype == torch.bfloat16 and t.is_cpu for t in tensors) and not torch.is_grad_enabled() \
+        and kernels.vectorised()
+
+
 def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """`silu(gate) * up`, written into `gate`: one compiled pass for bfloat16 CPU activations (with PyTorch's
     roundings), else PyTorch's two in-place passes."""
-    if gate.dtype == torch.bfloat16 and up.dtype == torch.bfloat16 and gate.is_cpu and gate.shape == up.shape \
-            and gate.is_contiguous() and up.is_contiguous() and not torch.is_grad_enabled() and kernels.vectorised():
+    if _bf16_pass(gate, up) and gate.shape == up.shape and gate.is_contiguous() and up.is_contiguous():
         return kernels.call("silu_mul_", gate, up)
     return F.silu(gate, inplace=True).mul_(up)
 
@@ -107,12 +113,11 @@ def _norm_forward(self, x: torch.Tensor) -> torch.Tensor:
 def _rope_reads(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Whether `kernels/rope.cpp` rotates these: bfloat16 CPU queries and keys `(b, heads, n, d)` with contiguous
     rows, d a multiple of 32, and contiguous cos/sin `(b or 1, n, d)`, no gradient."""
-    return (q.dtype == k.dtype == cos.dtype == sin.dtype == torch.bfloat16 and q.is_cpu and q.dim() == k.dim() == 4
-            and cos.dim() == 3 and cos.shape == sin.shape and cos.shape[0] in (1, q.shape[0])
-            and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2] == cos.shape[1]
-            and q.shape[3] == k.shape[3] == cos.shape[2] and q.shape[3] % 32 == 0 and q.stride(-1) == 1
-            and k.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous() and not torch.is_grad_enabled()
-            and kernels.vectorised())
+    return (_bf16_pass(q, k, cos, sin) and q.dim() == k.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape
+            and cos.shape[0] in (1, q.shape[0]) and q.shape[0] == k.shape[0]
+            and q.shape[2] == k.shape[2] == cos.shape[1] and q.shape[3] == k.shape[3] == cos.shape[2]
+            and q.shape[3] % 32 == 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and cos.is_contiguous()
+            and sin.is_contiguous())
 
 
 def _compiled_rope(original):
