@@ -21,6 +21,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from draftapprox import kernels
 from draftapprox.models.loading import pair_from_models
 
 VOCAB = 512
@@ -63,6 +64,25 @@ def tiny_tokenizer(shift: int = 0, chat: bool = False) -> PreTrainedTokenizerFas
 
 def prompt_ids(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB - 2, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=kernels.executable())
+def isa(request, monkeypatch) -> str:
+    """Every kernel level this CPU can run, as `DRAFTAPPROX_KERNEL_ISA` chooses it: the kernels and every choice
+    the engine makes from the level (what `auto` picks, which paths take the kernels) are those of a CPU with
+    that level. Skips, naming it, a level whose build fails here."""
+    monkeypatch.setenv(kernels.ENV, request.param)
+    kernels.reset()
+    if kernels.built() != request.param:
+        pytest.skip(f"the kernels for {request.param} do not build here")
+    yield request.param
+    kernels.reset()
+
+
+@pytest.fixture
+def kernel(isa):
+    """The compiled kernels' module, once per level (`isa`)."""
+    return kernels.load()
 
 
 @pytest.fixture(params=list(ARCHS))

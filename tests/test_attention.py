@@ -5,6 +5,8 @@ import torch.nn.functional as F
 from draftapprox import attention, kernels
 from draftapprox.attention import single_query
 
+pytestmark = pytest.mark.usefixtures("isa")  # the kernels and the choices of every level this CPU runs
+
 
 @pytest.mark.parametrize("path", ["kernel", "matmul"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -14,7 +16,7 @@ def test_single_query_equals_sdpa_on_a_view_of_a_larger_buffer(path, dtype, head
     if path == "matmul":
         monkeypatch.setattr(attention, "_kernel_reads", lambda *tensors: False)
     elif not kernels.vectorised():
-        pytest.skip("the compiled AVX-512 kernels are not built here")
+        pytest.skip("the portable build's kernels are not used (PyTorch's own loops are wider)")
     torch.manual_seed(0)
     buffer = torch.randn(2, kv_heads, n + 9, d, dtype=dtype)
     key, value = buffer[:, :, :n], torch.randn(2, kv_heads, n + 9, d, dtype=dtype)[:, :, :n]
@@ -34,9 +36,9 @@ def _path(path: str, monkeypatch) -> None:
     if path == "flash":
         monkeypatch.setattr(attention, "_prefill_kernel_reads", lambda *tensors: False)
     elif not kernels.vectorised():
-        pytest.skip("the compiled AVX-512 kernels are not built here")
+        pytest.skip("the portable build's kernels are not used (PyTorch's own loops are wider)")
     else:
-        monkeypatch.setattr(attention, "_amx", lambda: False)  # on an AMX CPU bfloat16 would go to SDPA
+        monkeypatch.setattr(attention, "_prefill_kernel_pays", lambda *shape: True)  # whatever the probe said
 
 
 @pytest.mark.parametrize("path", ["kernel", "flash"])
@@ -63,7 +65,7 @@ def test_causal_equals_masked_sdpa(path, dtype, batch, heads, kv_heads, n, q, d,
 
 def test_causal_falls_back_where_the_kernel_does_not_reach(monkeypatch):
     """Head sizes not in whole vectors, gradients, mixed dtypes: PyTorch's path, with the same result."""
-    monkeypatch.setattr(attention, "_amx", lambda: False)
+    monkeypatch.setattr(attention, "_prefill_kernel_pays", lambda *shape: True)
     key = torch.randn(1, 2, 40, 24)
     query = torch.randn(1, 4, 40, 24)
     assert not attention._prefill_kernel_reads(query, key, key)  # 24 columns
@@ -102,3 +104,33 @@ def test_chunked_forward_equals_one_piece(path, monkeypatch):
         assert calls == ["prefill_attention"] * 3 * layers
     else:  # the first chunk one causal flash call a layer, the two after it two each
         assert calls == ["flash"] * 5 * layers
+
+
+def test_the_prefill_probe_measures_once_and_remembers(monkeypatch, tmp_path):
+    """The choice between the kernel and PyTorch is a measurement at the heads asked about, written beside the
+    builds, and read back (not measured again) by the next process."""
+    from draftapprox.kernels import probe
+
+    if not kernels.vectorised():
+        pytest.skip("the portable build's kernels are not used (PyTorch's own loops are wider)")
+    monkeypatch.setenv("DRAFTAPPROX_CACHE", str(tmp_path))
+    monkeypatch.setattr(attention, "PROBE_TOKENS", 256)
+    monkeypatch.setattr(probe, "_decided", {})
+    first = attention._prefill_kernel_pays(torch.float32, 4, 2, 32)
+    [verdict] = probe.verdicts(kernels.built()).values()
+    assert verdict["choice"] == ("kernel" if first else "pytorch") and set(verdict["seconds"]) == {"kernel", "pytorch"}
+    assert all(0 < s < 10 for s in verdict["seconds"].values())
+    monkeypatch.setattr(probe, "_decided", {})  # a new process: the file answers
+    monkeypatch.setattr(probe, "_best", lambda *a: pytest.fail("measured again"))
+    assert attention._prefill_kernel_pays(torch.float32, 4, 2, 32) == first
+
+
+def test_causal_on_other_devices_is_sdpa_with_the_newest_rows_causal():
+    """Off the CPU `causal_tail` cannot call the CPU flash operator; its SDPA path gives the same attention (run
+    here on CPU tensors, as a GPU would run it)."""
+    torch.manual_seed(2)
+    key, value = torch.randn(1, 2, 90, 32), torch.randn(1, 2, 90, 32)
+    for q in (90, 17, 1):
+        query = torch.randn(1, 6, q, 32)
+        torch.testing.assert_close(attention._causal_sdpa(query, key, value, 0.2),
+                                   attention.causal_tail(query, key, value, 0.2), atol=1e-5, rtol=1e-5)

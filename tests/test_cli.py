@@ -66,9 +66,15 @@ def test_generate_from_prompt_file_prompt_method(monkeypatch, capsys, models, tm
 
 
 def test_compress_json_gives_ids_and_positions(monkeypatch, capsys, models):
+    from draftapprox.models import loading
+
+    loaded = []
+    real = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda source, **kw: loaded.append(source) or real(source, **kw))
     code, out, _ = cli(monkeypatch, capsys, ["compress", "-b", "40", "--json", "--set", "window=8",
                                              "--set", "kernel=4", "--set", "start_layer=1", *tiny(models)])
     assert code == 0
+    assert loaded == [models["draft"]]  # SpecPC reads the draft alone: the target is never loaded
     record = json.loads(out)
     words = PROMPT.split()
     assert len(record["positions"]) == 40 == record["kept_tokens"]

@@ -73,7 +73,7 @@ def test_prefill_attention_script_tabulates_both_attentions(tmp_path):
     if not kernels.vectorised():
         import pytest
 
-        pytest.skip("the compiled AVX-512 kernels are not built here")
+        pytest.skip("the kernels are not built with wide vectors here")
     draft, target = _tiny_pair(tmp_path)
     page = tmp_path / "page.md"
     done = _script("prefill_attention.py", "--draft", draft, "--target", target, "--lengths", "256,512", "--pairs",
@@ -96,3 +96,30 @@ def test_batched_decode_script_decodes_every_answer_both_ways(tmp_path):
     text = page.read_text()
     assert "13 answers to one" in text and "| one at a time |" in text and "| together (groups of " in text
     assert "Identical tokens, batched against one at a time:" in text
+
+
+def test_isa_benchmark_measures_each_level_resumes_and_reports(tmp_path):
+    """On tiny local models, at native and portable (every machine runs both): a row per level, precision and
+    length, the attention rows where the kernels have wide vectors, a rerun that measures nothing, a page."""
+    from draftapprox import kernels
+
+    draft, target = _tiny_pair(tmp_path)
+    out = tmp_path / "isa"
+    args = ["--levels", "native,portable", "--lengths", "600", "--attention-lengths", "256", "--new-tokens", "3",
+            "--stages", "ours,report", "--draft", draft, "--target", target, "--speckv", "window=8,kernel=5",
+            "--out", str(out)]
+    done = _script("isa_benchmark.py", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "raw.jsonl").read_text().splitlines()]
+    engine = {r["key"] for r in rows if r["what"] == "engine"}
+    levels, dtypes = ("native", "portable"), ("auto", "float32")
+    assert all(550 <= r["length"] <= 600 for r in rows if r["what"] == "engine")  # RULER fits the prompt to it
+    assert engine == {f"{level}|{dtype}|engine|600" for level in levels for dtype in dtypes}
+    assert all(r["decode"] > 0 and r["lookahead"] > 0 and r["prefill"] > 0 for r in rows if r["what"] == "engine")
+    attention = [r for r in rows if r["what"] == "attention"]
+    assert [r["env"]["level"] for r in attention] == (["native"] if kernels.vectorised() else [])
+    again = _script("isa_benchmark.py", *args)
+    assert again.returncode == 0 and len((out / "raw.jsonl").read_text().splitlines()) == len(rows)
+    page = (out / "README.md").read_text()
+    assert page.count("| native (") == 1 and page.count("| portable (") == 1 and (out / "isa.png").is_file()
+    assert "Command: `python scripts/isa_benchmark.py" in page

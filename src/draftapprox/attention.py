@@ -10,11 +10,11 @@ value once for all of them, with no `repeat_kv` copy, and the softmax runs in fl
 
 from __future__ import annotations
 
-import functools
-
 import torch
+import torch.nn.functional as F
 
 from . import kernels
+from .kernels import probe
 
 
 def single_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -35,7 +35,7 @@ def single_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sc
 
 def _kernel_reads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether the compiled kernels compute this attention: CPU tensors in float32 or bfloat16, rows of the cache
-    contiguous (a cache's views of its reserved buffers are), and the kernels' AVX-512 paths built."""
+    contiguous (a cache's views of its reserved buffers are), and the kernels built with wide vectors."""
     if not (query.is_cpu and key.dtype == value.dtype and key.dtype in (torch.float32, torch.bfloat16)
             and key.stride(-1) == 1 and value.stride(-1) == 1 and key.shape[2] > 0 and not torch.is_grad_enabled()):
         return False
@@ -53,18 +53,33 @@ def causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling:
 
 def _prefill_kernel_reads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether `kernels/prefill_attention.cpp` computes this causal attention: what the decode kernel takes, with
-    head sizes in whole 16-wide vectors. On the EPYC it ran the 0.5B and 1.5B's shapes at 1k-4k tokens in
-    0.59-0.76x of CPU SDPA's time in float32 and 0.33-0.42x in bfloat16 (docs/results/prefill-attention.md). Not
-    bfloat16 on a CPU with AMX: SDPA's tiles use the AMX units there (500-870 GFLOP/s on the AMX Xeon,
-    docs/results/profile-amx.md) and the kernel's AVX-512 dot products were not measured against them."""
+    head sizes in whole 16-wide vectors, where it beat PyTorch's path on this machine (`_prefill_kernel_pays`)."""
     return (_kernel_reads(query, key, value) and query.dtype == key.dtype and query.stride(-1) == 1
-            and query.shape[-1] % 16 == 0 and not (query.dtype == torch.bfloat16 and _amx()))
+            and query.shape[-1] % 16 == 0 and _prefill_kernel_pays(query.dtype, query.shape[1], key.shape[1],
+                                                                     query.shape[-1]))
 
 
-@functools.cache
-def _amx() -> bool:
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(caps.get("amx_bf16"))
+PROBE_TOKENS = 1024
+"""The prompt length the prefill attention is probed at."""
+
+
+def prefill_question(dtype: torch.dtype, heads: int, kv_heads: int, d: int) -> str:
+    """How the probe of `_prefill_kernel_pays` names its question (kernels/probe.py)."""
+    return f"prefill attention, {str(dtype).removeprefix('torch.')}, {heads} heads on {kv_heads} of {d}, " \
+           f"{PROBE_TOKENS} tokens"
+
+
+def _prefill_kernel_pays(dtype: torch.dtype, heads: int, kv_heads: int, d: int) -> bool:
+    """Whether the compiled prefill attention was faster than `causal_tail` here at these heads, over a prompt of
+    `PROBE_TOKENS` (measured once per CPU and kernel build, kernels/probe.py). Where bfloat16 is native, SDPA's
+    own tiles may use AMX, and at the AVX2 level the kernel's margin is narrower: a measurement decides."""
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(1, heads, PROBE_TOKENS, d, generator=g).to(dtype)
+    key, value = (torch.randn(1, kv_heads, PROBE_TOKENS, d, generator=g).to(dtype) for _ in range(2))
+    scale = d**-0.5
+    return probe.choose(kernels.built(), prefill_question(dtype, heads, kv_heads, d), {
+        "kernel": lambda: kernels.call("prefill_attention", query, key, value, scale),
+        "pytorch": lambda: causal_tail(query, key, value, scale)}) == "kernel"
 
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -80,6 +95,8 @@ def causal_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sca
     a KV head's query heads folded into its rows (no `repeat_kv` copy of the cache), the newest block a causal one,
     and the two are merged by their log-sum-exps: the same softmax over the same keys, with no mask materialised.
     """
+    if not query.is_cpu:
+        return _causal_sdpa(query, key, value, scaling)
     b, h, q, d = query.shape
     g, n = key.shape[1], key.shape[2]
     r = h // g
@@ -92,4 +109,16 @@ def causal_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sca
     out_p, lse_p = out_p.reshape(b, h, q, d), lse_p.reshape(b, h, q)
     lse = torch.logaddexp(lse_p, lse_d)
     out = out_p.mul_((lse_p - lse).exp_().unsqueeze(-1)).add_(out_d.mul_((lse_d - lse).exp_().unsqueeze(-1)))
+    return out.transpose(1, 2)
+
+
+def _causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`causal_tail` on devices other than the CPU (whose flash operator `_flash` is): SDPA with the queries' causal
+    mask aligned to the newest keys, a KV head's query heads sharing its keys."""
+    q, n = query.shape[2], key.shape[2]
+    if q == n:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    else:
+        mask = torch.ones(q, n, dtype=torch.bool, device=query.device).tril(n - q)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2)

@@ -6,10 +6,6 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from draftapprox import kernels
-
-pytestmark = pytest.mark.skipif(not kernels.vectorised(), reason="no AVX-512 build of the kernels here")
-
 REFERENCE = getattr(apply_rotary_pos_emb, "draftapprox_original", apply_rotary_pos_emb)
 
 
@@ -27,19 +23,19 @@ def _inputs(b: int, heads: int, kv_heads: int, n: int, d: int, shared: bool = Fa
     (2, 12, 2, 33, 128, False),  # the target's, a batch with positions of its own
     (3, 4, 4, 1, 32, True),  # a decode step, cos/sin shared by the batch
 ])
-def test_it_gives_transformers_bits(b, heads, kv_heads, n, d, shared):
+def test_it_gives_transformers_bits(b, heads, kv_heads, n, d, shared, kernel):
     q, k, cos, sin = _inputs(b, heads, kv_heads, n, d, shared)
-    q_embed, k_embed = kernels.load().rope(q, k, cos, sin)
+    q_embed, k_embed = kernel.rope(q, k, cos, sin)
     q_ref, k_ref = REFERENCE(q, k, cos, sin)
     assert torch.equal(q_embed, q_ref) and torch.equal(k_embed, k_ref)
     assert q_embed.stride() == q.stride()  # the input's layout, which the attention after it reads
 
 
-def test_it_refuses_what_it_does_not_compute():
+def test_it_refuses_what_it_does_not_compute(kernel):
     q, k, cos, sin = _inputs(1, 4, 2, 8, 64)
     with pytest.raises(RuntimeError, match="bfloat16"):
-        kernels.load().rope(q.float(), k, cos, sin)
+        kernel.rope(q.float(), k, cos, sin)
     with pytest.raises(RuntimeError, match="multiple of 32"):
-        kernels.load().rope(q[..., :48], k[..., :48], cos[..., :48], sin[..., :48])
+        kernel.rope(q[..., :48], k[..., :48], cos[..., :48], sin[..., :48])
     with pytest.raises(RuntimeError, match="cos and sin"):
-        kernels.load().rope(q, k, cos[:, :4], sin[:, :4])
+        kernel.rope(q, k, cos[:, :4], sin[:, :4])

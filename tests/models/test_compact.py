@@ -15,6 +15,8 @@ from draftapprox.models.loading import pair_from_models, precision
 
 from ..conftest import prompt_ids, tiny_model, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("isa")  # every level's kernel, and its choices
+
 
 def _rounded(linear: torch.nn.Linear) -> torch.nn.Linear:
     out = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
@@ -24,10 +26,11 @@ def _rounded(linear: torch.nn.Linear) -> torch.nn.Linear:
     return out
 
 
-def test_the_kernel_builds_here():
+def test_the_kernel_builds_here(isa):
     module = kernels.load()
     assert module is not None  # gcc and ninja are on every machine we run on, CI included
-    assert module.vectorised() == bool(torch.cpu.get_capabilities().get("avx512_bw"))
+    assert module.isa() == kernels.built() == isa
+    assert kernels.vectorised() == (isa != "portable")
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 33, KERNEL_ROWS, KERNEL_ROWS + 1, 300])
@@ -98,12 +101,14 @@ def test_a_bfloat16_model_keeps_its_precision_and_decodes_through_the_kernel():
         compact(tiny_model("qwen2"), widen=False)
 
 
-needs_onednn = pytest.mark.skipif(not packable(), reason="this torch has no oneDNN")
+def needs_onednn() -> None:
+    if not packable():
+        pytest.skip("oneDNN cannot pack bfloat16 weights here (no oneDNN, or no AVX-512/AVX-NE-CONVERT at this level)")
 
 
-@needs_onednn
 @pytest.mark.parametrize("rows", [1, PACKED_ROWS, PACKED_ROWS + 1, 300])
 def test_a_packed_linear_equals_the_bfloat16_linear_and_keeps_its_weight(rows):
+    needs_onednn()
     torch.manual_seed(rows)
     linear = torch.nn.Linear(203, 517).to(torch.bfloat16)
     ours = CompactLinear(linear, torch.bfloat16)
@@ -119,8 +124,8 @@ def test_a_packed_linear_equals_the_bfloat16_linear_and_keeps_its_weight(rows):
     assert not ours.packed_for(x.requires_grad_())  # oneDNN's packed product has no gradient
 
 
-@needs_onednn
 def test_a_packed_model_prefills_and_decodes_like_the_plain_bfloat16_model():
+    needs_onednn()
     reference = tiny_model("qwen2").to(torch.bfloat16)
     model = fuse(compact(tiny_model("qwen2").to(torch.bfloat16), widen=False, pack=True))
     linears = [m for m in model.modules() if isinstance(m, CompactLinear)]

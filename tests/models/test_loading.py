@@ -73,22 +73,22 @@ def test_dtypes_auto_int8_and_a_cheaper_draft(tmp_path, monkeypatch):
 
     target, draft = save(tmp_path, "t"), save(tmp_path, "d", layers=2)
     assert 0.05 < loading.bf16_gemm_speedup() < 20  # the real probe: a ratio of two measured rates
-    emulated = {"avx512_f": True, "avx512_bw": True, "avx512_bf16": False, "amx_bf16": False}
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # oneDNN emulates it here
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: emulated)
-    # emulated bfloat16 is slower than float32: weights in bfloat16, products in float32, or plain float32
+    monkeypatch.setattr(loading.kernels, "has", lambda feature: False)  # no native bfloat16: emulated
+    monkeypatch.setattr(loading.kernels, "vectorised", lambda: True)
+    # emulated bfloat16 is slower than float32: weights in bfloat16, products in float32 where the kernel is
+    # built with wide vectors, else plain float32
     assert loading.auto_dtype("cpu") == "bfloat16-weights"
-    monkeypatch.setattr(loading.kernels, "load", lambda: None)
+    monkeypatch.setattr(loading.kernels, "vectorised", lambda: False)
     assert loading.auto_dtype("cpu") == "float32"
     for flag in ("avx512_bf16", "amx_bf16"):
-        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda flag=flag: {**emulated, flag: True})
+        monkeypatch.setattr(loading.kernels, "has", lambda feature, flag=flag: feature == flag)
         monkeypatch.setattr(loading, "bf16_gemm_speedup", lambda: 1.9)
         assert loading.auto_dtype("cpu") == "bfloat16"
         # the flag without the speed (AVX-512 BF16 but no AMX, measured slower than float32 on a Xeon): as if
         # emulated (float32 here, where the kernel was made unavailable above)
         monkeypatch.setattr(loading, "bf16_gemm_speedup", lambda: 0.6)
         assert loading.auto_dtype("cpu") == "float32"
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: emulated)
+    monkeypatch.setattr(loading.kernels, "has", lambda feature: False)
     assert loading.precision(load_model(target, dtype="auto")[0]) == "float32"
 
     pair = load_pair(draft, target, dtype="float32", draft_dtype="int8")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from ..eval import harness, ruler
 from ..eval.answer_log import Results, at_budget
 from ..forward import forward
 from ..generation import generate
+from ..kernels import probe
 from ..models import scratch
 from ..models.loading import Pair, load_model, load_pair
 from . import limits
@@ -220,16 +220,6 @@ class Memory:
         return out
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _models(job: harness.Job, settings: Settings) -> tuple[Pair | None, object, object]:
     """(pair for a generation job, the model a floor times, tokenizer); only what the job needs is loaded."""
     from transformers.utils import logging
@@ -302,7 +292,7 @@ def worker(job: harness.Job, lengths: list[int], settings: Settings, output: Pat
     scratch.release_heap()
     loaded = None if before is None else _rss() - before  # what the job's models add to a process
     device = (model if model is not None else pair.target).device
-    env = {**harness.environment(pair or Pair(model, tokenizer)), "cpu": _cpu_name(), "loaded_rss": loaded,
+    env = {**harness.environment(pair or Pair(model, tokenizer)), "cpu": probe.cpu_name(), "loaded_rss": loaded,
            "settings": asdict(settings)}
     if job.method in LIMITS:
         # measured once, with this process's threads and the model's dtype, after a short forward: a cold process

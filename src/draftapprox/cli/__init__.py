@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from ..errors import DraftApproxError
 from ..eval.answer_log import NotOurs
-from . import bench, eval, generate, models, serve  # noqa: F401  (each registers its commands on `app`)
+from . import bench, doctor, eval, generate, models, serve  # noqa: F401  (each registers its commands on `app`)
 from .common import app, err
 
 

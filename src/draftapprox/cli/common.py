@@ -72,11 +72,11 @@ def method_from(name: str, budget: str | None, settings: list[str] | None):
     return make(name, parse_budget(budget) if budget is not None else None, **pairs(settings, "--set"))
 
 
-def pair_for(method, draft, target, dtype, draft_dtype, device, threads, cache_dir):
+def pair_for(method, draft, target, dtype, draft_dtype, device, threads, cache_dir, with_target: bool = True):
     from ..models.loading import load_pair
 
-    return load_pair(draft, target, with_draft=method.needs_draft, dtype=dtype, draft_dtype=draft_dtype,
-                     device=device, threads=threads, cache=cache_dir, log=err.print)
+    return load_pair(draft, target, with_draft=method.needs_draft, with_target=with_target, dtype=dtype,
+                     draft_dtype=draft_dtype, device=device, threads=threads, cache=cache_dir, log=err.print)
 
 
 LengthsOpt = Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")]

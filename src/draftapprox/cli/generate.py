@@ -119,7 +119,10 @@ def compress(
     chosen = method_from(method, budget, knob)
     require_prompt_method(chosen)
     prompt = _read_prompt(prompt_file, example)
-    pair = pair_for(chosen, draft, target, dtype, draft_dtype, device, threads, cache_dir)
+    # only the model that scores the prompt is loaded: the draft (SpecPC), or the target for TargetPC; a prompt
+    # method that reads no model (recency, random) loads the draft, the cheaper, for its tokenizer and context
+    pair = pair_for(chosen, draft, target, dtype, draft_dtype, device, threads, cache_dir,
+                    with_target=chosen.needs_target)
     out = run(pair, prompt, chosen, chat=chat)
     if as_json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "positions": out.positions,

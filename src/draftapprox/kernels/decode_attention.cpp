@@ -26,33 +26,26 @@ constexpr int kRows = 8;         // query rows scored at once: their sums fill t
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
-#if defined(__AVX512F__)
-using draftapprox::exp16;
-using draftapprox::load16;
-#endif
+using namespace draftapprox;
 
 // The block's maximum of a row's scores, the scores replaced by e^(score - maximum), and their sum.
 inline void softmax_state(float* x, int64_t count, float* maximum, float* sum) {
   float m = -std::numeric_limits<float>::infinity();
   float s = 0.f;
   int64_t j = 0;
-#if defined(__AVX512F__)
-  __m512 mv = _mm512_set1_ps(m);
-  for (; j + 16 <= count; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(x + j));
-  m = _mm512_reduce_max_ps(mv);
-#endif
+  V mv = set1(m);
+  for (; j + W <= count; j += W) mv = max(mv, load(x + j));
+  m = std::max(m, reduce_max(mv));
   for (; j < count; ++j) m = std::max(m, x[j]);
   j = 0;
-#if defined(__AVX512F__)
-  const __m512 mm = _mm512_set1_ps(m);
-  __m512 sv = _mm512_setzero_ps();
-  for (; j + 16 <= count; j += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j), mm));
-    _mm512_storeu_ps(x + j, e);
-    sv = _mm512_add_ps(sv, e);
+  const V mm = set1(m);
+  V sv = zero();
+  for (; j + W <= count; j += W) {
+    const V e = expv(sub(load(x + j), mm));
+    store(x + j, e);
+    sv = add(sv, e);
   }
-  s = _mm512_reduce_add_ps(sv);
-#endif
+  s = reduce_add(sv);
   for (; j < count; ++j) s += (x[j] = std::exp(x[j] - m));
   *maximum = m;
   *sum = s;
@@ -68,17 +61,13 @@ void score_block(const float* q, const T* k, int64_t ks, int64_t from, int64_t t
     const T* kj = k + j * ks;
     float sum[R];
     int64_t c = 0;
-#if defined(__AVX512F__)
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (; c + 16 <= d; c += 16) {
-      const __m512 kc = load16(kj + c);
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * d + c), kc, acc[r]);
+    V acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = zero();
+    for (; c + W <= d; c += W) {
+      const V kc = load(kj + c);
+      for (int r = 0; r < R; ++r) acc[r] = fma(load(q + r * d + c), kc, acc[r]);
     }
-    for (int r = 0; r < R; ++r) sum[r] = _mm512_reduce_add_ps(acc[r]);
-#else
-    for (int r = 0; r < R; ++r) sum[r] = 0.f;
-#endif
+    for (int r = 0; r < R; ++r) sum[r] = reduce_add(acc[r]);
     for (; c < d; ++c)
       for (int r = 0; r < R; ++r) sum[r] += q[r * d + c] * to_float(kj[c]);
     for (int r = 0; r < R; ++r) scores[r * kBlock + j - from] = sum[r] * scale;
@@ -90,17 +79,15 @@ void score_block(const float* q, const T* k, int64_t ks, int64_t from, int64_t t
 template <int R, typename T>
 void weigh_block(const float* p, const T* v, int64_t vs, int64_t count, int64_t d, float* acc) {
   int64_t c = 0;
-#if defined(__AVX512F__)
-  for (; c + 16 <= d; c += 16) {
-    __m512 sum[R];
-    for (int r = 0; r < R; ++r) sum[r] = _mm512_loadu_ps(acc + r * d + c);
+  for (; c + W <= d; c += W) {
+    V sum[R];
+    for (int r = 0; r < R; ++r) sum[r] = load(acc + r * d + c);
     for (int64_t j = 0; j < count; ++j) {
-      const __m512 vc = load16(v + j * vs + c);
-      for (int r = 0; r < R; ++r) sum[r] = _mm512_fmadd_ps(_mm512_set1_ps(p[r * kBlock + j]), vc, sum[r]);
+      const V vc = load(v + j * vs + c);
+      for (int r = 0; r < R; ++r) sum[r] = fma(set1(p[r * kBlock + j]), vc, sum[r]);
     }
-    for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + r * d + c, sum[r]);
+    for (int r = 0; r < R; ++r) store(acc + r * d + c, sum[r]);
   }
-#endif
   for (; c < d; ++c)
     for (int64_t j = 0; j < count; ++j)
       for (int r = 0; r < R; ++r) acc[r * d + c] += p[r * kBlock + j] * to_float(v[j * vs + c]);

@@ -12,30 +12,29 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define DRAFTAPPROX_AVX512 1
-#endif
+#include "simd.h"
 
 namespace {
 
-constexpr int64_t kRowBlock = 4;  // x rows multiplied with one widened weight vector (registers, not memory)
+using namespace draftapprox;
 
-inline float widen(uint16_t bits) {
+constexpr int64_t kRowBlock = 4;   // x rows multiplied with one widened weight vector (registers, not memory)
+constexpr int64_t kBlock = 2 * W;  // weights per row and step: one wide load (a 64-byte cache line on AVX-512)
+// weight rows streamed at once for one x row: eight in AVX-512's 32 registers, four in AVX2's 16
+constexpr int kStreams = W >= 16 ? 8 : 4;
+
+inline float widen_one(uint16_t bits) {
   uint32_t word = static_cast<uint32_t>(bits) << 16;
   float value;
   std::memcpy(&value, &word, sizeof(value));
   return value;
 }
 
-#ifdef DRAFTAPPROX_AVX512
-constexpr int64_t kBlock = 32;  // weights per row and step: one 64-byte cache line of bfloat16
-
-// A bfloat16 is the high half of a float32, so one 64-byte load of 32 weights gives two float32 vectors without
-// a shuffle: the even weights shifted up by 16 bits, the odd ones with their low halves masked off. The x rows
-// are split the same way once per call (`split_rows`), so each FMA pairs every weight with its own x. Widening
-// through `vpmovzxwd` instead puts one shuffle per 16 weights on the single shuffle port, which bound the kernel
-// below the memory bandwidth.
+// A bfloat16 is the high half of a float32, so one wide load of 2W weights gives two float32 vectors without a
+// shuffle: the even weights shifted up by 16 bits, the odd ones with their low halves masked off. The x rows are
+// split the same way once per call (`split_rows`), so each FMA pairs every weight with its own x. Widening
+// through `vpmovzxwd` instead puts one shuffle per W weights on the single shuffle port, which bound the AVX-512
+// kernel below the memory bandwidth.
 inline void split_rows(const float* x, int64_t M, int64_t K, float* out) {
   const int64_t blocks = K / kBlock;
   for (int64_t j = 0; j < M; ++j)
@@ -52,46 +51,42 @@ inline void split_rows(const float* x, int64_t M, int64_t K, float* out) {
 // keeps a core's loads in flight.
 template <int R, int NB>
 inline void dot_tile(const float* xs, const float* x, const uint16_t* w, int64_t K, float* out, int64_t N) {
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  __m512 acc[R][NB];
+  V acc[R][NB];
   for (int j = 0; j < R; ++j)
-    for (int i = 0; i < NB; ++i) acc[j][i] = _mm512_setzero_ps();
+    for (int i = 0; i < NB; ++i) acc[j][i] = zero();
   int64_t k = 0;
   for (; k + kBlock <= K; k += kBlock) {
-    __m512 even[R], odd[R];
+    V even[R], odd[R];
     for (int j = 0; j < R; ++j) {
-      even[j] = _mm512_loadu_ps(xs + j * K + k);
-      odd[j] = _mm512_loadu_ps(xs + j * K + k + kBlock / 2);
+      even[j] = load(xs + j * K + k);
+      odd[j] = load(xs + j * K + k + kBlock / 2);
     }
     for (int i = 0; i < NB; ++i) {
       // Each weight row is its own stream; the hardware prefetcher follows only a few of them at once, so ask
       // for 512 bytes ahead explicitly, and for the same line of the next tile's row into L2: short rows (K of
-      // 1536) end before a stream gets going. Against 4-row tiles, 1 KiB-ahead prefetch and 16-weight widening,
-      // a sweep over the 1.5B's weights at M=1 took 6% less time (median of 12 interleaved pairs; best sweep 25
-      // to 28 GB/s) on an AVX-512 BF16 Xeon. A prefetch never faults past the end.
-      _mm_prefetch(reinterpret_cast<const char*>(w + i * K + k + 256), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w + (i + NB) * K + k), _MM_HINT_T1);
-      const __m512i v = _mm512_loadu_si512(w + i * K + k);
-      const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-      const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-      for (int j = 0; j < R; ++j) acc[j][i] = _mm512_fmadd_ps(odd[j], hi, _mm512_fmadd_ps(even[j], lo, acc[j][i]));
+      // 1536) end before a stream gets going. A prefetch never faults past the end.
+      prefetch(w + i * K + k + 256);
+      prefetch(w + (i + NB) * K + k, false);
+      const Wide v = load_wide(w + i * K + k);
+      const V lo = even_lanes(v), hi = odd_lanes(v);
+      for (int j = 0; j < R; ++j) acc[j][i] = fma(odd[j], hi, fma(even[j], lo, acc[j][i]));
     }
   }
   for (int j = 0; j < R; ++j) {
     for (int i = 0; i < NB; ++i) {
-      float sum = _mm512_reduce_add_ps(acc[j][i]);
-      for (int64_t t = k; t < K; ++t) sum += x[j * K + t] * widen(w[i * K + t]);
+      float sum = reduce_add(acc[j][i]);
+      for (int64_t t = k; t < K; ++t) sum += x[j * K + t] * widen_one(w[i * K + t]);
       out[j * N + i] = sum;
     }
   }
 }
 
-// Tiles of R x rows by NB weight rows: eight weight streams for a single row, fewer as rows add accumulators
-// (R * NB of them, plus 2 R x vectors, within the 32 vector registers).
+// Tiles of R x rows by NB weight rows: kStreams weight streams for a single row, fewer as rows add accumulators
+// (R * NB of them, plus 2 R x vectors, within the vector registers).
 template <int R>
 inline void dot_rows(const float* xs, const float* x, const uint16_t* w, int64_t K, int64_t count, float* out,
                      int64_t N) {
-  constexpr int NB = R <= 2 ? 8 : 4;
+  constexpr int NB = R <= 2 ? kStreams : kStreams / 2;
   int64_t i = 0;
   for (; i + NB <= count; i += NB) dot_tile<R, NB>(xs, x, w + i * K, K, out + i, N);
   for (; i < count; ++i) dot_tile<R, 1>(xs, x, w + i * K, K, out + i, N);
@@ -113,18 +108,6 @@ inline void dot_range(const float* xs, const float* x, const uint16_t* w, int64_
     }
   }
 }
-#else
-inline void dot_range(const float*, const float* x, const uint16_t* w, int64_t M, int64_t K, int64_t N, int64_t n,
-                      int64_t count, float* out) {
-  for (int64_t j = 0; j < M; ++j) {
-    for (int64_t i = n; i < n + count; ++i) {
-      float sum = 0.f;
-      for (int64_t t = 0; t < K; ++t) sum += x[j * K + t] * widen(w[i * K + t]);
-      out[j * N + i] = sum;
-    }
-  }
-}
-#endif
 
 }  // namespace
 
@@ -145,18 +128,14 @@ torch::Tensor linear_bf16(const torch::Tensor& x_in, const torch::Tensor& w_in,
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto out = torch::empty({M, N}, x.options());
   const float* X = x.data_ptr<float>();
-  const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const uint16_t* Wt = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* O = out.data_ptr<float>();
-#ifdef DRAFTAPPROX_AVX512
   auto split = torch::empty_like(x);
   split_rows(X, M, K, split.data_ptr<float>());
   const float* S = split.data_ptr<float>();
-#else
-  const float* S = X;
-#endif
   // Blocks of 64 weight rows: a block's x rows stay in L1/L2 while its weights stream through once.
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; n += 64) dot_range(S, X, W, M, K, N, n, std::min<int64_t>(64, end - n), O);
+    for (int64_t n = begin; n < end; n += 64) dot_range(S, X, Wt, M, K, N, n, std::min<int64_t>(64, end - n), O);
   });
   if (bias) {
     auto b = bias->to(torch::kFloat32).contiguous();
@@ -167,10 +146,4 @@ torch::Tensor linear_bf16(const torch::Tensor& x_in, const torch::Tensor& w_in,
   return x_in.scalar_type() == torch::kFloat32 ? out : out.to(x_in.scalar_type());
 }
 
-bool vectorised() {
-#ifdef DRAFTAPPROX_AVX512
-  return true;
-#else
-  return false;
-#endif
-}
+std::string isa() { return draftapprox::isa(); }

@@ -3,7 +3,7 @@
 
 torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w,
                           const c10::optional<torch::Tensor>& bias);
-bool vectorised();
+std::string isa();
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
                                double scale);
@@ -16,7 +16,7 @@ std::vector<torch::Tensor> rope(const torch::Tensor& q, const torch::Tensor& k, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "float32 or bfloat16 rows times bfloat16 weights, products in float32",
         py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
-  m.def("vectorised", &vectorised, "whether the AVX-512 path was compiled");
+  m.def("isa", &isa, "the instruction-set level this build was compiled for");
   m.def("rms_norm", &rms_norm, "RMSNorm of the last dimension, as transformers' Llama/Qwen norms round it");
   m.def("decode_attention", &decode_attention, "one query per head over every cached key, float32 softmax");
   m.def("prefill_attention", &prefill_attention, "causal attention of the newest queries over every key up to each");

@@ -30,14 +30,15 @@
 
 namespace {
 
-constexpr int64_t kKeys = 128;      // keys per block: one online-softmax step; 8 vectors of scores per row
-constexpr int64_t kPositions = 32;  // query positions per task; times a group's heads, the task's rows
-constexpr int kTile = 6;            // query rows per register tile: 6 x 4 accumulators, 4 operands, 1 broadcast
-constexpr int kVectors = 4;         // 16-wide vectors per tile row: a quarter of the block's scores, output columns
-constexpr int kScores = kKeys / 16;  // vectors of one row's scores in a block
+using namespace draftapprox;
 
-#if defined(__AVX512F__)
-using draftapprox::exp2_16;
+constexpr int64_t kKeys = 128;      // keys per block: one online-softmax step
+constexpr int64_t kPositions = 32;  // query positions per task; times a group's heads, the task's rows
+constexpr int kTile = 6;            // query rows per register tile
+// vectors per tile row (keys scored, output columns weighed at once): 6 x 4 accumulators, 4 operands and a
+// broadcast in AVX-512's 32 registers; 6 x 2, 2 and 1 in the 16 of AVX2 (and of SSE2 or NEON)
+constexpr int kVectors = W >= 16 ? 4 : 2;
+constexpr int kScores = kKeys / W;  // vectors of one row's scores in a block
 
 // How the products read their operands. A step of a dot product covers P elements of one 32-bit lane: float32
 // one (an FMA), bfloat16 a pair (an AVX-512 BF16 dot product, the pair's two products summed in float32). So keys
@@ -48,15 +49,15 @@ struct Dot;
 
 template <>
 struct Dot<float> {
-  using Vec = __m512;
+  using Vec = V;
   static constexpr int P = 1;
-  static Vec load(const float* p) { return _mm512_loadu_ps(p); }
-  static Vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
-  static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_fmadd_ps(a, b, acc); }
-  static void store(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+  static Vec load(const float* p) { return draftapprox::load(p); }
+  static Vec broadcast(const float* p) { return set1(*p); }
+  static V madd(V acc, Vec a, Vec b) { return fma(a, b, acc); }
+  static void store(float* p, V x) { draftapprox::store(p, x); }
 };
 
-#if defined(__AVX512BF16__)
+#if defined(DRAFTAPPROX_AVX512) && defined(__AVX512BF16__)
 template <>
 struct Dot<at::BFloat16> {
   using Vec = __m512bh;
@@ -82,48 +83,48 @@ struct Rows {  // the rows of one register tile: their query rows and where thei
   float* sums;    // [kTile][d]
 };
 
-// Scores of T rows against keys [h, h + 16 kVectors) of a packed key block, in registers.
+// Scores of T rows against keys [h, h + W kVectors) of a packed key block, in registers.
 template <typename E, int T>
 void score_part(const Rows<E>& rows, const E* kp, int64_t h, int64_t d) {
   using D = Dot<E>;
-  __m512 acc[T][kVectors];
+  V acc[T][kVectors];
   for (int r = 0; r < T; ++r)
-    for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = zero();
   for (int64_t c = 0; c < d / D::P; ++c) {
     typename D::Vec k[kVectors];
-    for (int v = 0; v < kVectors; ++v) k[v] = D::load(kp + (c * kKeys + h + 16 * v) * D::P);
+    for (int v = 0; v < kVectors; ++v) k[v] = D::load(kp + (c * kKeys + h + W * v) * D::P);
     for (int r = 0; r < T; ++r) {
       const typename D::Vec q = D::broadcast(rows.query[r] + D::P * c);
       for (int v = 0; v < kVectors; ++v) acc[r][v] = D::madd(acc[r][v], q, k[v]);
     }
   }
   for (int r = 0; r < T; ++r)
-    for (int v = 0; v < kVectors; ++v) _mm512_storeu_ps(rows.scores + r * kKeys + h + 16 * v, acc[r][v]);
+    for (int v = 0; v < kVectors; ++v) store(rows.scores + r * kKeys + h + W * v, acc[r][v]);
 }
 
-// sums[r][c0, c0 + 16V) += sum over keys j of probs[r][j] v[j][c0, c0 + 16V): V and T fixed at compile time so
+// sums[r][c0, c0 + W U) += sum over keys j of probs[r][j] v[j][c0, c0 + W U): U and T fixed at compile time so
 // that the T x V sums stay in registers while the block's packed values (from column c0 on) stream past them.
-template <typename E, int T, int V>
+template <typename E, int T, int U>
 void weigh_chunk(const Rows<E>& rows, const E* vp, int64_t steps, int64_t c0, int64_t d) {
   using D = Dot<E>;
   float* sums = rows.sums + c0;
-  __m512 acc[T][V];
+  V acc[T][U];
   for (int r = 0; r < T; ++r)
-    for (int u = 0; u < V; ++u) acc[r][u] = _mm512_loadu_ps(sums + r * d + 16 * u);
+    for (int u = 0; u < U; ++u) acc[r][u] = load(sums + r * d + W * u);
   for (int64_t j = 0; j < steps; ++j) {
-    typename D::Vec x[V];
-    for (int u = 0; u < V; ++u) x[u] = D::load(vp + (j * d + c0 + 16 * u) * D::P);
+    typename D::Vec x[U];
+    for (int u = 0; u < U; ++u) x[u] = D::load(vp + (j * d + c0 + W * u) * D::P);
     for (int r = 0; r < T; ++r) {
       const typename D::Vec w = D::broadcast(rows.probs + r * kKeys + D::P * j);
-      for (int u = 0; u < V; ++u) acc[r][u] = D::madd(acc[r][u], w, x[u]);
+      for (int u = 0; u < U; ++u) acc[r][u] = D::madd(acc[r][u], w, x[u]);
     }
   }
   for (int r = 0; r < T; ++r)
-    for (int u = 0; u < V; ++u) _mm512_storeu_ps(sums + r * d + 16 * u, acc[r][u]);
+    for (int u = 0; u < U; ++u) store(sums + r * d + W * u, acc[r][u]);
 }
 
 // One row's online-softmax step over a block of its unscaled scores: keys past `last` (its own position) get no
-// weight; the row's running maximum (unscaled) and its 16 lanes of partial sums are updated, its accumulated output
+// weight; the row's running maximum (unscaled) and its W lanes of partial sums are updated, its accumulated output
 // rescaled when the maximum grew, and the block's weights e^(scale (score - maximum)) = 2^(c score - c maximum),
 // c = scale log2(e), written in the product's input type (rounded to nearest even for bfloat16). The
 // probabilities that weigh bfloat16 values are rounded to bfloat16, so a degree-4 polynomial is exact enough there.
@@ -131,37 +132,36 @@ template <typename E>
 void softmax_row(const float* s, int64_t last, float c, float* maximum, float* total, float* sums, int64_t d,
                  E* probs) {
   constexpr int kDegree = std::is_same_v<E, float> ? 6 : 4;
-  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  constexpr float minus_inf = -std::numeric_limits<float>::infinity();
   const bool whole = last >= kKeys - 1;  // the row sees every key of the block: no masks
-  __m512 x[kScores];
-  __mmask16 keep[kScores];
-  __m512 m = minus_inf;
+  V x[kScores];
+  int seen[kScores];  // how many lanes of each vector the row sees
+  V m = set1(minus_inf);
   for (int v = 0; v < kScores; ++v) {
     if (whole) {
-      x[v] = _mm512_loadu_ps(s + 16 * v);
+      x[v] = load(s + W * v);
     } else {
-      const int64_t seen = std::clamp<int64_t>(last + 1 - 16 * v, 0, 16);
-      keep[v] = static_cast<__mmask16>((1u << seen) - 1);
-      x[v] = _mm512_mask_loadu_ps(minus_inf, keep[v], s + 16 * v);
+      seen[v] = static_cast<int>(std::clamp<int64_t>(last + 1 - W * v, 0, W));
+      x[v] = load_first(s + W * v, seen[v], minus_inf);
     }
-    m = _mm512_max_ps(m, x[v]);
+    m = max(m, x[v]);
   }
-  __m512 sum = _mm512_loadu_ps(total);
-  const float grown = std::max(*maximum, _mm512_reduce_max_ps(m));
+  V sum = load(total);
+  const float grown = std::max(*maximum, reduce_max(m));
   if (grown > *maximum) {
-    const __m512 a = _mm512_set1_ps(std::exp2(c * (*maximum - grown)));  // 0 on the row's first block
-    sum = _mm512_mul_ps(a, sum);
-    for (int64_t k = 0; k < d; k += 16) _mm512_storeu_ps(sums + k, _mm512_mul_ps(a, _mm512_loadu_ps(sums + k)));
+    const V a = set1(std::exp2(c * (*maximum - grown)));  // 0 on the row's first block
+    sum = mul(a, sum);
+    for (int64_t k = 0; k < d; k += W) store(sums + k, mul(a, load(sums + k)));
     *maximum = grown;
   }
-  const __m512 cv = _mm512_set1_ps(c), shift = _mm512_set1_ps(c * grown);
+  const V cv = set1(c), shift = set1(c * grown);
   for (int v = 0; v < kScores; ++v) {
-    __m512 e = exp2_16<kDegree>(_mm512_fmsub_ps(x[v], cv, shift));
-    if (!whole) e = _mm512_maskz_mov_ps(keep[v], e);  // exp2_16(-inf) is not 0
-    sum = _mm512_add_ps(sum, e);
-    Dot<E>::store(probs + 16 * v, e);
+    V e = exp2v<kDegree>(fms(x[v], cv, shift));
+    if (!whole) e = keep_first(e, seen[v]);  // exp2v(-inf) is not 0 on AVX-512
+    sum = add(sum, e);
+    Dot<E>::store(probs + W * v, e);
   }
-  _mm512_storeu_ps(total, sum);
+  store(total, sum);
 }
 
 // What a call shares with its tasks.
@@ -186,16 +186,16 @@ void tile(const Problem& p, const Rows<E>& rows, int64_t bg, int64_t block, int6
   // rows are in nondecreasing order of position, so the last sees the most keys: none sees a key from `seen` on,
   // and the scores and weighted values of those keys (on a block at the diagonal) are neither computed nor used
   const int64_t seen = std::min(lasts[T - 1], count - 1) + 1;
-  for (int64_t h = 0; h < seen; h += 16 * kVectors) score_part<E, T>(rows, kp, h, p.d);
+  for (int64_t h = 0; h < seen; h += W * kVectors) score_part<E, T>(rows, kp, h, p.d);
   const float c = p.scale * 1.4426950408889634f;
   for (int r = 0; r < T; ++r)
-    softmax_row(rows.scores + r * kKeys, std::min(lasts[r], count - 1), c, maxima + r, totals + 16 * r,
+    softmax_row(rows.scores + r * kKeys, std::min(lasts[r], count - 1), c, maxima + r, totals + W * r,
                 rows.sums + r * p.d, p.d, rows.probs + r * kKeys);
   const E* vp = static_cast<const E*>(p.vp) + packed;
   const int64_t steps = (seen + P - 1) / P;  // an odd last key pairs with a zero weight
   int64_t c0 = 0;
-  for (; c0 + 16 * kVectors <= p.d; c0 += 16 * kVectors) weigh_chunk<E, T, kVectors>(rows, vp, steps, c0, p.d);
-  for (; c0 < p.d; c0 += 16) weigh_chunk<E, T, 1>(rows, vp, steps, c0, p.d);
+  for (; c0 + W * kVectors <= p.d; c0 += W * kVectors) weigh_chunk<E, T, kVectors>(rows, vp, steps, c0, p.d);
+  for (; c0 < p.d; c0 += W) weigh_chunk<E, T, 1>(rows, vp, steps, c0, p.d);
 }
 
 template <typename E>
@@ -218,15 +218,15 @@ template <typename E>
 void task(const Problem& p, int64_t bg, int64_t first, std::vector<float>& scratch) {
   const int64_t positions = std::min(kPositions, p.q - first), rows = positions * p.R, d = p.d;
   const int64_t offset = p.n - p.q + first;  // the key position of the task's first query
-  scratch.resize(rows * (d + 1 + 16) + 2 * kTile * kKeys);  // per row: sums, maximum, 16 lanes of total
+  scratch.resize(rows * (d + 1 + W) + 2 * kTile * kKeys);  // per row: sums, maximum, W lanes of total
   float* sums = scratch.data();
   float* maxima = sums + rows * d;
   float* totals = maxima + rows;
-  float* scores = totals + 16 * rows;
+  float* scores = totals + W * rows;
   E* probs = reinterpret_cast<E*>(scores + kTile * kKeys);  // kTile * kKeys floats hold them in either type
   std::fill(sums, sums + rows * d, 0.f);
   std::fill(maxima, maxima + rows, -std::numeric_limits<float>::infinity());
-  std::fill(totals, totals + 16 * rows, 0.f);
+  std::fill(totals, totals + W * rows, 0.f);
   const int64_t b = bg / p.G, g = bg % p.G;
   const E* q = static_cast<const E*>(p.query);
   for (int64_t block = 0; block <= (offset + positions - 1) / kKeys; ++block) {
@@ -241,15 +241,15 @@ void task(const Problem& p, int64_t bg, int64_t first, std::vector<float>& scrat
         tile.query[r] = q + b * p.qs[0] + (g * p.R + row % p.R) * p.qs[1] + pos * p.qs[2];
         lasts[r] = offset + row / p.R - from;
       }
-      any_tile<E>(t, p, tile, bg, block, count, lasts, maxima + r0, totals + 16 * r0);
+      any_tile<E>(t, p, tile, bg, block, count, lasts, maxima + r0, totals + W * r0);
     }
   }
   E* out = static_cast<E*>(p.out);
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t pos = first + row / p.R, h = g * p.R + row % p.R;
     E* o = out + ((b * p.q + pos) * p.G * p.R + h) * d;
-    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(_mm512_loadu_ps(totals + 16 * row)));
-    for (int64_t c = 0; c < d; c += 16) Dot<E>::store(o + c, _mm512_mul_ps(inv, _mm512_loadu_ps(sums + row * d + c)));
+    const V inv = set1(1.f / reduce_add(load(totals + W * row)));
+    for (int64_t c = 0; c < d; c += W) Dot<E>::store(o + c, mul(inv, load(sums + row * d + c)));
   }
 }
 
@@ -302,7 +302,6 @@ void run(const torch::Tensor& query, const torch::Tensor& key, const torch::Tens
   attend<E>({query.data_ptr(), {query.stride(0), query.stride(1), query.stride(2)}, out.data_ptr(), kp.data_ptr(),
              vp.data_ptr(), B, G, query.size(1) / G, query.size(2), n, d, blocks, static_cast<float>(scale)});
 }
-#endif
 
 }  // namespace
 
@@ -323,25 +322,18 @@ torch::Tensor prefill_attention(const torch::Tensor& query, const torch::Tensor&
   TORCH_CHECK(query.stride(3) == 1 && key.stride(3) == 1 && value.stride(3) == 1,
               "prefill_attention: rows of queries, keys and values contiguous");
   auto out = torch::empty({B, q, H, d}, query.options());
-#if defined(__AVX512F__)
   const bool bf16 = query.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(bf16 || query.scalar_type() == torch::kFloat32, "prefill_attention takes bfloat16 or float32");
-#if !defined(__AVX512BF16__)
-  if (bf16) {  // no bfloat16 dot product here: the float32 path on widened copies, rounded back
+  if (bf16) {
+#if defined(DRAFTAPPROX_AVX512) && defined(__AVX512BF16__)
+    run<at::BFloat16>(query, key, value, out, scale);
+#else
+    // no bfloat16 dot product here: the float32 path on widened copies, rounded back
     return prefill_attention(query.to(torch::kFloat32), key.to(torch::kFloat32), value.to(torch::kFloat32), scale)
         .to(torch::kBFloat16);
-  }
-#endif
-  if (bf16) {
-#if defined(__AVX512BF16__)
-    run<at::BFloat16>(query, key, value, out, scale);
 #endif
   } else {
     run<float>(query, key, value, out, scale);
   }
   return out;
-#else
-  TORCH_CHECK(false, "prefill_attention needs the kernels' AVX-512 build");
-  return out;
-#endif
 }

@@ -37,30 +37,27 @@ void norm_row(const T* x, const T* w, T* y, int64_t H, float eps) {
   scale_columns(x, w, y, 0, H, scale);
 }
 
-#if defined(__AVX512F__)
-using draftapprox::load16;
-using draftapprox::round16;
-using draftapprox::widen16;
-
-// Compilers do not vectorise c10::BFloat16's conversions; this row is 16 columns at a time.
+// Compilers do not vectorise c10::BFloat16's conversions; this row is W columns at a time, its sum of squares in W
+// lanes as PyTorch's vectorised reduction keeps it (one running float32 sum over a long row drifts from the
+// reference's far enough to move elements by a bfloat16 step).
 template <>
 void norm_row<at::BFloat16>(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, int64_t H, float eps) {
-  const int64_t whole = H / 16 * 16;
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < whole; i += 16) {
-    const __m512 v = load16(x + i);
-    acc = _mm512_fmadd_ps(v, v, acc);
+  using namespace draftapprox;
+  const int64_t whole = H / W * W;
+  V acc = zero();
+  for (int64_t i = 0; i < whole; i += W) {
+    const V v = load(x + i);
+    acc = fma(v, v, acc);
   }
-  const float sum = _mm512_reduce_add_ps(acc) + sum_squares(x, whole, H);
+  const float sum = reduce_add(acc) + sum_squares(x, whole, H);
   const float scale = 1.f / std::sqrt(sum / static_cast<float>(H) + eps);
-  const __m512 s = _mm512_set1_ps(scale);
-  for (int64_t i = 0; i < whole; i += 16) {
-    const __m512 normed = widen16(round16(_mm512_mul_ps(load16(x + i), s)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), round16(_mm512_mul_ps(load16(w + i), normed)));
+  const V s = set1(scale);
+  for (int64_t i = 0; i < whole; i += W) {
+    const V normed = widen(round_bits(mul(load(x + i), s)));
+    store_half(y + i, round_bits(mul(load(w + i), normed)));
   }
   scale_columns(x, w, y, whole, H, scale);
 }
-#endif
 
 template <typename T>
 void norm_rows(const T* x, const T* w, T* y, int64_t rows, int64_t H, float eps) {

@@ -15,12 +15,13 @@
 
 namespace {
 
-#if defined(__AVX512F__)
-// out = round(round(x * c) + round(y * s)) for 16 columns.
-inline __m256i rotate16(__m512 x, __m512 c, __m512 y, __m512 s) {
-  const __m512 a = draftapprox::widen16(draftapprox::to_bf16(_mm512_mul_ps(x, c)));
-  const __m512 b = draftapprox::widen16(draftapprox::to_bf16(_mm512_mul_ps(y, s)));
-  return draftapprox::to_bf16(_mm512_add_ps(a, b));
+using namespace draftapprox;
+
+// out = round(round(x * c) + round(y * s)) for W columns.
+inline void rotate_lanes(at::BFloat16* out, V x, V c, V y, V s) {
+  const V a = widen(to_bf16(mul(x, c)));
+  const V b = widen(to_bf16(mul(y, s)));
+  store(out, add(a, b));
 }
 
 // One (b, h, n, d) tensor: row (b, h, i) rotated by cos/sin row (b or 0, i); the first half of a row pairs with the
@@ -41,19 +42,16 @@ void rotate(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tenso
       for (int64_t h = 0; h < H; ++h) {
         const at::BFloat16* xr = src + b * xs[0] + h * xs[1] + i * xs[2];
         at::BFloat16* yr = dst + b * ys[0] + h * ys[1] + i * ys[2];
-        for (int64_t k = 0; k < half; k += 16) {
-          const __m512 x1 = draftapprox::load16(xr + k), x2 = draftapprox::load16(xr + half + k);
-          const __m512 minus_x2 = _mm512_sub_ps(_mm512_setzero_ps(), x2);  // exact, as is rotate_half's negation
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(yr + k),
-                              rotate16(x1, draftapprox::load16(cr + k), minus_x2, draftapprox::load16(sr + k)));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(yr + half + k),
-                              rotate16(x2, draftapprox::load16(cr + half + k), x1, draftapprox::load16(sr + half + k)));
+        for (int64_t k = 0; k < half; k += W) {
+          const V x1 = load(xr + k), x2 = load(xr + half + k);
+          const V minus_x2 = sub(zero(), x2);  // exact, as is rotate_half's negation
+          rotate_lanes(yr + k, x1, load(cr + k), minus_x2, load(sr + k));
+          rotate_lanes(yr + half + k, x2, load(cr + half + k), x1, load(sr + half + k));
         }
       }
     }
   });
 }
-#endif
 
 }  // namespace
 
@@ -73,11 +71,7 @@ std::vector<torch::Tensor> rope(const torch::Tensor& q, const torch::Tensor& k, 
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1, "rope: rows of q and k contiguous");
   auto q_out = torch::empty_like(q);  // the input's layout
   auto k_out = torch::empty_like(k);
-#if defined(__AVX512F__)
   rotate(q, cos, sin, q_out);
   rotate(k, cos, sin, k_out);
-#else
-  TORCH_CHECK(false, "rope needs the kernels' AVX-512 build");
-#endif
   return {q_out, k_out};
 }

@@ -18,21 +18,18 @@ namespace {
 inline float silu(float x) { return x / (1.f + std::exp(-x)); }
 
 void silu_mul_range(at::BFloat16* gate, const at::BFloat16* up, int64_t from, int64_t to) {
+  using namespace draftapprox;
   int64_t i = from;
-#if defined(__AVX512F__)
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (; i + 16 <= to; i += 16) {
-    const __m512 g = draftapprox::load16(gate + i);
+  const V one = set1(1.f);
+  for (; i + W <= to; i += W) {
+    const V g = load(gate + i);
     // sigmoid from e^-|g| <= 1, which never overflows: 1 / (1 + t) for g >= 0, t / (1 + t) below
-    const __m512 t = draftapprox::exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
-    const __m512 inv = _mm512_div_ps(one, _mm512_add_ps(one, t));
-    const __mmask16 negative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
-    const __m512 sigmoid = _mm512_mask_mul_ps(inv, negative, inv, t);
-    const __m512 s = draftapprox::widen16(draftapprox::to_bf16(_mm512_mul_ps(g, sigmoid)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(gate + i),
-                        draftapprox::to_bf16(_mm512_mul_ps(s, draftapprox::load16(up + i))));
+    const V t = expv(sub(zero(), abs(g)));
+    const V inv = div(one, add(one, t));
+    const V sigmoid = negative_select(g, mul(inv, t), inv);
+    const V silu_g = widen(to_bf16(mul(g, sigmoid)));
+    store(gate + i, mul(silu_g, load(up + i)));
   }
-#endif
   for (; i < to; ++i) {
     const at::BFloat16 s = static_cast<at::BFloat16>(silu(static_cast<float>(gate[i])));
     gate[i] = static_cast<at::BFloat16>(static_cast<float>(s) * static_cast<float>(up[i]));

@@ -48,8 +48,10 @@ block's intermediate activations (4.6 MB for the 1.5B) stay in cache between its
 
 
 def packable() -> bool:
-    """Whether this torch can hold and multiply weights in oneDNN's layout."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """Whether this torch can hold and multiply bfloat16 weights in oneDNN's layout here: its bfloat16 path needs
+    AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, and refuses to pack on a CPU without them."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") \
+        and (kernels.has("avx512_bw") or kernels.has("avx_ne_convert"))
 
 
 class CompactLinear(torch.nn.Module):

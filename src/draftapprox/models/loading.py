@@ -31,13 +31,13 @@ def auto_dtype(device: str | torch.device) -> str:
     has it (CUDA from Ampere on; CPUs whose AVX-512 BF16 or AMX beats float32, see `native_cpu_bf16`),
     float16 on older GPUs. A CPU without native bfloat16 emulates it, slower than float32, so there the weights
     are held in bfloat16 and multiplied in float32 (`COMPACT`: float32's prefill, half the bytes a decode step
-    reads), or float32 where that kernel cannot be built."""
+    reads), or float32 where that kernel is not built with wide vectors (`kernels.vectorised`)."""
     device = torch.device(device)
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if device.type == "cpu" and native_cpu_bf16():
         return "bfloat16"
-    if device.type == "cpu" and kernels.load() is not None:
+    if device.type == "cpu" and kernels.vectorised():
         return COMPACT
     return "float32"
 
@@ -49,8 +49,7 @@ def native_cpu_bf16() -> bool:
     (docs/results/profile.md). Even the flag is not enough: a Xeon with AVX-512 BF16 but no AMX multiplied
     bfloat16 at 146 GFLOP/s against float32's 235, where an EPYC with the same flag ran bfloat16 GEMMs at about
     600 GFLOP/s. So where the flag is there, a short GEMM of each decides (`bf16_gemm_speedup`)."""
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16")) and bf16_gemm_speedup() > 1.1
+    return (kernels.has("avx512_bf16") or kernels.has("amx_bf16")) and bf16_gemm_speedup() > 1.1
 
 
 @functools.cache
@@ -233,10 +232,18 @@ def check_tokenizers(draft: PreTrainedTokenizerBase, target: PreTrainedTokenizer
 
 
 def load_pair(draft: str | Path | None = None, target: str | Path | None = None, *, with_draft: bool = True,
-              draft_dtype: str | torch.dtype | None = None, **kwargs) -> Pair:
+              with_target: bool = True, draft_dtype: str | torch.dtype | None = None, **kwargs) -> Pair:
     """Load a draft/target pair (default: the offline Qwen2.5-Coder 0.5B/1.5B) and check they share a tokenizer.
 
-    `draft_dtype` (default: the target's `dtype`) lets the draft run cheaper than the target, e.g. int8."""
+    `draft_dtype` (default: the target's `dtype`) lets the draft run cheaper than the target, e.g. int8.
+    `with_target=False` loads only the draft and its tokenizer, and the draft stands in the target's place: for a
+    prompt method that never reads the target (`compress` with SpecPC), whose tokenizer is the draft's by the
+    pair's contract."""
+    if not with_target:
+        if draft_dtype is not None:
+            kwargs["dtype"] = draft_dtype
+        model, tokenizer = load_model(draft if draft is not None else offline.DRAFT.name, **kwargs)
+        return Pair(model, tokenizer, model)
     target_model, tokenizer = load_model(target if target is not None else offline.TARGET.name, **kwargs)
     if not with_draft:
         return Pair(target_model, tokenizer)

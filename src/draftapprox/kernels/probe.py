@@ -1,0 +1,98 @@
+"""Choices between a compiled kernel and PyTorch that only a measurement settles, each made once per CPU, torch
+version and kernel build, and remembered on disk beside the builds.
+
+A probe times every candidate at the shapes it is asked about (best of a few runs after a warm-up) and keeps the
+fastest; `verdicts` lists what was decided on this machine, for `draftapprox doctor`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..paths import cache_dir
+
+
+@functools.cache
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo, else what the platform says)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _file() -> Path:
+    return cache_dir() / "kernels" / "probes.json"
+
+
+def _machine(build: str) -> str:
+    return f"{cpu_name()} | torch {torch.__version__} | {build}"
+
+
+def _read() -> dict:
+    try:
+        return json.loads(_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(known: dict) -> None:
+    """Replace the file in one step, so that a process reading it never sees half of it."""
+    try:
+        _file().parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=_file().parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as out:
+            json.dump(known, out, indent=1, sort_keys=True)
+        os.replace(tmp, _file())
+    except OSError:
+        pass  # the verdict holds for this process; the next one measures again
+
+
+def _best(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    fastest = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        fastest = min(fastest, time.perf_counter() - start)
+    return fastest
+
+
+_decided: dict[tuple[str, str], str] = {}
+
+
+def choose(build: str, question: str, candidates: dict[str, Callable[[], object]], repeats: int = 3) -> str:
+    """The fastest of `candidates` (name: a run at the shapes in question), measured once for this machine and
+    `build` and remembered; `question` names the choice and its shapes."""
+    key = (build, question)
+    if key in _decided:
+        return _decided[key]
+    machine = _machine(build)
+    known = _read()
+    verdict = known.get(machine, {}).get(question)
+    if verdict is None or verdict.get("choice") not in candidates:
+        with torch.inference_mode():
+            seconds = {name: _best(run, repeats) for name, run in candidates.items()}
+        verdict = {"choice": min(seconds, key=seconds.get), "seconds": {k: round(v, 6) for k, v in seconds.items()}}
+        known = _read()  # another process may have written meanwhile
+        known.setdefault(machine, {})[question] = verdict
+        _write(known)
+    _decided[key] = verdict["choice"]
+    return verdict["choice"]
+
+
+def verdicts(build: str) -> dict[str, dict]:
+    """What the probes decided on this machine for `build`: question -> {"choice", "seconds"}."""
+    return _read().get(_machine(build), {})
