@@ -121,7 +121,7 @@ def test_the_prefill_probe_measures_once_and_remembers(monkeypatch, tmp_path):
     assert verdict["choice"] == ("kernel" if first else "pytorch") and set(verdict["seconds"]) == {"kernel", "pytorch"}
     assert all(0 < s < 10 for s in verdict["seconds"].values())
     monkeypatch.setattr(probe, "_decided", {})  # a new process: the file answers
-    monkeypatch.setattr(probe, "_best", lambda *a: pytest.fail("measured again"))
+    monkeypatch.setattr(probe, "best", lambda *a: pytest.fail("measured again"))
     assert attention._prefill_kernel_pays(torch.float32, 4, 2, 32) == first
 
 

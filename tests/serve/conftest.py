@@ -51,11 +51,11 @@ def running(service: Service, api_key: str | None = None, shutdown_timeout: floa
 
 def tiny_service(method: str = "speckv", budget: int | float | None = 16, kv_cache_memory: int = 64 * 2**20,
                  max_queue: int = 64, prefill_chunk: int = 64, request_timeout: float | None = None,
-                 context: int = 2048, **knobs) -> Service:
+                 context: int = 2048, static_decode: bool | None = None, **knobs) -> Service:
     pair = pair_from_models(tiny_model("qwen2", layers=4, seed=0, context=context), tiny_tokenizer(chat=True),
                             tiny_model("qwen2", layers=3, heads=4, kv_heads=4, seed=1, context=context))
     scheduler = Scheduler(pair, kv_cache_memory=kv_cache_memory, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                          metrics=Metrics())
+                          metrics=Metrics(), static_decode=static_decode)
     if method != "fullkv":
         knobs = {"window": 4, **knobs}
     default = make(method, budget, **knobs)

@@ -102,3 +102,25 @@ def test_streams_keep_flowing_while_a_long_prompt_is_prefilled(service, chunk):
                         if b < submitted)
         assert max(gaps) < 20 * max(steady[len(steady) // 2], 1e-3)
     scheduler.cancel(running)
+
+
+def test_fixed_shape_decode_steps_give_the_eager_loops_tokens():
+    """The decode batch over fixed-shape storage (a CUDA graph on a GPU; eager here) writes the tokens of the
+    ordinary loop, with sequences joining and leaving between steps."""
+    answers = {}
+    for static in (False, True):
+        service = tiny_service(method="speckv", budget=16, kv_cache_memory=64 * 2**20, static_decode=static)
+        scheduler = service.backend.scheduler
+        assert scheduler.static_decode is static
+        try:
+            recorders = []
+            for i, (n, tokens) in enumerate([(300, 12), (200, 5), (250, 9)]):
+                j, r = job(scheduler, n, SpecKV(16, window=4), tokens, seed=i)
+                scheduler.submit(j)
+                recorders.append(r)
+            for r in recorders:
+                assert r.finished.wait(120) and isinstance(r.events[-1][1], Done)
+            answers[static] = [[e.token for _, e in r.events if isinstance(e, Token)] for r in recorders]
+        finally:
+            scheduler.stop(5)
+    assert answers[True] == answers[False] and [len(a) for a in answers[True]] == [12, 5, 9]

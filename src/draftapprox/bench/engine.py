@@ -153,10 +153,11 @@ def stream(url: str, body: dict) -> dict:
             "usage": last["usage"], "draftapprox": last.get("draftapprox")}
 
 
-def stream_once(url: str, ids: list[int], new_tokens: int, model: str = "target") -> dict:
-    """One streamed completion of exactly `new_tokens` tokens; the client-side timings."""
+def stream_once(url: str, ids: list[int], new_tokens: int, model: str = "target", extra: dict | None = None) -> dict:
+    """One streamed completion of exactly `new_tokens` tokens; the client-side timings. `extra`: engine-specific
+    fields of the request (llama.cpp's `cache_prompt`, say)."""
     out = stream(url, {"model": model, "prompt": ids, "max_tokens": new_tokens, "temperature": 0,
-                       "ignore_eos": True})
+                       "ignore_eos": True, **(extra or {})})
     stamps, tokens, prompt = out["stamps"], out["usage"]["completion_tokens"], out["usage"]["prompt_tokens"]
     if prompt != len(ids):
         raise InputError(f"the engine counted {prompt} prompt tokens, we sent {len(ids)}")

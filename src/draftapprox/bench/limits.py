@@ -8,28 +8,15 @@ measured here (the rows' `env` keeps them), so a ratio to a limit means the same
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from .. import kernels
 from ..cache import kv_bytes_per_token
 from ..errors import ConfigError
+from ..kernels.probe import best
 from ..models import compact
 
 GEMV_WORKING_SET = 1 << 30  # bytes of weights a GEMV pass streams: far beyond any last-level cache
-
-
-def best(fn, repeats: int = 7) -> float:
-    """Seconds of the fastest of `repeats` runs after a warm-up: a limit (and a kernel's speed in a regression
-    guard) is what the machine can do, not what it did while something else ran."""
-    fn()
-    fastest = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        fastest = min(fastest, time.perf_counter() - start)
-    return fastest
 
 
 def gemm_rate(hidden: int, intermediate: int, dtype: torch.dtype, rows: int = 2048, repeats: int = 7) -> float:

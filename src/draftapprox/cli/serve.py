@@ -82,6 +82,10 @@ def serve(
              "an earlier prompt's long prefix (a second question on a document), instead of cutting it.")] = True,
     allow_text: Annotated[bool, typer.Option(
         help="With --upstream: forward text when the upstream's tokenizer differs from the draft's.")] = False,
+    static_decode: Annotated[bool | None, typer.Option(
+        "--static-decode/--no-static-decode",
+        help="Decode batches over fixed-shape storage, replayed as a CUDA graph on a GPU (default: on a GPU only; on "
+             "a CPU it runs eagerly, the same tokens).")] = None,
     dtype: DtypeOpt = "auto",
     draft_dtype: DraftDtypeOpt = None,
     device: DeviceOpt = "cpu",
@@ -120,7 +124,7 @@ def serve(
                          cache=cache_dir, log=err.print)
         name = served_model_name or Path(str(target or offline.TARGET.name)).name
         scheduler = Scheduler(pair, kv_cache_memory=memory, max_queue=max_queue, prefill_chunk=chunk,
-                              metrics=metrics)
+                              metrics=metrics, static_decode=static_decode)
         service = Service(pair, LocalBackend(scheduler), name, chosen, lookahead=lookahead,
                           request_timeout=request_timeout)
         where = f"KV pool {memory / 2**20:.0f} MiB"

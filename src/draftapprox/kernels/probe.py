@@ -23,11 +23,16 @@ from ..paths import cache_dir
 
 @functools.cache
 def cpu_name() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo, else what the platform says)."""
+    """The CPU's model name with its family and model numbers where Linux's /proc/cpuinfo gives them (a VM may
+    name only the vendor's line, "AMD EPYC", for every generation), else what the platform says."""
     try:
+        fields: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip().lower(), value.strip())
+        if "model name" in fields:
+            numbers = f" (family {fields['cpu family']}, model {fields['model']})" if "cpu family" in fields else ""
+            return fields["model name"] + numbers
     except OSError:
         pass
     return platform.processor() or platform.machine()
@@ -60,7 +65,9 @@ def _write(known: dict) -> None:
         pass  # the verdict holds for this process; the next one measures again
 
 
-def _best(fn: Callable[[], object], repeats: int) -> float:
+def best(fn: Callable[[], object], repeats: int = 7) -> float:
+    """Seconds of the fastest of `repeats` runs after a warm-up: what the machine can do, not what it did while
+    something else ran (a probe's verdict, a limit, a kernel's speed in a regression guard)."""
     fn()
     fastest = float("inf")
     for _ in range(repeats):
@@ -84,7 +91,7 @@ def choose(build: str, question: str, candidates: dict[str, Callable[[], object]
     verdict = known.get(machine, {}).get(question)
     if verdict is None or verdict.get("choice") not in candidates:
         with torch.inference_mode():
-            seconds = {name: _best(run, repeats) for name, run in candidates.items()}
+            seconds = {name: best(run, repeats) for name, run in candidates.items()}
         verdict = {"choice": min(seconds, key=seconds.get), "seconds": {k: round(v, 6) for k, v in seconds.items()}}
         known = _read()  # another process may have written meanwhile
         known.setdefault(machine, {})[question] = verdict

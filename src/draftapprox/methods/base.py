@@ -138,7 +138,6 @@ class PromptMethod(Method):
 
     keep_positions: bool = False
     kind: ClassVar[str] = "prompt"
-    needs_target: ClassVar[bool] = False  # whether choosing the kept tokens reads the target's weights
 
     def select(self, state: PromptState) -> torch.Tensor:
         """Kept positions `(b, C)` in increasing order."""

@@ -16,7 +16,6 @@ class TargetPC(SpecPC):
     summary = "SpecPC's selection scored by the target itself (no draft)"
     needs_draft = False
     needs_target = True
-    needs_target = True
 
     @property
     def rows(self) -> int:

@@ -95,7 +95,7 @@ class Scheduler:
     """Owns `pair` on a thread of its own; see the module docstring. Start with `start`, end with `stop`."""
 
     def __init__(self, pair: Pair, *, kv_cache_memory: int, max_queue: int = 64, prefill_chunk: int | None = None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, static_decode: bool | None = None):
         if kv_cache_memory <= 0 or max_queue < 0 or (prefill_chunk is not None and prefill_chunk < 1):
             raise ValueError("kv_cache_memory and prefill_chunk must be positive, max_queue >= 0")
         self.pair, self.kv_cache_memory, self.max_queue = pair, kv_cache_memory, max_queue
@@ -106,7 +106,9 @@ class Scheduler:
         self._waiting: deque[Job] = deque()
         self._running: dict[int, Job] = {}
         self._held = 0  # bytes reserved by running jobs and the one in prefill
-        self._batch = DecodeBatch(pair)
+        # fixed-shape decode steps, a CUDA graph per membership on a GPU (`DecodeBatch`'s `static`)
+        self.static_decode = pair.target.device.type == "cuda" if static_decode is None else static_decode
+        self._batch = DecodeBatch(pair, static=self.static_decode)
         self._prefilling: Job | None = None
         self._since_step = 0
         self._last_piece: dict[int, tuple[int, float]] = {}  # (tokens, seconds) of each model's last piece
@@ -290,7 +292,7 @@ class Scheduler:
             for job in list(self._running.values()):
                 self._release(job)
                 job.deliver(Failed(500, f"{type(error).__name__}: {error}"))
-            self._batch = DecodeBatch(self.pair)
+            self._batch = DecodeBatch(self.pair, static=self.static_decode)
             return
         now, seconds = time.monotonic(), time.perf_counter() - began
         self.step_seconds.append(seconds)
