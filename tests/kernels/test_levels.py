@@ -84,3 +84,17 @@ def test_the_loaded_module_is_the_level_in_use():
     module = kernels.load()
     assert module is not None and module.isa() == kernels.built()
     assert kernels.built() == kernels.level()  # every level this CPU runs builds here
+
+
+def test_apple_clang_gets_openmp_from_libomp_or_runs_on_one_thread(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(kernels.sys, "platform", "darwin")
+    monkeypatch.setattr(kernels, "LIBOMP", (tmp_path / "absent", tmp_path / "libomp"))
+    kernels._once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
+        assert kernels._openmp() == ([], [])  # no -fopenmp: Apple's clang would refuse it
+    assert "brew install libomp" in caplog.text
+    (tmp_path / "libomp" / "include").mkdir(parents=True)
+    (tmp_path / "libomp" / "include" / "omp.h").write_text("")
+    cflags, ldflags = kernels._openmp()
+    assert cflags[:2] == ["-Xpreprocessor", "-fopenmp"] and ldflags == [f"-L{tmp_path / 'libomp' / 'lib'}", "-lomp"]
+    kernels._once.cache_clear()

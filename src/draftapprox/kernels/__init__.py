@@ -51,6 +51,8 @@ _NEEDS = {  # CPU features (torch.cpu.get_capabilities' names) a level's code ma
 _FLAGS = {"avx512bf16": ["-march=x86-64-v4", "-mavx512bf16"], "avx512": ["-march=x86-64-v4"],
           "avx2": ["-march=x86-64-v3"], "portable": []}
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+LIBOMP = (Path("/opt/homebrew/opt/libomp"), Path("/usr/local/opt/libomp"))
+"""Where Homebrew puts libomp (Apple Silicon, Intel Macs): Apple's clang has OpenMP only through it."""
 
 
 @functools.cache
@@ -114,7 +116,7 @@ def _openmp() -> tuple[list[str], list[str]]:
     Apple's clang has no `-fopenmp`: there Homebrew's libomp is used where installed, else none."""
     if sys.platform != "darwin":
         return ["-fopenmp"], ["-fopenmp"]
-    for prefix in (Path("/opt/homebrew/opt/libomp"), Path("/usr/local/opt/libomp")):
+    for prefix in LIBOMP:
         if (prefix / "include" / "omp.h").is_file():
             return ["-Xpreprocessor", "-fopenmp", f"-I{prefix / 'include'}"], [f"-L{prefix / 'lib'}", "-lomp"]
     _once("no OpenMP for Apple clang here (brew install libomp): the kernels run on one thread")
