@@ -73,13 +73,15 @@ def _prefill_kernel_pays(dtype: torch.dtype, heads: int, kv_heads: int, d: int) 
     """Whether the compiled prefill attention was faster than `causal_tail` here at these heads, over a prompt of
     `PROBE_TOKENS` (measured once per CPU and kernel build, kernels/probe.py). Where bfloat16 is native, SDPA's
     own tiles may use AMX, and at the AVX2 level the kernel's margin is narrower: a measurement decides."""
-    g = torch.Generator().manual_seed(0)
-    query = torch.randn(1, heads, PROBE_TOKENS, d, generator=g).to(dtype)
-    key, value = (torch.randn(1, kv_heads, PROBE_TOKENS, d, generator=g).to(dtype) for _ in range(2))
-    scale = d**-0.5
-    return probe.choose(kernels.built(), prefill_question(dtype, heads, kv_heads, d), {
-        "kernel": lambda: kernels.call("prefill_attention", query, key, value, scale),
-        "pytorch": lambda: causal_tail(query, key, value, scale)}) == "kernel"
+    def candidates() -> dict:
+        g = torch.Generator().manual_seed(0)
+        query = torch.randn(1, heads, PROBE_TOKENS, d, generator=g).to(dtype)
+        key, value = (torch.randn(1, kv_heads, PROBE_TOKENS, d, generator=g).to(dtype) for _ in range(2))
+        scale = d**-0.5
+        return {"kernel": lambda: kernels.call("prefill_attention", query, key, value, scale),
+                "pytorch": lambda: causal_tail(query, key, value, scale)}
+
+    return probe.choose(kernels.built(), prefill_question(dtype, heads, kv_heads, d), candidates) == "kernel"
 
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

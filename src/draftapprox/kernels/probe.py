@@ -80,18 +80,21 @@ def best(fn: Callable[[], object], repeats: int = 7) -> float:
 _decided: dict[tuple[str, str], str] = {}
 
 
-def choose(build: str, question: str, candidates: dict[str, Callable[[], object]], repeats: int = 3) -> str:
-    """The fastest of `candidates` (name: a run at the shapes in question), measured once for this machine and
-    `build` and remembered; `question` names the choice and its shapes."""
+def choose(build: str, question: str, candidates: Callable[[], dict[str, Callable[[], object]]],
+           repeats: int = 3) -> str:
+    """The fastest of the runs `candidates()` makes (name: a run at the shapes in question), measured once for
+    this machine and `build` and remembered; `question` names the choice and its shapes. `candidates` is called
+    only when a measurement is needed, so that a decided question costs a dictionary lookup."""
     key = (build, question)
     if key in _decided:
         return _decided[key]
     machine = _machine(build)
     known = _read()
     verdict = known.get(machine, {}).get(question)
-    if verdict is None or verdict.get("choice") not in candidates:
+    valid = isinstance(verdict, dict) and verdict.get("choice") in (verdict.get("seconds") or {})
+    if not valid:
         with torch.inference_mode():
-            seconds = {name: best(run, repeats) for name, run in candidates.items()}
+            seconds = {name: best(run, repeats) for name, run in candidates().items()}
         verdict = {"choice": min(seconds, key=seconds.get), "seconds": {k: round(v, 6) for k, v in seconds.items()}}
         known = _read()  # another process may have written meanwhile
         known.setdefault(machine, {})[question] = verdict
