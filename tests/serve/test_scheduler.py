@@ -111,7 +111,8 @@ def test_fixed_shape_decode_steps_give_the_eager_loops_tokens():
     for static in (False, True):
         service = tiny_service(method="speckv", budget=16, kv_cache_memory=64 * 2**20, static_decode=static)
         scheduler = service.backend.scheduler
-        assert scheduler.static_decode is static
+        assert scheduler.static_decode is static and scheduler._batch._static_steps is static
+        scheduler.start()
         try:
             recorders = []
             for i, (n, tokens) in enumerate([(300, 12), (200, 5), (250, 9)]):
