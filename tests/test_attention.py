@@ -117,7 +117,7 @@ def test_the_prefill_probe_measures_once_and_remembers(monkeypatch, tmp_path):
     monkeypatch.setattr(attention, "PROBE_TOKENS", 256)
     monkeypatch.setattr(probe, "_decided", {})
     first = attention._prefill_kernel_pays(torch.float32, 4, 2, 32)
-    [verdict] = probe.verdicts(kernels.built()).values()
+    [verdict] = probe.verdicts(kernels.build_key()).values()
     assert verdict["choice"] == ("kernel" if first else "pytorch") and set(verdict["seconds"]) == {"kernel", "pytorch"}
     assert all(0 < s < 10 for s in verdict["seconds"].values())
     monkeypatch.setattr(probe, "_decided", {})  # a new process: the file answers

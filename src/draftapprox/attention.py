@@ -81,7 +81,7 @@ def _prefill_kernel_pays(dtype: torch.dtype, heads: int, kv_heads: int, d: int) 
         return {"kernel": lambda: kernels.call("prefill_attention", query, key, value, scale),
                 "pytorch": lambda: causal_tail(query, key, value, scale)}
 
-    return probe.choose(kernels.built(), prefill_question(dtype, heads, kv_heads, d), candidates) == "kernel"
+    return probe.choose(kernels.build_key(), prefill_question(dtype, heads, kv_heads, d), candidates) == "kernel"
 
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

@@ -13,7 +13,7 @@ from draftapprox import kernels
 @pytest.fixture
 def avx2_cpu(monkeypatch):
     """This process as an AVX2 CPU without AVX-512 (the cached feature list replaced, the level forgotten)."""
-    features = frozenset({"avx", "avx2", "fma3", "f16c", "bmi", "bmi2"})
+    features = frozenset({"avx", "avx2", "fma3", "f16c", "bmi", "bmi2", "lzcnt"})
     monkeypatch.setattr(kernels, "cpu_features", lambda: features)
     monkeypatch.setattr(kernels, "_X86", True)
     kernels._once.cache_clear()
@@ -45,17 +45,26 @@ def test_an_unknown_level_is_named_and_native_used(avx2_cpu, monkeypatch, caplog
 
 
 def test_a_lower_level_hides_the_features_it_rules_out(monkeypatch):
-    features = frozenset({"avx2", "fma3", "f16c", "bmi", "bmi2", "avx512_f", "avx512_bw", "avx512_vl", "avx512_dq",
-                          "avx512_cd", "avx512_bf16", "amx_bf16"})
+    features = frozenset({"avx2", "fma3", "f16c", "bmi", "bmi2", "lzcnt", "avx512_f", "avx512_bw", "avx512_vl",
+                          "avx512_dq", "avx512_cd", "avx512_bf16", "amx_bf16"})
     monkeypatch.setattr(kernels, "cpu_features", lambda: features)
     monkeypatch.setattr(kernels, "_X86", True)
     seen = {}
     for level in kernels.LEVELS:
-        monkeypatch.setenv(kernels.ENV, level)
+        monkeypatch.setattr(kernels, "built", lambda level=level: level)  # as if that level were loaded
         seen[level] = {f for f in ("amx_bf16", "avx512_bf16", "avx512_bw", "avx2", "sse4_2") if kernels.has(f)}
     assert seen == {"avx512bf16": {"amx_bf16", "avx512_bf16", "avx512_bw", "avx2"},
                     "avx512": {"avx512_bw", "avx2"}, "avx2": {"avx2"}, "portable": set()}
     assert not kernels.has("sse4_2")  # what this CPU does not report is never relied on
+
+
+def test_the_features_follow_the_level_built_not_the_one_asked_for(monkeypatch):
+    """A level that fails to build falls to the next one down: the engine's choices follow what runs."""
+    monkeypatch.setenv(kernels.ENV, "avx512bf16")
+    monkeypatch.setattr(kernels, "cpu_features", lambda: frozenset(kernels._NEEDS["avx512bf16"]))
+    monkeypatch.setattr(kernels, "_X86", True)
+    monkeypatch.setattr(kernels, "built", lambda: "avx2")
+    assert kernels.level() == "avx512bf16" and not kernels.has("avx512_bf16") and kernels.has("avx2")
 
 
 def test_builds_are_keyed_by_level(monkeypatch, tmp_path):
@@ -82,7 +91,9 @@ def test_a_first_build_says_what_it_does_and_how_long_it_takes(monkeypatch, tmp_
 
 def test_the_loaded_module_is_the_level_in_use():
     module = kernels.load()
-    assert module is not None and module.isa() == kernels.built()
+    if module is None:
+        pytest.skip("no level of the kernels builds here (no C++ compiler)")
+    assert module.isa() == kernels.built()
     assert kernels.built() == kernels.level()  # every level this CPU runs builds here
 
 
@@ -96,5 +107,6 @@ def test_apple_clang_gets_openmp_from_libomp_or_runs_on_one_thread(monkeypatch, 
     (tmp_path / "libomp" / "include").mkdir(parents=True)
     (tmp_path / "libomp" / "include" / "omp.h").write_text("")
     cflags, ldflags = kernels._openmp()
-    assert cflags[:2] == ["-Xpreprocessor", "-fopenmp"] and ldflags == [f"-L{tmp_path / 'libomp' / 'lib'}", "-lomp"]
+    assert cflags == ["-Xpreprocessor", "-fopenmp", f"-I{tmp_path / 'libomp' / 'include'}"]
+    assert ldflags[-1] == "-lomp" and ldflags[0].startswith("-L")  # torch's own libomp where it ships one
     kernels._once.cache_clear()

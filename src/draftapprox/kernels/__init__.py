@@ -41,11 +41,13 @@ ENV = "DRAFTAPPROX_KERNEL_ISA"
 LEVELS = ("avx512bf16", "avx512", "avx2", "portable")
 """What a build is compiled for, best first."""
 REQUESTS = ("native", *LEVELS)
-_NEEDS = {  # CPU features (torch.cpu.get_capabilities' names) a level's code may use
+_NEEDS = {  # CPU features (torch.cpu.get_capabilities' names) a level's -march may use (MOVBE, which
+    # x86-64-v3 also allows, is not in that list; every CPU with the others has it)
     "avx512bf16": ("avx512_f", "avx512_bw", "avx512_vl", "avx512_dq", "avx512_cd", "avx512_bf16", "avx2", "fma3",
-                   "f16c", "bmi2"),
-    "avx512": ("avx512_f", "avx512_bw", "avx512_vl", "avx512_dq", "avx512_cd", "avx2", "fma3", "f16c", "bmi2"),
-    "avx2": ("avx2", "fma3", "f16c", "bmi", "bmi2"),
+                   "f16c", "bmi", "bmi2", "lzcnt"),
+    "avx512": ("avx512_f", "avx512_bw", "avx512_vl", "avx512_dq", "avx512_cd", "avx2", "fma3", "f16c", "bmi", "bmi2",
+               "lzcnt"),
+    "avx2": ("avx2", "fma3", "f16c", "bmi", "bmi2", "lzcnt"),
     "portable": (),
 }
 _FLAGS = {"avx512bf16": ["-march=x86-64-v4", "-mavx512bf16"], "avx512": ["-march=x86-64-v4"],
@@ -91,12 +93,13 @@ def level() -> str:
 
 
 def has(feature: str) -> bool:
-    """Whether the engine may rely on a CPU feature: this CPU has it and the level in use does not rule it out.
-    Below `avx512bf16` that rules out native bfloat16 (AVX-512 BF16 and AMX), below `avx512` all of AVX-512, so
-    that `DRAFTAPPROX_KERNEL_ISA=avx2` makes the engine's choices an AVX2 CPU would."""
+    """Whether the engine may rely on a CPU feature: this CPU has it and the level in use (the one built, else the
+    one requested) does not rule it out. Below `avx512bf16` that rules out native bfloat16 (AVX-512 BF16 and AMX),
+    below `avx512` all of AVX-512, so that `DRAFTAPPROX_KERNEL_ISA=avx2` makes the engine's choices an AVX2 CPU
+    would."""
     if feature not in cpu_features():
         return False
-    rank = LEVELS.index(level())
+    rank = LEVELS.index(built() or level())
     if feature.startswith("amx") or feature == "avx512_bf16":
         return rank <= LEVELS.index("avx512bf16")
     if feature.startswith("avx512"):
@@ -113,12 +116,16 @@ def _once(message: str) -> None:
 
 def _openmp() -> tuple[list[str], list[str]]:
     """Compiler and linker flags for OpenMP (without it `at::parallel_for` in the kernels runs on one thread).
-    Apple's clang has no `-fopenmp`: there Homebrew's libomp is used where installed, else none."""
+    Apple's clang has no `-fopenmp`: there Homebrew's `omp.h` is used where installed, else none, and the kernels
+    link the libomp torch ships where it ships one (two OpenMP runtimes in one process abort it)."""
     if sys.platform != "darwin":
         return ["-fopenmp"], ["-fopenmp"]
     for prefix in LIBOMP:
         if (prefix / "include" / "omp.h").is_file():
-            return ["-Xpreprocessor", "-fopenmp", f"-I{prefix / 'include'}"], [f"-L{prefix / 'lib'}", "-lomp"]
+            bundled = Path(torch.__file__).parent / "lib"
+            lib = bundled if (bundled / "libomp.dylib").is_file() else prefix / "lib"
+            return ["-Xpreprocessor", "-fopenmp", f"-I{prefix / 'include'}"], [f"-L{lib}", f"-Wl,-rpath,{lib}",
+                                                                               "-lomp"]
     _once("no OpenMP for Apple clang here (brew install libomp): the kernels run on one thread")
     return [], []
 
@@ -128,14 +135,18 @@ def _flags(lvl: str) -> tuple[list[str], list[str]]:
     return ["-O3", "-fno-math-errno", *_FLAGS[lvl], *cflags], ldflags
 
 
-def build_dir(lvl: str) -> Path:
-    """Where a level's build lives: keyed by level, machine, torch version, flags and source text, so processes
-    running different checkouts, or machines sharing a cache, never load a build that is not theirs."""
+@functools.cache
+def _build_name(lvl: str) -> str:
     cflags, ldflags = _flags(lvl)
     text = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
     key = text + " ".join([platform.machine(), os.environ.get("CXX", ""), *cflags, *ldflags]).encode()
-    digest = hashlib.sha256(key).hexdigest()[:12]
-    return cache_dir() / "kernels" / f"torch-{torch.__version__}-{lvl}-{digest}"
+    return f"torch-{torch.__version__}-{lvl}-{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+def build_dir(lvl: str) -> Path:
+    """Where a level's build lives: keyed by level, machine, torch version, flags and source text, so processes
+    running different checkouts, or machines sharing a cache, never load a build that is not theirs."""
+    return cache_dir() / "kernels" / _build_name(lvl)
 
 
 def _timings() -> Path:
@@ -240,6 +251,12 @@ def load():
 def built() -> str | None:
     """The level of the module `load` returns, or None where none builds."""
     return _active()[0]
+
+
+def build_key() -> str:
+    """The build in use, as its directory names it (level, flags and source digest), or "none"."""
+    lvl = built()
+    return _build_name(lvl) if lvl else "none"
 
 
 def reset() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -43,7 +44,9 @@ def _file() -> Path:
 
 
 def _machine(build: str) -> str:
-    return f"{cpu_name()} | torch {torch.__version__} | {build}"
+    """What a verdict holds for: the CPU, torch, the kernel build and the threads (a one-thread process's verdict
+    is not a many-thread server's)."""
+    return f"{cpu_name()} | torch {torch.__version__} | {build} | {torch.get_num_threads()} threads"
 
 
 def _read() -> dict:
@@ -77,7 +80,8 @@ def best(fn: Callable[[], object], repeats: int = 7) -> float:
     return fastest
 
 
-_decided: dict[tuple[str, str], str] = {}
+_decided: dict[tuple[str, str], dict] = {}  # (machine, question): verdict, this process's (a write may fail)
+log = logging.getLogger(__name__)
 
 
 def choose(build: str, question: str, candidates: Callable[[], dict[str, Callable[[], object]]],
@@ -85,24 +89,39 @@ def choose(build: str, question: str, candidates: Callable[[], dict[str, Callabl
     """The fastest of the runs `candidates()` makes (name: a run at the shapes in question), measured once for
     this machine and `build` and remembered; `question` names the choice and its shapes. `candidates` is called
     only when a measurement is needed, so that a decided question costs a dictionary lookup."""
-    key = (build, question)
-    if key in _decided:
-        return _decided[key]
     machine = _machine(build)
-    known = _read()
-    verdict = known.get(machine, {}).get(question)
+    key = (machine, question)
+    if key in _decided:
+        return _decided[key]["choice"]
+    verdict = _read().get(machine, {}).get(question)
     valid = isinstance(verdict, dict) and verdict.get("choice") in (verdict.get("seconds") or {})
     if not valid:
-        with torch.inference_mode():
-            seconds = {name: best(run, repeats) for name, run in candidates().items()}
-        verdict = {"choice": min(seconds, key=seconds.get), "seconds": {k: round(v, 6) for k, v in seconds.items()}}
+        verdict = _measure(question, candidates, repeats)
         known = _read()  # another process may have written meanwhile
         known.setdefault(machine, {})[question] = verdict
         _write(known)
-    _decided[key] = verdict["choice"]
+    _decided[key] = verdict
     return verdict["choice"]
 
 
+def _measure(question: str, candidates: Callable[[], dict[str, Callable[[], object]]], repeats: int) -> dict:
+    """Each candidate's best time; one that fails is left out (and said), so a probe never fails a request while
+    another candidate runs."""
+    seconds, failed = {}, None
+    with torch.inference_mode():
+        for name, run in candidates().items():
+            try:
+                seconds[name] = best(run, repeats)
+            except Exception as error:  # the probe's own inputs: what fails here fails for this machine
+                failed = error
+                log.warning("draftapprox: probing %s, %s failed (%s); not using it", question, name, error)
+    if not seconds:
+        raise failed
+    return {"choice": min(seconds, key=seconds.get), "seconds": {k: round(v, 6) for k, v in seconds.items()}}
+
+
 def verdicts(build: str) -> dict[str, dict]:
-    """What the probes decided on this machine for `build`: question -> {"choice", "seconds"}."""
-    return _read().get(_machine(build), {})
+    """What the probes decided on this machine for `build`: question -> {"choice", "seconds"}, this process's
+    verdicts included."""
+    machine = _machine(build)
+    return {**_read().get(machine, {}), **{q: v for (m, q), v in _decided.items() if m == machine}}

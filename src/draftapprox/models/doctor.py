@@ -63,7 +63,8 @@ def report() -> list[tuple[str, str, str]]:
             rows.append((f"prefill attention ({role})", "pytorch", "no wide-vector kernel at this level"))
             continue
         pays = attention._prefill_kernel_pays(compute, heads, kv_heads, d)
-        seconds = probe.verdicts(built)[attention.prefill_question(compute, heads, kv_heads, d)]["seconds"]
+        seconds = probe.verdicts(kernels.build_key())[attention.prefill_question(compute, heads, kv_heads, d)][
+            "seconds"]
         rows.append((f"prefill attention ({role})", "kernel" if pays else "pytorch",
                      f"probed: kernel {seconds['kernel'] * 1e3:.1f} ms, PyTorch {seconds['pytorch'] * 1e3:.1f} ms "
                      f"at {attention.PROBE_TOKENS} tokens, {str(compute).removeprefix('torch.')}"))
