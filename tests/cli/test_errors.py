@@ -64,7 +64,7 @@ def tripwires(monkeypatch, tmp_path):
         raise Tripwire("bad input reached the work it should have been refused before")
 
     for module, name in ((loading, "load_model"), (loading, "load_pair"), (offline, "assemble"), (offline, "convert"),
-                         (serve_app, "run"), (peers, "_step"), (engine, "server_process")):
+                         (serve_app, "serve_app"), (peers, "_step"), (engine, "server_process")):
         monkeypatch.setattr(module, name, trip)
     monkeypatch.setenv("DRAFTAPPROX_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)  # defaults that name files write here, never into the checkout
@@ -241,6 +241,10 @@ BAD_VALUES = [
     ["serve", "--upstream", "localhost:8000"], ["serve", "--upstream", "http://h:1/v2"],
     ["serve", "--kv-cache-memory", "lots"], ["serve", "--prefill-chunk", "soon"], ["serve", "--chat-forward", "x"],
     ["serve", "--method", "nope"], ["serve", "--upstream", "http://h:1/v1", "--method", "speckv"],
+    ["serve", "--upstream", "http://h:1/v1", "--budget", "4096:2"], ["serve", "--budget", "4096:1.0"],
+    ["serve", "--upstream", "http://h:1/v1", "--model-budget", "m"],
+    ["serve", "--upstream", "http://h:1/v1", "--on-compress-error", "x"],
+    ["serve", "--upstream", "http://h:1/v1", "--compress-timeout", "0"],
     ["generate", "--example", "-b", "abc"], ["generate", "--example", "-m", "speckv", "--set", "window"],
     ["generate", "--example", "--dtype", "float64"], ["compress", "--example", "-m", "fullkv"],
     ["bench", "--methods", "nope"], ["bench", "--budgets", "x"], ["bench", "--lengths", "12"],

@@ -30,10 +30,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(service: Service, api_key: str | None = None, shutdown_timeout: float = 5.0) -> Iterator[str]:
-    """Serve `service` on a free loopback port in a thread; yields the base URL (`.../v1`)."""
-    port = free_port()
-    app = create_app(service, api_key=api_key, shutdown_timeout=shutdown_timeout)
+def running(service: Service, api_key: str | None = None, shutdown_timeout: float = 5.0,
+            port: int | None = None) -> Iterator[str]:
+    """Serve `service` on a loopback port (a free one unless given) in a thread; yields the base URL (`.../v1`)."""
+    with running_app(create_app(service, api_key=api_key, shutdown_timeout=shutdown_timeout), port) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_app(app, port: int | None = None) -> Iterator[str]:
+    """Serve an ASGI `app` on a loopback port in a thread; yields the base URL (`.../v1`)."""
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

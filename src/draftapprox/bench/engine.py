@@ -75,9 +75,10 @@ def server_process(name: str, command: list[str], env: dict[str, str], url: str,
 
 @contextmanager
 def serving(model_dir: Path, dtype: str, log_path: Path, threads: int | None = None,
-            cache: str | Path | None = None, max_len: int = 10240, prefix_caching: bool = False) -> Iterator[str]:
-    """vLLM's OpenAI server on a free loopback port for the life of the block; yields its base URL. Prefix caching
-    is off unless asked, so that every repeat really prefills."""
+            cache: str | Path | None = None, max_len: int = 10240, prefix_caching: bool = False,
+            extra: tuple[str, ...] = ()) -> Iterator[str]:
+    """vLLM's OpenAI server on a free loopback port for the life of the block, `extra` added to its arguments;
+    yields its base URL. Prefix caching is off unless asked, so that every repeat really prefills."""
     exe = python("vllm", cache)
     if not exe.exists():
         raise InputError("vLLM's environment is missing: run `draftapprox eval setup-peer vllm` first")
@@ -88,7 +89,7 @@ def serving(model_dir: Path, dtype: str, log_path: Path, threads: int | None = N
     command = [str(exe), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--dtype", dtype,
                "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_len),
                "--served-model-name", "target",
-               "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"]
+               "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching", *extra]
     url = f"http://127.0.0.1:{port}"
     with server_process("vLLM", command, env, url, log_path, STARTUP_SECONDS):
         yield url
@@ -109,14 +110,14 @@ threading.Event().wait()
 
 @contextmanager
 def serving_llamacpp(gguf: Path, log_path: Path, threads: int | None = None, context: int = 8192,
-                     parallel: int = 1) -> Iterator[str]:
-    """llama.cpp's server (the `xllamacpp` wheel) on the GGUF, on a free loopback port, with `parallel` slots
-    sharing `context` tokens; yields its base URL."""
+                     parallel: int = 1, port: int | None = None) -> Iterator[str]:
+    """llama.cpp's server (the `xllamacpp` wheel) on the GGUF, on a loopback port (a free one unless given), with
+    `parallel` slots sharing `context` tokens; yields its base URL."""
     try:
         import xllamacpp  # noqa: F401
     except ImportError:
         raise InputError("llama.cpp's server is missing: pip install xllamacpp") from None
-    port = free_port()
+    port = port or free_port()
     command = [sys.executable, "-c", _LLAMACPP, str(gguf), str(port), str(context), str(threads or os.cpu_count()),
                str(parallel)]
     url = f"http://127.0.0.1:{port}"

@@ -8,7 +8,7 @@ Stages (rows land in one JSONL as they are measured; a rerun skips what is there
     request number, so no engine can reuse a cached prefix;
   - rate: requests per minute with 1, 2, 4 clients each sending `repeats` prompts back to back;
   - warm: several questions about one document in turn, the engine's prefix cache on: the engine alone, the proxy
-    cutting every question, and the proxy with its prefix ledger (`serve.prefix`);
+    cutting every question, and the proxy with its prefix ledger (`serve.proxy.prefix`);
   - accuracy: the RULER grid's prompts, token for token, answered by the engine alone and through the proxy (the
     grid's in-process SpecPC answers to the same prompts are the reference).
 The cold, rate and accuracy stages run the proxy with `--no-prefix-reuse`: RULER's samples of a task share long

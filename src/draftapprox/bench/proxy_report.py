@@ -118,7 +118,7 @@ def _warm(rows: list[dict]) -> list[str]:
     return ["## One document, several questions: the engine's prefix cache warm", "",
             f"One {length}-token RULER document, {count} questions about its needles asked in turn (each after the "
             "previous answer), the engine's prefix cache on. The engine alone prefills the document once; a cut "
-            "prompt differs per question and misses that cache. With its ledger (`serve/prefix.py`) the proxy "
+            "prompt differs per question and misses that cache. With its ledger (`serve/proxy/prefix.py`) the proxy "
             "cuts the first question and gives every later one the same cut of the document with its own question "
             "whole: the engine finds the cut document in its cache and the draft does no work.", "",
             *table(["engine", "mode", *(f"Q{i + 1} s" for i in range(count)), "mean s", "total s", "correct",

@@ -10,7 +10,6 @@ import typer
 
 from ..errors import ConfigError
 from .common import (
-    BudgetOpt,
     CacheOpt,
     DeviceOpt,
     DraftDtypeOpt,
@@ -41,7 +40,10 @@ def parse_bytes(text: str) -> int:
 def serve(
     method: Annotated[str | None, typer.Option(
         "--method", "-m", help="Default method (speckv; with --upstream: specpc, or none).")] = None,
-    budget: BudgetOpt = None,
+    budget: Annotated[str | None, typer.Option(
+        "--budget", "-b", help="Tokens (256) or a ratio of the prompt (0.25); with --upstream also a keep curve by "
+                               "prompt length, LENGTH:RATIO,... (4096:1.0,8192:0.5,32768:0.25). Default: the "
+                               "method's own (0.25 with --upstream).")] = None,
     knob: SetOpt = None,
     draft: DraftOpt = None,
     target: TargetOpt = None,
@@ -65,7 +67,8 @@ def serve(
     served_model_name: Annotated[str | None, typer.Option(
         help="The model name clients send (default: the target's folder or id, or the upstream's model).")] = None,
     upstream: Annotated[str | None, typer.Option(
-        help="Proxy mode: an OpenAI base URL (http://HOST:PORT/v1) that answers; only the draft is loaded.")] = None,
+        help="Proxy mode: an OpenAI base URL (http://HOST:PORT/v1) of the engine that answers; only the draft is "
+             "loaded, and the proxy waits for an engine that is not up yet.")] = None,
     upstream_model: Annotated[str | None, typer.Option(help="The upstream's model (default: the first it lists).")]
     = None,
     upstream_api_key: Annotated[str | None, typer.Option(envvar="DRAFTAPPROX_UPSTREAM_API_KEY",
@@ -81,7 +84,17 @@ def serve(
         help="With --upstream: forward whole a prompt the upstream's prefix cache mostly holds, or one that repeats "
              "an earlier prompt's long prefix (a second question on a document), instead of cutting it.")] = True,
     allow_text: Annotated[bool, typer.Option(
-        help="With --upstream: forward text when the upstream's tokenizer differs from the draft's.")] = False,
+        help="With --upstream: cut and forward text when the upstream's tokenizer differs from the draft's (else "
+             "such prompts pass uncut).")] = False,
+    compress_timeout: Annotated[float | None, typer.Option(
+        help="With --upstream: seconds a prompt may wait for and spend in the draft before it is forwarded uncut "
+             "(or fails, with --on-compress-error fail).")] = 120.0,
+    on_compress_error: Annotated[str, typer.Option(
+        help="With --upstream: forward (the prompt goes uncut, counted in /metrics) or fail (an error of ours) when "
+             "compressing fails, times out or finds the draft's queue full.")] = "forward",
+    model_budget: Annotated[list[str] | None, typer.Option(
+        help="With --upstream: MODEL=BUDGET for requests to one of the engine's models (a count, a ratio or a keep "
+             "curve); repeatable.")] = None,
     static_decode: Annotated[bool | None, typer.Option(
         "--static-decode/--no-static-decode",
         help="Decode batches over fixed-shape storage, replayed as a CUDA graph on a GPU (default: on a GPU only; on "
@@ -94,8 +107,9 @@ def serve(
 ) -> None:
     """Serve the OpenAI API (completions and chat, streaming or not) with a method per request."""
     from ..models import offline
-    from ..serve.app import run
+    from ..serve.app import create_app, serve_app
     from ..serve.metrics import Metrics
+    from ..serve.proxy.prefix import PrefixLedger
     from ..serve.responses import Service
 
     memory = parse_bytes(kv_cache_memory)
@@ -113,6 +127,12 @@ def serve(
             raise ConfigError(f"{name} must be > 0 seconds, got {value}")
     if chat_forward not in ("ids", "messages"):
         raise ConfigError(f"--chat-forward must be ids or messages, got {chat_forward!r}")
+    if on_compress_error not in ("forward", "fail"):
+        raise ConfigError(f"--on-compress-error must be forward or fail, got {on_compress_error!r}")
+    if compress_timeout is not None and compress_timeout <= 0:
+        raise ConfigError(f"--compress-timeout must be > 0 seconds, got {compress_timeout}")
+    if upstream is None and (model_budget or (budget is not None and ":" in budget)):
+        raise ConfigError("keep curves and --model-budget are the proxy's: they need --upstream")
     metrics = Metrics()
     if upstream is None:
         from ..models.loading import load_pair
@@ -127,31 +147,42 @@ def serve(
                               metrics=metrics, static_decode=static_decode)
         service = Service(pair, LocalBackend(scheduler), name, chosen, lookahead=lookahead,
                           request_timeout=request_timeout)
-        where = f"KV pool {memory / 2**20:.0f} MiB"
+        app = create_app(service, api_key=api_key, shutdown_timeout=shutdown_timeout)
+        err.print(f"serving {name} with {chosen.describe()} by default on http://{host}:{port}/v1, KV pool "
+                  f"{memory / 2**20:.0f} MiB")
     else:
         from ..methods import PromptMethod
         from ..models.loading import Pair, load_model
-        from ..serve.upstream import UpstreamBackend, check_upstream
+        from ..serve.proxy.app import create_proxy_app
+        from ..serve.proxy.budgets import Budgets
+        from ..serve.proxy.compressor import Compressor
+        from ..serve.proxy.handler import Proxy
+        from ..serve.proxy.link import Link, Upstream
+        from ..serve.proxy.relay import Relay
 
         if not upstream.startswith(("http://", "https://")) or not upstream.rstrip("/").endswith("/v1"):
             raise ConfigError(f"--upstream must be an OpenAI base URL, http(s)://HOST:PORT/v1, got {upstream!r}")
-        chosen = None if method == "none" else method_from(method or "specpc", budget or "0.25", knob)
+        curve = budget is not None and ":" in budget
+        budgets = Budgets.parse(budget if curve else None, model_budget)
+        chosen = None if method == "none" else method_from(method or "specpc", None if curve else budget or "0.25",
+                                                           knob)
         if chosen is not None and (not isinstance(chosen, PromptMethod) or chosen.needs_target):
             raise ConfigError(f"--upstream serves prompt methods that need no target (specpc, specprefill, "
                               f"randompc, recencypc) or none, not {chosen.name}")
         model, tokenizer = load_model(draft if draft is not None else offline.DRAFT.name,
                                       dtype=draft_dtype or dtype, device=device, threads=threads, cache=cache_dir,
                                       log=err.print)
-        found, context = check_upstream(upstream, tokenizer, model=upstream_model, api_key=upstream_api_key,
-                                        timeout=upstream_timeout, allow_text=allow_text,
-                                        chat_messages=chat_forward == "messages", say=err.print)
         pair = Pair(model, tokenizer, model)  # the draft stands in for the target's tokenizer checks
-        backend = UpstreamBackend(pair, found, max_queue=max_queue, min_prompt_tokens=min_prompt_tokens,
-                                  metrics=metrics, prefix_reuse=prefix_reuse)
-        name = served_model_name or found.model
-        service = Service(pair, backend, name, chosen, lookahead=lookahead, request_timeout=request_timeout,
-                          context_length=context, prompt_methods_only=True)
-        where = f"in front of {found.url} ({found.model}, forwarding {'ids' if found.ids else 'text'})"
-    default = chosen.describe() if chosen is not None else "none"
-    err.print(f"serving {name} with {default} by default on http://{host}:{port}/v1, {where}")
-    run(service, host=host, port=port, api_key=api_key, shutdown_timeout=shutdown_timeout)
+        link = Link(Upstream(upstream.rstrip("/"), upstream_model, upstream_api_key, upstream_timeout), tokenizer,
+                    allow_text=allow_text)
+        if not link.refresh(force=True):
+            err.print(f"waiting for the upstream: {link.problem} (/health answers 503 until it does)")
+        proxy = Proxy(pair, link, Compressor(pair, metrics, max_queue=max_queue, timeout=compress_timeout,
+                                             on_error=on_compress_error),
+                      Relay(link), metrics, chosen, budgets, served_model_name, min_prompt_tokens,
+                      chat_forward == "messages", PrefixLedger() if prefix_reuse else None)
+        app = create_proxy_app(proxy, api_key=api_key)
+        shown = chosen.describe() if chosen is not None else "none"
+        err.print(f"serving {shown}{f' at {budget}' if curve else ''} by default on http://{host}:{port}/v1, in "
+                  f"front of {link.upstream.url}")
+    serve_app(app, host=host, port=port, shutdown_timeout=shutdown_timeout)

@@ -2,5 +2,6 @@
 
 Layers, top down: `app` (FastAPI app, errors, lifetime) -> `routes` (one module per group) -> `responses` (a
 request's method, job and answer) -> `scheduler` (the engine thread: admission by memory, interleaved prefill,
-batched decode) -> `generation`.
+batched decode) -> `generation`. `proxy` is the other server, `serve --upstream`: cuts prompts on the draft in
+front of another engine and passes everything else through.
 """

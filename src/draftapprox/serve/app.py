@@ -1,8 +1,8 @@
 """The HTTP application: routes, OpenAI-style errors for everything that goes wrong, the scheduler's lifetime, and
-`run`, which serves it with uvicorn.
+`serve_app`, which serves it (or the proxy's app, `proxy.app`) with uvicorn.
 
-Nothing here touches a tensor: routes turn bodies into token ids and work (`responses`), a backend runs it: our
-own scheduler (`local`) or an upstream engine behind SpecPC (`upstream`).
+Nothing here touches a tensor: routes turn bodies into token ids and work (`responses`), our own scheduler
+(`local`) runs it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from .metrics import Metrics
 from .protocol import ApiError, error_body
 from .responses import Service
 from .routes import chat, completions, info, tokenize
@@ -39,9 +40,15 @@ def create_app(service: Service, *, api_key: str | None = None, shutdown_timeout
     app.state.service, app.state.api_key = service, api_key
     for module in (completions, chat, info, tokenize):
         app.include_router(module.router)
+    answer_errors(app, service.metrics)
+    return app
+
+
+def answer_errors(app: FastAPI, metrics: Metrics) -> None:
+    """Every error as an OpenAI error body with its status, counted by status (shared with the proxy's app)."""
 
     def answer(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
-        service.metrics.requests.labels(str(status)).inc()
+        metrics.requests.labels(str(status)).inc()
         return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(ApiError)
@@ -71,16 +78,14 @@ def create_app(service: Service, *, api_key: str | None = None, shutdown_timeout
         log.exception("%s %s failed", request.method, request.url.path)
         return answer(500, error_body(f"{type(error).__name__}: {error}", "server_error"))
 
-    return app
 
-
-def run(service: Service, *, host: str, port: int, api_key: str | None, shutdown_timeout: float,
-        log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM: uvicorn stops accepting, lets open requests finish for `shutdown_timeout`
-    seconds, then the backend cancels what is left."""
+def serve_app(app: FastAPI, *, host: str, port: int, shutdown_timeout: float, log_level: str = "info") -> None:
+    """Serve `app` until SIGINT/SIGTERM: uvicorn stops accepting, lets open requests finish for `shutdown_timeout`
+    seconds, then the app's lifespan stops what is left."""
     import uvicorn
 
-    app = create_app(service, api_key=api_key, shutdown_timeout=shutdown_timeout)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=max(1, int(shutdown_timeout)))
     uvicorn.Server(config).run()
+
+

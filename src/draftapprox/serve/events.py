@@ -1,5 +1,5 @@
-"""What a backend's answer is made of, whichever backend it is (our own scheduler or an upstream engine): text as it
-comes, then either the end with its usage and record, or a failure with the HTTP status it maps to."""
+"""What a backend's answer is made of: text as it comes, then either the end with its usage and record, or a
+failure with the HTTP status it maps to."""
 
 from __future__ import annotations
 

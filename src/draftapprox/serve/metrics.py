@@ -19,6 +19,11 @@ class Metrics:
         self.generation_tokens = Counter("draftapprox_generation_tokens", "Tokens generated", registry=r)
         self.token_mismatch = Counter("draftapprox_upstream_token_mismatch", "Forwarded prompts (text mode) whose "
                                       "upstream count differs from ours by more than 1%", registry=r)
+        self.compress_fallbacks = Counter("draftapprox_compress_fallbacks", "Prompts the proxy forwarded uncut "
+                                          "because compressing them failed, timed out or found the draft's queue "
+                                          "full, by reason", ["reason"], registry=r)
+        self.upstream_up = Gauge("draftapprox_upstream_up", "1 while the proxy's upstream answers, else 0",
+                                 registry=r)
         self.kv_bytes = Gauge("draftapprox_kv_cache_bytes", "KV bytes held now by running requests", registry=r)
         self.queue_depth = Gauge("draftapprox_queue_depth", "Requests waiting for admission", registry=r)
         self.running = Gauge("draftapprox_running_requests", "Requests prefilled and decoding", registry=r)

@@ -1,5 +1,5 @@
-"""From a validated request to its answer: the method it asked for, the work handed to the backend (our scheduler
-or an upstream engine), and the OpenAI response object, or its stream of server-sent events, built from the
+"""From a validated request to its answer on our own server: the method it asked for, the work handed to the
+backend (the scheduler), and the OpenAI response object, or its stream of server-sent events, built from the
 backend's events.
 
 Completions and chat share all of this; they differ only in how the prompt becomes token ids and in the shape of
@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import ConfigError
 from ..generation import Sampling
-from ..methods import Method, PromptMethod, make
+from ..methods import Method, make
 from ..models.loading import Pair
 from .events import Delta, Failed, Finished
 from .metrics import Metrics
@@ -44,19 +44,17 @@ class Backend(Protocol):
 class Service:
     """What the routes share: the tokenizer side of the models, the backend, and the server's defaults.
 
-    `pair` tokenizes and checks prompts; in front of an upstream engine it holds only the draft, which also stands
-    in for the target's vocabulary (the tokenizers were compared at start)."""
+    `pair` tokenizes and checks prompts and runs them."""
 
     pair: Pair
     backend: Backend
     model_name: str
-    method: Method | None  # the default method; None: pass prompts through (a proxy's "none")
+    method: Method  # the default method
     lookahead: int = 32  # draft tokens a lookahead method writes unless the request says otherwise
     request_timeout: float | None = None
     completion_max_tokens: int = 16  # the OpenAI API's default for /v1/completions
     chat_max_tokens: int = 512
     context_length: int | None = None  # default: the target's
-    prompt_methods_only: bool = False  # in front of an upstream engine only the prompt can be cut
 
     @property
     def metrics(self) -> Metrics:
@@ -67,41 +65,32 @@ class Service:
         return self.context_length or self.pair.context_length
 
 
-def choose_method(service: Service, options: Options | None) -> Method | None:
-    """The request's method: the server's default unless `draftapprox` names another, budget and knobs applied.
+def requested_method(default: Method | None, options: Options | None) -> tuple[Method | None, set[str]]:
+    """The method a request's `draftapprox` field asks for, and the knobs it set itself.
 
     Knobs and budget the request does not give come from the server's default when it names the default method,
-    and from the method's own defaults otherwise. A lookahead left unset is bounded by the server's `lookahead`
-    rather than the request's `max_tokens`, which could be thousands.
-    """
-    default = service.method
+    and from the method's own defaults otherwise. Shared by our own server and the proxy."""
     if options is None or (options.method is None and options.budget is None and not options.settings):
-        method, explicit = default, set()
-    elif (options.method or "").lower() == "none" and service.prompt_methods_only:
-        if options.budget is not None or options.settings:
-            raise ApiError(400, "method none passes the prompt through: it takes no budget or settings",
-                           param="draftapprox.method")
-        return None
-    else:
-        name = (options.method or (default.name if default else "")).lower()
-        base = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)} \
-            if default is not None and name == default.name else {}
-        settings = {k: v for k, v in base.items() if k != "budget"} | options.settings
-        budget = options.budget if options.budget is not None else base.get("budget")
-        try:
-            method = make(name, budget, **settings)
-        except ConfigError as error:
-            text = str(error)
-            param = ("draftapprox.method" if "unknown method" in text else "draftapprox.budget"
-                     if "budget" in text.split(":", 1)[-1][:20] else "draftapprox.settings")
-            raise ApiError(400, text, param=param) from None
-        explicit = set(options.settings)
-    if method is None:
-        return None
-    if service.prompt_methods_only and (not isinstance(method, PromptMethod) or method.needs_target):
-        raise ApiError(400, f"{method.name} cannot run in front of an upstream engine: only prompt methods that "
-                            "need no target can (specpc, specprefill, randompc, recencypc), or none",
-                       param="draftapprox.method")
+        return default, set()
+    name = (options.method or (default.name if default else "")).lower()
+    base = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)} \
+        if default is not None and name == default.name else {}
+    settings = {k: v for k, v in base.items() if k != "budget"} | options.settings
+    budget = options.budget if options.budget is not None else base.get("budget")
+    try:
+        return make(name, budget, **settings), set(options.settings)
+    except ConfigError as error:
+        text = str(error)
+        param = ("draftapprox.method" if "unknown method" in text else "draftapprox.budget"
+                 if "budget" in text.split(":", 1)[-1][:20] else "draftapprox.settings")
+        raise ApiError(400, text, param=param) from None
+
+
+def choose_method(service: Service, options: Options | None) -> Method:
+    """The request's method on our own server: `requested_method`, checked against the loaded models. A lookahead
+    left unset is bounded by the server's `lookahead` rather than the request's `max_tokens`, which could be
+    thousands."""
+    method, explicit = requested_method(service.method, options)
     if method.needs_draft and service.pair.draft is None:
         raise ApiError(400, f"{method.name} needs a draft model and this server has none", param="draftapprox.method")
     if getattr(method, "lookahead", 0) is None and "lookahead" not in explicit:
@@ -130,14 +119,12 @@ def _max_tokens(service: Service, body, n: int, chat: bool) -> int:
     return max_tokens
 
 
-async def respond(service: Service, http: Request, body, ids: torch.Tensor, chat: bool,
-                  messages: list[dict] | None = None) -> JSONResponse | StreamingResponse:
+async def respond(service: Service, http: Request, body, ids: torch.Tensor,
+                  chat: bool) -> JSONResponse | StreamingResponse:
     """Run one request to its answer. `body`: the validated request; `ids (1, n)`: its prompt's token ids."""
     method = choose_method(service, body.draftapprox)
-    fields = {k: v for k, v in (("temperature", body.temperature), ("top_p", body.top_p), ("seed", body.seed))
-              if v is not None}
     work = Work(ids, method, _max_tokens(service, body, ids.shape[1], chat), sampling(body), body.stop or [],
-                body.ignore_eos, http, service.request_timeout, messages, fields)
+                body.ignore_eos, http, service.request_timeout)
     events = service.backend.open(work)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": service.model_name}
@@ -151,7 +138,7 @@ async def respond(service: Service, http: Request, body, ids: torch.Tensor, chat
 
 async def _first(events: AsyncIterator) -> Delta | Finished:
     """The first event, awaited before a response starts, so that a refusal or a failure before the first token
-    (an upstream that is down, a prompt that cannot be compressed) is an HTTP error, not a broken stream."""
+    (a full queue, a prompt that cannot be run) is an HTTP error, not a broken stream."""
     try:
         event = await anext(events)
     except Disconnected:

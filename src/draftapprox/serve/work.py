@@ -4,7 +4,7 @@ connection (so that a backend can notice a client that went away)."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from fastapi import Request
@@ -16,15 +16,13 @@ from ..methods import Method
 @dataclass
 class Work:
     ids: torch.Tensor  # (1, n): the whole prompt, chat template applied
-    method: Method | None  # None: the prompt passes through untouched (the proxy's "none")
+    method: Method
     max_tokens: int
     sampling: Sampling
     stop: list[str]
     ignore_eos: bool
     http: Request | None
     timeout: float | None = None
-    messages: list[dict] | None = None  # a chat's conversation, as the template took it
-    fields: dict = field(default_factory=dict)  # sampling fields as the client sent them (forwarded upstream)
 
 
 class Disconnected(Exception):

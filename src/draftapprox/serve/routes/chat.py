@@ -21,4 +21,4 @@ async def chat_completions(body: ChatRequest, http: Request, svc: ServiceDep):
         ids = encode_messages(svc.pair, conversation)
     except InputError as error:
         raise ApiError(400, str(error), param="messages") from None
-    return await respond(svc, http, body, ids, chat=True, messages=conversation)
+    return await respond(svc, http, body, ids, chat=True)

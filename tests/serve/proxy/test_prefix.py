@@ -1,6 +1,6 @@
 """The proxy's ledger of what the upstream engine has probably cached, and of the cuts it made."""
 
-from draftapprox.serve.prefix import BLOCK, Plan, PrefixLedger
+from draftapprox.serve.proxy.prefix import BLOCK, Plan, PrefixLedger
 
 
 def test_a_document_asked_again_gets_its_first_cut_for_the_shared_blocks():
