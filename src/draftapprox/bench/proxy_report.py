@@ -74,22 +74,26 @@ def _rate(rows: list[dict]) -> list[str]:
     cells = {(r["engine"], r["clients"], r["mode"]): r for r in rows}
     body = []
     for engine, clients in sorted({(e, c) for e, c, _ in cells}):
-        figures = {}
+        figures, uncut = {}, ""
         for mode in ("engine", "proxy"):
             row = cells.get((engine, clients, mode))
             if row:
                 figures[mode] = (len(row["requests"]) / row["wall"] * 60,
                                  _median([q["first_token"] for q in row["requests"]]))
+            if row and mode == "proxy":  # prompts the proxy sent whole (its draft's queue full or too slow)
+                whole = sum(bool((q.get("record") or {}).get("forwarded_whole")) for q in row["requests"])
+                uncut = f"{whole}/{len(row['requests'])}"
         alone, proxy = figures.get("engine"), figures.get("proxy")
         length = next(r["length"] for (e, c, _), r in cells.items() if (e, c) == (engine, clients))
         body.append([NAMES.get(engine, engine), str(length), str(clients), _fmt(alone and alone[0]),
                      _fmt(proxy and proxy[0]), _fmt(proxy[0] / alone[0] if alone and proxy else None),
-                     _fmt(alone and alone[1], 1), _fmt(proxy and proxy[1], 1)])
+                     _fmt(alone and alone[1], 1), _fmt(proxy and proxy[1], 1), uncut])
     return ["## Requests per minute", "",
             "Each client sends its prompts back to back (distinct prompts, 16 new tokens each, EOS ignored); "
-            "requests per minute over the whole cell. Engine and draft share the same two cores.", "",
+            "requests per minute over the whole cell. Engine and draft share the same two cores. The last column "
+            "counts the prompts the proxy forwarded uncut (it fails open when its draft cannot keep up).", "",
             *table(["engine", "length", "clients", "engine alone req/min", "proxy req/min", "x alone",
-                    "engine alone TTFT p50 s", "proxy TTFT p50 s"], body), ""]
+                    "engine alone TTFT p50 s", "proxy TTFT p50 s", "proxy sent uncut"], body), ""]
 
 
 def warm_figures(rows: list[dict]) -> dict[tuple[str, str], list[float]]:
@@ -195,6 +199,8 @@ def _targets(cold: dict, accuracy: dict) -> list[str]:
     for engine, n, bound in TARGETS:
         f = cold.get((engine, n))
         r = f and f["ratio"]
+        if f is None:
+            continue  # not part of this run
         rows.append([f"{n} tokens: proxy TTFT <= {bound:.2f}x {NAMES[engine]} alone", _fmt(r),
                      "not measured" if r is None else "met" if r <= bound else "missed"])
     for engine, f in accuracy.items():
@@ -220,15 +226,46 @@ def write(paths: list[Path], references: list[Path], out: Path, command: str | N
              "the 1.5B target, against the engine alone; every process on this machine's "
              f"{env['threads']} CPU threads, every request over HTTP as token ids. One run: read ratios, not "
              "absolute seconds.", ""]
-    body = [*_targets(cold, accuracy), *_cold(cold)]
+    body = _targets(cold, accuracy) if cold or accuracy else []
+    if cold:
+        body += _cold(cold)
     if stages.get("rate"):
-        body += _rate(stages["rate"])
+        body += [*_rate(stages["rate"]), "![requests per minute by clients](proxy-rate.png)", ""]
     if stages.get("warm"):
         body += _warm(stages["warm"])
     if accuracy:
         body += _accuracy(accuracy, ratio)
     page = publish(out / "proxy.md", intro, command, body)
-    return [page, *_plot(cold, out)]
+    return [page, *_plot(cold, out), *_plot_rate(stages.get("rate", []), out)]
+
+
+def _plot_rate(rows: list[dict], out: Path) -> list[Path]:
+    """Requests per minute against concurrent clients, the engine alone and through the proxy, per engine."""
+    if not rows:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = sorted({r["engine"] for r in rows})
+    fig, axes = plt.subplots(1, len(engines), figsize=(5.0 * len(engines), 3.6), squeeze=False)
+    for ax, engine in zip(axes[0], engines, strict=True):
+        for mode, color in (("engine", "gray"), ("proxy", "tab:blue")):
+            cells = sorted((r["clients"], len(r["requests"]) / r["wall"] * 60) for r in rows
+                           if r["engine"] == engine and r["mode"] == mode)
+            ax.plot([c for c, _ in cells], [v for _, v in cells], "o-", color=color,
+                    label="engine alone" if mode == "engine" else "through the proxy")
+        ax.set_xscale("log", base=2)
+        ax.set(title=NAMES.get(engine, engine), xlabel="concurrent clients", ylabel="requests per minute",
+               ylim=(0, None))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "proxy-rate.png"
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+    return [path]
 
 
 def _plot(cold: dict, out: Path) -> list[Path]:

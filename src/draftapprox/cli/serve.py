@@ -169,6 +169,10 @@ def serve(
         if chosen is not None and (not isinstance(chosen, PromptMethod) or chosen.needs_target):
             raise ConfigError(f"--upstream serves prompt methods that need no target (specpc, specprefill, "
                               f"randompc, recencypc) or none, not {chosen.name}")
+        if target is not None:
+            raise ConfigError("--target is the engine's with --upstream: the proxy loads only the draft")
+        if chosen is not None:
+            budgets.check(chosen)
         model, tokenizer = load_model(draft if draft is not None else offline.DRAFT.name,
                                       dtype=draft_dtype or dtype, device=device, threads=threads, cache=cache_dir,
                                       log=err.print)

@@ -19,13 +19,15 @@ class Metrics:
         self.generation_tokens = Counter("draftapprox_generation_tokens", "Tokens generated", registry=r)
         self.token_mismatch = Counter("draftapprox_upstream_token_mismatch", "Forwarded prompts (text mode) whose "
                                       "upstream count differs from ours by more than 1%", registry=r)
-        self.compress_fallbacks = Counter("draftapprox_compress_fallbacks", "Prompts the proxy forwarded uncut "
-                                          "because compressing them failed, timed out or found the draft's queue "
-                                          "full, by reason", ["reason"], registry=r)
+        self.compress_failures = Counter("draftapprox_compress_failures", "Prompts the proxy could not compress "
+                                         "(the draft failed, took longer than --compress-timeout, or its queue was "
+                                         "full), by reason; each went uncut, or failed with --on-compress-error "
+                                         "fail", ["reason"], registry=r)
         self.upstream_up = Gauge("draftapprox_upstream_up", "1 while the proxy's upstream answers, else 0",
                                  registry=r)
         self.kv_bytes = Gauge("draftapprox_kv_cache_bytes", "KV bytes held now by running requests", registry=r)
-        self.queue_depth = Gauge("draftapprox_queue_depth", "Requests waiting for admission", registry=r)
+        self.queue_depth = Gauge("draftapprox_queue_depth", "Requests waiting for admission (the proxy: prompts "
+                                 "waiting for or in the draft)", registry=r)
         self.running = Gauge("draftapprox_running_requests", "Requests prefilled and decoding", registry=r)
         self.ttft = Histogram("draftapprox_time_to_first_token_seconds", "From arrival to the first token",
                               buckets=_LATENCY, registry=r)

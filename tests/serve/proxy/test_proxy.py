@@ -181,7 +181,7 @@ def test_a_different_tokenizer_does_not_stop_the_proxy(engine):
         health = httpx.get(url.removesuffix("/v1") + "/health").json()
         assert health["forwarding"] == "uncut" and "at token 0" in health["note"]
         out = ask(url, words(200), max_tokens=2, extra_body={"draftapprox": PC}).model_extra["draftapprox"]
-        assert out["forwarded_whole"] == "tokenizer" and out["kept_tokens"] == 200 and out["forwarded"] == "text"
+        assert out["forwarded_whole"] == "tokenizer" and out["kept_tokens"] == 200 and out["forwarded"] == "unchanged"
     with serving_proxy(tiny_proxy(engine[0], tokenizer=other, allow_text=True)) as url:
         out = ask(url, words(200), max_tokens=2, extra_body={"draftapprox": PC}).model_extra["draftapprox"]
         assert out["kept_tokens"] == 50 and out["forwarded"] == "text"
@@ -264,7 +264,7 @@ def test_a_compression_that_fails_sends_the_prompt_uncut_and_is_counted(engine, 
             extra = out.model_extra["draftapprox"]
             assert extra["forwarded_whole"] == fault and extra["kept_tokens"] == extra["upstream_prompt_tokens"] == 200
             assert out.choices[0].text is not None
-            assert metric(url, f'draftapprox_compress_fallbacks_total{{reason="{fault}"}}') == 1
+            assert metric(url, f'draftapprox_compress_failures_total{{reason="{fault}"}}') == 1
     finally:
         handle.remove()
 
@@ -304,3 +304,21 @@ def test_models_and_other_routes_pass_through(engine, proxy):
     assert httpx.post(f"{root}/tokenize", json=body).json() == httpx.post(f"{engine_root}/tokenize", json=body).json()
     missing = httpx.get(f"{root}/nowhere")
     assert missing.status_code == httpx.get(f"{engine_root}/nowhere").status_code == 404
+
+
+def test_what_is_not_cut_reaches_the_engine_as_the_client_sent_it(engine):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": words(300, seed=5)}], "max_tokens": 3,
+            "temperature": 0, "seed": 4}
+    completion = {"model": MODEL, "prompt": words(200, seed=6), "max_tokens": 2, "temperature": 0, "user": "u"}
+    with tapped(engine[0]) as (tap, engine_url), serving_proxy(tiny_proxy(engine_url)) as url:
+        none = {"draftapprox": {"method": "none"}}
+        assert httpx.post(f"{url}/chat/completions", json={**chat, **none}, timeout=60).status_code == 200
+        assert tap.sent("/chat/completions") == chat  # to the engine's own chat route, untouched
+        httpx.post(f"{url}/completions", json={**completion, "draftapprox": PC}, timeout=60)
+        sent = tap.sent("/completions")
+        assert len(sent.pop("prompt")) == 50 and sent == {k: v for k, v in completion.items() if k != "prompt"}
+        out = httpx.post(f"{url}/chat/completions", json={**chat, "draftapprox": PC}, timeout=60).json()
+        sent = tap.sent("/completions")  # a plain chat, cut: rendered here, the kept ids to the completions route
+        assert out["draftapprox"]["forwarded"] == "ids" and out["object"] == "chat.completion"
+        assert len(sent.pop("prompt")) == out["draftapprox"]["kept_tokens"]
+        assert sent == {"model": MODEL, "max_tokens": 3, "temperature": 0, "seed": 4}

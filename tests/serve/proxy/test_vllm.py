@@ -82,7 +82,8 @@ def test_structured_output_and_several_choices_pass_through(through):
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     out = client.chat.completions.create(
         model="proxied", messages=[{"role": "user", "content": "Name a city in France as JSON."}], temperature=0.8,
-        seed=1, max_tokens=30, n=2, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+        seed=1, max_tokens=30, n=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
     assert len(out.choices) == 2
     for choice in out.choices:
         assert isinstance(json.loads(choice.message.content)["city"], str)

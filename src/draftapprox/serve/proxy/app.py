@@ -14,8 +14,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..app import answer_errors
+from ..auth import authorized
 from ..protocol import ApiError
-from ..routes.common import authorized
 from .handler import Proxy
 
 
@@ -36,7 +36,12 @@ def create_proxy_app(proxy: Proxy, *, api_key: str | None = None, probe_every: f
 
     async def follow() -> None:
         while True:
-            await asyncio.to_thread(link.refresh, True)
+            try:
+                await asyncio.to_thread(link.refresh, True)
+                if link.ready:
+                    await asyncio.to_thread(link.verdict, link.model())
+            except Exception as error:  # the loop must outlive whatever the engine answers
+                link.lost(error)
             proxy.metrics.upstream_up.set(1 if link.ready else 0)
             await asyncio.sleep(probe_every if link.ready else link.retry)
 
@@ -73,10 +78,13 @@ def create_proxy_app(proxy: Proxy, *, api_key: str | None = None, probe_every: f
     async def models(http: Request) -> Response:
         """The engine's list, with the proxy's own name for its default model where it has one."""
         response = await proxy.relay.raw(http, "v1/models")
-        if response.status_code != 200 or not proxy.name:
+        try:
+            listed = json.loads(response.body) if response.status_code == 200 and proxy.name else None
+        except json.JSONDecodeError:
+            listed = None
+        if not isinstance(listed, dict) or not isinstance(listed.get("data", []), list):
             return response
-        listed = json.loads(response.body)
-        if proxy.name not in {m.get("id") for m in listed.get("data") or []}:
+        if proxy.name not in {m.get("id") for m in listed.get("data", []) if isinstance(m, dict)}:
             listed.setdefault("data", []).append({"id": proxy.name, "object": "model", "owned_by": "draftapprox",
                                                   "root": link.model(),
                                                   "max_model_len": link.context(link.model())})
@@ -86,7 +94,7 @@ def create_proxy_app(proxy: Proxy, *, api_key: str | None = None, probe_every: f
     async def health() -> JSONResponse:
         await asyncio.to_thread(link.refresh)
         state = await asyncio.to_thread(link.health)
-        return JSONResponse(state, status_code=200 if link.ready else 503)
+        return JSONResponse(state, status_code=200 if state["status"] == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

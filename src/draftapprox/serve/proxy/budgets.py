@@ -9,10 +9,11 @@ the draft gains little on, pass whole, and the cut deepens as the prompt grows.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from dataclasses import dataclass
 
 from ...errors import ConfigError
-from ...methods import parse_budget
+from ...methods import Method, parse_budget
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,17 @@ class Budgets:
                 raise ConfigError(f"--model-budget takes MODEL=BUDGET (a count, a ratio or a keep curve), got {item!r}")
             models.append((name.strip(), parse(value.strip())))
         return cls(parse(default) if default is not None else None, tuple(models))
+
+    def check(self, method: Method) -> None:
+        """Refuse at start a budget `method` cannot run with (a count below its window), rather than per request."""
+        for name, budget in (("--budget", self.default), *((f"--model-budget {m}", b) for m, b in self.per_model)):
+            values = [] if budget is None else [r for _, r in budget.points] if isinstance(budget, KeepCurve) \
+                else [budget]
+            for value in values:
+                try:
+                    dataclasses.replace(method, budget=value)
+                except ConfigError as error:
+                    raise ConfigError(f"{name}: {error}") from None
 
     def for_prompt(self, model: str, n: int) -> int | float | None:
         """The budget for an `n`-token prompt sent to `model` (a curve read at n); None: the method's own."""

@@ -30,7 +30,6 @@ class Piece:
 
     message: int
     part: int | None
-    text: str
     positions: list[int]
 
 
@@ -54,8 +53,11 @@ def why_messages(body: dict) -> str | None:
                 "role", "content", "name"}:
             return "tool calls or results: the engine's chat template and parser handle them"
         content = message.get("content")
-        if isinstance(content, list) and (len(content) != 1 or content[0].get("type") != "text"):
+        if isinstance(content, list) and (len(content) != 1 or not isinstance(content[0], dict)
+                                          or content[0].get("type") != "text"):
             return "a multi-part content: the engine's chat template joins its parts"
+        if not isinstance(content, str | list):
+            return "a content that is not text: the engine's to read"
     return None
 
 
@@ -76,7 +78,9 @@ def _view(message: dict) -> dict:
     view["content"] = "\n".join(text for _, text in _texts(message))
     calls = []
     for call in message.get("tool_calls") or []:
-        function = dict(call.get("function") or {})
+        if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+            raise ValueError("a tool call that is not an object with a function")
+        function = dict(call["function"])
         if isinstance(function.get("arguments"), str):
             with contextlib.suppress(json.JSONDecodeError):  # a template prints an argument object itself
                 function["arguments"] = json.loads(function["arguments"])
@@ -96,16 +100,26 @@ def render(tokenizer, messages: list[dict], tools: list | None = None) -> Render
     pieces, cursor = [], 0
     for i, message in enumerate(messages):
         for part, piece in _texts(message):
-            start = text.find(piece, cursor) if piece else -1
+            # found in order, each after the last; a template that trims contents shows the trimmed text
+            start, found = _find(text, piece, cursor)
             if start < 0:
                 continue
-            end = cursor = start + len(piece)
+            end = cursor = start + len(found)
             if message.get("role") not in CUT_ROLES:
                 continue
             positions = [k for k, (a, b) in enumerate(offsets) if start <= a and b <= end and b > a]
             if len(positions) >= LONG_TEXT:
-                pieces.append(Piece(i, part, piece, positions))
+                pieces.append(Piece(i, part, positions))
     return Rendered(ids, pieces)
+
+
+def _find(text: str, piece: str, cursor: int) -> tuple[int, str]:
+    for candidate in (piece, piece.strip()):
+        if candidate:
+            start = text.find(candidate, cursor)
+            if start >= 0:
+                return start, candidate
+    return -1, piece
 
 
 def rebuild(tokenizer, messages: list[dict], rendered: Rendered, kept: set[int]) -> tuple[list[dict], int]:

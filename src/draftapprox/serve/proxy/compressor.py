@@ -61,20 +61,26 @@ class Compressor:
             return self._give_up(ids, "queue_full", f"the draft's queue is full ({self.max_queue} prompts waiting)",
                                  429, 0.0)
         began, abandoned = time.perf_counter(), threading.Event()
-        future = self._worker.submit(self._run, ids, method, protected, abandoned)
+        try:
+            future = self._worker.submit(self._run, ids, method, protected, abandoned)
+        except RuntimeError:  # the worker is shut down: the server is stopping
+            self._leave()
+            raise ApiError(503, "the proxy is shutting down", type="server_error", code="unavailable") from None
+        # a result nobody waits for any more (given up on) is still retrieved, so no error goes unlogged
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             positions, seconds = await _wait(future, self.timeout, http)
         except TimeoutError:
-            abandoned.set()
             return self._give_up(ids, "timeout", f"compressing the prompt took longer than {self.timeout:g} s", 504,
                                  time.perf_counter() - began)
         except _ClientGone:
-            abandoned.set()
             raise ApiError(499, "the client closed the request", code="client_closed") from None
         except Exception as error:  # one prompt's failure in the draft is that request's alone
             log.exception("compressing a prompt failed")
             return self._give_up(ids, "error", f"compressing the prompt failed: {type(error).__name__}: {error}", 500,
                                  time.perf_counter() - began)
+        finally:  # given up on for any reason (a timeout, a client gone, a cancelled task): skip it if not begun
+            abandoned.set()
         return Kept(positions, seconds, max(0.0, time.perf_counter() - began - seconds))
 
     def _run(self, ids: list[int], method: PromptMethod, protected: set[int],
@@ -88,15 +94,18 @@ class Compressor:
             kept = set(compress_prompt(state, method)[0].tolist()) | protected
             return sorted(kept), time.perf_counter() - start
         finally:
-            with self._lock:
-                self._waiting -= 1
-                self.metrics.queue_depth.set(self._waiting)
+            self._leave()
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+            self.metrics.queue_depth.set(self._waiting)
 
     def _give_up(self, ids: list[int], reason: str, message: str, status: int, waited: float) -> Kept:
+        self.metrics.compress_failures.labels(reason).inc()
         if self.on_error == "fail":
             headers = {"Retry-After": "5"} if status == 429 else None
             raise ApiError(status, message, type="server_error", code=reason, headers=headers)
-        self.metrics.compress_fallbacks.labels(reason).inc()
         log.warning("%s: forwarding it uncut", message)
         return Kept(list(range(len(ids))), 0.0, waited, reason)
 

@@ -63,79 +63,92 @@ class Proxy:
 
     async def chat(self, body: dict, http: Request) -> Response:
         options = _options(body)
-        model = await self._ready(body)
-        verdict = self.link.verdict(model)
+        model, verdict = await self._ready(body)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            return await self._forward_whole("/chat/completions", body)  # malformed: the engine's to refuse
-        reason = "--chat-forward messages" if self.chat_messages else verdict.note or chat.why_messages(body)
+            return await self._forward_whole("/chat/completions", body, http)  # malformed: the engine's to refuse
         try:
-            rendered = chat.render(self.pair.tokenizer, messages, body.get("tools"))
+            rendered = await asyncio.to_thread(chat.render, self.pair.tokenizer, messages, body.get("tools"))
         except Exception as error:  # a conversation our template cannot render: the engine's to judge, uncut
             log.warning("the chat template could not render a conversation (%s): forwarding it uncut", error)
-            return await self._forward_whole("/chat/completions", body, f"unrendered: {type(error).__name__}")
+            return await self._forward_whole("/chat/completions", body, http, f"unrendered: {type(error).__name__}")
         method = self._method(options, model, len(rendered.ids))
         cut = await self._cut(rendered.ids, method, verdict, rendered.protected(), http,
-                              cuttable=bool(rendered.pieces))
-        sent = time.perf_counter()
+                              whole=None if rendered.pieces else "structure")
+        sent, stream = time.perf_counter(), body.get("stream") is True
+        if len(cut.positions) == cut.n:  # nothing cut: the chat goes to the engine's chat route as it came
+            answer = Answer(self, {**cut.record, "forwarded": "messages"}, cut, sent, as_chat=False, stream=stream)
+            return await self.relay.post("/chat/completions", answer.request(body), answer, http)
+        forward = {k: v for k, v in body.items() if v is not None or k not in ("max_tokens", "max_completion_tokens")}
+        if "max_completion_tokens" in forward:
+            forward["max_tokens"] = forward.pop("max_completion_tokens")
+        context = self.link.context(model)
+        reason = "--chat-forward messages" if self.chat_messages else verdict.note or chat.why_messages(body) or (
+            None if "max_tokens" in forward or context else "the engine lists no context length, so the answer "
+                                                            "length is its chat route's default")
         if reason is None:  # exact: the kept ids to the completions route, the answer made a chat answer again
             record = {**cut.record, "forwarded": "ids"}
-            forward = {**body, "prompt": [rendered.ids[p] for p in cut.positions]}
             del forward["messages"]
-            if "max_completion_tokens" in forward:
-                forward["max_tokens"] = forward.pop("max_completion_tokens")
-            if "max_tokens" not in forward and (context := self.link.context(model)):
-                forward["max_tokens"] = max(1, context - len(cut.positions))  # a chat route's default
-            answer = Answer(self, record, cut, sent, as_chat=True, stream=bool(body.get("stream")))
-            return await self.relay.post("/completions", answer.request(forward), answer)
-        cut_messages, count = chat.rebuild(self.pair.tokenizer, messages, rendered, set(cut.positions))
+            forward["prompt"] = [rendered.ids[p] for p in cut.positions]
+            forward.setdefault("max_tokens", max(1, (context or 0) - len(cut.positions)))  # a chat route's default
+            answer = Answer(self, record, cut, sent, as_chat=True, stream=stream)
+            return await self.relay.post("/completions", answer.request(forward), answer, http)
+        cut_messages, count = await asyncio.to_thread(chat.rebuild, self.pair.tokenizer, messages, rendered,
+                                                      set(cut.positions))
         record = {**cut.record, "forwarded": "messages", "forwarded_as_messages": reason, "messages_cut": count}
-        answer = Answer(self, record, cut, sent, as_chat=False, stream=bool(body.get("stream")))
+        answer = Answer(self, record, cut, sent, as_chat=False, stream=stream)
         return await self.relay.post("/chat/completions", answer.request({**body, "messages": cut_messages}),
-                                     answer)
+                                     answer, http)
 
     async def completions(self, body: dict, http: Request) -> Response:
         options = _options(body)
-        model = await self._ready(body)
-        verdict = self.link.verdict(model)
+        model, verdict = await self._ready(body)
         prompts, single = _prompts(body.get("prompt"))
         if prompts is None or body.get("echo"):  # malformed, or echoing its prompt: uncut
-            return await self._forward_whole("/completions", body, "echo" if prompts is not None else None)
-        tokenizer, forwarded, cuts = self.pair.tokenizer, [], []
+            return await self._forward_whole("/completions", body, http, "echo" if prompts is not None else None)
+        tokenizer, cuts, encoded = self.pair.tokenizer, [], []
+        special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}  # markers, not unknown words
         for prompt in prompts:
-            given_ids = isinstance(prompt, list)
-            ids = prompt if given_ids else tokenizer.encode(prompt, add_special_tokens=True)
-            # ids for an engine whose tokenizer differs are not ours to read: they pass uncut
-            usable = verdict if verdict.ids or not given_ids else Verdict(False, False, verdict.note)
-            cut = await self._cut(ids, self._method(options, model, len(ids)), usable, set(), http)
-            cuts.append(cut)
-            if len(cut.positions) == cut.n:
-                forwarded.append(prompt)  # whole: as it came, byte for byte
-            else:
-                kept = [ids[p] for p in cut.positions]
-                forwarded.append(kept if verdict.ids else tokenizer.decode(kept))
+            ids, lead = (prompt, 0) if isinstance(prompt, list) else await asyncio.to_thread(_encode, tokenizer,
+                                                                                             prompt)
+            whole = None
+            if isinstance(prompt, list) and not verdict.ids:
+                whole = "tokenizer"  # ids for an engine whose tokenizer differs are not ours to read
+            elif not all(0 <= t < len(tokenizer) for t in ids):
+                whole = "vocabulary"  # the engine's to judge
+            protected = {i for i, t in enumerate(ids) if t in special}  # a start token, a pasted role marker
+            cuts.append(await self._cut(ids, self._method(options, model, len(ids)), verdict, protected, http,
+                                        whole=whole))
+            encoded.append((ids, lead))
         record = dict(cuts[0].record) if single else _batch_record(cuts)
-        record["forwarded"] = "ids" if verdict.ids else "text"
         total = Cut([p for c in cuts for p in c.positions], sum(c.n for c in cuts))
+        if len(total.positions) == total.n:  # nothing cut: the prompts as they came
+            forwarded = prompts
+        elif verdict.ids:  # every prompt as ids, so that a batch is never half text
+            forwarded = [[ids[p] for p in c.positions] for c, (ids, _) in zip(cuts, encoded, strict=True)]
+        else:
+            forwarded = [prompt if len(c.positions) == c.n else tokenizer.decode(
+                [ids[p] for p in c.positions if p >= lead]) for prompt, c, (ids, lead) in zip(prompts, cuts, encoded,
+                                                                                             strict=True)]
+        record["forwarded"] = "unchanged" if forwarded is prompts else "ids" if verdict.ids else "text"
+        answer = Answer(self, record, total, time.perf_counter(), as_chat=False, stream=body.get("stream") is True,
+                        text=record["forwarded"] == "text")
         prompt = forwarded[0] if single else forwarded
-        answer = Answer(self, record, total, time.perf_counter(), as_chat=False, stream=bool(body.get("stream")),
-                        text=not verdict.ids)
-        return await self.relay.post("/completions", answer.request({**body, "prompt": prompt}),
-                                     answer)
+        return await self.relay.post("/completions", answer.request({**body, "prompt": prompt}), answer, http)
 
     # -- the steps
 
-    async def _ready(self, body: dict) -> str:
-        """The engine's name for the request's model, once the engine answers (a 502 naming it otherwise). A
-        request for the proxy's own name goes to the engine's default model; any other name is the engine's."""
+    async def _ready(self, body: dict) -> tuple[str, Verdict]:
+        """The engine's name for the request's model and how to forward to it, once the engine answers (a 502
+        naming it otherwise). A request for the proxy's own name goes to the engine's default model; any other
+        name is the engine's."""
         if not self.link.ready and not await asyncio.to_thread(self.link.refresh):
             raise self.link.unavailable()
         asked = body.get("model")
         if asked is not None and asked == self.name and asked not in self.link.models:
             body["model"] = asked = self.link.model()
         model = asked if asked in self.link.models else self.link.model()
-        await asyncio.to_thread(self.link.verdict, model)
-        return model
+        return model, await asyncio.to_thread(self.link.verdict, model)
 
     def _method(self, options: Options | None, model: str, n: int) -> PromptMethod | None:
         """The request's method, its budget from the request, else the model's budget or curve at `n` tokens."""
@@ -161,17 +174,17 @@ class Proxy:
         return method
 
     async def _cut(self, ids: list[int], method: Method | None, verdict: Verdict, protected: set[int],
-                   http: Request, cuttable: bool = True) -> Cut:
+                   http: Request, whole: str | None = None) -> Cut:
+        """The kept positions of a prompt; `whole` names a reason found earlier to keep it all."""
         n = len(ids)
-        whole = ("none" if method is None else "tokenizer" if not verdict.cut else
-                 "short" if n < self.min_prompt_tokens else "structure" if not cuttable else
-                 "budget" if method.is_noop(n) else None)
+        whole = ("none" if method is None else "tokenizer" if not verdict.cut else whole or (
+            "short" if n < self.min_prompt_tokens else "budget" if method.is_noop(n) else None))
         plan = Plan(whole)
         if whole is None and self.ledger is not None:
             plan = self.ledger.plan(ids, self.min_prompt_tokens)
         positions, timings, fallback = list(range(n)), {"draft": 0.0, "queue": 0.0}, None
-        if plan.reason == "shared":  # the earlier cut of the shared prefix, the rest whole
-            positions = [*plan.positions, *range(plan.shared, n)]
+        if plan.reason == "shared":  # the earlier cut of the shared prefix, the rest whole, structure kept
+            positions = sorted(set(plan.positions) | protected | set(range(plan.shared, n)))
         elif plan.reason is None:
             kept = await self.compressor.keep(ids, method, protected, http)
             positions, fallback = kept.positions, kept.fallback
@@ -190,10 +203,10 @@ class Proxy:
                   "reused_cut_tokens": plan.shared, "timings": timings}
         return Cut(positions, n, record)
 
-    async def _forward_whole(self, path: str, body: dict, why: str | None = None) -> Response:
+    async def _forward_whole(self, path: str, body: dict, http: Request, why: str | None = None) -> Response:
         record = {"method": "none", "forwarded_whole": why or "unparsed"}
-        answer = Answer(self, record, None, time.perf_counter(), as_chat=False, stream=bool(body.get("stream")))
-        return await self.relay.post(path, body, answer)
+        answer = Answer(self, record, None, time.perf_counter(), as_chat=False, stream=body.get("stream") is True)
+        return await self.relay.post(path, answer.request(body), answer, http)
 
 
 def _options(body: dict) -> Options | None:
@@ -223,6 +236,15 @@ def _prompts(prompt) -> tuple[list[str | list[int]] | None, bool]:
     return None, False
 
 
+def _encode(tokenizer, text: str) -> tuple[list[int], int]:
+    """A text prompt's ids as the engine would take them (its start token included), and how many tokens the
+    tokenizer added in front, which a prompt forwarded as text must not carry as text."""
+    ids = tokenizer.encode(text, add_special_tokens=True)
+    plain = tokenizer.encode(text, add_special_tokens=False)
+    lead = len(ids) - len(plain) if plain and ids[len(ids) - len(plain):] == plain else 0
+    return ids, lead
+
+
 def _batch_record(cuts: list[Cut]) -> dict:
     return {"method": cuts[0].record["method"], "config": cuts[0].record["config"],
             "prompt_tokens": sum(c.n for c in cuts), "kept_tokens": sum(len(c.positions) for c in cuts),
@@ -239,47 +261,49 @@ class Answer:
                  text: bool = False):
         self.proxy, self.record, self.cut, self.sent = proxy, record, cut, sent
         self.as_chat, self.stream, self.text = as_chat, stream, text
-        self.hide_usage = False
+        self.hide_usage = self.single = self.counted = False
         self.held: list[dict] = []
         self.roled: set[int] = set()
         self.first: float | None = None
 
     def request(self, body: dict) -> dict:
-        """The body sent upstream: usage asked for on a stream, so that the engine's count reaches the record."""
-        if self.stream:
-            options = dict(body.get("stream_options") or {})
-            if not options.get("include_usage"):
-                self.hide_usage = True
-                body = {**body, "stream_options": {**options, "include_usage": True}}
+        """The body sent upstream: on a stream, usage asked for, so that the engine's count reaches the record."""
+        options = body.get("stream_options")
+        self.single = body.get("n") in (None, 1)
+        if self.stream and (options is None or isinstance(options, dict)) and not (options or {}).get(
+                "include_usage"):
+            self.hide_usage = True
+            body = {**body, "stream_options": {**(options or {}), "include_usage": True}}
         return body
 
     def whole(self, data: dict) -> dict:
-        if isinstance(data.get("usage"), dict) and isinstance(data["usage"].get("prompt_tokens"), int):
-            self._count(data["usage"])
-        if "choices" not in data:  # not an answer (an error the engine sent with 200): as it came
+        self._count(data.get("usage"))
+        if not isinstance(data.get("choices"), list):  # not an answer (an error sent with 200): as it came
             return data
         return {**(self._as_chat(data) if self.as_chat else data), "draftapprox": self._record()}
 
     def chunk(self, data: dict) -> list[dict]:
-        """A streamed object: a finishing one is held back until the engine's usage arrives, so that the record it
-        carries has the engine's count."""
-        if "choices" not in data:
+        """A streamed object. With one choice, its finishing chunk is held back until the engine's usage arrives
+        (it comes next), so that the record the chunk carries has the engine's count."""
+        if not isinstance(data.get("choices"), list):
             return [data]
         if self.first is None and any(_has_text(c) for c in data["choices"]):
             self.first = time.perf_counter()
         usage = data.get("usage")
-        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-            self._count(usage)
+        final = bool(usage) and not data["choices"]  # continuous usage rides on every chunk: count the last
+        self._count(usage, final)
         if self.as_chat:
             data = self._as_chat(data)
-        if usage:
+        if final:
             out, self.held = [*self.held, data], []
-            if self.hide_usage and not data["choices"]:  # the usage this proxy asked for, not the client
+            if self.hide_usage:  # the usage this proxy asked for, not the client
                 out.pop()
             return self._recorded(out)
-        if any(c.get("finish_reason") for c in data["choices"] if isinstance(c, dict)):
-            self.held.append(data)
-            return []
+        if any(isinstance(c, dict) and c.get("finish_reason") for c in data["choices"]):
+            if self.single and not usage:  # the usage comes next
+                self.held.append(data)
+                return []
+            return self._recorded([data])
         return [data]
 
     def end(self) -> list[dict]:
@@ -287,16 +311,19 @@ class Answer:
         return out
 
     def _recorded(self, chunks: list[dict]) -> list[dict]:
-        """The finishing chunks and the usage with the record, the engine's count in it."""
-        return [{**c, "draftapprox": self._record()} if c.get("usage") or any(
-            ch.get("finish_reason") for ch in c.get("choices") or [] if isinstance(ch, dict)) else c for c in chunks]
+        return [{**c, "draftapprox": self._record()} for c in chunks]
 
-    def _count(self, usage: dict) -> None:
+    def _count(self, usage, final: bool = True) -> None:
+        """The engine's count into the record, the whole prompt's into `usage` (every usage the engine sends)."""
+        if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
+            return
         theirs = usage["prompt_tokens"]
         self.record["upstream_prompt_tokens"] = theirs
         if self.cut is None or len(self.cut.positions) == self.cut.n:
             return
-        if self.text and abs(theirs - len(self.cut.positions)) > 0.01 * len(self.cut.positions):
+        if final and not self.counted and self.text and abs(theirs - len(self.cut.positions)) > 0.01 * len(
+                self.cut.positions):
+            self.counted = True
             self.proxy.metrics.token_mismatch.inc()
             log.warning("the upstream counted %d prompt tokens where the draft forwarded %d", theirs,
                         len(self.cut.positions))
@@ -312,7 +339,10 @@ class Answer:
 
     def _as_chat(self, data: dict) -> dict:
         choices = []
-        for choice in data.get("choices") or []:
+        for choice in data["choices"]:
+            if not isinstance(choice, dict):
+                choices.append(choice)
+                continue
             rest = {k: v for k, v in choice.items() if k not in ("text", "logprobs")}
             text = choice.get("text") or ""
             if self.stream:

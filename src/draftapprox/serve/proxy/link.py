@@ -42,11 +42,17 @@ class Upstream:
 @dataclass(frozen=True)
 class Verdict:
     """How prompts for one model may be forwarded: as the draft's token ids (the tokenizers agree and the engine
-    takes ids), as text, or not cut at all; `note` says why when it is not ids."""
+    takes ids), as text, or not cut at all; `note` says why when it is not ids. An unsettled verdict (the engine
+    did not answer the check) holds for one request only."""
 
     ids: bool
     cut: bool
     note: str | None = None
+    settled: bool = True
+
+
+class _Unsure(Exception):
+    """The engine gave no definite answer to a check (busy, loading, a timeout): ask again later."""
 
 
 @dataclass
@@ -60,8 +66,10 @@ class Link:
     models: list[str] = field(default_factory=list)
     contexts: dict[str, int] = field(default_factory=dict)
     _verdicts: dict[str, Verdict] = field(default_factory=dict)
+    _generation: int = 0  # bumped whenever the engine (re)appears or changes what it lists
     _probed: float = float("-inf")
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # one probe at a time
+    _checking: threading.Lock = field(default_factory=threading.Lock)  # one tokenizer check at a time
 
     def refresh(self, force: bool = False) -> bool:
         """Probe the engine unless it was probed within `retry` seconds (or `force`); whether it answers."""
@@ -71,31 +79,42 @@ class Link:
             self._probed = time.monotonic()
             was = self.ready
             try:
-                listed = httpx.get(f"{self.upstream.url}/models", headers=self.upstream.headers(), timeout=10)
-            except httpx.HTTPError as error:
-                return self._down(f"the upstream {self.upstream.url} cannot be reached: "
-                                  f"{error or type(error).__name__}")
-            if listed.status_code != 200:
-                return self._down(f"the upstream {self.upstream.url} answered {listed.status_code} to GET /models: "
-                                  f"{listed.text[:200]}")
-            try:
-                data = listed.json().get("data") or []
-            except (ValueError, AttributeError):
-                return self._down(f"the upstream {self.upstream.url} answered GET /models with no model list")
-            self.models = [m.get("id") for m in data if isinstance(m, dict) and m.get("id")]
-            self.contexts = {m["id"]: c for m in data if isinstance(m, dict) and m.get("id")
-                             and (c := m.get("max_model_len") or (m.get("meta") or {}).get("n_ctx_train"))}
-            if not self.models:
-                return self._down(f"the upstream {self.upstream.url} lists no model yet")
+                listed = self._listing()
+            except Exception as error:  # whatever the engine answers, the proxy stays up and says what it saw
+                return self._down(str(error) if isinstance(error, _Down) else
+                                  f"the upstream {self.upstream.url} answered GET /models unexpectedly: {error!r}")
+            if not was or listed != (self.models, self.contexts):
+                self.models, self.contexts = listed
+                self._generation += 1  # a restarted or changed engine may serve another model: check it again
+                self._verdicts.clear()
             self.ready, self.problem = True, None
-            if not was:
-                self._verdicts.clear()  # a restarted engine may serve another model: check it again
         if not was:
             verdict = self.verdict(self.model())
             log.warning("the upstream %s answers: %s, forwarding %s%s", self.upstream.url, self.model(),
                         "ids" if verdict.ids else "text" if verdict.cut else "uncut",
                         f" ({verdict.note})" if verdict.note else "")
         return True
+
+    def _listing(self) -> tuple[list[str], dict[str, int]]:
+        url = self.upstream.url
+        try:
+            listed = httpx.get(f"{url}/models", headers=self.upstream.headers(), timeout=10)
+        except httpx.HTTPError as error:
+            raise _Down(f"the upstream {url} cannot be reached: {error or type(error).__name__}") from None
+        if listed.status_code != 200:
+            raise _Down(f"the upstream {url} answered {listed.status_code} to GET /models: {listed.text[:200]}")
+        data = listed.json().get("data")
+        entries = [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)] \
+            if isinstance(data, list) else []
+        if not entries:
+            raise _Down(f"the upstream {url} lists no model yet")
+        contexts = {}
+        for m in entries:
+            meta = m.get("meta") if isinstance(m.get("meta"), dict) else {}
+            context = m.get("max_model_len") or meta.get("n_ctx_train")
+            if isinstance(context, int) and not isinstance(context, bool) and context > 0:
+                contexts[m["id"]] = context
+        return [m["id"] for m in entries], contexts
 
     def _down(self, problem: str) -> bool:
         if self.ready or self.problem != problem:
@@ -104,10 +123,10 @@ class Link:
         return False
 
     def lost(self, error: Exception) -> None:
-        """A request could not reach the engine: it is down until a probe says otherwise."""
-        with self._lock:
-            self._probed = float("-inf")
-            self._down(f"the upstream {self.upstream.url} cannot be reached: {error or type(error).__name__}")
+        """A request could not reach the engine: it is down until a probe says otherwise. Called on the event
+        loop, so it takes no lock (a probe may hold it for seconds)."""
+        self._probed = float("-inf")
+        self._down(f"the upstream {self.upstream.url} cannot be reached: {error or type(error).__name__}")
 
     def model(self, asked: str | None = None) -> str:
         """The engine's name for a request's `model`: the proxy's own name (or none) means the default model."""
@@ -119,15 +138,29 @@ class Link:
         return self.contexts.get(model)
 
     def verdict(self, model: str) -> Verdict:
-        """How to forward `model`'s prompts, checked once per model and appearance of the engine."""
+        """How to forward `model`'s prompts, checked once per model and appearance of the engine (blocking: call
+        it off the event loop)."""
         found = self._verdicts.get(model)
-        if found is None:
-            found = self._verdicts[model] = self._check(model)
+        if found is not None:
+            return found
+        with self._checking:
+            found = self._verdicts.get(model)
+            if found is not None:
+                return found
+            generation = self._generation
+            found = self._check(model)
+            if found.settled and generation == self._generation:
+                self._verdicts[model] = found
         return found
 
     def _check(self, model: str) -> Verdict:
         ours = self.tokenizer.encode(PROBE, add_special_tokens=False)
-        theirs = upstream_tokens(self.upstream, model, PROBE)
+        try:
+            theirs = upstream_tokens(self.upstream, model, PROBE)
+            takes_ids = theirs == ours and _takes_ids(self.upstream, model, ours)
+        except _Unsure as error:
+            return Verdict(False, False, f"the tokenizer check got no answer yet ({error}): forwarding uncut",
+                           settled=False)
         if theirs is None:
             return Verdict(False, True, "the upstream has no /tokenize route, so its tokenizer cannot be checked: "
                                         "forwarding text, its token counts checked per request")
@@ -139,7 +172,7 @@ class Link:
             return Verdict(False, False, f"the upstream's tokenizer is not the draft's ({difference}): forwarding "
                                          "prompts uncut; serve a model of the draft's family, or pass --allow-text "
                                          "to cut text")
-        if not _takes_ids(self.upstream, model, ours):
+        if not takes_ids:
             return Verdict(False, True, "the upstream refuses token-id prompts: forwarding text, its token counts "
                                         "checked per request")
         return Verdict(True, True)
@@ -150,11 +183,16 @@ class Link:
                         code="upstream_unavailable", headers={"Retry-After": "5"})
 
     def health(self) -> dict:
+        """What /health says (blocking: it may run the tokenizer check)."""
         if not self.ready:
             return {"status": "unavailable", "upstream": self.upstream.url, "error": self.problem}
         verdict = self.verdict(self.model())
         return {"status": "ok", "upstream": self.upstream.url, "model": self.model(),
                 "forwarding": "ids" if verdict.ids else "text" if verdict.cut else "uncut", "note": verdict.note}
+
+
+class _Down(Exception):
+    """The engine does not answer as an engine: the message says how."""
 
 
 def _first_difference(tokenizer, ours: list[int], theirs: list[int]) -> str:
@@ -166,16 +204,16 @@ def _first_difference(tokenizer, ours: list[int], theirs: list[int]) -> str:
 
 def upstream_tokens(upstream: Upstream, model: str, text: str) -> list[int] | None:
     """The upstream's ids for `text` without special tokens, through `/tokenize` (llama.cpp's or vLLM's body); None
-    if it has no such route."""
+    if it has no such route. Raises `_Unsure` where it gave no definite answer."""
     bodies = [{"content": text, "add_special": False},  # llama.cpp
               {"model": model, "prompt": text, "add_special_tokens": False}]  # vLLM, SGLang
     for body in bodies:
-        try:
-            response = httpx.post(f"{upstream.root}/tokenize", json=body, headers=upstream.headers(), timeout=30)
-        except httpx.HTTPError:
-            return None
+        response = _post(upstream, f"{upstream.root}/tokenize", body, 30)
         if response.status_code == 200:
-            tokens = response.json().get("tokens")
+            try:
+                tokens = response.json().get("tokens")
+            except (ValueError, AttributeError):
+                tokens = None
             if isinstance(tokens, list) and all(isinstance(t, int) for t in tokens):
                 return tokens
     return None
@@ -184,8 +222,15 @@ def upstream_tokens(upstream: Upstream, model: str, text: str) -> list[int] | No
 def _takes_ids(upstream: Upstream, model: str, ids: list[int]) -> bool:
     """Whether `/v1/completions` accepts a token-array prompt (a one-token answer to the probe's ids)."""
     body = {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0}
+    return _post(upstream, f"{upstream.url}/completions", body, 120).status_code == 200
+
+
+def _post(upstream: Upstream, url: str, body: dict, timeout: float) -> httpx.Response:
+    """A check's request; an engine that is busy, loading or unreachable is `_Unsure`, not a verdict."""
     try:
-        response = httpx.post(f"{upstream.url}/completions", json=body, headers=upstream.headers(), timeout=120)
-    except httpx.HTTPError:
-        return False
-    return response.status_code == 200
+        response = httpx.post(url, json=body, headers=upstream.headers(), timeout=timeout)
+    except httpx.HTTPError as error:
+        raise _Unsure(f"{url}: {error or type(error).__name__}") from None
+    if response.status_code == 429 or response.status_code >= 500:
+        raise _Unsure(f"{url} answered {response.status_code}")
+    return response

@@ -1,6 +1,6 @@
 """Sending a request to the upstream and relaying its answer: a JSON body or a stream of server-sent events passed
-through line by line, each JSON object rewritten on its way; the engine's errors come back with their
-own status and body. Not reaching the engine is a 502 (and tells the link), an engine silent for longer than its
+through line by line, each JSON object rewritten on its way; the engine's errors come back with their own status,
+body and headers. Not reaching the engine is a 502 (and tells the link), an engine silent for longer than its
 timeout a 504, both in OpenAI's error shape.
 """
 
@@ -10,12 +10,19 @@ import json
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+import anyio
 import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from ..protocol import ApiError, error_body
 from .link import Link
+
+# Headers that belong to one hop, or that the proxy sets itself.
+_HOP = {"host", "content-length", "authorization", "connection", "keep-alive", "accept-encoding",
+        "transfer-encoding", "content-encoding", "te", "trailer", "upgrade", "proxy-authorization", "date",
+        "server"}
 
 
 class Rewrite(Protocol):
@@ -29,7 +36,8 @@ class Rewrite(Protocol):
     def end(self) -> list[dict]: ...
 
 
-_HOP = {"host", "content-length", "authorization", "connection", "accept-encoding", "transfer-encoding"}
+def _headers(headers: httpx.Headers | dict) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in _HOP and k.lower() != "content-type"}
 
 
 class Relay:
@@ -38,9 +46,10 @@ class Relay:
         self._client: httpx.AsyncClient | None = None
 
     def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            timeout = httpx.Timeout(self.link.upstream.timeout, connect=10.0)
-            self._client = httpx.AsyncClient(timeout=timeout, headers=self.link.upstream.headers())
+        if self._client is None:  # no cap on connections: the engine's own admission decides
+            timeout = httpx.Timeout(self.link.upstream.timeout, connect=10.0, pool=None)
+            self._client = httpx.AsyncClient(timeout=timeout, headers=self.link.upstream.headers(),
+                                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         return self._client
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
@@ -67,20 +76,25 @@ class Relay:
         finally:
             await response.aclose()
 
-    async def post(self, path: str, body: dict, rewrite: Rewrite) -> Response:
-        """POST `body` to the upstream's `path`; its answer, rewritten."""
-        response = await self._send(self._http().build_request("POST", f"{self.link.upstream.url}{path}", json=body))
+    async def post(self, path: str, body: dict, rewrite: Rewrite, http: Request | None = None) -> Response:
+        """POST `body` to the upstream's `path`, with the client's own headers; its answer, rewritten."""
+        headers = _headers(http.headers) if http is not None else {}
+        response = await self._send(self._http().build_request("POST", f"{self.link.upstream.url}{path}", json=body,
+                                                               headers=headers))
         kind = response.headers.get("content-type", "")
+        passed = _headers(response.headers)
         if response.status_code == 200 and kind.startswith("text/event-stream"):
             return StreamingResponse(self._events(response, rewrite), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+                                     headers=passed, background=BackgroundTask(_close, response))
         raw = await self._read(response)
         if response.status_code == 200:
             try:
-                return JSONResponse(rewrite.whole(json.loads(raw)))
-            except (json.JSONDecodeError, TypeError, AttributeError):
-                pass
-        return Response(raw, response.status_code, media_type=kind or None)
+                data = json.loads(raw)
+            except json.JSONDecodeError:
+                data = None
+            if isinstance(data, dict):
+                return JSONResponse(rewrite.whole(data), headers=passed)
+        return Response(raw, response.status_code, headers=passed, media_type=kind or None)
 
     async def _events(self, response: httpx.Response, rewrite: Rewrite) -> AsyncIterator[str]:
         def data(objects: list[dict]) -> str:
@@ -110,26 +124,34 @@ class Relay:
                 yield line + "\n"
             if not ended:
                 yield data(rewrite.end())
-        except httpx.TimeoutException:
-            yield _sse_error(f"the upstream {self.link.upstream.url} sent nothing for "
-                             f"{self.link.upstream.timeout:g} s")
         except httpx.HTTPError as error:
-            yield _sse_error(f"the upstream {self.link.upstream.url} failed mid-answer: {error}")
+            what = (f"sent nothing for {self.link.upstream.timeout:g} s" if isinstance(error, httpx.TimeoutException)
+                    else f"failed mid-answer: {error}")
+            yield data(rewrite.end()) + _sse_error(f"the upstream {self.link.upstream.url} {what}")
         finally:  # a client that went away lands here too: the engine's stream is closed, so it stops
-            await response.aclose()
+            await _close(response)
 
     async def raw(self, http: Request, path: str) -> Response:
         """Any other route, passed through as it came (the engine's tokenizer, embeddings, its own extensions)."""
-        headers = {k: v for k, v in http.headers.items() if k.lower() not in _HOP}
-        request = self._http().build_request(http.method, f"{self.link.upstream.root}/{path}",
-                                             params=http.query_params, content=await http.body(), headers=headers)
+        url = f"{self.link.upstream.root}/{path}"
+        if http.url.query:
+            url += f"?{http.url.query}"
+        headers = {**_headers(http.headers), "content-type": http.headers.get("content-type", "application/json")}
+        request = self._http().build_request(http.method, url, content=await http.body(), headers=headers)
         response = await self._send(request)
         raw = await self._read(response)
-        return Response(raw, response.status_code, media_type=response.headers.get("content-type"))
+        return Response(raw, response.status_code, headers=_headers(response.headers),
+                        media_type=response.headers.get("content-type"))
 
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+
+
+async def _close(response: httpx.Response) -> None:
+    """Close the engine's stream even while the task closing it is being cancelled (a client gone)."""
+    with anyio.CancelScope(shield=True):
+        await response.aclose()
 
 
 def _sse_error(message: str) -> str:

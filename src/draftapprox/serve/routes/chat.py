@@ -6,9 +6,10 @@ from fastapi import APIRouter, Depends, Request
 
 from ...errors import InputError
 from ...generation import encode_messages
+from ..auth import authorized
 from ..protocol import ApiError, ChatRequest
 from ..responses import respond
-from .common import ServiceDep, authorized, check_request
+from .common import ServiceDep, check_request
 
 router = APIRouter()
 

@@ -1,8 +1,8 @@
-"""Dependencies every route shares: the service of the app, and the API key check."""
+"""Dependencies every route shares: the service of the app, the API key check (`serve.auth`), and the checks of
+a generation request."""
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -16,18 +16,6 @@ def service(request: Request) -> Service:
 
 
 ServiceDep = Annotated[Service, Depends(service)]
-
-
-def authorized(request: Request) -> None:
-    """A Bearer token equal to the server's `--api-key`, when it has one (as vLLM's server checks it)."""
-    key = request.app.state.api_key
-    if key is None:
-        return
-    given = request.headers.get("authorization", "")
-    scheme, _, token = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise ApiError(401, "a valid API key is required (Authorization: Bearer KEY)", type="authentication_error",
-                       code="invalid_api_key")
 
 
 def check_request(svc: Service, body) -> None:

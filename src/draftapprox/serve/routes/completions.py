@@ -7,9 +7,10 @@ from fastapi import APIRouter, Depends, Request
 
 from ...errors import InputError
 from ...generation import check_ids, encode
+from ..auth import authorized
 from ..protocol import ApiError, CompletionRequest
 from ..responses import respond
-from .common import ServiceDep, authorized, check_request
+from .common import ServiceDep, check_request
 
 router = APIRouter()
 

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .common import ServiceDep, authorized
+from ..auth import authorized
+from .common import ServiceDep
 
 router = APIRouter()
 _STARTED = int(time.time())

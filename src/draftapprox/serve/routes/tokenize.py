@@ -6,7 +6,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 
-from .common import ServiceDep, authorized
+from ..auth import authorized
+from .common import ServiceDep
 
 router = APIRouter()
 
