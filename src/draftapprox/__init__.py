@@ -14,6 +14,7 @@ from .generation import (
     new_state,
     prepare,
 )
+from .integrations.transformers import last_record, patch, patched, unpatch
 from .methods import (
     LAQ,
     METHODS,
@@ -41,6 +42,6 @@ __all__ = [
     "LAQ", "METHODS", "AdaKV", "AdaSpecKV", "Compression", "ConfigError", "DecodeBatch", "DraftApproxError",
     "FetchError", "FullKV", "InputError", "ModelError", "Pair", "Prepared", "PyramidKV", "RandomPC", "RecencyPC",
     "Record", "Result", "Sampling", "SnapKV", "SpecKV", "SpecKVPC", "SpecPC", "SpecPrefill", "StreamingLLM",
-    "TargetPC", "VeriSpecKV", "check_tokenizers", "compress", "generate", "generate_batched", "load_model",
-    "load_pair", "make", "new_state", "pair_from_models", "prepare",
+    "TargetPC", "VeriSpecKV", "check_tokenizers", "compress", "generate", "generate_batched", "last_record",
+    "load_model", "load_pair", "make", "new_state", "pair_from_models", "patch", "patched", "prepare", "unpatch",
 ]

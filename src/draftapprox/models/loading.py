@@ -108,7 +108,8 @@ class Pair:
     @property
     def eos_ids(self) -> frozenset[int]:
         ids = set()
-        for source in (self.tokenizer.eos_token_id, getattr(self.target.generation_config, "eos_token_id", None)):
+        for source in (getattr(self.tokenizer, "eos_token_id", None),
+                       getattr(self.target.generation_config, "eos_token_id", None)):
             if isinstance(source, int):
                 ids.add(source)
             elif source:
