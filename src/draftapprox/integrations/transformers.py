@@ -39,6 +39,7 @@ class _Call:
     n: int | None = None
     position: int = 0  # the position of the next token fed (not the cache's length: it is compressed)
     record: Record | None = None
+    kept_ids: torch.Tensor | None = None  # a prompt method's kept prompt (None: all of it)
     inside: bool = False  # our own prefill is running: forwards go straight to the model
 
 
@@ -54,6 +55,7 @@ class Patch:
     generate: object
     forward: object
     last_record: Record | None = None
+    last_kept_ids: torch.Tensor | None = None
 
 
 def patch(target: PreTrainedModel, draft: PreTrainedModel | None = None, method: Method | str = "speckv",
@@ -82,7 +84,7 @@ def patch(target: PreTrainedModel, draft: PreTrainedModel | None = None, method:
             out = original_generate(*args, **kwargs)
         finally:
             _call.reset(token)
-        state.last_record = call.record
+        state.last_record, state.last_kept_ids = call.record, call.kept_ids
         if call.record is not None and not isinstance(out, torch.Tensor):
             out["draftapprox"] = call.record
         return out
@@ -138,6 +140,12 @@ def last_record(target: PreTrainedModel) -> Record | None:
     return state.last_record if state is not None else None
 
 
+def last_kept_ids(target: PreTrainedModel) -> torch.Tensor | None:
+    """The prompt a prompt method kept in the patched model's last `generate` call (None: all of it)."""
+    state = getattr(target, _ATTRIBUTE, None)
+    return state.last_kept_ids if state is not None else None
+
+
 def _refuse(target: PreTrainedModel, args: tuple, kwargs: dict) -> torch.Tensor:
     """The prompt's ids, after refusing what a compressed single-sequence cache cannot honour."""
     config = kwargs.get("generation_config") or target.generation_config
@@ -175,6 +183,7 @@ def _prefill(state: Patch, call: _Call, input_ids: torch.Tensor, cache):
     finally:
         call.inside = False
     call.n, call.position, call.record = input_ids.shape[1], prepared.position, prepared.record
+    call.kept_ids = prepared.kept_ids
     if cache is None:
         raise InputError("a patched generate needs use_cache=True")
     cache.layers = prepared.cache.layers  # generate keeps its cache object: it now holds the compressed layers
