@@ -16,7 +16,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_the_readme_python_examples_run_and_find_the_fact():
     blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "OpenAI(" not in b]
-    assert len(blocks) == 4, "the README's Python examples changed; update this test (the server's example runs in "\
+    assert len(blocks) == 5, "the README's Python examples changed; update this test (the server's example runs in "\
         "tests/serve/test_real.py)"
     namespace: dict = {}
     printed, results = [], []
@@ -34,4 +34,6 @@ def test_the_readme_python_examples_run_and_find_the_fact():
     assert names == ["adakv", "snapkv", "speckv"], printed[1]
     assert namespace["fixed"].tokens == results[0].tokens  # static decode: the first example's tokens
     assert ANSWER in printed[2], printed[2]
+    assert printed[3].count(ANSWER) == 2, printed[3]  # a patched generate, then the authors' API
+    assert "generate" not in vars(namespace["pair"].target)  # unpatched again
     assert namespace["out"].shape == (1, 300, 14, 64)  # the prefill attention example checks itself against SDPA

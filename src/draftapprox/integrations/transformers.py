@@ -184,12 +184,11 @@ def _prefill(state: Patch, call: _Call, input_ids: torch.Tensor, cache):
         call.inside = False
     call.n, call.position, call.record = input_ids.shape[1], prepared.position, prepared.record
     call.kept_ids = prepared.kept_ids
-    if cache is None:
-        raise InputError("a patched generate needs use_cache=True")
-    cache.layers = prepared.cache.layers  # generate keeps its cache object: it now holds the compressed layers
-    for name in ("layer_class_to_replicate",):
-        if hasattr(prepared.cache, name):
-            setattr(cache, name, getattr(prepared.cache, name))
+    if cache is None:  # releases that let the model make the cache take it from the output
+        cache = prepared.cache
+    else:  # releases whose generate made the cache keep that object: it now holds the compressed layers
+        cache.layers = prepared.cache.layers
+        cache.layer_class_to_replicate = prepared.cache.layer_class_to_replicate
     return CausalLMOutputWithPast(logits=prepared.logits[:, None, :].clone(), past_key_values=cache)
 
 

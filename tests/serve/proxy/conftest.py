@@ -23,6 +23,21 @@ from tests.conftest import tiny_model, tiny_tokenizer
 from ..conftest import running, running_app, tiny_service
 
 PC = {"method": "specpc", "budget": 0.25, "settings": {"window": 4, "start_layer": 1}}
+TOOLS = [{"type": "function", "function": {
+    "name": "read_file", "description": "Read a file",
+    "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}]
+
+
+def tool_chat() -> list[dict]:
+    """An agent's chat for the real engines: a tool call, its long result, then a question that needs another."""
+    call = {"id": "c1", "type": "function", "function": {"name": "read_file", "arguments": '{"path": "notes.txt"}'}}
+    result = "\n".join(f"{i}. the meeting about the {w} budget moved to room {100 + i}"
+                       for i, w in enumerate(["travel", "cloud", "hiring", "office", "training"] * 12))
+    return [{"role": "system", "content": "You read files with the tools you have."},
+            {"role": "user", "content": "Read notes.txt please."},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": result},
+            {"role": "user", "content": "Now read todo.txt."}]
 
 
 def tiny_proxy(url: str, *, tokenizer=None, method: str | None = "specpc", **options) -> Proxy:

@@ -20,14 +20,11 @@ from draftapprox.models import offline
 from draftapprox.models.loading import Pair, load_model
 
 from ..conftest import free_port, wait_for
-from .conftest import proxy_for, serving_proxy, tapped
+from .conftest import TOOLS, proxy_for, serving_proxy, tapped, tool_chat
 
 pytestmark = [pytest.mark.real, pytest.mark.skipif(importlib.util.find_spec("xllamacpp") is None,
                                                    reason="llama.cpp's server is not installed: pip install "
                                                           "xllamacpp (CI installs it with the test extra)")]
-TOOLS = [{"type": "function", "function": {
-    "name": "read_file", "description": "Read a file",
-    "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}]
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +68,8 @@ def test_chat_through_the_proxy_finds_the_fact_with_a_quarter_of_the_prompt(thro
 
 def test_a_long_tool_result_is_cut_and_the_structure_reaches_llamacpp_intact(llamacpp, through):
     proxy, tap = through
-    call = {"id": "c1", "type": "function", "function": {"name": "read_file", "arguments": '{"path": "notes.txt"}'}}
-    result = "\n".join(f"{i}. the meeting about the {w} budget moved to room {100 + i}"
-                       for i, w in enumerate(["travel", "cloud", "hiring", "office", "training"] * 12))
-    messages = [{"role": "system", "content": "You read files with the tools you have."},
-                {"role": "user", "content": "Read notes.txt please."},
-                {"role": "assistant", "content": None, "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": "c1", "content": result},
-                {"role": "user", "content": "Now read todo.txt."}]
+    messages = tool_chat()
+    result = messages[3]["content"]
     out = client(proxy).chat.completions.create(model="proxied", messages=messages, tools=TOOLS, temperature=0,
                                                 max_tokens=40)
     extra = out.model_extra["draftapprox"]

@@ -17,13 +17,10 @@ from draftapprox.methods import SpecPC
 from draftapprox.models import offline
 from draftapprox.models.loading import Pair, load_model
 
-from .conftest import proxy_for, serving_proxy, tapped
+from .conftest import TOOLS, proxy_for, serving_proxy, tapped, tool_chat
 
 pytestmark = [pytest.mark.real, pytest.mark.skipif(not python("vllm").exists(),
                                                    reason="vLLM is not set up: draftapprox eval setup-peer vllm")]
-TOOLS = [{"type": "function", "function": {
-    "name": "read_file", "description": "Read a file",
-    "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}]
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +54,7 @@ def test_the_proxy_in_front_of_vllm_finds_the_fact(through, stream):
 
 def test_vllm_parses_the_tool_call_after_a_cut_tool_result(through):
     client, tap = through
-    call = {"id": "c1", "type": "function", "function": {"name": "read_file", "arguments": '{"path": "notes.txt"}'}}
-    result = "\n".join(f"{i}. the meeting about the {w} budget moved to room {100 + i}"
-                       for i, w in enumerate(["travel", "cloud", "hiring", "office", "training"] * 12))
-    messages = [{"role": "system", "content": "You read files with the tools you have."},
-                {"role": "user", "content": "Read notes.txt please."},
-                {"role": "assistant", "content": None, "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": "c1", "content": result},
-                {"role": "user", "content": "Now read todo.txt."}]
+    messages = tool_chat()
     out = client.chat.completions.create(model="proxied", messages=messages, tools=TOOLS, tool_choice="required",
                                          temperature=0, max_tokens=40)
     extra = out.model_extra["draftapprox"]
