@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import sys
 import textwrap
 from pathlib import Path
@@ -84,6 +87,27 @@ def isa(request, monkeypatch) -> str:
 def kernel(isa):
     """The compiled kernels' module, once per level (`isa`)."""
     return kernels.load()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _give_memory_back():
+    """After each module, hand freed memory back to the system: glibc keeps a freed model's pages (a real pair's
+    8 GB stays resident after it is freed), so modules that each load one would add up to more than the machine
+    has within one pytest process."""
+    yield
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@pytest.fixture(scope="module")
+def real_pair():
+    """The real offline pair (0.5B draft, 1.5B target), loaded once per module that needs it and freed after it:
+    a loaded pair holds several GB, so two must never outlive their modules side by side. A test that patches the
+    target restores it."""
+    import draftapprox as da
+
+    return da.load_pair()
 
 
 @pytest.fixture(params=list(ARCHS))

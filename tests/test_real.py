@@ -16,11 +16,6 @@ pytestmark = pytest.mark.real
 
 
 @pytest.fixture(scope="module")
-def real_pair():
-    return da.load_pair()
-
-
-@pytest.fixture(scope="module")
 def haystack(real_pair):
     prompt = long_prompt(words=760, depth=0.35)
     assert 950 <= da.generation.encode(real_pair, prompt, chat=True).shape[1] <= 1100

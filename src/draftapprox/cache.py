@@ -135,6 +135,9 @@ class _TailLayer(_Appending, CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:  # get_max_length's name in earlier 5.x releases (abstract there)
+        return -1
+
 
 class HeadwiseLayer(_TailLayer):
     """A cache layer whose KV heads hold different numbers of prompt pairs.

@@ -70,12 +70,10 @@ def test_what_cannot_be_honoured_is_refused_by_name(config, field):
 
 
 @pytest.mark.real
-def test_the_reference_readmes_specpc_snippet_runs_with_one_import_changed():
+def test_the_reference_readmes_specpc_snippet_runs_with_one_import_changed(real_pair):
     from draftapprox.examples import ANSWER, long_prompt
-    from draftapprox.models import offline
 
-    model, tokenizer = da.load_model(offline.TARGET.name)
-    draft_model, _ = da.load_model(offline.DRAFT.name)
+    model, tokenizer, draft_model = real_pair.target, real_pair.tokenizer, real_pair.draft
     inputs = tokenizer.apply_chat_template([{"role": "user", "content": long_prompt()}], add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True)["input_ids"]
     # the reference README's snippet, but for its budget (a 1.4k-token prompt here)
@@ -83,6 +81,9 @@ def test_the_reference_readmes_specpc_snippet_runs_with_one_import_changed():
                                  reduction_type="max", lookahead_tokens=1, neighbor_tokens=64, starting_layer_index=8,
                                  weighted_query=True)
     model = patch_model(model, draft_model, specpc_config)
-    out = model.generate(inputs, max_new_tokens=16, return_dict_in_generate=True)
+    try:
+        out = model.generate(inputs, max_new_tokens=16, return_dict_in_generate=True)
+    finally:
+        da.unpatch(model)
     answer = tokenizer.decode(out.output_ids[0], skip_special_tokens=True)
     assert ANSWER in answer and out.input_size == 512

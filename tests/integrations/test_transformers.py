@@ -98,14 +98,12 @@ def test_what_a_compressed_cache_cannot_honour_is_refused(kwargs, message):
 
 
 @pytest.mark.real
-def test_pipeline_on_a_patched_target_answers_the_example():
+def test_pipeline_on_a_patched_target_answers_the_example(real_pair):
     from transformers import pipeline
 
     from draftapprox.examples import ANSWER, long_prompt
-    from draftapprox.models import offline
 
-    target, tokenizer = da.load_model(offline.TARGET.name)
-    draft, _ = da.load_model(offline.DRAFT.name)
+    target, tokenizer, draft = real_pair.target, real_pair.tokenizer, real_pair.draft
     generator = pipeline("text-generation", model=target, tokenizer=tokenizer)
     messages = [{"role": "user", "content": long_prompt(words=650, depth=0.35)}]
     for chosen in (da.SpecKV(budget=0.25), da.SpecPC(budget=0.25)):

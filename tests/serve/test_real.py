@@ -54,8 +54,8 @@ def test_a_planted_fact_is_answered_through_the_server(stream, real_server):
 
 
 @pytest.fixture(scope="module")
-def real_server():
-    pair = da.load_pair()
+def real_server(real_pair):
+    pair = real_pair
     scheduler = Scheduler(pair, kv_cache_memory=2**30, metrics=Metrics())
     service = Service(pair, LocalBackend(scheduler), MODEL, da.SpecKV(0.25))
     messages = [{"role": "user", "content": long_prompt(words=400, depth=0.35)}]

@@ -17,7 +17,7 @@ from draftapprox.bench.engine import serving_llamacpp
 from draftapprox.examples import ANSWER, long_prompt
 from draftapprox.methods import SpecPC
 from draftapprox.models import offline
-from draftapprox.models.loading import Pair, load_model
+from draftapprox.models.loading import Pair
 
 from ..conftest import free_port, wait_for
 from .conftest import TOOLS, proxy_for, serving_proxy, tapped, tool_chat
@@ -35,9 +35,8 @@ def llamacpp(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def draft():
-    model, tokenizer = load_model(offline.DRAFT.name)
-    return Pair(model, tokenizer, model)
+def draft(real_pair):
+    return Pair(real_pair.draft, real_pair.tokenizer, real_pair.draft)
 
 
 @pytest.fixture(scope="module")

@@ -21,16 +21,15 @@ from .conftest import serving_proxy, tiny_proxy
 class Scripted:
     """An OpenAI-style engine with fixed answers, counting what it was sent."""
 
-    def __init__(self, *, tokenize_failures: int = 0, done: bool = True):
+    def __init__(self, *, loading: bool = False, done: bool = True):
         self.tokenizer, self.bodies = tiny_tokenizer(chat=True), []
-        self.tokenize_failures, self.done = tokenize_failures, done
+        self.loading, self.done = loading, done  # loading: /tokenize answers 503
 
         async def models(request):
             return JSONResponse({"object": "list", "data": [{"id": "scripted", "max_model_len": 4096}]})
 
         async def tokenize(request):
-            if self.tokenize_failures:
-                self.tokenize_failures -= 1
+            if self.loading:
                 return JSONResponse({"error": "loading"}, status_code=503)
             body = await request.json()
             text = body.get("content", body.get("prompt"))
@@ -120,11 +119,12 @@ def test_the_engines_status_headers_and_body_come_back():
 
 
 def test_a_tokenizer_check_the_engine_cannot_answer_yet_is_asked_again():
-    engine = Scripted(tokenize_failures=2)
+    engine = Scripted(loading=True)
     with running_app(engine.app) as url, serving_proxy(tiny_proxy(url), probe_every=60) as proxy:
         root = proxy.removesuffix("/v1")
         first = httpx.get(f"{root}/health").json()
         assert first["forwarding"] == "uncut" and "no answer yet" in first["note"]
+        engine.loading = False
         out = httpx.post(f"{proxy}/completions", json={"model": "scripted", "prompt": words(200),
                                                        "draftapprox": {"method": "specpc", "budget": 0.25,
                                                                        "settings": {"window": 4}}}).json()

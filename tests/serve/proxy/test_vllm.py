@@ -15,7 +15,7 @@ from draftapprox.eval.peers import python
 from draftapprox.examples import ANSWER, long_prompt
 from draftapprox.methods import SpecPC
 from draftapprox.models import offline
-from draftapprox.models.loading import Pair, load_model
+from draftapprox.models.loading import Pair
 
 from .conftest import TOOLS, proxy_for, serving_proxy, tapped, tool_chat
 
@@ -24,12 +24,12 @@ pytestmark = [pytest.mark.real, pytest.mark.skipif(not python("vllm").exists(),
 
 
 @pytest.fixture(scope="module")
-def through(tmp_path_factory):
+def through(tmp_path_factory, real_pair):
     target = offline.fetch(offline.TARGET.name)
     with serving(target, "bfloat16", tmp_path_factory.mktemp("vllm") / "vllm.log", max_len=4096,
                  extra=("--enable-auto-tool-choice", "--tool-call-parser", "hermes")) as root:
-        model, tokenizer = load_model(offline.DRAFT.name)
-        proxy = proxy_for(root + "/v1", Pair(model, tokenizer, model), SpecPC(0.25), min_prompt_tokens=256)
+        draft = Pair(real_pair.draft, real_pair.tokenizer, real_pair.draft)
+        proxy = proxy_for(root + "/v1", draft, SpecPC(0.25), min_prompt_tokens=256)
         with tapped(root + "/v1") as (tap, tapped_url):
             proxy.link.upstream.url = tapped_url
             with serving_proxy(proxy) as url:

@@ -108,12 +108,10 @@ class Link:
             if isinstance(data, list) else []
         if not entries:
             raise _Down(f"the upstream {url} lists no model yet")
-        contexts = {}
-        for m in entries:
-            meta = m.get("meta") if isinstance(m.get("meta"), dict) else {}
-            context = m.get("max_model_len") or meta.get("n_ctx_train")
-            if isinstance(context, int) and not isinstance(context, bool) and context > 0:
-                contexts[m["id"]] = context
+        # the context the engine serves (vLLM, SGLang, ours); llama.cpp lists only its model's training context,
+        # which may exceed what the server was started with, so none is taken from it
+        contexts = {m["id"]: m["max_model_len"] for m in entries if isinstance(m.get("max_model_len"), int)
+                    and not isinstance(m["max_model_len"], bool) and m["max_model_len"] > 0}
         return [m["id"] for m in entries], contexts
 
     def _down(self, problem: str) -> bool:
