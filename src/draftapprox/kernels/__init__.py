@@ -139,13 +139,17 @@ def _flags(lvl: str) -> tuple[list[str], list[str]]:
 def _build_name(lvl: str) -> str:
     cflags, ldflags = _flags(lvl)
     text = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
-    key = text + " ".join([platform.machine(), os.environ.get("CXX", ""), *cflags, *ldflags]).encode()
+    # torch's own location too: two environments with the same torch version build against different headers, and
+    # sharing one directory made each rebuild the other's module (silently, a minute or more) on every switch
+    key = text + " ".join([platform.machine(), os.environ.get("CXX", ""), str(Path(torch.__file__).parent), *cflags,
+                           *ldflags]).encode()
     return f"torch-{torch.__version__}-{lvl}-{hashlib.sha256(key).hexdigest()[:12]}"
 
 
 def build_dir(lvl: str) -> Path:
-    """Where a level's build lives: keyed by level, machine, torch version, flags and source text, so processes
-    running different checkouts, or machines sharing a cache, never load a build that is not theirs."""
+    """Where a level's build lives: keyed by level, machine, torch version and location, flags and source text, so
+    processes running different checkouts or environments, or machines sharing a cache, never load or rebuild a
+    build that is not theirs."""
     return cache_dir() / "kernels" / _build_name(lvl)
 
 
