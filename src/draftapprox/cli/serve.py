@@ -131,7 +131,8 @@ def serve(
         raise ConfigError(f"--on-compress-error must be forward or fail, got {on_compress_error!r}")
     if compress_timeout is not None and compress_timeout <= 0:
         raise ConfigError(f"--compress-timeout must be > 0 seconds, got {compress_timeout}")
-    if upstream is None and (model_budget or (budget is not None and ":" in budget)):
+    curve = budget is not None and ":" in budget  # a keep curve, LENGTH:RATIO,...
+    if upstream is None and (model_budget or curve):
         raise ConfigError("keep curves and --model-budget are the proxy's: they need --upstream")
     metrics = Metrics()
     if upstream is None:
@@ -162,7 +163,6 @@ def serve(
 
         if not upstream.startswith(("http://", "https://")) or not upstream.rstrip("/").endswith("/v1"):
             raise ConfigError(f"--upstream must be an OpenAI base URL, http(s)://HOST:PORT/v1, got {upstream!r}")
-        curve = budget is not None and ":" in budget
         budgets = Budgets.parse(budget if curve else None, model_budget)
         chosen = None if method == "none" else method_from(method or "specpc", None if curve else budget or "0.25",
                                                            knob)

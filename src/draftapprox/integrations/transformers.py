@@ -48,12 +48,11 @@ _call: ContextVar[_Call | None] = ContextVar("draftapprox_generate_call", defaul
 
 @dataclass
 class Patch:
-    """What `patch` installed on a model: the method, the pair, and the model's own methods to restore."""
+    """What `patch` installed on a model: the method and the pair it runs with, and what its last call did.
+    (`unpatch` deletes the instance's wrappers, so the class's own methods show through again.)"""
 
     method: Method
     pair: object
-    generate: object
-    forward: object
     last_record: Record | None = None
     last_kept_ids: torch.Tensor | None = None
 
@@ -68,7 +67,7 @@ def patch(target: PreTrainedModel, draft: PreTrainedModel | None = None, method:
     if getattr(target, _ATTRIBUTE, None) is not None:
         unpatch(target)
     pair = pair_from_models(target, tokenizer, draft)
-    state = Patch(method, pair, target.generate, target.forward)
+    state = Patch(method, pair)
     original_generate, original_forward = target.generate, target.forward
 
     def generate(*args, **kwargs):

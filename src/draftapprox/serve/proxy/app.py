@@ -102,8 +102,7 @@ def create_proxy_app(proxy: Proxy, *, api_key: str | None = None, probe_every: f
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], dependencies=auth)
     async def passed_through(path: str, http: Request) -> Response:
-        if not link.ready and not await asyncio.to_thread(link.refresh):
-            raise link.unavailable()
+        await link.answering()
         return await proxy.relay.raw(http, path)
 
     answer_errors(app, proxy.metrics)

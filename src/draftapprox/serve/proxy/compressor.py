@@ -24,6 +24,7 @@ from ...methods import PromptMethod
 from ...models.loading import Pair
 from ..metrics import Metrics
 from ..protocol import ApiError
+from ..work import Disconnected, poll
 
 log = logging.getLogger("draftapprox.serve")
 
@@ -66,14 +67,12 @@ class Compressor:
         except RuntimeError:  # the worker is shut down: the server is stopping
             self._leave()
             raise ApiError(503, "the proxy is shutting down", type="server_error", code="unavailable") from None
-        # a result nobody waits for any more (given up on) is still retrieved, so no error goes unlogged
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             positions, seconds = await _wait(future, self.timeout, http)
         except TimeoutError:
             return self._give_up(ids, "timeout", f"compressing the prompt took longer than {self.timeout:g} s", 504,
                                  time.perf_counter() - began)
-        except _ClientGone:
+        except Disconnected:
             raise ApiError(499, "the client closed the request", code="client_closed") from None
         except Exception as error:  # one prompt's failure in the draft is that request's alone
             log.exception("compressing a prompt failed")
@@ -110,20 +109,10 @@ class Compressor:
         return Kept(list(range(len(ids))), 0.0, waited, reason)
 
 
-class _ClientGone(Exception):
-    pass
-
-
-async def _wait(future: concurrent.futures.Future, timeout: float | None, http: Request | None, every: float = 0.25):
-    """The worker's result within `timeout` seconds, noticing a client that goes away meanwhile."""
+async def _wait(future: concurrent.futures.Future, timeout: float | None, http: Request | None):
+    """The worker's result within `timeout` seconds, noticing a client that goes away meanwhile (`work.poll`)."""
+    done: asyncio.Queue = asyncio.Queue(maxsize=1)
     wrapped = asyncio.wrap_future(future)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        left = every if deadline is None else min(every, deadline - time.monotonic())
-        if left <= 0:
-            raise TimeoutError
-        done, _ = await asyncio.wait({wrapped}, timeout=left)
-        if done:
-            return wrapped.result()
-        if http is not None and await http.is_disconnected():
-            raise _ClientGone
+    wrapped.add_done_callback(done.put_nowait)
+    wrapped.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even when given up on
+    return (await asyncio.wait_for(poll(done, http), timeout)).result()

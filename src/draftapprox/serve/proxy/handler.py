@@ -142,8 +142,7 @@ class Proxy:
         """The engine's name for the request's model and how to forward to it, once the engine answers (a 502
         naming it otherwise). A request for the proxy's own name goes to the engine's default model; any other
         name is the engine's."""
-        if not self.link.ready and not await asyncio.to_thread(self.link.refresh):
-            raise self.link.unavailable()
+        await self.link.answering()
         asked = body.get("model")
         if asked is not None and asked == self.name and asked not in self.link.models:
             body["model"] = asked = self.link.model()

@@ -8,6 +8,7 @@ tokenizer check each time the engine (re)appears, since a restarted engine may s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -175,10 +176,12 @@ class Link:
                                         "checked per request")
         return Verdict(True, True)
 
-    def unavailable(self) -> ApiError:
-        """What a request gets while the engine does not answer: a 502 naming it, to be retried."""
-        return ApiError(502, self.problem or f"the upstream {self.upstream.url} is not ready", type="server_error",
-                        code="upstream_unavailable", headers={"Retry-After": "5"})
+    async def answering(self) -> None:
+        """Return once the engine answers (probing it again if it was down); a request meanwhile gets a 502 naming
+        it, to be retried."""
+        if not self.ready and not await asyncio.to_thread(self.refresh):
+            raise ApiError(502, self.problem or f"the upstream {self.upstream.url} is not ready",
+                           type="server_error", code="upstream_unavailable", headers={"Retry-After": "5"})
 
     def health(self) -> dict:
         """What /health says (blocking: it may run the tokenizer check)."""
