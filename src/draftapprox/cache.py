@@ -129,8 +129,10 @@ class _TailLayer(_Appending, CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         return self._append(key_states, value_states)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+    def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
+        # the query's length from transformers >= 5.3, its cache positions before
+        q = query.shape[0] if isinstance(query, torch.Tensor) else query
+        return self.get_seq_length() + q, 0
 
     def get_max_length(self) -> int:
         return -1

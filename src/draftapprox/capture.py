@@ -98,7 +98,8 @@ def _make_wrapper(base: str):
     base_fn = _base_function(base)
     causal_chunks = base == "sdpa"  # an eager base is a reference: it keeps its own masked kernel
 
-    def attention(module, query, key, value, attention_mask, **kwargs):
+    def attention(module, query, key, value, attention_mask, dropout=0.0, **kwargs):
+        kwargs["dropout"] = dropout  # positional from some callers (kvpress's attention patch), a keyword from most
         active = _scope.get()
         if active is not None:
             scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5

@@ -188,7 +188,8 @@ def eval_setup_peer(
 @eval_app.command("kvpress")
 def eval_kvpress(
     presses: Annotated[str, typer.Option(
-        help="Comma-separated kvpress presses; kvzip too, at 2-3 times a prefill's cost.")] =
+        help="Comma-separated kvpress presses; kvzip too, at 2-3 times a prefill's cost; speckv and adaspeckv are "
+             "draftapprox's own presses inside kvpress's pipeline (they use --draft).")] =
     "snapkv,pyramidkv,adakv,streamingllm,expectedattention",
     budgets: Annotated[str, typer.Option(help="Comma-separated KV budgets (pairs per head).")] = "128,256",
     modes: Annotated[str, typer.Option(
@@ -202,6 +203,7 @@ def eval_kvpress(
     knob: Annotated[list[str] | None, typer.Option(
         "--set", "-s", help="A press field, KEY=VALUE; repeatable (e.g. --set window_size=32).")] = None,
     target: TargetOpt = None,
+    draft: DraftOpt = None,
     dtype: DtypeOpt = "bfloat16",
     threads: ThreadsOpt = None,
     cache_dir: CacheOpt = None,
@@ -220,11 +222,13 @@ def eval_kvpress(
     press_list, mode_list = harness.parse_list(presses, "presses"), harness.parse_list(modes, "modes")
     peers.check_kvpress(press_list, mode_list)  # before the target is fetched
     model_dir = local_model(target, offline.TARGET.name, "--target", cache_dir)
+    draft_dir = (local_model(draft, offline.DRAFT.name, "--draft", cache_dir)
+                 if any(p in peers.DRAFT_PRESSES for p in press_list) else None)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     written = peers.run_kvpress(tokenizer, model_dir, press_list, budget_list, mode_list, task_list, length_list,
                                 samples, output,
                                 seed=seed, dtype=dtype, threads=threads, cache=cache_dir,
-                                knobs=pairs(knob, "--set"), log=err.print)
+                                knobs=pairs(knob, "--set"), draft_dir=draft_dir, log=err.print)
     say_written(written, "kvpress answers", output)
 
 

