@@ -15,7 +15,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def run(name: str) -> str:
-    """An example as a user runs it, in a process of its own (its models are freed with it)."""
+    """An example as a user runs it, in a process of its own (its models are freed with it). The kvpress example
+    runs in kvpress's environment (tests/integrations/test_kvpress.py)."""
     done = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -24,3 +25,8 @@ def run(name: str) -> str:
 def test_transformers_generate():
     printed = run("transformers_generate.py")
     assert ANSWER in printed and "speckv: kept 2" in printed, printed
+
+
+def test_reference_patch_model():
+    printed = run("reference_patch_model.py")
+    assert ANSWER in printed and "read 512 of" in printed, printed

@@ -5,6 +5,10 @@ pair it answers the built-in example. kvpress pins transformers < 5.3, so these 
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
+
 import pytest
 import torch
 
@@ -169,3 +173,25 @@ def test_kvpress_pipeline_on_the_real_pair_answers_the_example(real_pair, press_
         else:
             heads = layer.keys.shape[1]
             assert layer.keys.shape[2] == n and len(attention.masked_key_indices[0]) == heads * (n - kept)
+
+
+@pytest.mark.real
+def test_the_kvpress_example_runs_as_written():
+    from draftapprox.examples import ANSWER
+    from tests.test_examples import run
+
+    printed = run("kvpress_press.py")
+    assert f"SpecKVPress: '{ANSWER}" in printed, printed
+
+
+@pytest.mark.real
+def test_the_readmes_kvpress_example_runs(real_pair):
+    from draftapprox.examples import ANSWER, long_prompt
+    from tests.test_readme import README
+
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+                 if "integrations.kvpress" in b)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(block, str(README), "exec"), {"pair": real_pair, "long_prompt": long_prompt})
+    assert ANSWER in printed.getvalue(), printed.getvalue()
