@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from fastapi import Request
 
-from ...generation import compress_prompt, new_state
+from ... import parts
+from ...generation import new_state
 from ...methods import PromptMethod
 from ...models.loading import Pair
 from ..metrics import Metrics
@@ -52,7 +53,8 @@ class Compressor:
         self._worker.shutdown(wait=False, cancel_futures=True)
 
     async def keep(self, ids: list[int], method: PromptMethod, protected: set[int], http: Request | None) -> Kept:
-        """The positions of `ids` to forward: those `method` keeps on the draft, and `protected`."""
+        """The positions of `ids` to forward: `protected`, and those `method` keeps of the others on the draft (its
+        budget counting the others alone, `parts.select`)."""
         with self._lock:
             full = self._waiting >= self.max_queue
             if not full:
@@ -90,8 +92,7 @@ class Compressor:
                 return [], 0.0
             start = time.perf_counter()
             state = new_state(self.pair, torch.tensor([ids], dtype=torch.long), 1)
-            kept = set(compress_prompt(state, method)[0].tolist()) | protected
-            return sorted(kept), time.perf_counter() - start
+            return parts.select(state, method, protected), time.perf_counter() - start
         finally:
             self._leave()
 

@@ -177,7 +177,7 @@ class Proxy:
         """The kept positions of a prompt; `whole` names a reason found earlier to keep it all."""
         n = len(ids)
         whole = ("none" if method is None else "tokenizer" if not verdict.cut else whole or (
-            "short" if n < self.min_prompt_tokens else "budget" if method.is_noop(n) else None))
+            "short" if n < self.min_prompt_tokens else "budget" if method.is_noop(n - len(protected)) else None))
         plan = Plan(whole)
         if whole is None and self.ledger is not None:
             plan = self.ledger.plan(ids, self.min_prompt_tokens)

@@ -1,0 +1,105 @@
+"""A prompt method over a prompt made of parts, some of them protected: what every compressor door shares (the
+proxy's chats, the LLMLingua-compatible compressor, LangChain's documents, LlamaIndex's nodes).
+
+Protected parts (instructions, questions, role markers, forced tokens, reference tags) are never cut and come back
+byte for byte; the budget counts only what may be cut, so a ratio of 0.25 keeps a quarter of the documents, not a
+quarter of the documents and the question. The draft scores the whole prompt, protected parts included, in the
+order given: put the question last, where SpecPC's window reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .draft import PromptState
+from .errors import InputError
+from .generation import new_state
+from .methods import PromptMethod
+from .models.loading import Pair
+
+
+def select(state: PromptState, method: PromptMethod, protected: set[int]) -> list[int]:
+    """Kept positions of `state`'s prompt: every protected one, and the method's choice among the others, `method`'s
+    budget counted over the others alone (a ratio of them, or a count).
+
+    A method's budget counts the whole prompt, so the budget it is run with is the largest whose choice keeps no
+    more cuttable tokens than asked; the scores do not depend on the budget and are computed once (`scores_for`).
+    """
+    n = state.n
+    cuttable = n - len(protected)
+    if cuttable <= 0:
+        return list(range(n))
+    wanted = method.tokens(cuttable) if isinstance(method.budget, float) else method.budget
+    if wanted >= cuttable:
+        return list(range(n))
+
+    def kept(budget: int) -> set[int]:
+        if budget >= n:
+            return set(range(n))
+        return set(dataclasses.replace(method, budget=budget).select(state)[0].tolist())
+
+    best: set[int] = set()
+    low, high = max(1, getattr(method, "window", 1) or 1), n  # a method cannot run below its window
+    while low <= high:
+        middle = (low + high) // 2
+        chosen = kept(middle)
+        if len(chosen - protected) <= wanted:
+            best, low = chosen, middle + 1
+        else:
+            high = middle - 1
+    return sorted(best | protected)
+
+
+@dataclass(frozen=True)
+class Part:
+    """A piece of a prompt; `protected`: kept whole."""
+
+    text: str
+    protected: bool = False
+
+
+@dataclass
+class CompressedParts:
+    """Each part's text after compression (protected ones as they came), with each part's tokens before and
+    after."""
+
+    parts: list[Part]
+    texts: list[str]
+    tokens: list[int]
+    kept: list[int]
+
+    @property
+    def cuttable(self) -> tuple[int, int]:
+        """(tokens before, tokens kept) of the parts that could be cut: what the budget counted."""
+        pairs = [(t, k) for p, t, k in zip(self.parts, self.tokens, self.kept, strict=True) if not p.protected]
+        return sum(t for t, _ in pairs), sum(k for _, k in pairs)
+
+
+def compress(pair: Pair, parts: list[Part], method: PromptMethod) -> CompressedParts:
+    """Compress `parts` jointly with `method` (a prompt method; its budget counts the unprotected parts only).
+
+    Each part is tokenised on its own, so its tokens are its own (a cut part decodes from its kept tokens), and
+    the prompt the draft scores is their concatenation, in order.
+    """
+    if not parts:
+        raise InputError("nothing to compress: no parts given")
+    pieces = [pair.tokenizer.encode(p.text, add_special_tokens=False) for p in parts]
+    ids = [t for piece in pieces for t in piece]
+    if not ids:
+        return CompressedParts(parts, [p.text for p in parts], [0] * len(parts), [0] * len(parts))
+    starts = [0]
+    for piece in pieces:
+        starts.append(starts[-1] + len(piece))
+    protected = {i for p, a, b in zip(parts, starts[:-1], starts[1:], strict=True) if p.protected for i in range(a, b)}
+    state = new_state(pair, torch.tensor([ids], dtype=torch.long), 1)
+    kept = set(select(state, method, protected))
+    texts, counts = [], []
+    for part, piece, a in zip(parts, pieces, starts[:-1], strict=True):
+        chosen = [tok for i, tok in enumerate(piece) if a + i in kept]
+        counts.append(len(chosen))
+        whole = part.protected or len(chosen) == len(piece)
+        texts.append(part.text if whole else pair.tokenizer.decode(chosen))
+    return CompressedParts(parts, texts, [len(p) for p in pieces], counts)
