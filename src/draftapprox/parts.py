@@ -21,9 +21,9 @@ from .methods import PromptMethod
 from .models.loading import Pair
 
 
-def select(state: PromptState, method: PromptMethod, protected: set[int]) -> list[int]:
+def select(state: PromptState, method: PromptMethod, protected: set[int], keep: int | None = None) -> list[int]:
     """Kept positions of `state`'s prompt: every protected one, and the method's choice among the others, `method`'s
-    budget counted over the others alone (a ratio of them, or a count).
+    budget counted over the others alone (a ratio of them, or a count), or `keep` of them where given.
 
     A method's budget counts the whole prompt, so the budget it is run with is the largest whose choice keeps no
     more cuttable tokens than asked; the scores do not depend on the budget and are computed once (`scores_for`).
@@ -32,7 +32,8 @@ def select(state: PromptState, method: PromptMethod, protected: set[int]) -> lis
     cuttable = n - len(protected)
     if cuttable <= 0:
         return list(range(n))
-    wanted = method.tokens(cuttable) if isinstance(method.budget, float) else method.budget
+    wanted = keep if keep is not None else method.tokens(cuttable) if isinstance(method.budget, float) \
+        else method.budget
     if wanted >= cuttable:
         return list(range(n))
 
@@ -78,8 +79,9 @@ class CompressedParts:
         return sum(t for t, _ in pairs), sum(k for _, k in pairs)
 
 
-def compress(pair: Pair, parts: list[Part], method: PromptMethod) -> CompressedParts:
-    """Compress `parts` jointly with `method` (a prompt method; its budget counts the unprotected parts only).
+def compress(pair: Pair, parts: list[Part], method: PromptMethod, keep: int | None = None) -> CompressedParts:
+    """Compress `parts` jointly with `method` (a prompt method; its budget counts the unprotected parts only, or
+    `keep` tokens of them where given).
 
     Each part is tokenised on its own, so its tokens are its own (a cut part decodes from its kept tokens), and
     the prompt the draft scores is their concatenation, in order.
@@ -95,7 +97,7 @@ def compress(pair: Pair, parts: list[Part], method: PromptMethod) -> CompressedP
         starts.append(starts[-1] + len(piece))
     protected = {i for p, a, b in zip(parts, starts[:-1], starts[1:], strict=True) if p.protected for i in range(a, b)}
     state = new_state(pair, torch.tensor([ids], dtype=torch.long), 1)
-    kept = set(select(state, method, protected))
+    kept = set(select(state, method, protected, keep))
     texts, counts = [], []
     for part, piece, a in zip(parts, pieces, starts[:-1], strict=True):
         chosen = [tok for i, tok in enumerate(piece) if a + i in kept]
