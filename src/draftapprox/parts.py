@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from .draft import PromptState
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .generation import new_state
-from .methods import PromptMethod
+from .methods import Method, PromptMethod, SpecPC, make
 from .models.loading import Pair
 
 
@@ -105,3 +105,34 @@ def compress(pair: Pair, parts: list[Part], method: PromptMethod, keep: int | No
         whole = part.protected or len(chosen) == len(piece)
         texts.append(part.text if whole else pair.tokenizer.decode(chosen))
     return CompressedParts(parts, texts, [len(p) for p in pieces], counts)
+
+
+def prompt_method(method: Method | str | None) -> PromptMethod:
+    """A compressor's method: an instance or a name of `draftapprox methods` (None: SpecPC keeping a quarter)."""
+    method = make(method) if isinstance(method, str) else method if method is not None else SpecPC(budget=0.25)
+    if not isinstance(method, PromptMethod):
+        raise ConfigError(f"{getattr(method, 'name', method)} keeps KV pairs, not prompt tokens: a compressor needs a "
+                         "prompt method (specpc, targetpc, specprefill, randompc, recencypc)")
+    return method
+
+
+@dataclass
+class Document:
+    """One document compressed with others: its text after compression, and its tokens before and after."""
+
+    text: str
+    tokens: int
+    kept: int
+
+
+def compress_documents(pair: Pair, texts: list[str], method: PromptMethod,
+                       question: str | None = None) -> list[Document]:
+    """Documents compressed jointly under `method`'s one budget (over the documents alone), a blank line between
+    them and the question, protected, last: what a retriever's compressor does."""
+    pieces = []
+    for text in texts:
+        pieces += [Part(text), Part("\n\n", protected=True)]
+    if question:
+        pieces.append(Part(question, protected=True))
+    out = compress(pair, pieces, method)
+    return [Document(out.texts[2 * i], out.tokens[2 * i], out.kept[2 * i]) for i in range(len(texts))]

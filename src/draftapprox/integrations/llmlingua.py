@@ -22,7 +22,7 @@ import time
 
 from .. import parts
 from ..errors import ConfigError
-from ..methods import Method, PromptMethod, SpecPC, TargetPC, make
+from ..methods import Method, SpecPC, TargetPC
 from ..models import offline
 from ..models.loading import Pair, load_pair
 
@@ -42,6 +42,9 @@ REFUSED_KNOBS = {"use_sentence_level_filter": "sentence-level filtering", "keep_
                  "context_level_rate": "LLMLingua-2's context filter", "context_level_target_token":
                  "LLMLingua-2's context filter"}
 REORDERS = ("original", "sort", "two_stage")
+# LangChain's LLMLinguaCompressor wraps each document in `<#refN#>` tags (and blank lines) and finds its metadata
+# again from them after compression: they are kept whole, as are `force_tokens`
+REFERENCE_TAG = r"\s*<#ref\d+#>\s*"
 LOAD_OPTIONS = frozenset({"dtype", "threads", "attn_implementation", "cache"})  # what `model_config` may set
 
 
@@ -56,10 +59,7 @@ class PromptCompressor:
         if use_llmlingua2:
             raise ConfigError("use_llmlingua2: LLMLingua-2's token classifier is not draftapprox's; a draft model's "
                               "attention ranks the tokens here (use_llmlingua2=False)")
-        method = make(method) if isinstance(method, str) else method if method is not None else SpecPC()
-        if not isinstance(method, PromptMethod):
-            raise ConfigError(f"{method.name} keeps KV pairs, not prompt tokens: a compressor needs a prompt method "
-                              "(specpc, targetpc, specprefill, randompc, recencypc)")
+        method = parts.prompt_method(method if method is not None else SpecPC())  # its budget: compress_prompt's
         self.method, self.model_name = method, model_name
         if pair is None:
             unknown = sorted(set(model_config or {}) - LOAD_OPTIONS)
@@ -198,8 +198,8 @@ def _non_defaults(function, values: dict) -> dict:
 def _pieces(instruction: str, contexts: list[str], question: str, forced: set[int],
             force_tokens: list[str]) -> tuple[list[parts.Part], list[int | None]]:
     """The prompt as parts in order, instruction first and question last, protected but for the contexts (those of
-    `forced` whole, and every occurrence of a `force_tokens` string); with each part's context index (None:
-    not a context's)."""
+    `forced` whole, and every occurrence of a `force_tokens` string or of a reference tag); with each part's
+    context index (None: not a context's)."""
     pieces: list[parts.Part] = []
     owners: list[int | None] = []
 
@@ -209,10 +209,11 @@ def _pieces(instruction: str, contexts: list[str], question: str, forced: set[in
             owners.append(owner)
 
     add(instruction + "\n\n" if instruction else "", True, None)
-    pattern = re.compile("|".join(re.escape(t) for t in sorted(set(force_tokens), key=len, reverse=True) if t))
+    forced_texts = [re.escape(t) for t in sorted(set(force_tokens), key=len, reverse=True) if t]
+    pattern = re.compile("|".join([REFERENCE_TAG, *forced_texts]))
     for i, text in enumerate(contexts):
-        if i in forced or not pattern.pattern:
-            add(text, i in forced, i)
+        if i in forced:
+            add(text, True, i)
         else:
             cursor = 0
             for match in pattern.finditer(text):
