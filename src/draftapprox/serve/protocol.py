@@ -48,6 +48,29 @@ class Options(BaseModel):
     settings: dict[str, StrictStr | StrictInt | StrictFloat | StrictBool] = Field(default_factory=dict)
 
 
+def with_specprefill(options: Options | None, specprefill: bool | None, keep_pct: float | None,
+                     off: str) -> Options | None:
+    """vllm-mlx's SpecPrefill request fields as our `draftapprox` options, so that its clients work unchanged:
+    `specprefill: true` (with `specprefill_keep_pct`, the share kept) is our `specprefill` method, `false` is `off`
+    (no compression); a `specprefill_keep_pct` alone turns it on. Mixing them with `draftapprox.method` or
+    `draftapprox.budget`, or a share outside (0, 1], is a 400 naming the field."""
+    if specprefill is None and keep_pct is None:
+        return options
+    field = "specprefill" if specprefill is not None else "specprefill_keep_pct"
+    if options is not None and (options.method is not None or options.budget is not None):
+        raise ApiError(400, f"{field} (vllm-mlx's field) and draftapprox.method/budget both choose the method: "
+                            "give one of them", param=field)
+    if specprefill is False:
+        if keep_pct is not None:
+            raise ApiError(400, "specprefill_keep_pct is given with specprefill=false", param="specprefill_keep_pct")
+        return Options(method=off, settings=options.settings if options else {})
+    if keep_pct is not None and (isinstance(keep_pct, bool) or not 0 < keep_pct <= 1):
+        raise ApiError(400, f"specprefill_keep_pct must be a share in (0, 1], got {keep_pct!r}",
+                       param="specprefill_keep_pct")
+    return Options(method="specprefill", budget=float(keep_pct) if keep_pct is not None else None,
+                   settings=options.settings if options else {})
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
@@ -85,6 +108,8 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
     draftapprox: Options | None = None
+    specprefill: StrictBool | None = None  # vllm-mlx's SpecPrefill fields (`with_specprefill`)
+    specprefill_keep_pct: StrictFloat | StrictInt | None = None
     ignore_eos: StrictBool = False  # vLLM's extension: decode exactly max_tokens (benchmarks)
     # accepted only at their neutral values (see UNSUPPORTED)
     n: Any = None

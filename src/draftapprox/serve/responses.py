@@ -26,7 +26,7 @@ from ..methods import Method, make
 from ..models.loading import Pair
 from .events import Delta, Failed, Finished
 from .metrics import Metrics
-from .protocol import ApiError, Options, error_body
+from .protocol import ApiError, Options, error_body, with_specprefill
 from .work import Disconnected, Work
 
 
@@ -122,7 +122,8 @@ def _max_tokens(service: Service, body, n: int, chat: bool) -> int:
 async def respond(service: Service, http: Request, body, ids: torch.Tensor,
                   chat: bool) -> JSONResponse | StreamingResponse:
     """Run one request to its answer. `body`: the validated request; `ids (1, n)`: its prompt's token ids."""
-    method = choose_method(service, body.draftapprox)
+    options = with_specprefill(body.draftapprox, body.specprefill, body.specprefill_keep_pct, off="fullkv")
+    method = choose_method(service, options)
     work = Work(ids, method, _max_tokens(service, body, ids.shape[1], chat), sampling(body), body.stop or [],
                 body.ignore_eos, http, service.request_timeout)
     events = service.backend.open(work)

@@ -322,3 +322,22 @@ def test_what_is_not_cut_reaches_the_engine_as_the_client_sent_it(engine):
         assert out["draftapprox"]["forwarded"] == "ids" and out["object"] == "chat.completion"
         assert len(sent.pop("prompt")) == out["draftapprox"]["kept_tokens"]
         assert sent == {"model": MODEL, "max_tokens": 3, "temperature": 0, "seed": 4}
+
+
+def test_vllm_mlx_specprefill_fields_choose_the_method_on_the_proxy_and_the_server(engine, proxy):
+    for url, off in ((proxy, "none"), (engine[0], "fullkv")):
+        body = {"model": MODEL, "prompt": words(200, seed=21), "max_tokens": 2, "temperature": 0}
+        on = httpx.post(f"{url}/completions", json={**body, "specprefill": True, "specprefill_keep_pct": 0.5},
+                        timeout=60).json()["draftapprox"]
+        assert on["method"] == "specprefill" and 0 < on["kept_tokens"] <= 100, on
+        alone = httpx.post(f"{url}/completions", json={**body, "specprefill_keep_pct": 0.25}, timeout=60).json()
+        assert alone["draftapprox"]["method"] == "specprefill" and alone["draftapprox"]["kept_tokens"] <= 50
+        whole = httpx.post(f"{url}/completions", json={**body, "specprefill": False}, timeout=60).json()
+        assert whole["draftapprox"]["method"] == off
+        for bad, field in (({"specprefill": True, "draftapprox": {"method": "specpc"}}, "specprefill"),
+                           ({"specprefill": False, "specprefill_keep_pct": 0.5}, "specprefill_keep_pct"),
+                           ({"specprefill_keep_pct": 1.5}, "specprefill_keep_pct"),
+                           ({"specprefill": "yes"}, "specprefill")):
+            refused = httpx.post(f"{url}/completions", json={**body, **bad}, timeout=60)
+            assert refused.status_code == 400, (url, bad, refused.text)
+            assert field in refused.text, (url, bad, refused.text)

@@ -24,7 +24,7 @@ from ...errors import ConfigError
 from ...methods import Method, PromptMethod
 from ...models.loading import Pair
 from ..metrics import Metrics
-from ..protocol import ApiError, Options
+from ..protocol import ApiError, Options, with_specprefill
 from ..responses import requested_method
 from . import chat
 from .budgets import Budgets
@@ -209,16 +209,22 @@ class Proxy:
 
 
 def _options(body: dict) -> Options | None:
-    """Our own field, taken off the body (the engine never sees it)."""
+    """Our own field and vllm-mlx's SpecPrefill fields, taken off the body (the engine never sees them)."""
     raw = body.pop("draftapprox", None)
-    if raw is None:
-        return None
-    try:
-        return Options.model_validate(raw)
-    except pydantic.ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in ("draftapprox", *first.get("loc", ())))
-        raise ApiError(400, f"{where}: {first.get('msg')}", param=where) from None
+    specprefill, keep_pct = body.pop("specprefill", None), body.pop("specprefill_keep_pct", None)
+    if specprefill is not None and not isinstance(specprefill, bool):
+        raise ApiError(400, f"specprefill must be true or false, got {specprefill!r}", param="specprefill")
+    if keep_pct is not None and (isinstance(keep_pct, bool) or not isinstance(keep_pct, int | float)):
+        raise ApiError(400, f"specprefill_keep_pct must be a number, got {keep_pct!r}", param="specprefill_keep_pct")
+    options = None
+    if raw is not None:
+        try:
+            options = Options.model_validate(raw)
+        except pydantic.ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(p) for p in ("draftapprox", *first.get("loc", ())))
+            raise ApiError(400, f"{where}: {first.get('msg')}", param=where) from None
+    return with_specprefill(options, specprefill, keep_pct, off="none")
 
 
 def _prompts(prompt) -> tuple[list[str | list[int]] | None, bool]:
