@@ -30,3 +30,26 @@ def test_transformers_generate():
 def test_reference_patch_model():
     printed = run("reference_patch_model.py")
     assert ANSWER in printed and "read 512 of" in printed, printed
+
+
+def test_llmlingua_compressor():
+    printed = run("llmlingua_compressor.py")
+    assert ANSWER in printed and " -> " in printed, printed
+
+
+def test_langchain_retriever():
+    printed = run("langchain_retriever.py")
+    assert ": kept " in printed and "the planted fact survives: True" in printed, printed
+
+
+def test_llama_index_postprocessor():
+    printed = run("llama_index_postprocessor.py")
+    assert "Blue Heron in it: True" in printed, printed
+
+
+def test_litellm_hook():
+    printed = run("litellm_hook.py")
+    lines = printed.splitlines()
+    assert ANSWER in lines[0], printed
+    read, total = (int(x) for x in lines[1].split()[4:7:2])
+    assert read < total // 2, printed
