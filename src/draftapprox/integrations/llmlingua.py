@@ -212,6 +212,8 @@ def _pieces(instruction: str, contexts: list[str], question: str, forced: set[in
     forced_texts = [re.escape(t) for t in sorted(set(force_tokens), key=len, reverse=True) if t]
     pattern = re.compile("|".join([REFERENCE_TAG, *forced_texts]))
     for i, text in enumerate(contexts):
+        if i:
+            add("\n\n", True, None)  # llmlingua's join; nothing after the last, so the question follows
         if i in forced:
             add(text, True, i)
         else:
@@ -221,8 +223,7 @@ def _pieces(instruction: str, contexts: list[str], question: str, forced: set[in
                 add(match.group(), True, i)
                 cursor = match.end()
             add(text[cursor:], False, i)
-        add("\n\n", True, None)
-    add(question, True, None)
+    add("\n\n" + question if question else "", True, None)
     return pieces, owners
 
 
