@@ -11,7 +11,7 @@ LENGTH_TASKS=niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery,vt,fw
 # The goal figures' comparisons come first: kvpress query-aware and LongLLMLingua at 0.25 (the goal's ratio) at
 # 2,048 tokens, then the length check (about five hours) and kvpress at its length and budget. LongLLMLingua's
 # other ratios (about 70 s an answer here) and kvpress's query-agnostic pipeline come last.
-STAGES=${STAGES:-"main kvpress selection llmlingua length kvpress-length llmlingua-rest kvpress-agnostic report"}
+STAGES=${STAGES:-"main kvpress selection llmlingua length kvpress-length llmlingua-rest kvpress-agnostic kvpress-speckv report"}
 mkdir -p "$RAW"
 for stage in $STAGES; do
   case $stage in
@@ -33,6 +33,12 @@ for stage in $STAGES; do
     kvpress-agnostic)  # kvpress's pipeline as users call it: the context compressed before the question is seen
       draftapprox eval setup-peer kvpress
       draftapprox eval kvpress --modes agnostic --budgets 128,256 --samples 5 --output "$RAW/ruler-2048-cpu-kvpress.jsonl" ;;
+    kvpress-speckv)  # our SpecKV as a press inside kvpress's own pipeline (integrations.kvpress), both ways
+      draftapprox eval setup-peer kvpress
+      draftapprox eval kvpress --presses speckv --modes aware,agnostic --budgets 128 --samples 5 \
+        --output "$RAW/ruler-2048-cpu-kvpress.jsonl"
+      draftapprox eval kvpress --presses adaspeckv --modes aware --budgets 128 --samples 5 \
+        --output "$RAW/ruler-2048-cpu-kvpress.jsonl" ;;
     selection)  # why kvpress and we disagree: kept pairs compared, one difference per case (float32 target)
       draftapprox eval kvpress-selection --tasks niah_single_1,niah_multikey_1,niah_multivalue,vt,fwe,qa_1 \
         --output "$RAW/kvpress-selection-2048.jsonl" --report docs/results/kvpress-selection.md \

@@ -1,6 +1,6 @@
 """The authors' API (`draftapprox.reference_api`): their configs, with their defaults, become our methods, and the
 patched `generate` returns what theirs returns; on tiny models token for token against `draftapprox.generate`,
-and the reference README's SpecPC snippet on the real pair with one import changed."""
+(the reference README's SpecPC snippet on the real pair: examples/reference_patch_model.py)."""
 
 from __future__ import annotations
 
@@ -68,22 +68,5 @@ def test_what_cannot_be_honoured_is_refused_by_name(config, field):
     with pytest.raises(da.ConfigError, match=field):
         patch_model(tiny_model("qwen2"), tiny_model("qwen2", seed=1), config)
 
-
-@pytest.mark.real
-def test_the_reference_readmes_specpc_snippet_runs_with_one_import_changed(real_pair):
-    from draftapprox.examples import ANSWER, long_prompt
-
-    model, tokenizer, draft_model = real_pair.target, real_pair.tokenizer, real_pair.draft
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": long_prompt()}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)["input_ids"]
-    # the reference README's snippet, but for its budget (a 1.4k-token prompt here)
-    specpc_config = SpecPCConfig(max_capacity_prompt=512, window_size=64, pool_type="max", kernel_size=64,
-                                 reduction_type="max", lookahead_tokens=1, neighbor_tokens=64, starting_layer_index=8,
-                                 weighted_query=True)
-    model = patch_model(model, draft_model, specpc_config)
-    try:
-        out = model.generate(inputs, max_new_tokens=16, return_dict_in_generate=True)
-    finally:
-        da.unpatch(model)
-    answer = tokenizer.decode(out.output_ids[0], skip_special_tokens=True)
-    assert ANSWER in answer and out.input_size == 512
+# The reference README's SpecPC snippet with one import changed is examples/reference_patch_model.py, run by
+# tests/test_examples.py on the real pair.
