@@ -23,7 +23,8 @@ from .models.loading import Pair
 
 def select(state: PromptState, method: PromptMethod, protected: set[int], keep: int | None = None) -> list[int]:
     """Kept positions of `state`'s prompt: every protected one, and the method's choice among the others, `method`'s
-    budget counted over the others alone (a ratio of them, or a count), or `keep` of them where given.
+    budget counted over the others alone (a ratio of them, or a count), or `keep` of them where given; never fewer
+    than the method's window of them (it cannot choose fewer).
 
     A method's budget counts the whole prompt, so the budget it is run with is the largest whose choice keeps no
     more cuttable tokens than asked; the scores do not depend on the budget and are computed once (`scores_for`).
@@ -34,6 +35,8 @@ def select(state: PromptState, method: PromptMethod, protected: set[int], keep: 
         return list(range(n))
     wanted = keep if keep is not None else method.tokens(cuttable) if isinstance(method.budget, float) \
         else method.budget
+    # never below the method's window, as a ratio budget is not (`Method.tokens`): it cannot choose fewer
+    wanted = max(wanted, min(getattr(method, "window", 0) or 0, cuttable))
     if wanted >= cuttable:
         return list(range(n))
 
@@ -88,6 +91,7 @@ def compress(pair: Pair, parts: list[Part], method: PromptMethod, keep: int | No
     """
     if not parts:
         raise InputError("nothing to compress: no parts given")
+    check_pair(pair, method)
     pieces = [pair.tokenizer.encode(p.text, add_special_tokens=False) for p in parts]
     ids = [t for piece in pieces for t in piece]
     if not ids:
@@ -114,6 +118,13 @@ def prompt_method(method: Method | str | None) -> PromptMethod:
         raise ConfigError(f"{getattr(method, 'name', method)} keeps KV pairs, not prompt tokens: a compressor needs a "
                          "prompt method (specpc, targetpc, specprefill, randompc, recencypc)")
     return method
+
+
+def check_pair(pair: Pair, method: PromptMethod) -> None:
+    """A method that scores with the target needs one: a draft-only pair's draft stands in its place."""
+    if method.needs_target and (pair.target is pair.draft):
+        raise ConfigError(f"{method.name} scores with the target, and this pair holds only a draft: load the target "
+                          "too, or use a draft method (specpc, specprefill)")
 
 
 @dataclass

@@ -82,8 +82,9 @@ def test_adaspeckvpress_masks_exactly_what_adaspeckv_drops(arch):
     assert uneven, "every head kept as many pairs: the test would not tell head-wise from uniform"
 
 
+@pytest.mark.parametrize("routed", [True, False], ids=["routed", "plain"])
 @pytest.mark.parametrize("press_class", [SpecKVPress, AdaSpecKVPress])
-def test_kvpress_pipeline_answers_from_the_pairs_kept(press_class):
+def test_kvpress_pipeline_answers_from_the_pairs_kept(press_class, routed):
     """The pipeline's answer is the greedy answer from our cache holding exactly those pairs (kvpress's masking
     included, also through a model draftapprox loaded and routed through its own attention wrapper). Heads of 64:
     kvpress masks a pair with a key no query of the question can attend to, which need not exist when the
@@ -93,7 +94,8 @@ def test_kvpress_pipeline_answers_from_the_pairs_kept(press_class):
     target, draft = models(head_dim=64)
     tokenizer = tiny_tokenizer()  # no chat template: the tiny models' padding token (the template's) embeds as 0,
     # and no key masks a pair from a zero query
-    da.pair_from_models(target, tokenizer, draft)  # routed through our wrapper, as draftapprox's loader leaves it
+    if routed:  # through our attention wrapper, as draftapprox's loader leaves a model; else transformers' own
+        da.pair_from_models(target, tokenizer, draft)
     pipe = KVPressTextGenerationPipeline(model=target, tokenizer=tokenizer)
     context = " ".join(f"w{int(i)}" for i in prompt_ids(N, seed=5)[0])
     question = " ".join(f"w{int(i)}" for i in prompt_ids(4, seed=6)[0])
@@ -137,6 +139,17 @@ def test_refusals_name_the_problem():
     with pytest.raises(da.InputError, match="input_ids"), press(target):
         target.model(inputs_embeds=torch.zeros(1, N, 64), past_key_values=DynamicCache())
     assert "forward" not in vars(target.model)  # the press's wrapper is gone, even after an error
+    with pytest.raises(da.ConfigError, match="another model"), SpecKVPress(draft=target)(target):
+        pass
+    with pytest.raises(da.InputError, match="use_cache=False"), press(target):
+        target.model(input_ids=prompt_ids(N), use_cache=False)
+    with pytest.raises(da.ConfigError, match="not layer by layer"):
+        kvpress.ComposedPress([press, kvpress.SnapKVPress(0.5)]).forward_hook(None, None, {}, None)
+    eager, _ = models()
+    eager.set_attn_implementation("eager")
+    with pytest.raises(da.ConfigError, match="eager"), AdaSpecKVPress(draft=draft, compression_ratio=RATIO,
+                                                                       window=WINDOW)(eager):
+        eager.model(input_ids=prompt_ids(N), past_key_values=DynamicCache())
 
 
 def test_a_zero_ratio_keeps_everything():

@@ -27,9 +27,10 @@ def served():
 def hook(served):
     hook = DraftCompressionHook(served[1], da.SpecPC(budget=0.25, window=4, kernel=5, start_layer=1),
                                 min_prompt_tokens=64)
+    before = litellm.callbacks
     litellm.callbacks = [hook]
     yield hook
-    litellm.callbacks = []
+    litellm.callbacks = before
 
 
 def ask(url: str, messages: list[dict], **extra):
@@ -60,3 +61,16 @@ def test_per_request_knobs_and_refusals(served, hook):
         ask(url, messages, metadata={"draftapprox": {"rate": 0.5}})
     with pytest.raises(Exception, match="prompt method"):
         ask(url, messages, metadata={"draftapprox": {"method": "snapkv"}})
+
+
+def test_a_chat_that_cannot_be_read_goes_uncut_with_the_reason(hook):
+    """The hook as LiteLLM calls it: a compression that fails sends the chat whole (the provider may still answer
+    it), and says why; a bad knob is the caller's error."""
+    messages = [{"role": "user", "content": words(300, 5)}, {"role": "assistant", "tool_calls": ["not an object"]}]
+    metadata = {"draftapprox": {"budget": 0.25}}
+    kwargs = {"messages": messages, "metadata": metadata}
+    assert asyncio.run(hook.async_pre_call_deployment_hook(kwargs, None)) is None  # unchanged: sent whole
+    assert metadata["draftapprox_record"]["forwarded_whole"] == "error"
+    assert "tool call" in metadata["draftapprox_record"]["error"]
+    with pytest.raises(da.ConfigError, match="must be an object"):
+        asyncio.run(hook.async_pre_call_deployment_hook({"messages": messages, "metadata": {"draftapprox": 1}}, None))

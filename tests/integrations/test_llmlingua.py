@@ -75,7 +75,6 @@ def test_forced_contexts_and_tokens_are_kept_whole(compressor):
 @pytest.mark.parametrize(("call", "name"), [
     (lambda c: c.compress_prompt("w1 w2", use_sentence_level_filter=True), "use_sentence_level_filter"),
     (lambda c: c.compress_prompt("w1 w2", context_segs=["w1"]), "context_segs"),
-    (lambda c: c.compress_prompt("w1 w2", return_word_label=True), "return_word_label"),
     (lambda c: c.compress_prompt("w1 w2", rate=1.5), "rate"),
     (lambda c: c.compress_prompt("w1 w2", reorder_context="random"), "reorder_context"),
     (lambda c: c.compress_prompt(["w1"], force_context_ids=[3]), "force_context_ids"),
@@ -106,3 +105,20 @@ def test_the_planted_fact_survives_a_quarter_on_the_real_draft():
     assert ANSWER in out["compressed_prompt"] and out["compressed_prompt"].endswith(QUESTION)
     assert out["compressed_tokens"] < 0.3 * out["origin_tokens"]
     assert NEEDLE not in document or "Blue Heron" in out["compressed_prompt_list"][0]
+
+
+def test_a_budget_below_the_window_keeps_the_window_not_nothing(qwen_pair):
+    """llmlingua's arithmetic can ask for fewer context tokens than SpecPC's window: the window is kept, as a ratio
+    budget keeps it, rather than an empty prompt."""
+    compressor = PromptCompressor(pair=qwen_pair, method=da.SpecPC(start_layer=1))  # the reference window, 64
+    out = compressor.compress_prompt(words(100, 13), rate=0.3, drop_consecutive=True)
+    assert out["draftapprox"]["kept_context_tokens"] == 64 and out["compressed_prompt"]
+    assert out["draftapprox"]["not_applied"] == {"drop_consecutive": True}  # LLMLingua-2's, ignored by v1 too
+
+
+def test_a_target_method_needs_a_target(qwen_pair):
+    from draftapprox.models.loading import Pair
+
+    draft_only = Pair(qwen_pair.draft, qwen_pair.tokenizer, qwen_pair.draft)
+    with pytest.raises(da.ConfigError, match="only a draft"):
+        PromptCompressor(pair=draft_only, method="targetpc").compress_prompt(words(100, 14), rate=0.5)

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, QuantizedCache
+from transformers import DynamicCache, DynamicLayer, PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..cache import shallow_copy
@@ -76,22 +76,40 @@ class SpecKVPress(BasePress):
     @contextmanager
     def __call__(self, model: PreTrainedModel) -> Iterator[None]:
         """Compress the cache of the prefill run inside the block (kvpress's contract for a press)."""
+        if self.draft is model or self.draft.get_decoder() is model.get_decoder():
+            raise ConfigError(f"{type(self).__name__}: the draft must be another model than the target")
         decoder = model.get_decoder()
-        inner = decoder.forward
+        inner, prior = decoder.forward, decoder.__dict__.get("forward")
+        busy = []  # our own prefill is running: forwards inside it are the model's own
 
         def forward(*args, **kwargs):
             cache = kwargs.get("past_key_values")
-            if self.compression_ratio == 0 or (cache is not None and cache.get_seq_length() > 0):
+            if busy or self.compression_ratio == 0 or (cache is not None and cache.get_seq_length() > 0):
                 return inner(*args, **kwargs)  # a later forward (the question, decoding): the model's own
+            if kwargs.get("use_cache") is False:
+                raise InputError(f"{type(self).__name__} compresses the prefill's cache: use_cache=False keeps none")
             if cache is None:  # the caller keeps no cache: compress the one the output carries
                 kwargs["past_key_values"] = cache = DynamicCache()
-            return self._prefill(model, inner, cache, args, kwargs)
+            busy.append(True)
+            try:
+                return self._prefill(model, inner, cache, args, kwargs)
+            finally:
+                busy.clear()
 
         decoder.forward = forward
         try:
             yield
-        finally:
-            del decoder.forward  # the instance attribute: the class's own forward shows through again
+        finally:  # the forward the decoder had before: its class's own, or a wrapper of someone else's
+            if prior is None:
+                del decoder.forward
+            else:
+                decoder.forward = prior
+
+    def compress(self, *args, **kwargs):
+        raise ConfigError(f"{type(self).__name__} selects once the whole prompt is prefilled, not layer by layer: "
+                          "use it as the pipeline's press itself, not inside another press")
+
+    forward_hook = compress
 
     def _prefill(self, model: PreTrainedModel, inner, cache: DynamicCache, args: tuple, kwargs: dict):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -100,8 +118,9 @@ class SpecKVPress(BasePress):
         if ids.shape[0] != 1:
             raise InputError(f"{type(self).__name__} compresses one context at a time, got a batch of "
                              f"{ids.shape[0]}")
-        if isinstance(cache, QuantizedCache):
-            raise InputError(f"{type(self).__name__} prunes a dense cache; a QuantizedCache is not supported")
+        if type(cache) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in cache.layers):
+            raise InputError(f"{type(self).__name__} prunes a plain DynamicCache, as kvpress's pipeline makes; "
+                             f"got a {type(cache).__name__}")
         n = ids.shape[1]
         kept = compute_n_kept(n, self.compression_ratio)
         if kept >= n:
@@ -144,6 +163,12 @@ class AdaSpecKVPress(SpecKVPress):
         method = AdaSpecKV(budget=budget, alpha=self.alpha_safeguard, scorer=super().method(budget))
         method.validate()
         return method
+
+    def _prefill(self, model: PreTrainedModel, inner, cache: DynamicCache, args: tuple, kwargs: dict):
+        if (model.config._attn_implementation or "eager").removeprefix(PREFIX) == "eager":
+            raise ConfigError("AdaSpecKVPress masks pairs through kvpress's attention patch, which eager attention "
+                              "bypasses: load the target with attn_implementation='sdpa'")
+        return super()._prefill(model, inner, cache, args, kwargs)
 
     def _prune(self, model: PreTrainedModel, cache: DynamicCache, keep: list[torch.Tensor]) -> None:
         """Mask the dropped pairs out of attention, as kvpress's AdaKVPress does."""

@@ -8,6 +8,8 @@ Long user, tool and assistant texts are cut; system prompts, tool definitions an
 byte for byte (`serve.proxy.chat`), the budget counting only what may be cut (`parts.select`). Per-request knobs
 come through LiteLLM's `metadata`: `{"draftapprox": {"method": ..., "budget": ..., "disabled": true}}`; the
 record of what was kept is written back to it (`metadata["draftapprox_record"]`) and kept as `last_record`.
+Compressions run one at a time on a thread of their own; one that fails sends the chat uncut (recorded), as the
+proxy does, while a bad knob is the caller's error.
 LiteLLM calls this hook for `acompletion` (streaming or not) with keyword arguments; its synchronous `completion`
 has no hook that may change a request. Without code: point a LiteLLM `openai/` model's `api_base` at
 `draftapprox serve --upstream`, which does the same in front of any engine.
@@ -16,7 +18,9 @@ has no hook that may change a request. Without code: point a LiteLLM `openai/` m
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import logging
 from typing import Any
 
 try:
@@ -34,6 +38,7 @@ from ..models.loading import Pair
 from ..serve.proxy import chat
 
 KNOBS = ("method", "budget", "disabled")
+log = logging.getLogger("draftapprox.litellm")
 
 
 class DraftCompressionHook(CustomLogger):
@@ -44,15 +49,28 @@ class DraftCompressionHook(CustomLogger):
         super().__init__()
         self.pair, self.method, self.min_prompt_tokens = pair, parts.prompt_method(method), min_prompt_tokens
         self.last_record: dict | None = None
+        # one compression at a time on one thread, as the proxy's: the draft is one shared model
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="draftapprox-draft")
 
     async def async_pre_call_deployment_hook(self, kwargs: dict, call_type: Any) -> dict | None:
         messages = kwargs.get("messages")
         metadata = kwargs.get("metadata") if isinstance(kwargs.get("metadata"), dict) else {}
         options = metadata.get("draftapprox") or {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"metadata.draftapprox must be an object of {', '.join(KNOBS)}, got {options!r}")
         if not isinstance(messages, list) or not messages or options.get("disabled"):
             return None
         method = self._method(options)
-        cut, record = await asyncio.to_thread(self._compress, messages, kwargs.get("tools"), method)
+        loop = asyncio.get_running_loop()
+        try:
+            cut, record = await loop.run_in_executor(self._worker, self._compress, messages, kwargs.get("tools"),
+                                                     method)
+        except ConfigError:
+            raise
+        except Exception as error:  # fails open, as the proxy: the provider could still answer the chat uncut
+            log.warning("compressing a chat failed (%s: %s): sending it uncut", type(error).__name__, error)
+            cut, record = None, {"method": method.name, "forwarded_whole": "error",
+                                 "error": f"{type(error).__name__}: {error}"}
         self.last_record = record
         metadata["draftapprox_record"] = record
         if cut is None:
@@ -78,6 +96,7 @@ class DraftCompressionHook(CustomLogger):
         record = {"method": method.name, "prompt_tokens": n, "kept_tokens": n, "messages_cut": 0}
         if n < self.min_prompt_tokens or not rendered.pieces:
             return None, {**record, "forwarded_whole": "short" if rendered.pieces else "structure"}
+        parts.check_pair(self.pair, method)
         state = new_state(self.pair, torch.tensor([rendered.ids], dtype=torch.long), 1)
         kept = parts.select(state, method, rendered.protected())
         cut, count = chat.rebuild(self.pair.tokenizer, messages, rendered, set(kept))

@@ -2,13 +2,14 @@
 
 Code written for llmlingua 0.2.2 (`PromptCompressor(model_name).compress_prompt(context, instruction=...,
 question=..., rate=...)`, LangChain's `LLMLinguaCompressor`, LlamaIndex's `LongLLMLinguaPostprocessor`) runs
-unchanged: the same constructor and `compress_prompt` signature, defaults and result keys. `model_name` names the
-draft, which scores the prompt with its attention; no target is needed to compress.
+unchanged: the same constructor and `compress_prompt` signature, defaults and result keys, but for two defaults:
+`model_name` names the draft (the offline Qwen2.5-Coder 0.5B), which scores the prompt with its attention (no
+target is needed to compress), and `device_map` is "cpu" ("cuda..." loads on the GPU; other maps run on the CPU).
 
 What llmlingua's perplexity ranker needed (its iteration size, its context-level budget knobs, its rank method) is
 accepted and listed in the result's `draftapprox` record as not applied: the draft replaces that ranker. What
-would change the output and is not implemented here (LLMLingua-2, sentence-level filtering, context segments, word
-labels, `structured_compress_prompt`, `recover`) is refused by name.
+would change the output and is not implemented here (LLMLingua-2, sentence-level filtering, context segments,
+`structured_compress_prompt`, `recover`) is refused by name.
 
 Token counts are the draft tokenizer's, where llmlingua counts `origin_tokens`/`compressed_tokens` with GPT-3.5's
 tiktoken encoding (this module needs neither llmlingua nor tiktoken).
@@ -26,21 +27,19 @@ from ..methods import Method, SpecPC, TargetPC
 from ..models import offline
 from ..models.loading import Pair, load_pair
 
-# llmlingua's own ranker: the draft's attention replaces it, so these are accepted and reported as not applied
+# llmlingua's own ranker (and LLMLingua-2's knobs, which its v1 `compress_prompt` ignores too): the draft's
+# attention replaces it, so these are accepted and reported as not applied
 RANKER_KNOBS = ("iterative_size", "use_context_level_filter", "use_token_level_filter", "keep_split",
                 "high_priority_bonus", "context_budget", "token_budget_ratio", "condition_in_question",
                 "dynamic_context_compression_ratio", "condition_compare", "add_instruction", "rank_method",
                 "force_context_number", "token_to_word", "word_sep", "label_sep", "chunk_end_tokens",
-                "strict_preserve_uncompressed")
-# what would change the output and is not implemented: refused when set
+                "strict_preserve_uncompressed", "return_word_label", "force_reserve_digit", "drop_consecutive",
+                "target_context", "context_level_rate", "context_level_target_token")
+# what llmlingua 0.2.2 does with them would change the output, and is not implemented: refused when set
 REFUSED_KNOBS = {"use_sentence_level_filter": "sentence-level filtering", "keep_first_sentence": "sentence-level "
                  "filtering", "keep_last_sentence": "sentence-level filtering", "keep_sentence_number":
                  "sentence-level filtering", "context_segs": "context segments", "context_segs_rate":
-                 "context segments", "context_segs_compress": "context segments", "return_word_label":
-                 "word labels", "force_reserve_digit": "LLMLingua-2's digit reservation", "drop_consecutive":
-                 "LLMLingua-2's consecutive-token dropping", "target_context": "LLMLingua-2's context filter",
-                 "context_level_rate": "LLMLingua-2's context filter", "context_level_target_token":
-                 "LLMLingua-2's context filter"}
+                 "context segments", "context_segs_compress": "context segments"}
 REORDERS = ("original", "sort", "two_stage")
 # LangChain's LLMLinguaCompressor wraps each document in `<#refN#>` tags (and blank lines) and finds its metadata
 # again from them after compression: they are kept whole, as are `force_tokens`
@@ -73,7 +72,8 @@ class PromptCompressor:
         self.pair = pair
         self.tokenizer = pair.tokenizer
 
-    def get_token_length(self, text: str, add_special_tokens: bool = True) -> int:
+    def get_token_length(self, text: str, add_special_tokens: bool = True, use_oai_tokenizer: bool = False) -> int:
+        """Tokens of `text`, by the draft's tokenizer (also for `use_oai_tokenizer`: no tiktoken here)."""
         return len(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def compress_prompt(

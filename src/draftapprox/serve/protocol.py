@@ -52,7 +52,9 @@ def with_specprefill(options: Options | None, specprefill: bool | None, keep_pct
                      off: str) -> Options | None:
     """vllm-mlx's SpecPrefill request fields as our `draftapprox` options, so that its clients work unchanged:
     `specprefill: true` (with `specprefill_keep_pct`, the share kept) is our `specprefill` method, `false` is `off`
-    (no compression); a `specprefill_keep_pct` alone turns it on. Mixing them with `draftapprox.method` or
+    (no compression). Unlike vllm-mlx, where the server's settings decide whether SpecPrefill runs at all, a
+    `specprefill_keep_pct` alone turns it on here (a client that sends a share wants it applied), and no length
+    threshold applies but the proxy's `--min-prompt-tokens`. Mixing them with `draftapprox.method` or
     `draftapprox.budget`, or a share outside (0, 1], is a 400 naming the field."""
     if specprefill is None and keep_pct is None:
         return options

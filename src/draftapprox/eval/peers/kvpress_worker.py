@@ -41,6 +41,8 @@ def make_press(name: str, ratio: float, knobs: dict, draft: Callable[[], object]
     import kvpress
 
     if name in DRAFT_PRESSES:
+        if draft is None:  # timing and selection requests run a press's per-layer compress, which these have not
+            raise SystemExit(f"{name}: only kvpress's pipeline runs draftapprox's presses here, with --draft")
         from draftapprox.integrations.kvpress import AdaSpecKVPress, SpecKVPress
 
         press = SpecKVPress if name == "speckv" else AdaSpecKVPress
