@@ -25,10 +25,12 @@ from draftapprox.integrations.llmlingua import PromptCompressor
 
 
 def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+    """The CPU as /proc/cpuinfo names it, with its family and model (one name covers several generations)."""
+    info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()[:30] if ":" in line)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    if "model name" not in info:
+        return platform.processor() or "unknown CPU"
+    return f"{info['model name']} (cpu family {info.get('cpu family')}, model {info.get('model')})"
 
 
 def main() -> None:
