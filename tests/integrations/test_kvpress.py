@@ -67,6 +67,39 @@ def test_speckvpress_keeps_exactly_speckvs_pairs(arch):
             assert torch.equal(layer.values[0, head], full.values[0, head, positions])
 
 
+def test_with_a_tail_the_context_keeps_speckvs_pairs_on_context_and_tail(arch):
+    """Given the ids the pipeline feeds after compression, the press runs our SpecKV on context + tail (the draft
+    looks ahead from there) and keeps its choice of context pairs, exactly kvpress's count of them."""
+    ids, tail = prompt_ids(N, seed=3), prompt_ids(3, seed=4)
+    budget = KEPT + 3 - 1  # the window covers the tail's pairs but its last
+    keep, state = ours(arch, da.SpecKV(budget=budget, window=WINDOW, lookahead=LOOKAHEAD), torch.cat([ids, tail], 1))
+    target, draft = models(arch)
+    press = SpecKVPress(draft=draft, compression_ratio=RATIO, lookahead=LOOKAHEAD, window=WINDOW,
+                        tail=tail[0].tolist())
+    cache = DynamicCache()
+    with torch.inference_mode(), press(target):
+        target.model(input_ids=ids, past_key_values=cache)
+    for layer, full, mask in zip(cache.layers, state.cache.layers, keep, strict=True):
+        assert layer.keys.shape[2] == KEPT
+        for head in range(mask.shape[1]):
+            positions = torch.nonzero(mask[0, head, :N]).flatten()
+            assert torch.equal(layer.keys[0, head], full.keys[0, head, positions])
+
+
+def test_pipeline_tail_is_what_the_pipeline_feeds_after_the_context():
+    from kvpress import KVPressTextGenerationPipeline
+
+    from draftapprox.integrations.kvpress import pipeline_tail
+
+    target, _ = models()
+    tokenizer = tiny_tokenizer(chat=True)
+    pipe = KVPressTextGenerationPipeline(model=target, tokenizer=tokenizer)
+    options, _, _ = pipe._sanitize_parameters(answer_prefix="w7 w8")
+    fed = pipe.preprocess("w1 w2 w3", **options)["questions_ids"][0][0].tolist()
+    assert pipeline_tail(pipe, answer_prefix="w7 w8") == fed and fed[-2:] == tokenizer.convert_tokens_to_ids(
+        ["w7", "w8"])
+
+
 def test_adaspeckvpress_masks_exactly_what_adaspeckv_drops(arch):
     ids = prompt_ids(N, seed=3)
     keep, _ = ours(arch, da.AdaSpecKV(budget=KEPT - 1, scorer=da.SpecKV(window=WINDOW, lookahead=LOOKAHEAD)), ids)
@@ -131,7 +164,7 @@ def test_refusals_name_the_problem():
     with pytest.raises(da.ConfigError, match="window"):
         SpecKVPress(draft=draft, window=0)
     press = SpecKVPress(draft=draft, compression_ratio=0.95, window=WINDOW)
-    with pytest.raises(da.ConfigError, match="fewer than window"), press(target):
+    with pytest.raises(da.ConfigError, match="fewer than the window"), press(target):
         target.model(input_ids=prompt_ids(N), past_key_values=DynamicCache())
     press = SpecKVPress(draft=draft, compression_ratio=RATIO, window=WINDOW)
     with pytest.raises(da.InputError, match="one context at a time"), press(target):

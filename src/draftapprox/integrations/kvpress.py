@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, DynamicLayer, PreTrainedModel
@@ -32,6 +32,7 @@ from ..cache import shallow_copy
 from ..capture import PREFIX, QueryCapture, check_captured, decoder_layers, prepare, scope
 from ..draft import PromptState
 from ..errors import ConfigError, InputError
+from ..forward import forward
 from ..methods import AdaSpecKV, SpecKV
 from ..methods.scorer import ScorerKV
 
@@ -47,7 +48,12 @@ except ImportError as error:  # an optional extra: say how to get it rather than
 class SpecKVPress(BasePress):
     """SpecKV inside kvpress. `draft`: the draft model (same tokenizer as the target). `lookahead`: how many tokens
     the draft writes (the reference writes the request's `max_new_tokens`, which a press cannot see: set it to
-    yours). `window`, `kernel`, `pool`, `reduction`: SpecKV's scoring knobs, with the paper's defaults."""
+    yours). `window`, `kernel`, `pool`, `reduction`: SpecKV's scoring knobs, with the paper's defaults.
+    `tail`: the token ids fed after the compressed context before the answer (kvpress's pipeline feeds its chat
+    template's question suffix and the answer prefix there: `pipeline_tail` gives them). Our SpecKV then runs on
+    context + tail, as on the whole prompt it answers: the draft looks ahead from the assistant's turn, the tail's
+    queries score, and the context's pairs are kept (the pipeline feeds the tail itself); a tail longer than the
+    window widens the window to cover it."""
 
     draft: PreTrainedModel | None = None
     compression_ratio: float = 0.0
@@ -56,7 +62,7 @@ class SpecKVPress(BasePress):
     kernel: int = 7
     pool: str = "max"
     reduction: str = "max"
-    last_keep: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
+    tail: list[int] | torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.compression_ratio < 1:
@@ -66,9 +72,10 @@ class SpecKVPress(BasePress):
                               "compression_ratio=...)")
         self.method(budget=self.window + 1)  # the knobs are checked now, not at the first prompt
 
-    def method(self, budget: int) -> ScorerKV:
-        """Our method that selects for a budget of `budget` pairs per head."""
-        method = SpecKV(budget=budget, window=self.window, kernel=self.kernel, pool=self.pool,
+
+    def method(self, budget: int, window: int | None = None) -> ScorerKV:
+        """Our method that selects for a budget of `budget` pairs per head (`window`: a wider one than ours)."""
+        method = SpecKV(budget=budget, window=window or self.window, kernel=self.kernel, pool=self.pool,
                         reduction=self.reduction, lookahead=self.lookahead)
         method.validate()
         return method
@@ -125,21 +132,29 @@ class SpecKVPress(BasePress):
         kept = compute_n_kept(n, self.compression_ratio)
         if kept >= n:
             return inner(*args, **kwargs)
-        if kept - 1 < self.window:
+        tail = torch.as_tensor(self.tail if self.tail is not None else [], dtype=ids.dtype).reshape(1, -1).to(ids)
+        s = tail.shape[1]
+        # the budget of our selection over context + tail: the window covers the tail's pairs but its last (fed
+        # again); with no tail, the context's last pair is ours to keep on top (see the module's docstring)
+        budget, window = kept + s - 1, max(self.window, s)  # the pipeline feeds the whole tail: none of it is cut
+        if budget < window:
             raise ConfigError(f"compression_ratio={self.compression_ratio} keeps {kept} of this context's {n} pairs, "
-                              f"fewer than window + 1 = {self.window + 1}: lower the ratio or the window")
-        method = self.method(budget=kept - 1)  # the last pair is kept on top (see the module's docstring)
-        capture = QueryCapture(rows=min(method.rows, n))
+                              f"fewer than the window needs ({window + 1 - s}): lower the ratio or the window")
+        method = self.method(budget, window)
+        capture = QueryCapture(rows=min(method.rows, n + s))
         with _routed(model):
             with scope(capture=capture):
                 out = inner(*args, **kwargs)
+            copy = shallow_copy(cache)
+            if s:  # the tail on top of (a copy of) the context's cache, its queries after the context's
+                forward(model, tail, copy, n, logits=False, capture=capture)
             check_captured(model, capture)
-            state = PromptState(self.draft, model, ids, self.lookahead, _eos_ids(model), cache=shallow_copy(cache),
-                                queries=capture)
-            keep = method.select(state).keep
-        for mask in keep:
-            mask[..., n - 1] = True
-        self.last_keep = keep
+            state = PromptState(self.draft, model, torch.cat([ids, tail], dim=1), self.lookahead, _eos_ids(model),
+                                cache=copy, queries=capture)
+            keep = [mask[..., :n] for mask in method.select(state).keep]
+        if not s:
+            for mask in keep:
+                mask[..., n - 1] = True
         self._prune(model, cache, keep)
         return out
 
@@ -159,8 +174,8 @@ class AdaSpecKVPress(SpecKVPress):
 
     alpha_safeguard: float = 0.2
 
-    def method(self, budget: int) -> ScorerKV:
-        method = AdaSpecKV(budget=budget, alpha=self.alpha_safeguard, scorer=super().method(budget))
+    def method(self, budget: int, window: int | None = None) -> ScorerKV:
+        method = AdaSpecKV(budget=budget, alpha=self.alpha_safeguard, scorer=super().method(budget, window))
         method.validate()
         return method
 
@@ -199,3 +214,10 @@ def _routed(model: PreTrainedModel) -> Iterator[None]:
 def _eos_ids(model: PreTrainedModel) -> frozenset[int]:
     eos = getattr(model.generation_config, "eos_token_id", None)
     return frozenset([eos] if isinstance(eos, int) else eos or [])
+
+
+def pipeline_tail(pipe, question: str = "", answer_prefix: str = "") -> list[int]:
+    """The ids kvpress's pipeline `pipe` feeds after the compressed context for `question` (its chat template's
+    question suffix, then `answer_prefix`), from its own `preprocess`: a press's `tail`."""
+    options, _, _ = pipe._sanitize_parameters(question=question or None, answer_prefix=answer_prefix)
+    return pipe.preprocess("", **options)["questions_ids"][0][0].tolist()

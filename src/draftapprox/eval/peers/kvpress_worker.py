@@ -104,7 +104,12 @@ def _inputs(req: dict) -> tuple[str, str]:
 def answer_pipeline(pipe, req: dict, draft: Callable[[], object]) -> dict:
     """kvpress's pipeline exactly as users call it."""
     context, question = _inputs(req)
-    press = make_press(req["press"], req["ratio"], req.get("knobs", {}), draft, req["max_new_tokens"])
+    knobs = dict(req.get("knobs", {}))
+    if knobs.get("tail") == "pipeline":  # what the pipeline feeds after compression (draftapprox's presses)
+        from draftapprox.integrations.kvpress import pipeline_tail
+
+        knobs["tail"] = pipeline_tail(pipe, question, req["answer_prefix"])
+    press = make_press(req["press"], req["ratio"], knobs, draft, req["max_new_tokens"])
     start = time.perf_counter()
     out = pipe(context, question=question, answer_prefix=req["answer_prefix"], press=press,
                max_new_tokens=req["max_new_tokens"])
