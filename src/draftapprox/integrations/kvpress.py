@@ -13,6 +13,11 @@ does). Our SpecKV drops the prompt's last pair and feeds that token again on the
 nothing again, so the press keeps that pair from the prefill instead: the kept pairs are SpecKV's selection for a
 budget of `int(n * (1 - ratio)) - 1`, plus the last position.
 
+kvpress's pipeline compresses before it feeds its chat template's question suffix and the answer prefix, so the
+draft would look ahead from inside the user's turn, continuing it rather than answering. Given those ids as
+`tail` (`pipeline_tail(pipe)`), the press runs our SpecKV on context + tail, as on the whole prompt: the draft
+answers from the assistant's turn, and the context's pairs are kept (exactly kvpress's count of them).
+
 `AdaSpecKVPress` allocates per head as our `AdaSpecKV` does. Heads then keep different numbers of pairs, which a
 dense cache cannot hold, so, as kvpress's own `AdaKVPress` does, the dropped pairs stay in the cache and are masked
 out of attention (kvpress's attention patch, `masked_key_indices`).
