@@ -23,12 +23,15 @@ def test_the_kvpress_press_and_the_core_pass_in_kvpress_environment():
     if importlib.util.find_spec("kvpress") is not None:
         pytest.skip("kvpress is installed here: test_kvpress.py runs in this environment")
     python = peers.python("kvpress")
-    probe = subprocess.run([str(python), "-c", "import draftapprox, kvpress, pytest"], capture_output=True)
+    env = peers.peer_env("kvpress")  # this checkout's draftapprox first, whichever one set the environment up
+    probe = subprocess.run([str(python), "-c", "import draftapprox, kvpress, pytest; print(draftapprox.__file__)"],
+                           capture_output=True, text=True, env=env)
     if probe.returncode:
         pytest.skip("no kvpress environment with draftapprox: run `draftapprox eval setup-peer kvpress`")
+    assert probe.stdout.strip().startswith(str(ROOT / "src")), probe.stdout  # the code under test, not another's
     out = subprocess.run([str(python), "-m", "pytest", "-v", "-p", "no:cacheprovider", *THERE,
                           "--deselect", "tests/integrations/test_kvpress_environment.py"],
-                         cwd=ROOT, capture_output=True, text=True)
+                         cwd=ROOT, capture_output=True, text=True, env=env)
     tail = "\n".join((out.stdout + out.stderr).splitlines()[-30:])
     assert out.returncode == 0, tail
     ran = "test_kvpress.py::test_kvpress_pipeline_on_the_real_pair_answers_the_example[SpecKVPress] PASSED"

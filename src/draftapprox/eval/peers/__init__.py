@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -102,6 +103,17 @@ def setup(name: str, cache: str | Path | None = None, log=print, source: str | N
                   f"checking out commit {peer.commit} of {origin}")
     marker.write_text(signature)
     return root
+
+
+def peer_env(name: str) -> dict[str, str]:
+    """The environment a peer's process runs in: where the peer hosts draftapprox, this very draftapprox comes
+    first on its path (the peer's environment is shared by every checkout that set it up; its own install may be
+    another one's)."""
+    env = dict(os.environ)
+    if PEERS[name].hosts_draftapprox:
+        here = str(Path(__file__).resolve().parents[3])  # the folder holding the draftapprox package
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def _this_draftapprox() -> list[str]:
@@ -293,7 +305,7 @@ def drive(name: str, pending: dict, output: Path, results: Results, make_row, ar
     log(f"{name}: {len(pending)} answers to write (requests {requests}, worker log {worker_log.name})")
     started, written = time.time(), 0
     with progress_bar(True) as bar, open(worker_log, "a") as sink, \
-            subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT) as proc:
+            subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=peer_env(name)) as proc:
         advance = partial(bar.advance, bar.add_task(name, total=len(pending)))
         try:
             while proc.poll() is None:
