@@ -4,6 +4,7 @@ the server answers from what was kept."""
 
 import asyncio
 import os
+import socket
 import threading
 import time
 
@@ -23,7 +24,10 @@ from draftapprox.serve.scheduler import Scheduler
 pair = da.load_pair()
 service = Service(pair, LocalBackend(Scheduler(pair, kv_cache_memory=2**30, metrics=Metrics())), "local",
                   da.FullKV())
-server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=8765, log_level="warning"))
+with socket.socket() as probe:  # a free port
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
 threading.Thread(target=server.run, daemon=True).start()
 while not server.started:
     time.sleep(0.05)
@@ -31,7 +35,7 @@ while not server.started:
 hook = DraftCompressionHook(pair, da.SpecPC(budget=0.25))
 litellm.callbacks = [hook]
 answer = asyncio.run(litellm.acompletion(
-    model="openai/local", api_base="http://127.0.0.1:8765/v1", api_key="unused", max_tokens=12, temperature=0,
+    model="openai/local", api_base=f"http://127.0.0.1:{port}/v1", api_key="unused", max_tokens=12, temperature=0,
     messages=[{"role": "user", "content": long_prompt()}], metadata={"draftapprox": {"budget": 0.25}}))
 print(answer.choices[0].message.content)
 print(f"the server read {answer.usage.prompt_tokens} tokens of {hook.last_record['prompt_tokens']}")
