@@ -37,8 +37,8 @@ for stage in $STAGES; do
       draftapprox eval setup-peer kvpress
       draftapprox eval kvpress --presses speckv --modes aware,agnostic --budgets 128 --samples 5 \
         --output "$RAW/ruler-2048-cpu-kvpress.jsonl"
-      draftapprox eval kvpress --presses adaspeckv --modes aware --budgets 128 --samples 5 \
-        --output "$RAW/ruler-2048-cpu-kvpress.jsonl" ;;
+      draftapprox eval kvpress --presses speckv,adaspeckv --modes aware --budgets 128 --samples 5 \
+        --set tail=pipeline --output "$RAW/ruler-2048-cpu-kvpress.jsonl" ;;
     selection)  # why kvpress and we disagree: kept pairs compared, one difference per case (float32 target)
       draftapprox eval kvpress-selection --tasks niah_single_1,niah_multikey_1,niah_multivalue,vt,fwe,qa_1 \
         --output "$RAW/kvpress-selection-2048.jsonl" --report docs/results/kvpress-selection.md \
