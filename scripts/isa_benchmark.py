@@ -50,10 +50,10 @@ def child(args) -> None:
     import torch.nn.functional as F
 
     from draftapprox import attention, kernels
-    from draftapprox.bench import limits
     from draftapprox.cache import head_size
     from draftapprox.generation import generate
     from draftapprox.kernels import probe
+    from draftapprox.kernels.probe import best
     from draftapprox.methods import make
     from draftapprox.models.loading import load_pair, precision
 
@@ -89,8 +89,8 @@ def child(args) -> None:
         q = torch.randn(1, n, heads, d, generator=g).transpose(1, 2)
         k, v = (torch.randn(1, groups, n, d, generator=g) for _ in range(2))
         with torch.inference_mode():
-            ours = limits.best(lambda q=q, k=k, v=v: kernels.call("prefill_attention", q, k, v, d**-0.5), 3)
-            sdpa = limits.best(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
+            ours = best(lambda q=q, k=k, v=v: kernels.call("prefill_attention", q, k, v, d**-0.5), 3)
+            sdpa = best(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
                 q, k.repeat_interleave(heads // groups, 1), v.repeat_interleave(heads // groups, 1), is_causal=True), 3)
         _append(args.jsonl, {"key": key, "what": "attention", "length": n, "env": env, "kernel": ours, "sdpa": sdpa,
                              "heads": f"{heads} on {groups} of {d}", "uses_kernel": attention._prefill_kernel_pays(

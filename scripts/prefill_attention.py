@@ -19,14 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from draftapprox import attention, kernels
-from draftapprox.bench import limits
 from draftapprox.cache import head_size, new_cache
 from draftapprox.eval import ruler
 from draftapprox.forward import forward
 from draftapprox.generation import compress_prompt, new_state
+from draftapprox.kernels.probe import best
 from draftapprox.markdown import publish, table
 from draftapprox.methods import make
 from draftapprox.models.loading import load_pair, precision
+from draftapprox.models.rates import gemm_rate
 
 
 def _shapes(model) -> tuple[int, int, int]:
@@ -38,8 +39,8 @@ def _both(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[
     """Seconds of `causal` (the kernel where it reads) and of SDPA as transformers calls it, on the same tensors."""
     r, d = query.shape[1] // key.shape[1], query.shape[-1]
     with torch.inference_mode():
-        ours = limits.best(lambda: attention.causal(query, key, value, d**-0.5), 5)
-        sdpa = limits.best(lambda: F.scaled_dot_product_attention(query, key.repeat_interleave(r, 1),
+        ours = best(lambda: attention.causal(query, key, value, d**-0.5), 5)
+        sdpa = best(lambda: F.scaled_dot_product_attention(query, key.repeat_interleave(r, 1),
                                                             value.repeat_interleave(r, 1), is_causal=True), 5)
     return ours, sdpa
 
@@ -107,7 +108,7 @@ def main(argv: list[str]) -> int:
     dtype = pair.draft.dtype if precision(pair.draft) in ("bfloat16", "float32") else torch.float32
     dtypes = [dtype, *([torch.float32] if dtype != torch.float32 else [])]
     config = pair.draft.config
-    gemm = {t: limits.gemm_rate(config.hidden_size, config.intermediate_size, t) for t in dtypes}
+    gemm = {t: gemm_rate(config.hidden_size, config.intermediate_size, t) for t in dtypes}
     kernel_rows = _kernel_table(pair, lengths, dtypes)
     specpc = make("specpc", 0.25, **({} if args.start_layer is None else {"start_layer": args.start_layer}))
     path_rows = _path_table(pair, lengths, args.pairs, specpc)

@@ -23,9 +23,11 @@ from draftapprox.bench import limits
 from draftapprox.cache import new_cache, truncate_cache
 from draftapprox.forward import forward
 from draftapprox.generation import generate
+from draftapprox.kernels.probe import best
 from draftapprox.methods import make
 from draftapprox.models.compact import compact
 from draftapprox.models.loading import pair_from_models
+from draftapprox.models.rates import gemv_rate
 
 from ..conftest import prompt_ids, tiny_model, tiny_tokenizer
 
@@ -76,8 +78,8 @@ def test_decode_attention_is_not_slower_than_sdpa(one_thread):
     buffer = torch.randn(1, 2, 4096 + 64, 128)
     key, value = buffer[:, :, :4096], torch.randn(1, 2, 4096 + 64, 128)[:, :, :4096]
     query = torch.randn(1, 12, 1, 128)
-    ours = limits.best(lambda: single_query(query, key, value, 128**-0.5))
-    sdpa = limits.best(lambda: F.scaled_dot_product_attention(query, key, value, enable_gqa=True))
+    ours = best(lambda: single_query(query, key, value, 128**-0.5))
+    sdpa = best(lambda: F.scaled_dot_product_attention(query, key, value, enable_gqa=True))
     assert ours <= 1.3 * sdpa, (ours, sdpa)
 
 
@@ -108,8 +110,8 @@ def test_compact_decode_step_reads_half_the_bytes(one_thread):
 
         return once
 
-    float32, bf16 = (limits.best(step(p), 9) for p in pairs)
-    bound = limits.bounds(small, 1.0, limits.gemv_rate(1024, 4096, torch.float32), 256)["decode"]
+    float32, bf16 = (best(step(p), 9) for p in pairs)
+    bound = limits.bounds(small, 1.0, gemv_rate(1024, 4096, torch.float32), 256)["decode"]
     assert bf16 <= 0.85 * float32, (bf16, float32)
     assert bf16 <= 3 * bound, (bf16, bound)
 
@@ -125,8 +127,8 @@ def test_the_kernel_streams_bfloat16_weights_faster_than_pytorch(one_thread):
     weights = [torch.randn(4096, 2048, dtype=torch.bfloat16) for _ in range(2)]
     x = torch.randn(1, 2048, dtype=torch.bfloat16)
     wide = x.float()
-    ours = limits.best(lambda: [kernel.linear_bf16(wide, w) for w in weights])
-    torch_bf16 = limits.best(lambda: [F.linear(x, w) for w in weights])
+    ours = best(lambda: [kernel.linear_bf16(wide, w) for w in weights])
+    torch_bf16 = best(lambda: [F.linear(x, w) for w in weights])
     assert ours <= 1.0 * torch_bf16, (ours, torch_bf16)
 
 
@@ -144,9 +146,9 @@ def test_the_compiled_decode_attention_is_not_slower_than_matrix_products(one_th
     value = torch.randn(1, 2, 4096 + 64, 128, dtype=dtype)[:, :, :4096]
     query = torch.randn(1, 12, 1, 128, dtype=dtype)
     with torch.inference_mode():
-        ours = limits.best(lambda: single_query(query, key, value, 128**-0.5))
+        ours = best(lambda: single_query(query, key, value, 128**-0.5))
         monkeypatch.setattr(attention, "_kernel_reads", lambda *tensors: False)
-        products = limits.best(lambda: single_query(query, key, value, 128**-0.5))
+        products = best(lambda: single_query(query, key, value, 128**-0.5))
     assert ours <= 1.0 * products, (ours, products)
 
 
@@ -160,8 +162,8 @@ def test_the_compiled_norm_is_faster_than_the_models_own(one_thread):
     norm = Qwen2RMSNorm(1536).to(torch.bfloat16)
     x = torch.randn(1, 2048, 1536, dtype=torch.bfloat16)
     with torch.inference_mode():
-        ours = limits.best(lambda: kernels.load().rms_norm(x, norm.weight, norm.variance_epsilon))
-        theirs = limits.best(lambda: norm(x))
+        ours = best(lambda: kernels.load().rms_norm(x, norm.weight, norm.variance_epsilon))
+        theirs = best(lambda: norm(x))
     assert ours <= 0.67 * theirs, (ours, theirs)
 
 
@@ -178,8 +180,8 @@ def test_the_compiled_prefill_attention_is_faster_than_sdpa(one_thread, dtype):
     with torch.inference_mode():
         if not attention._prefill_kernel_reads(query, key, value):
             pytest.skip("the compiled prefill attention does not take this dtype here")
-        ours = limits.best(lambda: attention.causal(query, key, value, 0.125), 5)
-        sdpa = limits.best(lambda: F.scaled_dot_product_attention(query, key.repeat_interleave(7, 1),
+        ours = best(lambda: attention.causal(query, key, value, 0.125), 5)
+        sdpa = best(lambda: F.scaled_dot_product_attention(query, key.repeat_interleave(7, 1),
                                                             value.repeat_interleave(7, 1), is_causal=True), 5)
     assert ours <= 0.9 * sdpa, (ours, sdpa)
 

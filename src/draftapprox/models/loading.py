@@ -14,10 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from .. import kernels
-from ..bench import limits
 from ..capture import prepare
 from ..errors import ModelError
-from . import offline, scratch
+from . import offline, rates, scratch
 from .compact import compact, is_compact, packable
 from .fuse import fuse
 
@@ -57,8 +56,9 @@ def bf16_gemm_speedup() -> float:
     """bfloat16's GEMM rate over float32's on this CPU, for a prefill-shaped multiply (best of 3 each, about a
     quarter of a second once per process)."""
     with torch.inference_mode():
-        rates = [limits.gemm_rate(1536, 4096, dtype, rows=512, repeats=3) for dtype in (torch.bfloat16, torch.float32)]
-    return rates[0] / rates[1]
+        measured = [rates.gemm_rate(1536, 4096, dtype, rows=512, repeats=3) for dtype in (torch.bfloat16,
+                                                                                            torch.float32)]
+    return measured[0] / measured[1]
 
 
 def check_device(device: str | torch.device) -> torch.device:
