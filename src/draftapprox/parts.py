@@ -16,7 +16,7 @@ import torch
 
 from .draft import PromptState
 from .errors import ConfigError, InputError
-from .generation import new_state
+from .generation import compress_prompt, new_state
 from .methods import Method, PromptMethod, SpecPC, make
 from .models.loading import Pair
 
@@ -33,17 +33,14 @@ def select(state: PromptState, method: PromptMethod, protected: set[int], keep: 
     cuttable = n - len(protected)
     if cuttable <= 0:
         return list(range(n))
-    wanted = keep if keep is not None else method.tokens(cuttable) if isinstance(method.budget, float) \
-        else method.budget
+    wanted = keep if keep is not None else method.tokens(cuttable)
     # never below the method's window, as a ratio budget is not (`Method.tokens`): it cannot choose fewer
     wanted = max(wanted, min(getattr(method, "window", 0) or 0, cuttable))
     if wanted >= cuttable:
         return list(range(n))
 
     def kept(budget: int) -> set[int]:
-        if budget >= n:
-            return set(range(n))
-        return set(dataclasses.replace(method, budget=budget).select(state)[0].tolist())
+        return set(compress_prompt(state, dataclasses.replace(method, budget=budget))[0].tolist())
 
     best: set[int] = set()
     low, high = max(1, getattr(method, "window", 1) or 1), n  # a method cannot run below its window

@@ -33,7 +33,7 @@ import torch
 from transformers import DynamicCache, DynamicLayer, PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..cache import shallow_copy
+from ..cache import compress_cache, shallow_copy
 from ..capture import PREFIX, QueryCapture, check_captured, decoder_layers, prepare, scope
 from ..draft import PromptState
 from ..errors import ConfigError, InputError
@@ -165,11 +165,8 @@ class SpecKVPress(BasePress):
 
     def _prune(self, model: PreTrainedModel, cache: DynamicCache, keep: list[torch.Tensor]) -> None:
         """Keep the selected pairs of every KV head, in position order (uniform: the same count in every head)."""
-        for layer, mask in zip(cache.layers, keep, strict=True):
-            k = int(mask[0, 0].sum())
-            index = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :k]
-            index = index.to(layer.keys.device)[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
-            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+        for layer, kept in zip(cache.layers, compress_cache(cache, keep).layers, strict=True):
+            layer.keys, layer.values = kept.keys, kept.values
 
 
 @dataclass
