@@ -76,6 +76,18 @@ class _Appending:
         self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
         self._buffers = self._views = None
 
+    def rewind(self, count: int) -> None:
+        """Drop the newest `count` positions and keep the buffers, so the next append writes over them in place:
+        how speculative decoding takes back the tokens the target rejected. Only for a cache nobody else holds
+        views of (a decoding sequence's own); `truncate` is the safe kind."""
+        length = self.keys.shape[2] - count
+        if count < 0 or length < 0:
+            raise ValueError(f"cannot rewind {count} of {self.keys.shape[2]} positions")
+        if self._owned():
+            self._expose(length)
+        else:
+            self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
+
 
 class DenseLayer(_Appending, DynamicLayer):
     """transformers' `DynamicLayer`, appending in place."""
@@ -190,37 +202,71 @@ class HeadwiseLayer(_TailLayer):
 class BatchLayer(_TailLayer):
     """One layer of several sequences decoded together: every (sequence, KV head) keeps its own prompt pairs,
     padded to the longest with a validity mask, plus a dense tail of the tokens decoded since, which all sequences
-    share in length. Single-query attention only (decoding); `attend` replaces the model's kernel.
+    share in length. A sequence's tail may have holes (`forget`): speculative decoding feeds every sequence the
+    same number of tokens and takes back, per sequence, those its target rejected. `attend` replaces the model's
+    kernel: one query per sequence (decoding) or several, causal among themselves (a speculative check).
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
         super().__init__()
         self.prefix_keys, self.prefix_values, self.valid = keys, values, valid
+        self.tail_valid: torch.Tensor | None = None  # `(b, t)` once a position was forgotten; None: all valid
         self._start_tail(keys, values)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.tail_valid is not None:
+            new = self.tail_valid.new_ones(self.tail_valid.shape[0], key_states.shape[2])
+            self.tail_valid = torch.cat([self.tail_valid, new], dim=1)
+        return self._append(key_states, value_states)
+
+    def forget(self, row: int, count: int) -> None:
+        """Mark sequence `row`'s newest `count` tail positions as never written."""
+        if count <= 0:
+            return
+        with torch.inference_mode():  # the mask grows inside forwards, which run in inference mode
+            if self.tail_valid is None:
+                self.tail_valid = torch.ones(self.keys.shape[:1] + self.keys.shape[2:3], dtype=torch.bool,
+                                             device=self.keys.device)
+            self.tail_valid[row, self.keys.shape[2] - count:] = False
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
                tail_valid: torch.Tensor | None = None):
-        """Single-query attention over the padded prompt part and the tail `key/value`; `tail_valid (t,)`, where
-        given, masks tail positions not written yet (a `StaticLayer`'s)."""
+        """Attention of `query (b, H, q, d)`, the newest `q` tail positions, over the padded prompt part and the
+        tail `key/value`, causal among the `q`; `tail_valid (t,)`, where given, masks tail positions not written
+        yet (a `StaticLayer`'s)."""
         b, h, q, d = query.shape
-        if q != 1:
-            raise ValueError("a batch of compressed caches decodes one token per sequence at a time")
-        g = self.prefix_keys.shape[1]
-        rows = query.view(b, g, h // g, d)  # a KV head's query heads are consecutive (repeat_kv's order)
+        g, t = self.prefix_keys.shape[1], key.shape[2]
+        rows = query.reshape(b, g, (h // g) * q, d)  # a KV head's query heads are consecutive (repeat_kv's order)
         prefix = (rows @ self.prefix_keys.transpose(-1, -2)) * scaling
         prefix = prefix.masked_fill(~self.valid[:, :, None, :], float("-inf"))
         tail = (rows @ key.transpose(-1, -2)) * scaling
-        if tail_valid is not None:
-            tail = tail.masked_fill(~tail_valid, float("-inf"))
+        hidden = None if tail_valid is None else ~tail_valid
+        if self.tail_valid is not None:  # (b, 1, 1, t): holes differ by sequence
+            own = ~self.tail_valid[:, None, None, :]
+            hidden = own if hidden is None else hidden | own
+        if q > 1:
+            newest = torch.arange(q, device=query.device)
+            causal = torch.arange(t, device=query.device)[None, :] > (t - q + newest)[:, None]  # (q, t)
+            causal = causal.repeat(h // g, 1)  # rows are (query head, query) pairs, query fastest
+            hidden = causal if hidden is None else hidden | causal
+        if hidden is not None:
+            tail = tail.masked_fill(hidden, float("-inf"))
         probs = torch.cat([prefix, tail], dim=-1).float().softmax(-1).to(query.dtype)
         prefix_probs, tail_probs = probs.split([prefix.shape[-1], tail.shape[-1]], dim=-1)
         out = prefix_probs @ self.prefix_values + tail_probs @ value
-        return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+        return out.reshape(b, h, q, d).transpose(1, 2).contiguous(), None
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the sequences `rows` (the others finished)."""
-        for name in ("prefix_keys", "prefix_values", "valid", "keys", "values"):
-            setattr(self, name, getattr(self, name).index_select(0, rows))
+        for name in ("prefix_keys", "prefix_values", "valid", "keys", "values", "tail_valid"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).index_select(0, rows))
+
+    def holes(self) -> int:
+        """Tail positions the sequence with the most valid ones does not use: what re-stacking would free."""
+        if self.tail_valid is None:
+            return 0
+        return self.keys.shape[2] - int(self.tail_valid.sum(-1).max())
 
     def get_seq_length(self) -> int:
         return self.prefix_keys.shape[2] + self.keys.shape[2]
@@ -239,6 +285,8 @@ class StaticLayer(BatchLayer):
         keys = torch.cat([layer.prefix_keys, layer.keys], dim=2)  # tokens decoded before join the prompt part
         values = torch.cat([layer.prefix_values, layer.values], dim=2)
         tail = torch.ones(layer.keys.shape[:3], dtype=torch.bool, device=keys.device)
+        if layer.tail_valid is not None:
+            tail &= layer.tail_valid[:, None, :]
         super().__init__(keys, values, torch.cat([layer.valid, tail], dim=2))
         b, g, _, d = keys.shape
         self.keys, self.values = keys.new_zeros(b, g, capacity, d), values.new_zeros(b, g, capacity, d)
@@ -272,8 +320,9 @@ class StaticLayer(BatchLayer):
 def _head_pairs(layer: CacheLayerMixin, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Sequence `row` of a layer as (keys, values) `(m_h, d)` per KV head, whatever its layout."""
     if isinstance(layer, BatchLayer):
-        return [(torch.cat([layer.prefix_keys[row, h][layer.valid[row, h]], layer.keys[row, h]]),
-                 torch.cat([layer.prefix_values[row, h][layer.valid[row, h]], layer.values[row, h]]))
+        tail = slice(None) if layer.tail_valid is None else layer.tail_valid[row]
+        return [(torch.cat([layer.prefix_keys[row, h][layer.valid[row, h]], layer.keys[row, h][tail]]),
+                 torch.cat([layer.prefix_values[row, h][layer.valid[row, h]], layer.values[row, h][tail]]))
                 for h in range(layer.prefix_keys.shape[1])]
     if isinstance(layer, HeadwiseLayer):
         if layer.batch != 1:
@@ -349,6 +398,12 @@ def truncate_cache(cache: DynamicCache, length: int) -> None:
     """Drop cached positions from `length` on, in place (used to undo a lookahead forward)."""
     for layer in cache.layers:
         layer.truncate(length)
+
+
+def rewind_cache(cache: DynamicCache, count: int) -> None:
+    """Drop every layer's newest `count` positions, keeping its buffers (`_Appending.rewind`)."""
+    for layer in cache.layers:
+        layer.rewind(count)
 
 
 def head_size(config) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from . import speculative as speculation
 from .cache import (
     BatchLayer,
     batch_caches,
@@ -24,6 +25,7 @@ from .cache import (
     kv_bytes_per_token,
     new_cache,
     reserve,
+    rewind_cache,
     shallow_copy,
 )
 from .capture import QueryCapture, check_captured
@@ -32,6 +34,7 @@ from .errors import ConfigError, InputError
 from .forward import forward
 from .methods import METHODS, FullKV, KVMethod, Method, PromptMethod, SpecKVPC
 from .models.loading import Pair
+from .speculative import Drafter
 from .static_decode import StaticDecode
 
 
@@ -49,21 +52,45 @@ class Sampling:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
 
-    def sampler(self):
-        generator = torch.Generator()
-        generator.manual_seed(self.seed if self.seed is not None else torch.seed())
+    def sampler(self) -> Picker:
+        return Picker(self)
 
-        def pick(logits: torch.Tensor) -> torch.Tensor:
-            if self.temperature == 0:
-                return logits.argmax(-1, keepdim=True)
-            probs = (logits.float() / self.temperature).softmax(-1).cpu()
-            if self.top_p < 1:
-                sorted_probs, order = probs.sort(-1, descending=True)
-                outside = sorted_probs.cumsum(-1) - sorted_probs > self.top_p
-                probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0))
-            return torch.multinomial(probs, 1, generator=generator).to(logits.device)
 
-        return pick
+class Picker:
+    """Picks tokens by a `Sampling` from a seeded generator, and applies the rejection rule to a speculative
+    decoder's proposals (`accepts`, then a pick that `exclude`s the rejected token)."""
+
+    def __init__(self, sampling: Sampling):
+        self.sampling = sampling
+        self.generator = torch.Generator()
+        self.generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The sampling distribution `(b, vocab)` (on the CPU) of `logits (b, vocab)`: temperature, then top-p."""
+        probs = (logits.float() / self.sampling.temperature).softmax(-1).cpu()
+        if self.sampling.top_p < 1:
+            sorted_probs, order = probs.sort(-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > self.sampling.top_p
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0))
+            probs /= probs.sum(-1, keepdim=True)
+        return probs
+
+    def __call__(self, logits: torch.Tensor, exclude: int | None = None) -> torch.Tensor:
+        """The next token `(b, 1)`. `exclude`: a proposal just rejected at these logits; the token then comes from
+        the distribution without it (greedy needs nothing: a rejected proposal was not the argmax)."""
+        if self.sampling.temperature == 0:
+            return logits.argmax(-1, keepdim=True)
+        probs = self.probs(logits)
+        if exclude is not None:
+            probs[:, exclude] = 0
+        return torch.multinomial(probs, 1, generator=self.generator).to(logits.device)
+
+    def accepts(self, logits: torch.Tensor, token: int) -> bool:
+        """Whether the token the target writes after `logits (1, vocab)` is the proposed `token`: the argmax when
+        greedy, else with the probability the target gives it (a certain proposal's rejection rule)."""
+        if self.sampling.temperature == 0:
+            return int(logits[0].argmax()) == token
+        return float(torch.rand(1, generator=self.generator)) < float(self.probs(logits)[0, token])
 
 
 @dataclass
@@ -82,6 +109,10 @@ class Record:
     first_token_seconds: float = 0.0  # wall time until the first new token's logits, all phases included
     budget_note: str | None = None  # what became of the budget when not applied as asked (`Method.budget_note`)
     decode_batch: int = 1  # sequences decoded together with this one (`generate_batched`)
+    speculative: int | str = 0  # tokens the draft proposed per step ("auto": chosen each step; 0: none)
+    proposed_tokens: int = 0  # the draft's proposals the target checked while decoding
+    accepted_tokens: int = 0  # those it took
+    kv_bytes_draft: int = 0  # the draft's cache decoding started from (speculative decoding keeps it)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -215,15 +246,21 @@ class Prepared:
     stop: list[str]
     ignore_eos: bool
     kept_ids: torch.Tensor | None = None
+    drafter: Drafter | None = None  # the draft's side of speculative decoding, when asked for
 
 
 def prepare(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None, *, max_new_tokens: int = 64,
             chat: bool = False, sampling: Sampling | None = None, stop: list[str] | None = None,
-            state: PromptState | None = None, ignore_eos: bool = False) -> Prepared:
-    """Everything `generate` does before decoding: prefill, select, compress."""
+            state: PromptState | None = None, ignore_eos: bool = False,
+            speculative: int | str | None = 0) -> Prepared:
+    """Everything `generate` does before decoding: prefill, select, compress (and, with `speculative`, ready the
+    draft's cache of the prompt)."""
     began = time.perf_counter()
     method = method if method is not None else FullKV()
     _check_method(pair, method)
+    speculative = speculation.parse(speculative)
+    if speculative and pair.draft is None:
+        raise ConfigError("speculative decoding needs a draft model; load the pair with a draft")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling, stop = sampling or Sampling(), [s for s in (stop or []) if s]
@@ -265,19 +302,22 @@ def prepare(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None
             kept_bytes = kv_bytes(cache)
             position = n if keep_positions else kept_tokens
     reserve(cache, max_new_tokens)
+    drafter = speculation.Drafter.start(state) if speculative else None
     if owned:
         state.release()
     timings = {k: v - start.get(k, 0.0) for k, v in state.timings.seconds.items() if v - start.get(k, 0.0) > 0}
     record = Record(method.name, n, budget, kept_tokens, per_token * n, kept_bytes, timings=timings,
-                    first_token_seconds=time.perf_counter() - began, budget_note=method.budget_note(n))
+                    first_token_seconds=time.perf_counter() - began, budget_note=method.budget_note(n),
+                    speculative=speculative, kv_bytes_draft=drafter.kv_bytes() if drafter else 0)
     return Prepared(state, cache, logits, position, record, max_new_tokens, sampling, stop, ignore_eos,
-                    None if kept_tokens == n else kept_ids)
+                    None if kept_tokens == n else kept_ids, drafter)
 
 
 def finish(pair: Pair, prepared: Prepared, tokens: list[int], reason: str, decode_seconds: float,
-           batch: int = 1) -> Result:
+           batch: int = 1, proposed: int = 0, accepted: int = 0) -> Result:
     record = dataclasses.replace(prepared.record, new_tokens=len(tokens), stop_reason=reason, decode_batch=batch,
-                                 timings={**prepared.record.timings, "decode": decode_seconds})
+                                 timings={**prepared.record.timings, "decode": decode_seconds},
+                                 proposed_tokens=proposed, accepted_tokens=accepted)
     return Result(_finish_text(pair.tokenizer, tokens, prepared.stop), tokens, record, prepared.kept_ids)
 
 
@@ -289,15 +329,20 @@ def twin(p: Prepared) -> Prepared:
 
 def generate(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None, *, max_new_tokens: int = 64,
              chat: bool = False, sampling: Sampling | None = None, stop: list[str] | None = None,
-             state: PromptState | None = None, ignore_eos: bool = False, static: bool = False) -> Result:
+             state: PromptState | None = None, ignore_eos: bool = False, static: bool = False,
+             speculative: int | str | None = 0) -> Result:
     """Generate from `prompt` with `method` (default FullKV); returns the text and a `Record`.
 
     `prompt` may be text or token ids `(1, n)`. Pass a `state` from `new_state` to share the target prefill and
     the draft lookahead between several methods on the same prompt (its timings then accumulate).
     `static`: decode with fixed-shape steps, replayed as a CUDA graph on a GPU (`static_decode`).
+    `speculative`: the draft proposes this many tokens per step and the target checks them in one forward
+    (`speculative.py`); "auto" chooses the number each step, 0 decodes without the draft. Greedy tokens are those
+    of decoding without it; sampled ones follow the same distribution.
     """
     return generate_prepared(pair, prepare(pair, prompt, method, max_new_tokens=max_new_tokens, chat=chat,
-                                           sampling=sampling, stop=stop, state=state, ignore_eos=ignore_eos),
+                                           sampling=sampling, stop=stop, state=state, ignore_eos=ignore_eos,
+                                           speculative=speculative),
                              static=static)
 
 
@@ -354,10 +399,11 @@ def generate_prepared(pair: Pair, p: Prepared, static: bool = False) -> Result:
 
 @dataclass
 class Step:
-    """One sequence's part of a `DecodeBatch.step`: the token it got, and its result when that token ended it."""
+    """One sequence's part of a `DecodeBatch.step`: the tokens it got (one, or more where the target took the
+    draft's proposals), and its result when they ended it."""
 
     key: object
-    token: int
+    tokens: list[int]
     result: Result | None = None
 
 
@@ -365,11 +411,15 @@ class Step:
 class _Member:
     key: object
     prepared: Prepared
-    pick: object
+    pick: Picker
     logits: torch.Tensor
     joined: float
     tokens: list[int] = field(default_factory=list)
     fed: torch.Tensor | None = None  # `(1, 1)`: the token the next forward feeds
+    exclude: int | None = None  # the proposal the target rejected at `logits`: the next pick is without it
+    acceptance: speculation.Acceptance = field(default_factory=speculation.Acceptance)
+    proposed: int = 0
+    accepted: int = 0
 
 
 class DecodeBatch:
@@ -381,22 +431,31 @@ class DecodeBatch:
     newcomer's cache (which the batch then owns: `Prepared.cache` is released), a departure only drops rows.
     `static`: steps run over fixed-shape storage (`static_decode.StaticDecode`), replayed as a CUDA graph on a GPU,
     made anew at each change of membership.
+    Sequences prepared with `speculative` also feed the draft's proposals: a step then feeds every sequence the
+    same number of tokens (its own token, its proposals, padding), and each takes back the positions its target
+    did not accept (`BatchLayer.forget`; re-stacked away once they would be most of a tail).
     """
 
     def __init__(self, pair: Pair, static: bool = False):
         self.pair = pair
         self._per_token = kv_bytes_per_token(pair.target)
+        self._draft_per_token = kv_bytes_per_token(pair.draft) if pair.draft is not None else 0
         self.members: list[_Member] = []
         self._cache: DynamicCache | None = None  # the first `_stacked` members' sequences, in order
         self._stacked = 0  # members joined later are stacked in before the next forward
         self._static_steps = static
         self._static: StaticDecode | None = None  # holds `_cache`'s sequences while the membership stays
+        self._costs: speculation.Costs | None = None
+        self._quiet = 0  # steps `auto` has gone without proposing
 
     def __len__(self) -> int:
         return len(self.members)
 
     def join(self, p: Prepared, key: object = None) -> None:
         """Add a prepared request; it gets its first token (from its prefill's logits) in the next `step`."""
+        if p.drafter is not None and self._static_steps:
+            raise ConfigError("speculative decoding feeds several tokens a step; it does not run with static "
+                              "(CUDA-graph) decode steps")
         self.members.append(_Member(key, p, p.sampling.sampler(), p.logits, time.perf_counter()))
 
     def leave(self, key: object) -> bool:
@@ -413,29 +472,41 @@ class DecodeBatch:
         return self._static is not None and self._static.captured
 
     def kv_bytes(self) -> int:
-        """Bytes the members' caches hold logically: each compressed prompt plus one position per token decoded."""
-        return sum(m.prepared.record.kv_bytes_kept + len(m.tokens) * self._per_token for m in self.members)
+        """Bytes the members' caches hold logically: each compressed prompt plus one position per token decoded,
+        and the draft's cache of each speculating sequence."""
+        return sum(m.prepared.record.kv_bytes_kept + len(m.tokens) * self._per_token
+                   + (m.prepared.record.kv_bytes_draft + len(m.tokens) * self._draft_per_token
+                      if m.prepared.drafter is not None else 0)
+                   for m in self.members)
 
     def step(self) -> list[Step]:
-        """Pick every member's next token; finished members leave, the rest advance by one forward."""
+        """Pick every member's next token; finished members leave, the rest advance by one forward (which also
+        checks the draft's proposals of those that speculate, and may give them more tokens)."""
         steps, done = [], []
-        device = self.pair.target.device
         for slot, m in enumerate(self.members):
-            token = m.pick(m.logits)
-            m.tokens.append(int(token[0, 0]))
-            m.fed = token
-            reason = _stopped(m.prepared, m.tokens, self.pair.tokenizer)
-            step = Step(m.key, m.tokens[-1])
-            if reason is not None:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                step.result = finish(self.pair, m.prepared, m.tokens, reason, time.perf_counter() - m.joined)
-                done.append(slot)
+            token = m.pick(m.logits, m.exclude)
+            m.exclude, m.fed = None, token
+            step = Step(m.key, [])
             steps.append(step)
+            if self._commit(m, int(token[0, 0]), step):
+                done.append(slot)
         self._drop(done)
         if self.members:
-            self._advance()
+            self._advance([step for slot, step in enumerate(steps) if slot not in done])
         return steps
+
+    def _commit(self, m: _Member, token: int, step: Step) -> bool:
+        """Add a token to a member's output; True (its result in `step`) when that token ends it."""
+        m.tokens.append(token)
+        step.tokens.append(token)
+        reason = _stopped(m.prepared, m.tokens, self.pair.tokenizer)
+        if reason is None:
+            return False
+        if self.pair.target.device.type == "cuda":
+            torch.cuda.synchronize(self.pair.target.device)
+        step.result = finish(self.pair, m.prepared, m.tokens, reason, time.perf_counter() - m.joined,
+                             proposed=m.proposed, accepted=m.accepted)
+        return True
 
     def _drop(self, slots: list[int]) -> None:
         if not slots:
@@ -452,22 +523,103 @@ class DecodeBatch:
             self._stacked = len(stacked)
         self.members = [m for i, m in enumerate(self.members) if i not in slots]
 
-    def _advance(self) -> None:
+    def _proposals(self) -> list[list[int]]:
+        """Each member's draft proposals for this step (none for those that do not speculate)."""
         members = self.members
+        speculating = [m for m in members if m.prepared.drafter is not None]
+        if not speculating:
+            return [[] for _ in members]
+        if self._costs is None:
+            weights = [sum(t.numel() * t.element_size() for t in model.parameters())
+                       for model in (self.pair.draft, self.pair.target)]
+            self._costs = speculation.Costs(weights[0] / weights[1])
+        room = [m.prepared.max_new_tokens - len(m.tokens) for m in members]
+        width = 0
+        if any(m.prepared.record.speculative == speculation.AUTO for m in speculating):
+            candidates = [(m.acceptance.rate, m.prepared.drafter.free(m.tokens), most,
+                           None if m.prepared.record.speculative == speculation.AUTO
+                           else m.prepared.record.speculative)
+                          for m, most in zip(members, room, strict=True) if m.prepared.drafter is not None]
+            width = speculation.choose_width(self._costs, len(members), candidates)
+            self._quiet = self._quiet + 1 if width == 0 else 0
+            if self._quiet > speculation.PROBE_EVERY:
+                width, self._quiet = 1, 0
+        out = []
+        for m, most in zip(members, room, strict=True):
+            drafter, setting = m.prepared.drafter, m.prepared.record.speculative
+            if drafter is None:
+                out.append([])
+                continue
+            k = min(width if setting == speculation.AUTO else setting, most)
+            forwards, seconds = drafter.forwards, drafter.seconds
+            out.append(drafter.propose(m.tokens, k))
+            self._costs.saw_draft(drafter.forwards - forwards, drafter.seconds - seconds)
+        return out
+
+    def _advance(self, steps: list[Step]) -> None:
+        """One forward of every member (`steps`: theirs, in order), and the check of their proposals."""
+        members = self.members
+        proposals = self._proposals()
+        width = 1 + max(len(p) for p in proposals)
         if self._stacked < len(members):
             self._restack()
-        fed = torch.cat([m.fed for m in members])
-        positions = torch.tensor([[m.prepared.position + len(m.tokens) - 1] for m in members],
-                                 device=self.pair.target.device)
-        if self._static_steps:
+        device = self.pair.target.device
+        fed = torch.cat([torch.cat([m.fed, torch.tensor([p + [int(m.fed)] * (width - 1 - len(p))], device=device,
+                                                        dtype=m.fed.dtype)], dim=1)
+                         for m, p in zip(members, proposals, strict=True)])
+        positions = torch.tensor([[m.prepared.position + len(m.tokens) - 1] for m in members], device=device)
+        positions = positions + torch.arange(width, device=device)
+        began = time.perf_counter()
+        if width > 1:
+            out = forward(self.pair.target, fed, self._cache, positions, compressed=True, every=True)
+        elif self._static_steps:
             if self._static is None:  # every forward this membership can still need
-                steps = max(m.prepared.max_new_tokens - len(m.tokens) for m in members)
-                self._static = StaticDecode(self.pair.target, self._cache, steps)
-            out = self._static(fed, positions)
+                steps_left = max(m.prepared.max_new_tokens - len(m.tokens) for m in members)
+                self._static = StaticDecode(self.pair.target, self._cache, steps_left)
+            out = self._static(fed, positions)[:, None]
         else:
-            out = forward(self.pair.target, fed, self._cache, positions, compressed=True)
-        for m, logits in zip(members, out.split(1), strict=True):
-            m.logits = logits
+            out = forward(self.pair.target, fed, self._cache, positions, compressed=True)[:, None]
+        if self._costs is not None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self._costs.saw_step(len(members), width, time.perf_counter() - began)
+        done = []
+        for row, (m, proposal) in enumerate(zip(members, proposals, strict=True)):
+            taken = 0
+            for token in proposal:
+                if not m.pick.accepts(out[row, taken][None], token):
+                    m.exclude = token
+                    break
+                taken += 1
+                if self._commit(m, token, steps[row]):
+                    done.append(row)
+                    break
+            m.logits = out[row, taken][None]
+            if proposal:
+                m.proposed, m.accepted = m.proposed + len(proposal), m.accepted + taken
+                m.acceptance.update(taken, len(proposal))
+            self._take_back(row, width - 1 - taken)
+        self._drop(done)
+        self._compact()
+
+    def _take_back(self, row: int, count: int) -> None:
+        """Forget a member's newest `count` positions (proposals the target rejected, padding)."""
+        if count <= 0:
+            return
+        if isinstance(self._cache.layers[0], BatchLayer):
+            for layer in self._cache.layers:
+                layer.forget(row, count)
+        else:  # a lone sequence's own cache
+            rewind_cache(self._cache, count)
+
+    def _compact(self) -> None:
+        """Re-stack a batch once most of its tails would be holes left by rejected proposals."""
+        if self._cache is None or not isinstance(self._cache.layers[0], BatchLayer):
+            return
+        layer = self._cache.layers[0]
+        if layer.holes() > max(speculation.MAX_AUTO, layer.keys.shape[2] // 2):
+            self._cache = batch_caches([self._cache] * len(self.members), list(range(len(self.members))))
+            reserve(self._cache, max(m.prepared.max_new_tokens - len(m.tokens) for m in self.members))
 
     def _thaw(self) -> None:
         """Before the membership changes: the static step's cache back as an ordinary one (the step's shapes
