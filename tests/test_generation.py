@@ -191,7 +191,7 @@ def test_sequences_joining_and_leaving_a_running_batch_get_the_tokens_they_get_a
         if step == 7:
             assert batch.leave(1) and not batch.leave(1)
         for s in batch.step():
-            got[s.key].append(s.token)
+            got[s.key].extend(s.tokens)
             if s.result is not None:
                 results[s.key] = s.result
         step += 1

@@ -72,10 +72,17 @@ def method_from(name: str, budget: str | None, settings: list[str] | None):
     return make(name, parse_budget(budget) if budget is not None else None, **pairs(settings, "--set"))
 
 
-def pair_for(method, draft, target, dtype, draft_dtype, device, threads, cache_dir, with_target: bool = True):
+SpeculativeOpt = Annotated[str, typer.Option(
+    help="Speculative decoding: the draft proposes this many tokens a step and the target checks them in one "
+         "forward (the same greedy tokens, the same sampling distribution); auto = chosen each step; 0 = off.")]
+
+
+def pair_for(method, draft, target, dtype, draft_dtype, device, threads, cache_dir, with_target: bool = True,
+             speculative: int | str = 0):
     from ..models.loading import load_pair
 
-    return load_pair(draft, target, with_draft=method.needs_draft, with_target=with_target, dtype=dtype,
+    return load_pair(draft, target, with_draft=method.needs_draft or bool(speculative), with_target=with_target,
+                     dtype=dtype,
                      draft_dtype=draft_dtype, device=device, threads=threads, cache=cache_dir, log=err.print)
 
 

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from .common import (
     BudgetOpt,
     CacheOpt,
@@ -25,6 +25,7 @@ from .common import (
     MethodOpt,
     PromptFileOpt,
     SetOpt,
+    SpeculativeOpt,
     TargetOpt,
     ThreadsOpt,
     app,
@@ -78,17 +79,22 @@ def generate(
     cache_dir: CacheOpt = None,
     static_decode: Annotated[bool, typer.Option(
         "--static-decode", help="Decode with fixed-shape steps, replayed as a CUDA graph on a GPU.")] = False,
+    speculative: SpeculativeOpt = "0",
 ) -> None:
     """Generate an answer with a method applied to the prompt."""
     from ..generation import Sampling
     from ..generation import generate as run
+    from ..speculative import parse
 
     chosen = method_from(method, budget, knob)
+    proposals = parse(speculative)
+    if proposals and static_decode:
+        raise ConfigError("--speculative feeds several tokens a step; it does not run with --static-decode")
     prompt = _read_prompt(prompt_file, example)
     sampling = Sampling(temperature, top_p, seed)
-    pair = pair_for(chosen, draft, target, dtype, draft_dtype, device, threads, cache_dir)
+    pair = pair_for(chosen, draft, target, dtype, draft_dtype, device, threads, cache_dir, speculative=proposals)
     result = run(pair, prompt, chosen, max_new_tokens=max_new_tokens, chat=chat, sampling=sampling, stop=stop,
-                 static=static_decode)
+                 static=static_decode, speculative=proposals)
     if as_json:
         print(json.dumps({"text": result.text, **result.record.to_dict(), "config": chosen.describe()}))
     else:

@@ -16,6 +16,7 @@ from .common import (
     DraftOpt,
     DtypeOpt,
     SetOpt,
+    SpeculativeOpt,
     TargetOpt,
     ThreadsOpt,
     app,
@@ -99,6 +100,7 @@ def serve(
         "--static-decode/--no-static-decode",
         help="Decode batches over fixed-shape storage, replayed as a CUDA graph on a GPU (default: on a GPU only; on "
              "a CPU it runs eagerly, the same tokens).")] = None,
+    speculative: SpeculativeOpt = "0",
     dtype: DtypeOpt = "auto",
     draft_dtype: DraftDtypeOpt = None,
     device: DeviceOpt = "cpu",
@@ -111,8 +113,14 @@ def serve(
     from ..serve.metrics import Metrics
     from ..serve.proxy.prefix import PrefixLedger
     from ..serve.responses import Service
+    from ..speculative import parse
 
     memory = parse_bytes(kv_cache_memory)
+    proposals = parse(speculative)
+    if proposals and upstream is not None:
+        raise ConfigError("--speculative decodes on this server's target; with --upstream the engine decodes")
+    if proposals and static_decode:
+        raise ConfigError("--speculative feeds several tokens a step; it does not run with --static-decode")
     try:
         chunk = None if prefill_chunk == "auto" else int(prefill_chunk)
     except ValueError:
@@ -145,9 +153,9 @@ def serve(
                          cache=cache_dir, log=err.print)
         name = served_model_name or Path(str(target or offline.TARGET.name)).name
         scheduler = Scheduler(pair, kv_cache_memory=memory, max_queue=max_queue, prefill_chunk=chunk,
-                              metrics=metrics, static_decode=static_decode)
+                              metrics=metrics, static_decode=False if proposals else static_decode)
         service = Service(pair, LocalBackend(scheduler), name, chosen, lookahead=lookahead,
-                          request_timeout=request_timeout)
+                          request_timeout=request_timeout, speculative=proposals)
         app = create_app(service, api_key=api_key, shutdown_timeout=shutdown_timeout)
         err.print(f"serving {name} with {chosen.describe()} by default on http://{host}:{port}/v1, KV pool "
                   f"{memory / 2**20:.0f} MiB")

@@ -65,7 +65,7 @@ class LocalBackend:
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         job = Job(work.ids, work.method, work.max_tokens, work.sampling, work.stop, deliver, timeout=work.timeout,
-                  ignore_eos=work.ignore_eos)
+                  ignore_eos=work.ignore_eos, speculative=work.speculative)
         try:
             self.scheduler.submit(job)
         except Rejected as error:

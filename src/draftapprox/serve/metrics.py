@@ -39,5 +39,21 @@ class Metrics:
         self.e2e = Histogram("draftapprox_e2e_request_latency_seconds", "From arrival to the last token",
                              buckets=_LATENCY, registry=r)
 
+        self.proposed = Counter("draftapprox_speculative_proposed_tokens", "Draft tokens proposed to the target by "
+                                "speculative decoding (finished requests)", registry=r)
+        self.accepted = Counter("draftapprox_speculative_accepted_tokens", "Proposed draft tokens the target "
+                                "accepted (finished requests)", registry=r)
+        self.acceptance = Gauge("draftapprox_speculative_acceptance_rate", "Accepted over proposed draft tokens "
+                                "since the server started (0 before any proposal)", registry=r)
+        self._speculated = [0, 0]  # proposed, accepted: the gauge's own totals
+
+    def speculated(self, proposed: int, accepted: int) -> None:
+        """Count a finished request's proposals, and update the acceptance rate."""
+        if proposed:
+            self.proposed.inc(proposed)
+            self.accepted.inc(accepted)
+            self._speculated = [self._speculated[0] + proposed, self._speculated[1] + accepted]
+            self.acceptance.set(self._speculated[1] / self._speculated[0])
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

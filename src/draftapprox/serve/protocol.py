@@ -46,6 +46,7 @@ class Options(BaseModel):
     method: StrictStr | None = None
     budget: StrictInt | StrictFloat | None = None
     settings: dict[str, StrictStr | StrictInt | StrictFloat | StrictBool] = Field(default_factory=dict)
+    speculative: StrictInt | StrictStr | None = None  # draft tokens proposed per decode step, "auto", 0: off
 
 
 def with_specprefill(options: Options | None, specprefill: bool | None, keep_pct: float | None,
@@ -65,12 +66,14 @@ def with_specprefill(options: Options | None, specprefill: bool | None, keep_pct
     if specprefill is False:
         if keep_pct is not None:
             raise ApiError(400, "specprefill_keep_pct is given with specprefill=false", param="specprefill_keep_pct")
-        return Options(method=off, settings=options.settings if options else {})
+        return Options(method=off, settings=options.settings if options else {},
+                       speculative=options.speculative if options else None)
     if keep_pct is not None and (isinstance(keep_pct, bool) or not 0 < keep_pct <= 1):
         raise ApiError(400, f"specprefill_keep_pct must be a share in (0, 1], got {keep_pct!r}",
                        param="specprefill_keep_pct")
     return Options(method="specprefill", budget=float(keep_pct) if keep_pct is not None else None,
-                   settings=options.settings if options else {})
+                   settings=options.settings if options else {},
+                   speculative=options.speculative if options else None)
 
 
 class StreamOptions(BaseModel):

@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..generation import Sampling
 from ..methods import Method, make
 from ..models.loading import Pair
+from ..speculative import parse as parse_speculative
 from .events import Delta, Failed, Finished
 from .metrics import Metrics
 from .protocol import ApiError, Options, error_body, with_specprefill
@@ -55,6 +56,7 @@ class Service:
     completion_max_tokens: int = 16  # the OpenAI API's default for /v1/completions
     chat_max_tokens: int = 512
     context_length: int | None = None  # default: the target's
+    speculative: int | str = 0  # draft tokens proposed per decode step unless a request says otherwise
 
     @property
     def metrics(self) -> Metrics:
@@ -98,6 +100,21 @@ def choose_method(service: Service, options: Options | None) -> Method:
     return method
 
 
+def choose_speculative(service: Service, options: Options | None) -> int | str:
+    """The request's speculative decoding setting (default: the server's), checked against the loaded models."""
+    asked = options.speculative if options is not None else None
+    if asked is None:
+        return service.speculative
+    try:
+        proposals = parse_speculative(asked)
+    except ConfigError as error:
+        raise ApiError(400, str(error), param="draftapprox.speculative") from None
+    if proposals and service.pair.draft is None:
+        raise ApiError(400, "speculative decoding needs a draft model and this server has none",
+                       param="draftapprox.speculative")
+    return proposals
+
+
 def sampling(request) -> Sampling:
     temperature = 1.0 if request.temperature is None else float(request.temperature)
     top_p = 1.0 if request.top_p is None else float(request.top_p)
@@ -125,7 +142,7 @@ async def respond(service: Service, http: Request, body, ids: torch.Tensor,
     options = with_specprefill(body.draftapprox, body.specprefill, body.specprefill_keep_pct, off="fullkv")
     method = choose_method(service, options)
     work = Work(ids, method, _max_tokens(service, body, ids.shape[1], chat), sampling(body), body.stop or [],
-                body.ignore_eos, http, service.request_timeout)
+                body.ignore_eos, http, service.request_timeout, choose_speculative(service, options))
     events = service.backend.open(work)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": service.model_name}

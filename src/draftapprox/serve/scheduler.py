@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import speculative as speculation
 from ..cache import kv_bytes_per_token
 from ..errors import DraftApproxError
 from ..forward import PREFILL_CHUNK, interleaved
@@ -76,6 +77,7 @@ class Job:
     deliver: Callable[[Event], None]
     timeout: float | None = None  # seconds from submission
     ignore_eos: bool = False
+    speculative: int | str = 0  # draft tokens proposed per step (`speculative.parse`)
     id: int = field(default_factory=lambda: next(_ids))
     created: float = field(default_factory=time.monotonic)
     need: int = 0  # KV bytes reserved while it runs
@@ -102,6 +104,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.metrics = metrics or Metrics()
         self.per_token = kv_bytes_per_token(pair.target)
+        self.draft_per_token = kv_bytes_per_token(pair.draft) if pair.draft is not None else 0
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._running: dict[int, Job] = {}
@@ -119,14 +122,23 @@ class Scheduler:
 
     # --- the HTTP side ---------------------------------------------------------------------------------------
 
-    def need(self, n: int, method: Method, max_tokens: int) -> int:
-        """KV bytes a request of `n` prompt tokens holds at most, after compression, by its last token."""
+    def need(self, n: int, method: Method, max_tokens: int, speculative: int | str = 0) -> int:
+        """KV bytes a request of `n` prompt tokens holds at most, after compression, by its last token; with
+        speculative decoding, also the draft's cache of the whole prompt, its lookahead and its proposals."""
         kept = n if isinstance(method, FullKV) else min(method.tokens(n), n)
-        return (kept + max_tokens) * self.per_token
+        draft = 0
+        if speculative:
+            ahead = (getattr(method, "lookahead", None) or 0) + speculation.MAX_AUTO
+            draft = (n + max_tokens + ahead) * self.draft_per_token
+        return (kept + max_tokens) * self.per_token + draft
 
     def submit(self, job: Job) -> None:
-        """Queue a job, or raise `Rejected`: never fits the pool (400), queue full (429), stopping (503)."""
-        job.need = self.need(job.ids.shape[1], job.method, job.max_tokens)
+        """Queue a job, or raise `Rejected`: never fits the pool (400), queue full (429), stopping (503), or
+        speculative decoding on a server of static steps (400)."""
+        if job.speculative and self.static_decode:
+            raise Rejected(400, "speculative decoding feeds several tokens a step; this server decodes with static "
+                                "(CUDA-graph) steps (--static-decode)")
+        job.need = self.need(job.ids.shape[1], job.method, job.max_tokens, job.speculative)
         if job.need > self.kv_cache_memory:
             raise Rejected(400, f"this request needs {_mib(job.need)} of KV cache ({job.ids.shape[1]} prompt tokens, "
                                 f"{job.method.name}, max_tokens={job.max_tokens}), more than the server's "
@@ -223,7 +235,8 @@ class Scheduler:
         try:
             with interleaved(self._piece, self._between):
                 prepared = prepare(self.pair, job.ids, job.method, max_new_tokens=job.max_tokens,
-                                   sampling=job.sampling, stop=job.stop, ignore_eos=job.ignore_eos)
+                                   sampling=job.sampling, stop=job.stop, ignore_eos=job.ignore_eos,
+                                   speculative=job.speculative)
         except _Abandoned:
             self._held -= job.need
             if not job.cancelled:
@@ -244,6 +257,8 @@ class Scheduler:
         self.metrics.prompt_tokens.inc(record.prompt_tokens)
         self.metrics.kept_tokens.inc(record.kept_tokens or record.budget_tokens or record.prompt_tokens)
         actual = record.kv_bytes_kept + job.max_tokens * self.per_token
+        if prepared.drafter is not None:
+            actual += record.kv_bytes_draft + (job.max_tokens + speculation.MAX_AUTO) * self.draft_per_token
         self._held += actual - job.need  # the estimate becomes what the cache really holds
         job.need = actual
         self._running[job.id] = job
@@ -299,17 +314,19 @@ class Scheduler:
         self.metrics.decode_step.labels(str(len(steps))).observe(seconds)
         for step in steps:
             job = self._running[step.key]
-            job.tokens += 1
-            self.metrics.generation_tokens.inc()
+            job.tokens += len(step.tokens)
+            self.metrics.generation_tokens.inc(len(step.tokens))
             if job.last_token is None:
                 self.metrics.ttft.observe(now - job.created)
-            else:
+            else:  # tokens that come together arrive together: their gap is the step's
                 self.metrics.itl.observe(now - job.last_token)
             job.last_token = now
-            job.deliver(Token(step.token))
+            for token in step.tokens:
+                job.deliver(Token(token))
             if step.result is not None:
                 self._release(job)
                 self.metrics.e2e.observe(now - job.created)
+                self.metrics.speculated(step.result.record.proposed_tokens, step.result.record.accepted_tokens)
                 job.deliver(Done(step.result))
         self._gauges()
 

@@ -23,6 +23,7 @@ class Work:
     ignore_eos: bool
     http: Request | None
     timeout: float | None = None
+    speculative: int | str = 0
 
 
 class Disconnected(Exception):

@@ -151,6 +151,9 @@ class Proxy:
 
     def _method(self, options: Options | None, model: str, n: int) -> PromptMethod | None:
         """The request's method, its budget from the request, else the model's budget or curve at `n` tokens."""
+        if options is not None and options.speculative not in (None, 0, "0"):
+            raise ApiError(400, "speculative decoding runs on draftapprox's own server; behind the proxy, the "
+                                "upstream engine decodes", param="draftapprox.speculative")
         if options is not None and (options.method or "").lower() == "none":
             if options.budget is not None or options.settings:
                 raise ApiError(400, "method none passes the prompt through: it takes no budget or settings",
