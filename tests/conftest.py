@@ -50,6 +50,19 @@ def tiny_model(arch: str = "qwen2", layers: int = 4, heads: int = 4, kv_heads: i
     return model_cls(config).eval()
 
 
+def close_draft(target, noise: float = 0.05, seed: int = 2):
+    """A draft that mostly agrees with `target`: its copy with noise on the output head. Speculative decoding
+    needs proposals the target accepts and some it rejects; two independent random models agree on nothing."""
+    import copy
+
+    draft = copy.deepcopy(target)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head = draft.get_output_embeddings().weight
+        head.add_(torch.randn(head.shape, generator=generator) * noise)
+    return draft
+
+
 def tiny_tokenizer(shift: int = 0, chat: bool = False) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over `VOCAB` entries; `shift` permutes ids to make an incompatible twin; `chat`
     gives it a minimal chat template (RULER prompts are rendered through one)."""

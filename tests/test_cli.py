@@ -57,6 +57,16 @@ def test_generate_with_static_decode_writes_the_same_answer(monkeypatch, capsys,
     assert code == 0 and json.loads(out)["text"] == plain["text"] and plain["new_tokens"] == 6
 
 
+def test_generate_with_speculative_decoding_writes_the_same_answer(monkeypatch, capsys, models):
+    args = ["generate", "-m", "fullkv", "-n", "8", "--json", *tiny(models)]
+    plain = json.loads(cli(monkeypatch, capsys, args)[1])
+    for proposals in ("3", "auto"):
+        code, out, _ = cli(monkeypatch, capsys, [*args, "--speculative", proposals])
+        record = json.loads(out)
+        assert code == 0 and record["text"] == plain["text"] and record["kv_bytes_draft"] > 0
+        assert record["speculative"] == (3 if proposals == "3" else "auto")
+
+
 def test_generate_from_prompt_file_prompt_method(monkeypatch, capsys, models, tmp_path):
     path = tmp_path / "prompt.txt"
     path.write_text(PROMPT)
@@ -122,6 +132,9 @@ BAD = [
     (["generate", "--device", "gpu"], None, "unknown device 'gpu'"),
     (["bench", "--device", "gpu", "--output", "/nonexistent/bench.jsonl"], None, "unknown device 'gpu'"),
     (["eval", "reference", "--method", "h2o"], None, "--method must be specpc or speckv"),
+    (["generate", "--speculative", "many"], None, "speculative must be a number of tokens"),
+    (["generate", "--speculative", "2", "--static-decode"], None, "does not run with --static-decode"),
+    (["serve", "--speculative", "2", "--upstream", "http://127.0.0.1:9/v1"], None, "the engine decodes"),
 ]
 
 

@@ -41,3 +41,18 @@ def test_cli_reports_speckv_bytes_in_proportion_to_the_budget(monkeypatch, capsy
     record = json.loads(capsys.readouterr().out)
     expected = 96 / record["prompt_tokens"]
     assert record["kv_bytes_kept"] / record["kv_bytes_full"] == pytest.approx(expected, rel=0.05)
+
+
+def test_speculative_decoding_keeps_the_greedy_answer_and_the_draft_is_taken(real_pair, haystack):
+    """On the real pair the coder draft agrees with its target on most tokens of a code answer; on the haystack
+    prompt the draft methods' lookahead chains are reused. Every answer stays token for token the same."""
+    code = "Write a Python function that returns the n-th Fibonacci number, with a docstring."
+    for prompt, method, new in ((code, da.FullKV(), 48), (haystack, da.SpecKV(0.25), 12),
+                                (haystack, da.VeriSpecKV(128), 12), (haystack, da.SpecPC(0.25), 12)):
+        plain = da.generate(real_pair, prompt, method, max_new_tokens=new, chat=True)
+        for proposals in (4, "auto"):
+            fast = da.generate(real_pair, prompt, method, max_new_tokens=new, chat=True, speculative=proposals)
+            assert fast.tokens == plain.tokens, (method.name, proposals)
+            if proposals == 4:
+                record = fast.record
+                assert record.accepted_tokens >= record.proposed_tokens // 2, (method.name, record)

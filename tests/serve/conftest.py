@@ -18,7 +18,7 @@ from draftapprox.serve.local import LocalBackend
 from draftapprox.serve.metrics import Metrics
 from draftapprox.serve.responses import Service
 from draftapprox.serve.scheduler import Scheduler
-from tests.conftest import tiny_model, tiny_tokenizer
+from tests.conftest import close_draft, tiny_model, tiny_tokenizer
 
 MODEL = "tiny"
 
@@ -58,9 +58,12 @@ def running_app(app, port: int | None = None) -> Iterator[str]:
 
 def tiny_service(method: str = "speckv", budget: int | float | None = 16, kv_cache_memory: int = 64 * 2**20,
                  max_queue: int = 64, prefill_chunk: int = 64, request_timeout: float | None = None,
-                 context: int = 2048, static_decode: bool | None = None, **knobs) -> Service:
-    pair = pair_from_models(tiny_model("qwen2", layers=4, seed=0, context=context), tiny_tokenizer(chat=True),
-                            tiny_model("qwen2", layers=3, heads=4, kv_heads=4, seed=1, context=context))
+                 context: int = 2048, static_decode: bool | None = None, close: bool = False, **knobs) -> Service:
+    """`close`: a draft that mostly agrees with the target (speculative decoding), instead of an unrelated one."""
+    target = tiny_model("qwen2", layers=4, seed=0, context=context)
+    draft = close_draft(target) if close else tiny_model("qwen2", layers=3, heads=4, kv_heads=4, seed=1,
+                                                          context=context)
+    pair = pair_from_models(target, tiny_tokenizer(chat=True), draft)
     scheduler = Scheduler(pair, kv_cache_memory=kv_cache_memory, max_queue=max_queue, prefill_chunk=prefill_chunk,
                           metrics=Metrics(), static_decode=static_decode)
     if method != "fullkv":

@@ -179,6 +179,49 @@ def test_metrics_move(server):
     assert metric(url, "draftapprox_kv_cache_bytes") == 0 and metric(url, "draftapprox_queue_depth") == 0
 
 
+def test_speculative_requests_answer_as_plain_ones_and_count_in_metrics():
+    """A draft close to the target, so that proposals are taken; per request, or by the server's default."""
+    service = tiny_service(close=True)
+    with running(service) as url:
+        prompt = words(80, seed=3)
+        plain = complete(url, prompt, max_tokens=16, extra_body={"draftapprox": {"method": "fullkv"}})
+        for asked in (3, "auto"):
+            fast = complete(url, prompt, max_tokens=16,
+                            extra_body={"draftapprox": {"method": "fullkv", "speculative": asked}})
+            extra = fast.model_extra["draftapprox"]
+            assert fast.choices[0].text == plain.choices[0].text and extra["speculative"] == asked
+            assert extra["kv_bytes_draft"] > 0 and 0 <= extra["accepted_tokens"] <= extra["proposed_tokens"]
+        proposed = metric(url, "draftapprox_speculative_proposed_tokens_total")
+        accepted = metric(url, "draftapprox_speculative_accepted_tokens_total")
+        assert 0 < accepted <= proposed
+        assert metric(url, "draftapprox_speculative_acceptance_rate") == pytest.approx(accepted / proposed)
+        service.speculative = 2  # the server's default (`serve --speculative 2`)
+        stream = list(client(url).completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=16,
+                                                     stream=True, extra_body={"draftapprox": {"method": "fullkv"}}))
+        assert "".join(c.choices[0].text for c in stream if c.choices) == plain.choices[0].text
+        assert stream[-1].model_extra["draftapprox"]["speculative"] == 2
+        for bad in (-1, "lots", 2.5):
+            response = httpx.post(f"{url}/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2,
+                                                              "draftapprox": {"speculative": bad}}, timeout=60)
+            error = response.json()["error"]
+            assert response.status_code == 400 and error["param"] == "draftapprox.speculative", response.text
+            assert "speculative must be a number of tokens" in error["message"]
+
+
+def test_a_server_without_a_draft_or_with_static_steps_refuses_speculation():
+    static = tiny_service(static_decode=True)
+    with running(static) as url:
+        response = httpx.post(f"{url}/completions", json={"model": MODEL, "prompt": words(20), "max_tokens": 2,
+                                                          "draftapprox": {"speculative": 2}}, timeout=60)
+        assert response.status_code == 400 and "static" in response.json()["error"]["message"]
+    lone = tiny_service(method="fullkv")
+    lone.pair.draft = None
+    with running(lone) as url:
+        response = httpx.post(f"{url}/completions", json={"model": MODEL, "prompt": words(20), "max_tokens": 2,
+                                                          "draftapprox": {"speculative": 2}}, timeout=60)
+        assert response.status_code == 400 and "needs a draft" in response.json()["error"]["message"]
+
+
 def test_a_failing_request_fails_alone(server, monkeypatch):
     url, _ = server
 

@@ -46,7 +46,8 @@ class Options(BaseModel):
     method: StrictStr | None = None
     budget: StrictInt | StrictFloat | None = None
     settings: dict[str, StrictStr | StrictInt | StrictFloat | StrictBool] = Field(default_factory=dict)
-    speculative: StrictInt | StrictStr | None = None  # draft tokens proposed per decode step, "auto", 0: off
+    # draft tokens proposed per decode step, "auto", 0: off; any JSON value, so that a wrong one gets our message
+    speculative: Any = None
 
 
 def with_specprefill(options: Options | None, specprefill: bool | None, keep_pct: float | None,

@@ -97,6 +97,8 @@ def test_our_own_field_is_checked_and_kv_methods_are_refused(proxy):
         ask(proxy, words(50), max_tokens=3, extra_body={"draftapprox": {"method": "none", "budget": 3}})
     with pytest.raises(openai.BadRequestError, match=r"draftapprox\.colour"):
         ask(proxy, words(50), max_tokens=3, extra_body={"draftapprox": {"colour": "red"}})
+    with pytest.raises(openai.BadRequestError, match="upstream engine decodes"):
+        ask(proxy, words(50), max_tokens=3, extra_body={"draftapprox": {"speculative": 3}})
 
 
 @pytest.mark.parametrize("messages", [False, True], ids=["ids", "messages"])
