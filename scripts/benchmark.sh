@@ -64,10 +64,11 @@ for stage in $STAGES; do
         --output "$ENGINE_OUT"
       draftapprox bench engine --dtype bfloat16 --lengths 1024,2048,4096 --repeats "$ENGINE_REPEATS" \
         --output "$ENGINE_OUT"
-      draftapprox bench report "$ENGINE_OUT" --out "$ENGINE_DIR" \
+      draftapprox bench report "$ENGINE_OUT" --out "$ENGINE_DIR" --targets scripts/targets/performance.toml \
         --command "ENGINE_OUT=$ENGINE_OUT ENGINE_DIR=$ENGINE_DIR ENGINE_REPEATS=$ENGINE_REPEATS scripts/benchmark.sh (STAGES=engine)" ;;
     report)
       draftapprox bench report "$OUT" --out docs/results ${BASELINE:+--baseline "$BASELINE"} \
+        --targets scripts/targets/performance.toml \
         --command "${BASELINE:+BASELINE=$BASELINE }scripts/benchmark.sh (STAGES=\"$STAGES\")" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

@@ -1,9 +1,9 @@
 """Where the time goes on each path of the engine, against the physical limits measured in the same process:
 the draft's SpecPC pass, the target's prefill (GEMM-bound) and a decode step (weight-bandwidth-bound), at several
 prompt lengths. torch.profiler's operators are grouped into matrix multiplies, attention and the rest, and the
-table is written between the generated-table markers of docs/results/profile.md.
+table is written between the generated-table markers of docs/results/profile-epyc.md.
 
-    python scripts/profile_paths.py --lengths 1024,2048,4096,8192 --out docs/results/profile.md
+    python scripts/profile_paths.py --lengths 1024,2048,4096,8192 --out docs/results/profile-epyc.md
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="1024,2048,4096,8192")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--out", type=Path, default=Path("docs/results/profile.md"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results/profile-epyc.md"))
     args = parser.parse_args(argv)
     lengths = [int(n) for n in args.lengths.split(",")]
     pair = load_pair(dtype=args.dtype)

@@ -9,7 +9,7 @@ OUT=${OUT:-docs/results/raw/bench-proxy-cpu.jsonl}
 REPORT=${REPORT:-docs/results/proxy}
 PAUSE=${PAUSE:-/tmp/draftapprox-bench.pause}   # touch it to hold the next measurement, rm it to go on
 GRID=docs/results/raw/ruler-2048-cpu.jsonl     # the accuracy grid: in-process SpecPC@0.25 on the same prompts
-run() { draftapprox bench proxy --output "$OUT" --report "$REPORT" --reference "$GRID" --pause-file "$PAUSE" "$@"; }
+run() { draftapprox bench proxy --output "$OUT" --report "$REPORT" --reference "$GRID" --pause-file "$PAUSE" --targets scripts/targets/proxy.toml "$@"; }
 for stage in ${STAGES:-timed accuracy}; do
   for engine in ${ENGINES:-vllm llamacpp}; do
     # llama.cpp's wheel prefills ~45 tokens/s here (an 8k prompt: minutes), so it gets one cold repeat

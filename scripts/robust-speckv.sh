@@ -56,6 +56,7 @@ for stage in ${STAGES:-screen test length report}; do
                "$RAW"/ruler-4096-cpu.jsonl "$RAW"/ruler-4096-cpu-robust.jsonl; do [ -f "$f" ] && inputs+=("$f"); done
       for f in "$RAW"/bench-robust-*-cpu.jsonl; do [ -f "$f" ] && inputs+=(--timing "$f"); done
       draftapprox eval study "${inputs[@]}" ${CHOSEN:+--chosen "$CHOSEN"} --out docs/results/robust-speckv.md \
+        --targets scripts/targets/robust-speckv.toml \
         --command "STAGES=\"screen test length timing report\" CHOSEN=\"$CHOSEN\" scripts/robust-speckv.sh" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

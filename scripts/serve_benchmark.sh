@@ -9,7 +9,7 @@ OUT=docs/results/raw/bench-serve-cpu.jsonl
 REPORT=docs/results/serving
 CHUNK=${CHUNK:-128}  # the grid's --prefill-chunk (throughput; the stall stage measures the latency side)
 PAUSE=${PAUSE:-/tmp/draftapprox-bench.pause}   # touch it to hold the next cell, rm it to go on
-run() { draftapprox bench serve --output "$OUT" --report "$REPORT" --prefill-chunk "$CHUNK" --pause-file "$PAUSE" "$@"; }
+run() { draftapprox bench serve --output "$OUT" --report "$REPORT" --prefill-chunk "$CHUNK" --pause-file "$PAUSE" --targets scripts/targets/serving.toml "$@"; }
 for stage in ${STAGES:-stall grid decode}; do
   case $stage in
     stall)  # the running stream's gaps while a 4k prompt is admitted, per prefill chunk

@@ -17,7 +17,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_the_readme_python_examples_run_and_find_the_fact():
     blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
               if "OpenAI(" not in b and "integrations.kvpress" not in b]
-    assert len(blocks) == 6, "the README's Python examples changed; update this test (the server's example runs in "\
+    assert len(blocks) == 7, "the README's Python examples changed; update this test (the server's example runs in "\
         "tests/serve/test_real.py, the kvpress one in tests/integrations/test_kvpress.py)"
     namespace: dict = {}
     printed, results = [], []
@@ -35,8 +35,10 @@ def test_the_readme_python_examples_run_and_find_the_fact():
     assert names == ["adakv", "snapkv", "speckv"], printed[1]
     assert namespace["fixed"].tokens == results[0].tokens  # static decode: the first example's tokens
     assert ANSWER in printed[2], printed[2]
-    assert printed[3].count(ANSWER) == 2, printed[3]  # a patched generate, then the authors' API
+    assert namespace["fast"].tokens == results[0].tokens  # speculative decoding: the first example's tokens
+    assert 0 < namespace["fast"].record.accepted_tokens <= namespace["fast"].record.proposed_tokens
+    assert printed[4].count(ANSWER) == 2, printed[4]  # a patched generate, then the authors' API
     assert "generate" not in vars(namespace["pair"].target)  # unpatched again
-    origin, compressed, kept = printed[4].split()  # the LLMLingua-compatible compressor
-    assert int(compressed) < 0.3 * int(origin) and kept == "True", printed[4]
+    origin, compressed, kept = printed[5].split()  # the LLMLingua-compatible compressor
+    assert int(compressed) < 0.3 * int(origin) and kept == "True", printed[5]
     assert namespace["out"].shape == (1, 300, 14, 64)  # the prefill attention example checks itself against SDPA

@@ -3,6 +3,7 @@ target's sampling distribution kept; the draft's chain reused; `auto`'s choice f
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections import Counter
 
@@ -251,3 +252,43 @@ def test_auto_turns_off_on_a_draft_that_disagrees_and_probes_again(monkeypatch):
         batch.step()
     assert widths.count(0) > len(widths) // 2  # mostly off
     assert any(w > 0 for w in widths[speculation.PROBE_EVERY:])  # yet it looks again
+
+
+@pytest.mark.parametrize("layout", ["dense", "pyramid", "headwise", "batch"])
+def test_a_check_of_several_tokens_gives_each_the_bits_of_a_one_token_step(layout):
+    """In bfloat16 a product or an attention over five rows rounds differently from one over one row, which can
+    flip a near-tie; `rows_apart` computes each row as its one-token step would, so greedy speculation takes
+    exactly the tokens decoding one at a time takes, on the engine's own bfloat16 path (packed weights too)."""
+    from draftapprox import kernels
+    from draftapprox.cache import batch_caches, compress_cache
+    from draftapprox.models.compact import compact
+    from draftapprox.models.fuse import fuse
+
+    if not kernels.vectorised():
+        pytest.skip("the bfloat16 kernels need a wide-vector build")
+    target = fuse(tiny_model("qwen2", layers=3, seed=0, head_dim=32).to(torch.bfloat16))
+    pair = pair_from_models(compact(target, widen=False, pack=True), tiny_tokenizer())
+    ids, new = prompt_ids(120, seed=11), prompt_ids(6, seed=12)
+    cache = new_cache()
+    forward(pair.target, ids, cache, 0)
+    if layout != "dense":
+        generator = torch.Generator().manual_seed(3)
+        keep = []
+        for index, layer in enumerate(cache.layers):
+            mask = torch.rand(layer.keys.shape[:3], generator=generator) < 0.4
+            if layout == "pyramid":  # per-layer lengths, every head alike
+                mask = torch.zeros(layer.keys.shape[:3], dtype=torch.bool)
+                mask[..., -(30 + 20 * index):] = True
+            keep.append(mask)
+        cache = compress_cache(cache, keep)
+    if layout == "batch":
+        cache = batch_caches([cache, cache])
+        ids_new, positions = new.expand(2, -1), torch.arange(120, 126).expand(2, -1)
+    else:
+        ids_new, positions = new, torch.arange(120, 126)[None]
+    steps = copy.deepcopy(cache)
+    sequential = torch.stack([forward(pair.target, ids_new[:, i:i + 1], steps, positions[:, i:i + 1], compressed=True)
+                              for i in range(6)], dim=1)
+    checked = forward(pair.target, ids_new, copy.deepcopy(cache), positions, compressed=True, every=True,
+                      rows_apart=True)
+    assert torch.equal(sequential, checked)

@@ -3,9 +3,9 @@ heads; and causal attention for a prefill chunk (the first or one that continues
 flash-style pass on a CPU, else PyTorch's flash kernel.
 
 A decode step's attention reads the cache once; CPU SDPA instead tiles the one query row per head into blocks made
-for prefill and ran 7x below the memory bandwidth at 4k cached tokens (2.6 ms a layer of the 1.5B target, 74 ms
-of a ~300 ms step). Grouping each KV head's query heads into the rows of one matrix product reads every key and
-value once for all of them, with no `repeat_kv` copy, and the softmax runs in float32 as SDPA's does.
+for prefill and runs far below the memory bandwidth on long caches (docs/results/archive/profile.md). Grouping each
+KV head's query heads into the rows of one matrix product reads every key and value once for all of them, with no
+`repeat_kv` copy, and the softmax runs in float32 as SDPA's does.
 """
 
 from __future__ import annotations

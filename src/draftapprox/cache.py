@@ -25,8 +25,8 @@ growth is also at least half the current length, so appends stay amortised O(1).
 
 class _Appending:
     """In-place appends for a layer's `keys`/`values` `(b, g, t, d)`: they are views of the first `t` positions of
-    buffers with spare room, so an append copies only the new positions. torch.cat per layer per decode step was
-    15% of a 1.5B decode step at 1k tokens, and grows with the cache. A layer whose tensors were assigned from
+    buffers with spare room, so an append copies only the new positions: torch.cat per layer per decode step
+    copies the whole cache, a cost that grows with it. A layer whose tensors were assigned from
     outside (a shallow copy, a batch selection, a gather) gives up its buffers and copies into new ones on its next
     append, so two caches never write into the same storage."""
 
@@ -241,8 +241,8 @@ class BatchLayer(_TailLayer):
         prefix = prefix.masked_fill(~self.valid[:, :, None, :], float("-inf"))
         tail = (rows @ key.transpose(-1, -2)) * scaling
         hidden = None if tail_valid is None else ~tail_valid
-        if self.tail_valid is not None:  # (b, 1, 1, t): holes differ by sequence
-            own = ~self.tail_valid[:, None, None, :]
+        if self.tail_valid is not None:  # (b, 1, 1, t): holes differ by sequence (`t`: a check's row sees fewer)
+            own = ~self.tail_valid[:, None, None, :t]
             hidden = own if hidden is None else hidden | own
         if q > 1:
             newest = torch.arange(q, device=query.device)

@@ -59,6 +59,7 @@ class _Scope:
     single_query_unmasked: bool
     stop_after: int | None
     sparse: object | None
+    rows_apart: bool = False
 
 
 _scope: ContextVar[_Scope | None] = ContextVar("draftapprox_scope", default=None)
@@ -67,7 +68,7 @@ _scope: ContextVar[_Scope | None] = ContextVar("draftapprox_scope", default=None
 @contextmanager
 def scope(capture: QueryCapture | None = None, cache: object | None = None,
           single_query_unmasked: bool = False, stop_after: int | None = None,
-          sparse: object | None = None) -> Iterator[QueryCapture | None]:
+          sparse: object | None = None, rows_apart: bool = False) -> Iterator[QueryCapture | None]:
     """Activate capture and/or compressed-cache attention for the forwards run inside the block.
 
     `single_query_unmasked`: a single new query attends to every cached key, so its mask is dropped. That is what
@@ -76,8 +77,10 @@ def scope(capture: QueryCapture | None = None, cache: object | None = None,
     `stop_after`: end the forward (raising `StopForward`) once this layer has cached its keys and recorded its
     queries, skipping that layer's attention and everything after it.
     `sparse`: a `sparse.VerticalSlash` that computes multi-query attention instead of the model's kernel.
+    `rows_apart`: several new queries over a cache are each computed as a one-query decode step over the keys up to
+    its own position, bit for bit what that step gives (a speculative check).
     """
-    token = _scope.set(_Scope(capture, cache, single_query_unmasked, stop_after, sparse))
+    token = _scope.set(_Scope(capture, cache, single_query_unmasked, stop_after, sparse, rows_apart))
     try:
         yield capture
     finally:
@@ -110,8 +113,12 @@ def _make_wrapper(base: str):
             if active.sparse is not None and query.shape[2] > 1:
                 return active.sparse.attend(module.layer_idx, query, key, value, scaling), None
             layers = getattr(active.cache, "layers", None)
-            if layers is not None and hasattr(layers[module.layer_idx], "attend"):
-                return layers[module.layer_idx].attend(query, key, value, scaling)
+            own = layers[module.layer_idx] if layers is not None and hasattr(layers[module.layer_idx], "attend") \
+                else None
+            if active.rows_apart and query.shape[2] > 1 and _plain(kwargs):
+                return _rows_apart(own, query, key, value, scaling), None
+            if own is not None:
+                return own.attend(query, key, value, scaling)
             if (active.cache is not None and query.shape[2] > 1 and _plain(kwargs)
                     and kwargs.get("sliding_window") is None):
                 # several new tokens over a compressed cache (a speculative check): they are its newest keys, and
@@ -131,6 +138,20 @@ def _make_wrapper(base: str):
 
     attention.__name__ = f"{PREFIX}{base}"
     return attention
+
+
+def _rows_apart(layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of `query (b, H, q, d)`, the newest `q` of `key/value`, one query at a time over the keys up to
+    its own position: what `q` one-token decode steps compute, the compressed layer's own `attend` where it has
+    one. Returns `(b, q, H, d)`."""
+    q, t = query.shape[2], key.shape[2]
+    out = []
+    for i in range(q):
+        end = t - q + i + 1
+        row, keys, values = query[:, :, i:i + 1], key[:, :, :end], value[:, :, :end]
+        out.append(layer.attend(row, keys, values, scaling)[0] if layer is not None
+                   else single_query(row, keys, values, scaling))
+    return torch.cat(out, dim=1)
 
 
 _PLAIN = {"scaling", "dropout", "sliding_window", "position_ids", "use_cache", "cu_seq_lens_q", "cu_seq_lens_k",

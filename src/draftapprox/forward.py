@@ -8,6 +8,7 @@ capture/compressed-cache attention is switched on only for the forward that need
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import time
@@ -20,6 +21,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from .capture import QueryCapture, StopForward, scope
+from .models.compact import row_invariant
 
 
 @dataclass
@@ -93,7 +95,8 @@ def cache_keyword(module: type[torch.nn.Module]) -> str:
 @torch.inference_mode()
 def forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache | None, start: int | torch.Tensor, *,
             logits: bool = True, capture: QueryCapture | None = None, compressed: bool = False,
-            chunk: int | None = None, sparse: object | None = None, every: bool = False) -> torch.Tensor | None:
+            chunk: int | None = None, sparse: object | None = None, every: bool = False,
+            rows_apart: bool = False) -> torch.Tensor | None:
     """Run `input_ids (b, q)` at positions `start .. start+q-1` (or at the given position ids `(b, q)`); returns
     last-position logits `(b, vocab)` or None.
 
@@ -104,6 +107,9 @@ def forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache
     is the same as one forward up to float rounding.
     `sparse`: a `sparse.VerticalSlash` computing the attention; it needs every query of a layer at once (its
     columns are chosen from the sequence's tail), so such a forward is never chunked.
+    `rows_apart`: every one of the `q` tokens is computed as a one-token step at its position would compute it, bit
+    for bit (attention one query at a time, products row-invariant: `models.compact.row_invariant`), so that a
+    speculative check takes exactly the tokens decoding one at a time would; such a forward runs in one piece.
     Without logits, a forward that captures a known set of layers stops after the last of them: nothing later is
     needed (its keys are cached and its queries recorded before the layer's attention runs).
     """
@@ -118,14 +124,15 @@ def forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache
     out = None
     begin = 0
     while begin < q:
-        step = q if sparse is not None or every else chunk or PREFILL_CHUNK
+        step = q if sparse is not None or every or rows_apart else chunk or PREFILL_CHUNK
         if interleave is not None and sparse is None and not every:
             step = max(1, min(step, interleave.chunk(model)))
         ids, pos = input_ids[:, begin:begin + step], positions[:, begin:begin + step]
         begin += step
         last = begin >= q
         with scope(capture=capture, cache=cache if compressed else None, single_query_unmasked=compressed,
-                   stop_after=stop_after, sparse=sparse):
+                   stop_after=stop_after, sparse=sparse, rows_apart=rows_apart), \
+                row_invariant() if rows_apart else contextlib.nullcontext():
             try:
                 if (logits or every) and last:
                     out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=0 if every else 1,

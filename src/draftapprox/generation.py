@@ -571,7 +571,7 @@ class DecodeBatch:
         positions = positions + torch.arange(width, device=device)
         began = time.perf_counter()
         if width > 1:
-            out = forward(self.pair.target, fed, self._cache, positions, compressed=True, every=True)
+            out = forward(self.pair.target, fed, self._cache, positions, compressed=True, every=True, rows_apart=True)
         elif self._static_steps:
             if self._static is None:  # every forward this membership can still need
                 steps_left = max(m.prepared.max_new_tokens - len(m.tokens) for m in members)

@@ -1,12 +1,12 @@
 """Decode steps over fixed-shape storage, captured once as a CUDA graph on a GPU.
 
-On a GPU a decode step is hundreds of small kernels launched one at a time from Python: the H100 accuracy run
-found the GPU 6-11% busy. gpt-fast's answer is a step whose every tensor keeps its shape and address (a static
-cache), captured once as a CUDA graph and replayed: one launch per step, no Python per layer. Here the cache
-becomes `StaticLayer`s (the prompt part padded as for any batch, the tail a buffer written at a step index held
-in a tensor), the token and position inputs are tensors written in place, and the logits land in the same output
-tensor every step. On a CPU, or where capture fails, the same static step runs eagerly: that is what the tests
-exercise, and its tokens are those of the ordinary decode loop.
+On a GPU a decode step is hundreds of small kernels launched one at a time from Python, and the GPU idles between
+them (docs/results/gpu-h100/accuracy.md). gpt-fast's answer is a step whose every tensor keeps its shape and address
+(a static cache), captured once as a CUDA graph and replayed: one launch per step, no Python per layer. Here the
+cache becomes `StaticLayer`s (the prompt part padded as for any batch, the tail a buffer written at a step index
+held in a tensor), the token and position inputs are tensors written in place, and the logits land in the same
+output tensor every step. On a CPU, or where capture fails, the same static step runs eagerly: that is what the
+tests exercise, and its tokens are those of the ordinary decode loop.
 """
 
 from __future__ import annotations

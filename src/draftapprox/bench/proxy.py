@@ -91,7 +91,7 @@ def engine_server(plan: Plan, work: Path, cache: str | Path | None) -> Iterator[
 
 def vllm_dtype() -> str:
     """vLLM-CPU's fastest dtype here: bfloat16 where the CPU computes it natively, else float32 (emulated
-    bfloat16 ran 4x slower than float32 on a Xeon without it)."""
+    bfloat16 runs far slower than float32)."""
     return "bfloat16" if native_cpu_bf16() else "float32"
 
 

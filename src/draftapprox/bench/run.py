@@ -7,7 +7,7 @@ really measures the draft's cost. Inside the process, lengths run in increasing 
 Every (job, length) becomes one fsynced JSONL row as soon as it is measured, so a benchmark resumes where a kill
 left it.
 
-Floors (what the SpecPC/SpecKV targets of the performance issue are stated against):
+Floors (what the SpecPC/SpecKV targets of `bench report --targets` are stated against):
 - `draft-prefill`: the draft's forward over the whole prompt, no logits (all SpecPC's draft needs);
 - `target-prefill@r`: the target's prefill of the first `r * n` prompt tokens (what SpecPC's target runs).
 """
@@ -177,8 +177,8 @@ class Memory:
     entry: the activations and caches of the block, the weights excluded.
 
     The RSS peak is the kernel's own (`VmHWM`, reset on entry), exact and free. Where that reset is not allowed,
-    a thread samples RSS every millisecond instead; on two cores that sampler slowed a 2k-token FullKV generation
-    by 15% (6.0 s against 6.9 s), time the methods' rows would otherwise carry and an engine's would not."""
+    a thread samples RSS every millisecond instead; on a machine of few cores that sampler slows a generation
+    measurably, time the methods' rows would otherwise carry and an engine's would not."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -296,7 +296,7 @@ def worker(job: harness.Job, lengths: list[int], settings: Settings, output: Pat
            "settings": asdict(settings)}
     if job.method in LIMITS:
         # measured once, with this process's threads and the model's dtype, after a short forward: a cold process
-        # measured the target's GEMM at 318 GFLOP/s against 433 after one (a limit that low flatters the engine)
+        # measures a far lower GEMM rate (a limit that low flatters the engine)
         forward(model, torch.randint(0, model.config.get_text_config().vocab_size, (1, 128)), new_cache(), 0)
         env["rates"] = limits.rates(model)
     for length in lengths:
@@ -314,7 +314,7 @@ def worker(job: harness.Job, lengths: list[int], settings: Settings, output: Pat
         else:
             # the warm-up is also the memory run: its heap is trimmed first, so that the peak over the base is what
             # the block needs; the timed runs then reuse the heap as a serving process would (a trimmed heap is
-            # faulted in again page by page, which a 2k prefill of the 1.5B paid as 0.3-0.9 s of system time)
+            # faulted in again page by page, which a long prefill pays in system time)
             with Memory(device) as measured:
                 once()
             memory = measured.result()

@@ -30,6 +30,7 @@ import httpx
 from ..errors import ConfigError, InputError
 from ..eval import ruler
 from ..eval.answer_log import Results
+from ..speculative import parse as parse_speculative
 from .engine import free_port, server_process, stream
 
 METHODS = {
@@ -37,8 +38,20 @@ METHODS = {
     "speckv@256": {"method": "speckv", "budget": 256},
     "adaspeckv@256": {"method": "adaspeckv", "budget": 256},
     "specpc@0.25": {"method": "specpc", "budget": 0.25},
+    "verispeckv@128": {"method": "verispeckv", "budget": 128},
 }
+SPECULATIVE = "+spec="
+"""A method's name followed by this and a setting asks for speculative decoding: `fullkv+spec=auto`."""
 STARTUP_SECONDS = 600
+
+
+def options(method: str) -> dict:
+    """The `draftapprox` field of a request for `method` (a name of `METHODS`, optionally `+spec=K`)."""
+    base, _, speculative = method.partition(SPECULATIVE)
+    if base not in METHODS:
+        raise ConfigError(f"unknown serving method {base!r}; choose from {', '.join(METHODS)}, each optionally "
+                          f"{SPECULATIVE}K or {SPECULATIVE}auto (speculative decoding)")
+    return METHODS[base] | ({"speculative": parse_speculative(speculative)} if speculative else {})
 
 
 @dataclass
@@ -58,9 +71,8 @@ class Plan:
     skip: tuple[str, ...] = ()  # cells "method|length|clients" left out (too slow to be worth it)
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ConfigError(f"unknown serving method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        for method in self.methods:
+            options(method)
         if any(c < 1 for c in self.clients) or self.new_tokens < 2:
             raise ConfigError("clients must be >= 1 and new_tokens >= 2")
 
@@ -87,7 +99,8 @@ def _prompts(tokenizer, plan: Plan, length: int, count: int) -> list[list[int]]:
 
 
 def decode_counters(url: str) -> tuple[float, float, float]:
-    """(steps, tokens, seconds) of all decode steps so far, from the server's `draftapprox_decode_step_seconds`."""
+    """(steps, tokens, seconds) of all decode steps so far, from the server's `draftapprox_decode_step_seconds` and
+    its generated tokens (a step gives a sequence several when it speculates)."""
     steps = tokens = seconds = 0.0
     for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
         match = re.match(r'draftapprox_decode_step_seconds_(count|sum)\{batch="(\d+)"\} (\S+)', line)
@@ -95,15 +108,16 @@ def decode_counters(url: str) -> tuple[float, float, float]:
             value = float(match.group(3))
             if match.group(1) == "count":
                 steps += value
-                tokens += value * int(match.group(2))
             else:
                 seconds += value
+        elif line.startswith("draftapprox_generation_tokens_total "):
+            tokens = float(line.split()[1])
     return steps, tokens, seconds
 
 
 def _body(method: str, ids: list[int], new_tokens: int) -> dict:
     return {"model": "target", "prompt": ids, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
-            "draftapprox": METHODS[method]}
+            "draftapprox": options(method)}
 
 
 def _cell(url: str, method: str, prompts: list[list[int]], new_tokens: int) -> tuple[list[dict], dict]:

@@ -22,6 +22,7 @@ from .common import (
     SamplesOpt,
     SeedOpt,
     TargetOpt,
+    TargetsOpt,
     TasksOpt,
     ThreadsOpt,
     app,
@@ -93,13 +94,16 @@ def bench_report(
     = None,
     baseline: Annotated[list[Path] | None, typer.Option(
         help="An earlier run's JSONL (same protocol, same kind of machine): each job's times against it.")] = None,
+    targets: TargetsOpt = None,
 ) -> None:
-    """Write performance.md (tables, targets) and the plots from benchmark files."""
+    """Write performance.md (tables, the targets given) and the plots from benchmark files."""
     from functools import partial
 
     from ..bench import report
+    from ..bench.targets import load
 
-    write_report(partial(report.write, baseline=baseline), inputs, out, command, ("performance.md",))
+    goals = load(targets, report.TARGETS)
+    write_report(partial(report.write, baseline=baseline, goals=goals), inputs, out, command, ("performance.md",))
 
 
 @bench_app.command("overlap")
@@ -222,6 +226,7 @@ def bench_serve(
     target: TargetOpt = None,
     dtype: DtypeOpt = "auto",
     cache_dir: CacheOpt = None,
+    targets: TargetsOpt = None,
 ) -> None:
     """Our server under 1-8 concurrent streaming clients, per method; then serving.md (rerun: resumes)."""
     import shlex
@@ -230,6 +235,7 @@ def bench_serve(
     from transformers import AutoTokenizer
 
     from ..bench import serving, serving_report
+    from ..bench.targets import load
     from ..eval import harness
     from ..models import offline
 
@@ -242,6 +248,7 @@ def bench_serve(
 
     _, length_list = grid(task, lengths, 1, output, ("key", "kind"))
     check_report_folder(report, "--report", ("serving.md",))
+    goals = load(targets, serving_report.TARGETS)
     check_pause_file(pause_file)
     plan = serving.Plan(methods=harness.parse_list(methods, "methods"), lengths=length_list,
                         clients=counts(clients, "clients"), new_tokens=new_tokens,
@@ -255,7 +262,7 @@ def bench_serve(
                               pause=pause_file)
     say_written(written, "measurements", output)
     command = "draftapprox " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    for path in serving_report.write([output], report, command):
+    for path in serving_report.write([output], report, command, goals):
         err.print(f"wrote {path}")
 
 
@@ -282,6 +289,7 @@ def bench_proxy(
     seed: SeedOpt = 42,
     threads: ThreadsOpt = None,
     cache_dir: CacheOpt = None,
+    targets: TargetsOpt = None,
 ) -> None:
     """The proxy (`serve --upstream`) in front of a real engine against the engine alone; then proxy.md."""
     import shlex
@@ -314,11 +322,13 @@ def bench_proxy(
             raise InputError(f"--reference {error}") from None
         if not rows:
             raise InputError(f"--reference {path} holds no answers")
+    from ..bench import proxy_report
+    from ..bench.targets import load
+
+    goals = load(targets, proxy_report.TARGETS)  # a bad file is refused before anything is measured
     tokenizer = AutoTokenizer.from_pretrained(local_model(None, offline.DRAFT.name, "--draft", cache_dir))
     written = proxy.measure(plan, output, tokenizer, cache=cache_dir, log=err.print, pause=pause_file)
     say_written(written, "measurements", output)
-    from ..bench import proxy_report
-
     command = "draftapprox " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    for path in proxy_report.write([output], references, report, command):
+    for path in proxy_report.write([output], references, report, command, goals):
         err.print(f"wrote {path}")

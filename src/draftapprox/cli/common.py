@@ -72,6 +72,8 @@ def method_from(name: str, budget: str | None, settings: list[str] | None):
     return make(name, parse_budget(budget) if budget is not None else None, **pairs(settings, "--set"))
 
 
+TargetsOpt = Annotated[Path | None, typer.Option(
+    help="A TOML file of `name = threshold` targets the report checks (scripts/targets/ holds ours).")]
 SpeculativeOpt = Annotated[str, typer.Option(
     help="Speculative decoding: the draft proposes this many tokens a step and the target checks them in one "
          "forward (the same greedy tokens, the same sampling distribution); auto = chosen each step; 0 = off.")]

@@ -21,6 +21,7 @@ from .common import (
     SamplesOpt,
     SeedOpt,
     TargetOpt,
+    TargetsOpt,
     TasksOpt,
     ThreadsOpt,
     app,
@@ -135,15 +136,22 @@ def eval_study(
     Path("robust-speckv.md"),
     command: Annotated[str | None, typer.Option(help="The command that produced the JSONL, quoted in the report.")]
     = None,
+    targets: TargetsOpt = None,
 ) -> None:
     """A method chosen on the development samples (0-4), reported against its baselines on the test samples
-    (5-9): overall, split by whether the draft alone was right, with paired intervals and the goal figures."""
+    (5-9): overall, split by whether the draft alone was right, with paired intervals and the goal figures
+    given (`--targets`)."""
+    from ..bench.report import load as load_bench
+    from ..bench.targets import load as load_targets
     from ..eval import study
 
     require_files([*inputs, *(timing or [])])
     check_report_file(out, "--out")
     study.headline(chosen)  # an unknown method or knob is refused before any file is read
-    for path in study.write(inputs, out, chosen, timing, command=command):
+    goals = load_targets(targets, study.TARGETS)
+    study.check_goals(goals)
+    timings = [load_bench([path]) for path in timing or []]  # one benchmark file per prompt
+    for path in study.write(inputs, out, chosen, timings, command=command, targets=goals):
         err.print(f"wrote {path}")
 
 

@@ -88,8 +88,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 )}
 
 
-# The protocol's split of the sample indices (issue 25): every idea is tried and every knob chosen on the
-# development samples; the test samples are answered once per final candidate and never used to choose.
+# The protocol's split of the sample indices (docs/guides/evaluation.md): every idea is tried and every knob
+# chosen on the development samples; the test samples are answered once per final candidate and never used to choose.
 SPLITS = {"dev": range(0, 5), "test": range(5, 10)}
 
 

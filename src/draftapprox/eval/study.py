@@ -1,18 +1,18 @@
-"""The development/test study of a new method against its baselines (`draftapprox eval study`), for issue 25's
-docs/results/robust-speckv.md.
+"""The development/test study of a new method against its baselines (`draftapprox eval study`), as
+docs/results/robust-speckv.md reports VeriSpecKV's.
 
 The split decides what may be compared: candidates are compared on the development samples (where they were
 chosen), the chosen method against the baselines on the test samples (answered once, never used to choose), each
 row's split read from the row (or, for rows older than the field, from its sample index by the same rule).
 Every figure is a mean over tasks with a 95% stratified bootstrap interval; differences are paired, prompt by
 prompt, on the prompts both methods answered; "draft right" means the draft model alone answered that prompt fully
-right. The goal figures' verdicts apply the issue's thresholds to these numbers and nothing else.
+right. The goal figures' verdicts apply the thresholds of the goals given (a targets file) to these numbers and
+nothing else.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InputError
@@ -48,8 +48,14 @@ class Study:
         found = {m for (s, n, m, _) in self.answers if s == split and n == length}
         return [m for m in BASELINES if m in found] + sorted(found - set(BASELINES))
 
-    def budgets(self, split: str, length: int) -> list[int]:
-        return sorted({b for (s, n, _, b) in self.answers if s == split and n == length and isinstance(b, int)})
+    def budgets(self, split: str, length: int, method: str | None = None) -> list[int]:
+        """The KV budgets answered in a split at a length (by `method`, where given)."""
+        return sorted({b for (s, n, m, b) in self.answers if s == split and n == length and isinstance(b, int)
+                       and method in (None, m)})
+
+    def lengths(self, split: str, method: str | None = None) -> list[int]:
+        """The prompt lengths answered in a split (by `method`, where given)."""
+        return sorted({n for (s, n, m, _) in self.answers if s == split and method in (None, m)})
 
     def group(self, answers: Answers, which: str) -> Answers:
         """All answers (means over tasks), or those where the draft was right or wrong, pooled over tasks (one
@@ -86,14 +92,14 @@ def _difference(study: Study, mine: Answers, theirs: Answers, which: str) -> tup
     return paired_difference(study.group(mine, which), study.group(theirs, which))
 
 
-def development(study: Study, length: int = 2048) -> list[str]:
+def development(study: Study) -> list[str]:
     """Every candidate and baseline on the development prompts, split by the draft's answer, with its paired
     difference from SpecKV at the same budget (what each idea buys) on all prompts and on the draft-wrong ones."""
     lines = ["## Development study (samples 0-4 of every task)", "",
              "Every idea was tried and every knob chosen on these prompts. Cells: mean over tasks (draft right, "
              "draft wrong: over answers) [95% bootstrap interval] (answers). The last two columns are paired "
              "differences from SpecKV at the same budget, bold where the interval excludes zero.", ""]
-    for budget in study.budgets("dev", length):
+    for length, budget in [(n, b) for n in study.lengths("dev") for b in study.budgets("dev", n)]:
         speckv = study.get("dev", length, "speckv", budget)
         rows = []
         for method in study.methods("dev", length):
@@ -152,32 +158,56 @@ def timing(rows: dict, chosen: str) -> tuple[list[str], float | None]:
                     "SpecKV decode step (s)", f"{chosen} decode step (s)", "ratio"], out), ""], ratio
 
 
-def goals(study: Study, chosen: str, ttft_ratio: float | None) -> list[str]:
-    """The issue's goal figures on the test prompts, each with its number and verdict."""
-    def diff(length: int, budget: int, other: str, which: str = "all") -> tuple | None:
+GOAL_KEYS = {"say", "length", "budget", "against", "group", "at_least", "above", "interval_above"}
+TARGETS = {
+    "goal": "a goal on the test prompts (a table per goal): `say`, `length`, `budget`, `against` (a method), "
+            "optionally `group` (draft right / draft wrong), and `at_least` (the paired difference), `above` (it) "
+            "or `interval_above` (its interval's low end)",
+    "ttft_over_speckv": "the chosen method's time to first token over SpecKV's (the slowest prompt timed), at most",
+}
+"""What `eval study --targets FILE` may hold."""
+
+
+def check_goals(goals: dict) -> None:
+    """Refuse a goal that names no test, or a key the study does not know, before any answer is read."""
+    for goal in goals.get("goal", []):
+        unknown = set(goal) - GOAL_KEYS
+        if unknown or not {"say", "length", "budget", "against"} <= set(goal):
+            raise InputError(f"a goal takes say, length, budget, against and a test (at_least, above or "
+                             f"interval_above), optionally group; got {sorted(goal)}")
+        if len({"at_least", "above", "interval_above"} & set(goal)) != 1:
+            raise InputError(f"goal {goal['say']!r}: give exactly one of at_least, above, interval_above")
+
+
+def goals(study: Study, chosen: str, ttft_ratio: float | None, targets: dict) -> list[str]:
+    """The goal figures on the test prompts, each with its number and verdict."""
+    def diff(length: int, budget: int, other: str, which: str) -> tuple | None:
         mine, theirs = study.get("test", length, chosen, budget), study.get("test", length, other, budget)
         return _difference(study, mine, theirs, which)[1] if mine and theirs else None
 
-    def verdict(numbers: tuple | None, test: Callable[[tuple], bool], say: str) -> list[str]:
+    def holds(goal: dict, numbers: tuple) -> bool:
+        point, lo, _, _ = numbers
+        if "interval_above" in goal:
+            return lo is not None and lo > goal["interval_above"]
+        return point > goal["above"] if "above" in goal else point >= goal["at_least"]
+
+    rows = []
+    for goal in targets.get("goal", []):
+        numbers = diff(goal["length"], goal["budget"], goal["against"], goal.get("group", "all"))
         if numbers is None:
-            return [say, "not measured yet"]
+            rows.append([goal["say"], "not measured yet", ""])
+            continue
         point, lo, hi, n = numbers
         interval = "no interval" if lo is None else f"[{lo:+.1f}, {hi:+.1f}]"
-        return [say, f"{point:+.1f} {interval} ({n} prompts)", "met" if test(numbers) else "missed"]
-
-    rows = [
-        verdict(diff(2048, 128, "fullkv"), lambda d: d[0] >= -5, "budget 128: within 5 points of FullKV"),
-        verdict(diff(2048, 128, "draft"), lambda d: d[1] is not None and d[1] > 0,
-                "budget 128: ahead of the draft alone, interval above zero"),
-        verdict(diff(2048, 64, "adaspeckv"), lambda d: d[0] > 0, "budget 64: ahead of Ada-SpecKV"),
-        verdict(diff(2048, 128, "speckv", "draft right"), lambda d: d[0] >= -1,
-                "budget 128, draft-right prompts: no more than 1 point below SpecKV"),
-        verdict(diff(4096, 256, "fullkv"), lambda d: d[0] >= -3, "4,096 tokens, budget 256: within 3 points of FullKV"),
-        ["time to first token at most 1.1x SpecKV's (the slowest prompt timed)",
-         "not measured yet" if ttft_ratio is None else f"{ttft_ratio:.2f}x",
-         *([] if ttft_ratio is None else ["met" if ttft_ratio <= 1.1 else "missed"])],
-    ]
-    rows = [r + [""] * (3 - len(r)) for r in rows]
+        rows.append([goal["say"], f"{point:+.1f} {interval} ({n} prompts)", "met" if holds(goal, numbers) else
+                     "missed"])
+    limit = targets.get("ttft_over_speckv")
+    if limit is not None:
+        rows.append([f"time to first token at most {limit:g}x SpecKV's (the slowest prompt timed)",
+                     "not measured yet" if ttft_ratio is None else f"{ttft_ratio:.2f}x",
+                     "" if ttft_ratio is None else "met" if ttft_ratio <= limit else "missed"])
+    if not rows:
+        return []
     return ["## Goal figures (test prompts)", "",
             "Differences are the chosen method minus the named one, paired by prompt, mean over tasks "
             "[95% interval]. A point estimate that meets a threshold its interval straddles is met on the point "
@@ -207,8 +237,12 @@ def _plot(study: Study, chosen: str | None, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dev = [m for m in study.methods("dev", 2048) if m not in ("fullkv", "draft")]
-    budgets = study.budgets("dev", 2048)
+    lengths = study.lengths("dev")
+    if not lengths:
+        return None
+    length = lengths[0]  # the shortest: where the development study runs its whole grid
+    dev = [m for m in study.methods("dev", length) if m not in ("fullkv", "draft")]
+    budgets = study.budgets("dev", length)
     if not dev or not budgets:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(14, 0.32 * len(dev) * len(budgets) + 2.5),
@@ -216,7 +250,7 @@ def _plot(study: Study, chosen: str | None, path: Path) -> Path | None:
     labels, right, wrong = [], [], []
     for budget in budgets:
         for method in dev:
-            answers = study.get("dev", 2048, method, budget)
+            answers = study.get("dev", length, method, budget)
             if answers:
                 labels.append(f"{method} @{budget}")
                 right.append(mean_over_tasks(study.group(answers, "draft right"))[0] or 0)
@@ -229,7 +263,7 @@ def _plot(study: Study, chosen: str | None, path: Path) -> Path | None:
     axes[0].set_xlabel("RULER score (development prompts, mean over tasks)")
     axes[0].legend(loc="lower right")
     for method in ([chosen] if chosen else []) + list(BASELINES):
-        points = [(b, mean_over_tasks(study.get("test", 2048, method, b))) for b in (64, 128, 256)]
+        points = [(b, mean_over_tasks(study.get("test", length, method, b))) for b in budgets]
         points = [(b, m) for b, m in points if m[0] is not None]
         if points:
             axes[1].errorbar([b for b, _ in points], [m[0] for _, m in points],
@@ -242,7 +276,7 @@ def _plot(study: Study, chosen: str | None, path: Path) -> Path | None:
     axes[1].set_xlabel("KV budget (pairs per head)")
     axes[1].set_ylabel("RULER score (test prompts)")
     axes[1].legend(fontsize=7)
-    axes[1].set_title("test prompts, 2,048 tokens")
+    axes[1].set_title(f"test prompts, {length:,} tokens")
     fig.tight_layout()
     saved = save_figure(fig, path, dpi=110)
     plt.close(fig)
@@ -260,20 +294,20 @@ def headline(chosen: str | None) -> str:
     return f"{HEADLINE}{name}(" + ", ".join(f"{f.name}={getattr(method, f.name)}" for f in method.knobs()) + ")"
 
 
-def write(paths: list[Path], out: Path, chosen: str | None, timing_paths: list[Path] | None = None,
-          command: str | None = None) -> list[Path]:
+def write(paths: list[Path], out: Path, chosen: str | None, timings: list[dict] | None = None,
+          command: str | None = None, targets: dict | None = None) -> list[Path]:
     """robust-speckv.md (first line: the chosen method with its knobs), its CSV and its plot. Without a chosen
-    method (the study still under way) only the development study is written."""
+    method (the study still under way) only the development study is written. `timings`: benchmark files' rows
+    (`bench.report.load`, one file per prompt) with SpecKV and the chosen method timed; `targets`: the goals to
+    judge (`TARGETS`)."""
     rows = load(paths)
     if not rows:
         raise InputError("no answers in the input files")
     first = headline(chosen)
     study = Study(rows)
     ratio, time_lines = None, []
-    if timing_paths and chosen is not None:
-        from ..bench.report import load as load_bench
-
-        timed = [timing(load_bench([path]), chosen) for path in timing_paths]  # one benchmark file per prompt
+    if timings and chosen is not None:
+        timed = [timing(rows, chosen) for rows in timings]
         time_lines = [line for lines, _ in timed for line in lines]
         ratio = max((r for _, r in timed if r is not None), default=None)  # the goal is judged on the slowest
     lines = ["The protocol: RULER samples 0-4 of every task are the development set, 5-9 the test set "
@@ -282,12 +316,13 @@ def write(paths: list[Path], out: Path, chosen: str | None, timing_paths: list[P
     if command:
         lines += ["Command:", "", "```", command, "```", ""]
     if chosen is not None:
-        lines += goals(study, chosen, ratio)
+        lines += goals(study, chosen, ratio, targets or {})
         lines += ["## Test set (samples 5-9, answered once by the chosen method)", "",
                   "Cells: mean over tasks (draft right, draft wrong: over answers) [95% bootstrap interval] "
                   f"(answers); the last three columns are paired differences, {chosen} minus the row, bold where "
                   "the interval excludes zero.", ""]
-        lines += test_set(study, chosen, 2048, [64, 128, 256]) + test_set(study, chosen, 4096, [256])
+        for length in study.lengths("test", chosen):
+            lines += test_set(study, chosen, length, study.budgets("test", length, chosen))
     lines += time_lines + development(study)
     out = Path(out)
     splice(out, "\n".join(lines))
@@ -297,4 +332,3 @@ def write(paths: list[Path], out: Path, chosen: str | None, timing_paths: list[P
     written = [out, write_csv(out.with_suffix(".csv"), CSV_FIELDS, csv_rows(study), "study table")]
     figure = _plot(study, chosen, out.with_suffix(".png"))
     return written + ([figure] if figure else [])
-

@@ -9,12 +9,12 @@ each checked again); after the last round the target writes `correct` tokens of 
 scores the prompt is then the answer FullKV would give, as far as the rounds reach: the lookahead the draft should
 have written. Every one of these tokens is discarded afterwards, as SpecKV's are.
 
-The other knobs are the hedges of issue 25's study, kept so that each can be measured against the default:
-`share` of the budget given to prompt-only (window) scores, fixed or scaled by the draft's doubt (`gate`), the two
-sources normalised before they are combined (`normalize`), and AdaKV's allocation (`allocation`). `union` hedges
-the verification itself: where the target rejected part of the draft's answer, the draft's whole answer scores the
-prompt beside the verified one (the max over both, as SpecKV's max over rows), so a draft that was right in
-substance but worded differently from the target loses nothing against SpecKV.
+The other knobs are the hedges of its study (docs/results/robust-speckv.md), kept so that each can be measured
+against the default: `share` of the budget given to prompt-only (window) scores, fixed or scaled by the draft's
+doubt (`gate`), the two sources normalised before they are combined (`normalize`), and AdaKV's allocation
+(`allocation`). `union` hedges the verification itself: where the target rejected part of the draft's answer, the
+draft's whole answer scores the prompt beside the verified one (the max over both, as SpecKV's max over rows), so a
+draft that was right in substance but worded differently from the target loses nothing against SpecKV.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 On a CPU without bfloat16 instructions, neither plain precision is fast everywhere: float32 prefills at the GEMM
 rate but a decode step must stream 4 bytes per weight, while bfloat16 halves those bytes but its emulated GEMMs
-prefill 4x slower than float32. Holding the weights in bfloat16 and widening them on the way gets both:
+prefill several times slower than float32. Holding the weights in bfloat16 and widening them on the way gets both:
 - a few rows (a decode step, a batched decode step, a lookahead): the compiled kernel multiplies float32 rows by
   the bfloat16 weights, widening them in registers, so a step reads half the bytes (`kernels/linear_bf16.cpp`);
 - many rows (a prefill chunk): the weight is widened to float32 once for the chunk and multiplied by the GEMM
@@ -17,17 +17,19 @@ widen=False)` gives such a model the same kernel for its few-row products, the o
 everything else in bfloat16: its decode step reads the weights at the kernel's rate.
 
 With `pack`, each layer also holds its weight laid out for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`),
-which otherwise reorders a plain weight on every call. On a Xeon with AMX that layout ran the 1.5B's gate
-projection at 2,048 rows at 1,745 GFLOP/s against 1,514 plain, and, multiplied in blocks of `PACK_ROWS` rows
-(`fuse.py`), one gated MLP took 87 ms against 121 ms. Its single-row GEMV streamed 24.8 GB/s against the
-kernel's 29.2, so both copies are kept: the kernel reads the plain one for a few rows, oneDNN the packed one for
-more. The cost is the memory of the decoder's linear weights a second time (2.6 GB for the 1.5B target); the
+which otherwise reorders a plain weight on every call; multiplied in blocks of `PACK_ROWS` rows (`fuse.py`) it
+runs a prefill's gated MLP faster, while for a few rows the kernel streams the plain weight faster than oneDNN
+the packed one (docs/results/archive/profile-amx.md). So both copies are kept: the kernel reads the plain one for a few
+rows, oneDNN the packed one for more. The cost is the memory of the decoder's linear weights a second time; the
 output head, tied to the input embedding in the offline pair, is not packed (a prefill asks it for one row).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +39,28 @@ from . import scratch
 
 log = logging.getLogger(__name__)
 
+_row_invariant: ContextVar[bool] = ContextVar("draftapprox_row_invariant", default=False)
+
+
+@contextmanager
+def row_invariant() -> Iterator[None]:
+    """Inside the block, a product of a few rows gives each row exactly what a product of that row alone gives (the
+    kernel, never the packed GEMM, whose blocking depends on the number of rows): a speculative check of several
+    tokens then computes each as a one-token decode step would, bit for bit."""
+    token = _row_invariant.set(True)
+    try:
+        yield
+    finally:
+        _row_invariant.reset(token)
+
 KERNEL_ROWS = 64
 """Most rows the kernel multiplies; beyond, widening the weight once and calling the GEMM is faster."""
 PACKED_ROWS = 4
-"""Most rows the kernel multiplies where a packed weight exists: at 32 rows (a batched decode step) the kernel
-streamed 7 GB/s against the packed GEMM's 21, at 4 rows 26 against 24."""
+"""Most rows the kernel multiplies where a packed weight exists: past a few rows (a batched decode step) the packed
+GEMM streams the weights faster than the kernel (docs/results/archive/profile-amx.md)."""
 PACK_ROWS = 256
 """The rows a packed weight is laid out for, and the blocks a gated MLP runs a long chunk in (`fuse.py`): a
-block's intermediate activations (4.6 MB for the 1.5B) stay in cache between its three multiplies."""
+block's intermediate activations stay in cache between its three multiplies."""
 
 
 def packable() -> bool:
@@ -77,7 +93,8 @@ class CompactLinear(torch.nn.Module):
         best at, and no gradient (oneDNN's packed product has none). The rows are counted by `x`'s own last
         dimension, so a gated MLP can ask its down projection about the rows it is about to run."""
         return self.packed is not None and x.is_cpu and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() \
-            and x.numel() // x.shape[-1] > PACKED_ROWS
+            and x.numel() // x.shape[-1] > PACKED_ROWS and not (_row_invariant.get() and x.numel() // x.shape[-1]
+                                                                 <= KERNEL_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_for(x):
@@ -97,9 +114,9 @@ class CompactLinear(torch.nn.Module):
 
 def widened(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`weight` itself for bfloat16 activations; else `weight` in `dtype`, written into this thread's scratch
-    buffer (`scratch.py`): a fresh 55 MB tensor per linear per chunk cost more in page faults than the widening
-    itself (a 2k prefill of the 1.5B took 28.6 s against float32's 23.2). The widened copy is used by one multiply
-    and done with before the next linear widens its own."""
+    buffer (`scratch.py`): a fresh tensor of a whole weight per linear per chunk costs more in page faults than
+    the widening itself. The widened copy is used by one multiply and done with before the next linear widens its
+    own."""
     if weight.dtype == dtype:
         return weight
     return scratch.buffer("widened", tuple(weight.shape), dtype).copy_(weight)

@@ -1,25 +1,23 @@
 """Gated MLPs whose activation and product run in place, and RMSNorms in one compiled pass.
 
 A SwiGLU MLP (`down(silu(gate(x)) * up(x))`: Llama, Qwen2/3, Mistral) writes two fresh `(rows, intermediate)`
-tensors per layer outside its matrix multiplies, 73 MB each in a 2k-token chunk of the 1.5B target, and a fresh
-tensor's pages are faulted in on first touch. Applying SiLU to the gate's output in place and multiplying the up
-projection into it took one such MLP from 648 to 584 ms (1.7 s of a 2k prefill); one multiply over the gate and up
-weights concatenated measured no faster (597 ms) and would duplicate them while loading, so they stay apart.
-On a CPU, a chunk of many rows also writes the gate and up projections into per-thread buffers (`scratch.py`)
-instead of fresh tensors: over 32 MB each, those were mapped and faulted in anew every layer (a 2k-token forward
-of the 0.5B draft took 9.7 s against 8.7 s with the buffers, medians of three pairs). Where the projections hold
-packed weights (`compact.py`), a long chunk runs the whole MLP in blocks of `PACK_ROWS` rows instead, so a block's
-intermediate activations are still in cache when the next multiply reads them. The arithmetic is the same products
-and sums. In bfloat16 on the CPU, SiLU and the product are one compiled pass with PyTorch's two roundings
-(`kernels/silu_mul.cpp`), at about twice the rate of the two PyTorch passes.
+tensors per layer outside its matrix multiplies, and a fresh tensor's pages are faulted in on first touch. Applying
+SiLU to the gate's output in place and multiplying the up projection into it saves both; one multiply over the gate
+and up weights concatenated measured no faster and would duplicate them while loading, so they stay apart
+(docs/results/archive/profile.md). On a CPU, a chunk of many rows also writes the gate and up projections into
+per-thread buffers (`scratch.py`) instead of fresh tensors, which would be mapped and faulted in anew every layer.
+Where the projections hold packed weights (`compact.py`), a long chunk runs the whole MLP in blocks of `PACK_ROWS`
+rows instead, so a block's intermediate activations are still in cache when the next multiply reads them. The
+arithmetic is the same products and sums. In bfloat16 on the CPU, SiLU and the product are one compiled pass with
+PyTorch's two roundings (`kernels/silu_mul.cpp`), one read and one write instead of two of each.
 
 The family's rotary embedding (`q * cos + rotate_half(q) * sin`, and the same for the keys) is five PyTorch
 operators over a transposed view of the chunk's queries; in bfloat16 on the CPU it runs as one compiled pass with
-the same roundings (`kernels/rope.cpp`): 0.3 ms against 6.8 ms a layer of the 0.5B draft at 2k tokens on the EPYC.
+the same roundings (`kernels/rope.cpp`), instead of five passes and their temporaries.
 
 The Llama/Qwen/Mistral RMSNorm is six PyTorch operators over the activations; on the CPU it runs as one compiled
-pass with the same roundings (`kernels/rms_norm.cpp`): 0.55 ms against 2.3-8 ms for a 2k-token chunk of the 1.5B
-on an AMX Xeon, and one call instead of six for a decode step's 57 norms.
+pass with the same roundings (`kernels/rms_norm.cpp`): one read of the activations instead of six passes, and
+one call instead of six for each of a decode step's norms.
 """
 
 from __future__ import annotations

@@ -44,10 +44,10 @@ def auto_dtype(device: str | torch.device) -> str:
 def native_cpu_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX) faster than float32. oneDNN also
     "supports" bfloat16 on any AVX-512 CPU by emulation, which is what `torch.ops.mkldnn._is_mkldnn_bf16_supported`
-    reports; measured on such a Xeon, emulated bfloat16 ran the 1.5B's 2k prefill 4x slower than float32
-    (docs/results/profile.md). Even the flag is not enough: a Xeon with AVX-512 BF16 but no AMX multiplied
-    bfloat16 at 146 GFLOP/s against float32's 235, where an EPYC with the same flag ran bfloat16 GEMMs at about
-    600 GFLOP/s. So where the flag is there, a short GEMM of each decides (`bf16_gemm_speedup`)."""
+    reports, and emulated bfloat16 runs far slower than float32 (docs/results/archive/profile.md). Even the flag is not
+    enough: some CPUs with AVX-512 BF16 but no AMX multiply bfloat16 slower than float32, others much faster
+    (docs/results/index.md, the machine matrix). So where the flag is there, a short GEMM of each decides
+    (`bf16_gemm_speedup`)."""
     return (kernels.has("avx512_bf16") or kernels.has("amx_bf16")) and bf16_gemm_speedup() > 1.1
 
 

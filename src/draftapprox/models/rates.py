@@ -27,8 +27,8 @@ def gemm_rate(hidden: int, intermediate: int, dtype: torch.dtype, rows: int = 20
 def gemv_rate(hidden: int, intermediate: int, dtype: torch.dtype) -> float:
     """Bytes/s of weights a single-row multiply streams from memory: matrices of the model's MLP shape (at least
     1024 x 4096, so a tiny model still measures the machine), cycled, so that none is cached. In bfloat16 the
-    faster of the library's GEMV and the compiled kernel's (on an AMX Xeon the kernel streamed 29 GB/s against
-    the library's 20, and a limit below what the engine does would flatter it)."""
+    faster of the library's GEMV and the compiled kernel's: a limit below what the engine does would flatter
+    it."""
     rows, cols = max(intermediate, 4096), max(hidden, 1024)
     size = rows * cols * torch.empty(0, dtype=dtype).element_size()
     weights = [torch.full((rows, cols), 0.01, dtype=dtype) for _ in range(max(2, GEMV_WORKING_SET // size))]

@@ -2,14 +2,13 @@
 a heap that keeps what the smaller ones free.
 
 glibc serves an allocation above 32 MB with a fresh `mmap` and unmaps it when freed, so each such tensor is
-faulted in page by page and zeroed by the kernel as it is first written. A 1k-token prefill of the 1.5B target
-allocated 2 GB this way (the gate and up projections' outputs, 37 MB each per layer): 527k page faults and 2-4 s
-of system time against a 13 s forward. Reusing one buffer per role took the faults to 28k.
+faulted in page by page and zeroed by the kernel as it is first written: a long prefill's gate and up projection
+outputs, every layer, cost seconds of system time this way. Reusing one buffer per role faults them in once
+(docs/results/archive/profile.md).
 
 Below 32 MB, glibc serves from its heap, but by default gives the heap's top back to the OS as soon as more than
-128 kB of it is free, so each layer's fresh activations (6 MB per tensor in a 2k-token chunk of the 1.5B) were
-faulted in again as well; `keep_heap` raises that threshold. On an AMX Xeon, a warm 2k prefill of the 1.5B went
-from 21k-41k faults to 0-3k, and from 3.6-3.9 s to 3.4-3.6 s (two processes each). The price is up to `KEPT_HEAP`
+128 kB of it is free, so each layer's fresh activations were faulted in again as well; `keep_heap` raises that
+threshold (docs/results/archive/profile-amx.md). The price is up to `KEPT_HEAP`
 of freed memory held for reuse; `malloc_trim` (which the benchmark calls before measuring memory) still returns it.
 """
 
