@@ -11,6 +11,9 @@ stayed the same. Rows go to a JSONL as they are measured (a rerun resumes); the 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import statistics
 import subprocess
 import sys
 import time
@@ -24,12 +27,12 @@ import matplotlib.pyplot as plt
 
 from draftapprox.eval import ruler
 from draftapprox.eval.answer_log import Results, read
-from draftapprox.generation import encode, generate, new_state
+from draftapprox.generation import Prepared, encode, generate_prepared, new_state, prepare
 from draftapprox.kernels.probe import cpu_name
 from draftapprox.markdown import publish, table
 from draftapprox.methods import FullKV, make
 from draftapprox.models.loading import load_pair, precision
-from draftapprox.speculative import parse
+from draftapprox.speculative import Drafter, parse
 
 CODE_PROMPTS = (
     "Write a Python function that parses an ISO 8601 date string into a timezone-aware datetime, with a "
@@ -73,18 +76,32 @@ def measure(args) -> None:
             continue
         state = new_state(pair, ids, new)  # one prefill and lookahead per prompt, shared by its methods
         for label, proposals in todo:
-            result = generate(pair, ids, method_of(label), max_new_tokens=new, state=state, chat=False,
-                              speculative=parse(proposals))
+            prepared = prepare(pair, ids, method_of(label), max_new_tokens=new, state=state,
+                               speculative=parse(proposals))
+            runs = [generate_prepared(pair, copied(prepared)) for _ in range(args.repeats)]
+            result = runs[0]
+            if any(r.tokens != result.tokens for r in runs):
+                raise SystemExit(f"{pid} {label}: the repeats decoded different tokens")
+            seconds = statistics.median(r.record.timings["decode"] for r in runs)
             record = result.record
             results.append({"key": f"{pid}|{label}|{proposals}", "prompt": pid, "kind": kind, "length": n,
                             "method": label, "proposals": proposals, "tokens": result.tokens,
-                            "new_tokens": record.new_tokens, "decode_seconds": record.timings["decode"],
+                            "new_tokens": record.new_tokens, "decode_seconds": seconds,
+                            "decode_runs": [r.record.timings["decode"] for r in runs],
                             "proposed": record.proposed_tokens, "accepted": record.accepted_tokens,
                             "kv_bytes_kept": record.kv_bytes_kept, "kv_bytes_draft": record.kv_bytes_draft,
                             "env": env, "finished": time.time()})
             print(f"{pid} {label} speculative={proposals}: {record.new_tokens} tokens, "
-                  f"{record.new_tokens / record.timings['decode']:.1f} tokens/s, "
+                  f"{record.new_tokens / seconds:.1f} tokens/s, "
                   f"{record.accepted_tokens}/{record.proposed_tokens} accepted", flush=True)
+
+
+def copied(p: Prepared) -> Prepared:
+    """A prepared request with a cache (and a drafter) of its own: decoding takes over what it is given, so each
+    repeat decodes a copy of the same prepared request."""
+    drafter = p.drafter and Drafter(p.drafter.model, copy.deepcopy(p.drafter.cache), p.drafter.n,
+                                    list(p.drafter.chain), p.drafter.eos_ids)
+    return dataclasses.replace(p, cache=copy.deepcopy(p.cache), drafter=drafter)
 
 
 def report(args) -> None:
@@ -133,14 +150,15 @@ def report(args) -> None:
     env = rows[0]["env"]
     intro = [f"Decode speed at batch 1 with the draft proposing tokens (`speculative`) against decoding without "
              f"it, on {env['cpu']}; target {env['target']}, draft {env['draft']}, commit {env['commit']}. "
-             "Decode seconds are the record's (from the first new token to the last); tokens/s weights every prompt "
-             "by its tokens. RULER answers run to their end of sequence (a few to tens of tokens); the code "
+             "Decode seconds are the record's (from the first new token to the last), the median of "
+             f"{args.repeats} decodes of the same prepared request; tokens/s weights every prompt by its tokens. "
+             "RULER answers run to their end of sequence (a few to tens of tokens); the code "
              f"prompts to {args.code_new_tokens} tokens. A prompt's methods share its prefill and the draft's "
              "lookahead, as `eval` shares them.", ""]
     summary = ["Cells under their target: " + ("; ".join(misses) if misses else "none") + "."]
     command = ("python scripts/speculative_decode.py --raw " + str(args.raw) + " --out " + str(args.out)
                + f" --lengths {','.join(map(str, args.lengths))} --tasks {','.join(args.tasks)}"
-               + f" --samples {args.samples} --proposals {','.join(args.proposals)}")
+               + f" --samples {args.samples} --proposals {','.join(args.proposals)} --repeats {args.repeats}")
     args.out.mkdir(parents=True, exist_ok=True)
     publish(args.out / "README.md", intro, command, body + summary)
     _plot(cells, kinds, args.methods, settings, args.out / "speedup.png", env["cpu"])
@@ -182,6 +200,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--new-tokens", type=int, default=64, help="RULER answers' limit (most end sooner)")
     parser.add_argument("--code-new-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--repeats", type=int, default=3, help="decodes of each prepared request; the median counts")
     parser.add_argument("--raw", type=Path, default=Path("docs/results/raw/speculative-cpu.jsonl"))
     parser.add_argument("--out", type=Path, default=Path("docs/results/speculative"))
     parser.add_argument("--min-speedup", type=float, default=1.3)

@@ -95,7 +95,7 @@ def test_batched_decode_script_decodes_every_answer_both_ways(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     text = page.read_text()
     assert "13 answers to one" in text and "| one at a time |" in text and "| together (groups of " in text
-    assert "Identical tokens, batched against one at a time:" in text
+    assert "Identical tokens, batched against one at a time: 13 of 13 answers." in text
 
 
 def test_isa_benchmark_measures_each_level_resumes_and_reports(tmp_path):

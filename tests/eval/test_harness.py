@@ -113,8 +113,8 @@ def test_batched_decoding_writes_the_same_answers_once(pair, tmp_path):
     alone, together = ({r["key"]: r for r in lines(f)} for f in (one, many))
     assert alone.keys() == together.keys()
     assert max(r["decode_batch"] for r in together.values()) > 1 and all(r["seconds"] > 0 for r in together.values())
-    same = sum(alone[k]["prediction"] == together[k]["prediction"] for k in alone)
-    assert same >= 8  # float32 rounding may flip a near-tie of the random tiny model, rarely
+    differ = [k for k in alone if alone[k]["prediction"] != together[k]["prediction"]]
+    assert not differ, differ  # the server's batches are held to the same: one answer, decoded alone or together
     assert harness.run(pair, jobs(), TASKS, [1024], 1, many, progress=False, decode_batch=4) == 0
 
 

@@ -2,6 +2,7 @@
 and the driver must score them into rows, resume, and refuse what it cannot run."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,18 +110,33 @@ def test_press_settings_are_passed_on_and_named_in_the_method(tokenizer, fake_kv
 
 
 REFERENCE = """
-if r["method"] == "specpc":
-    kept = r["ours"] if r["ratio"] < 0.5 else r["ours"][1:] + [r["ours"][0] + 1]  # one position differs
+import sys, torch
+sys.path.insert(0, ROOT)
+from tests.conftest import tiny_model
+from tests.reference import specpc_positions, speckv_keep
+ids = torch.tensor([r["input_ids"]])
+n = ids.shape[1]
+if r["method"] == "specpc":  # the specification's SpecPC on the test's draft, not our selection
+    draft = tiny_model("qwen2", layers=3, heads=4, kv_heads=4, seed=1, attn="eager")
+    kept = specpc_positions(draft, ids, r["budget"], r["window"], r["kernel"], r["kernel"], r["start_layer"])
+    if r["ratio"] >= 0.5:  # the reporting of a difference: one position swapped
+        kept = kept[1:] + [min(set(range(n)) - set(kept))]
     row = {"kept": kept, "lookahead_ids": None}
-else:  # the reference reports its top-k without the window; at the larger budget one head differs
-    n, w = len(r["input_ids"]), r["window"]
-    kept = [[[p for p in head if p < n - w - 1] for head in layer] for layer in r["ours"]]
-    if r["budget"] > 64:
+else:  # the specification's SpecKV on the test's models, with the draft's greedy answer from transformers
+    draft = tiny_model("qwen2", layers=2, heads=4, kv_heads=2, seed=1, attn="eager")
+    target = tiny_model("qwen2", layers=3, heads=4, kv_heads=2, seed=2, attn="eager")
+    length = len(r["lookahead_ids"])
+    tokens = draft.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=length, do_sample=False,
+                            min_new_tokens=length)[:, n:]
+    w = r["window"]
+    keep = speckv_keep(target, ids, tokens, r["budget"], w, r["kernel"], r["pool"], r["reduction"])
+    kept = [[sorted(p for p in head if p < n - w - 1) for head in layer] for layer in keep]  # its top-k alone
+    if r["budget"] > 64:  # the reporting of a difference: one position of one head swapped
         kept[0][0] = kept[0][0][1:] + [min(set(range(n - w - 1)) - set(kept[0][0]))]
-    tokens = r["lookahead_ids"] if r["budget"] > 64 else r["lookahead_ids"][:-1] + [0]
-    row = {"kept": kept, "lookahead_ids": tokens}
+    reported = tokens[0].tolist() if r["budget"] > 64 else tokens[0].tolist()[:-1] + [0]
+    row = {"kept": kept, "lookahead_ids": reported}
 row.update(seconds=0.5, versions={"transformers": "4.51.3"})
-"""
+""".replace("ROOT", repr(str(Path(__file__).resolve().parents[2])))
 
 
 @pytest.fixture

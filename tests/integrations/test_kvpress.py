@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,13 +232,13 @@ def test_the_kvpress_example_runs_as_written():
 
 
 @pytest.mark.real
-def test_the_readmes_kvpress_example_runs(real_pair):
+def test_the_integration_guides_kvpress_example_runs(real_pair):
     from draftapprox.examples import ANSWER, long_prompt
-    from tests.test_readme import README
 
-    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    guide = Path(__file__).resolve().parents[2] / "docs" / "guides" / "integrations.md"
+    block = next(b for b in re.findall(r"```python\n(.*?)```", guide.read_text(), flags=re.S)
                  if "integrations.kvpress" in b)
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(compile(block, str(README), "exec"), {"pair": real_pair, "long_prompt": long_prompt})
+    with contextlib.redirect_stdout(printed):  # the page's first block loads `pair` and imports `long_prompt`
+        exec(compile(block, str(guide), "exec"), {"pair": real_pair, "long_prompt": long_prompt})
     assert ANSWER in printed.getvalue(), printed.getvalue()

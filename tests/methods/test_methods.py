@@ -100,6 +100,7 @@ def test_prompt_budgets_are_honoured_exactly(pair, name):
 def test_every_method_generates_and_is_deterministic(qwen_pair, name):
     ids = prompt_ids(N)
     first = da.generate(qwen_pair, ids, small(name, 48), max_new_tokens=6)
+    torch.manual_seed(12345)  # a method that drew from the global generator would now draw other numbers
     again = da.generate(qwen_pair, ids, small(name, 48), max_new_tokens=6)
     assert first.tokens == again.tokens and 1 <= len(first.tokens) <= 6
     record = first.record
@@ -254,3 +255,43 @@ def test_a_ratio_below_the_window_keeps_the_window_and_says_so(qwen_pair):
     assert da.generate(qwen_pair, prompt_ids(N), da.SnapKV(0.5, window=32), max_new_tokens=2).record.budget_note is None
     with pytest.raises(ConfigError, match="larger than the budget"):
         da.SnapKV(16, window=32)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_documents_each_of_its_knobs_itself(name):
+    """A reader of one method's class finds every knob there (meaning and default), not in a base class."""
+    import dataclasses
+
+    cls = METHODS[name]
+    own = cls.__dict__.get("__doc__") or ""
+    assert "Knobs:" in own, f"{cls.__name__} has no Knobs section of its own"
+    knobs = own.split("Knobs:", 1)[1]
+    for field in dataclasses.fields(cls):
+        assert f"`{field.name}`" in knobs, f"{cls.__name__} does not document `{field.name}`"
+
+
+def test_every_method_answers_the_same_in_another_process(qwen_pair):
+    """Another process (other hash seed, fresh global generators, models built anew) writes the same tokens for
+    every method: nothing hangs on process state (set order, `id`s, an unseeded draw)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = {name: da.generate(qwen_pair, prompt_ids(N), small(name, 48), max_new_tokens=6).tokens
+            for name in sorted(METHODS)}
+    code = ("import json, draftapprox as da\n"
+            "from tests.conftest import prompt_ids, tiny_model, tiny_tokenizer\n"
+            "from tests.methods.test_methods import N, small\n"
+            "from draftapprox.methods import METHODS\n"
+            "from draftapprox.models.loading import pair_from_models\n"
+            "pair = pair_from_models(tiny_model('qwen2', layers=4, seed=0), tiny_tokenizer(),\n"
+            "                        tiny_model('qwen2', layers=3, heads=4, kv_heads=4, seed=1))\n"
+            "print(json.dumps({n: da.generate(pair, prompt_ids(N), small(n, 48), max_new_tokens=6).tokens\n"
+            "                  for n in sorted(METHODS)}))\n")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONHASHSEED": "97"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == here

@@ -72,7 +72,9 @@ def test_dtypes_auto_int8_and_a_cheaper_draft(tmp_path, monkeypatch):
     from draftapprox.models import loading
 
     target, draft = save(tmp_path, "t"), save(tmp_path, "d", layers=2)
-    assert 0.05 < loading.bf16_gemm_speedup() < 20  # the real probe: a ratio of two measured rates
+    speedup = loading.bf16_gemm_speedup()  # the real probe: the ratio of two rates measured here
+    assert speedup > 0 and loading.native_cpu_bf16() == ((loading.kernels.has("avx512_bf16")
+                                                         or loading.kernels.has("amx_bf16")) and speedup > 1.1)
     monkeypatch.setattr(loading.kernels, "has", lambda feature: False)  # no native bfloat16: emulated
     monkeypatch.setattr(loading.kernels, "vectorised", lambda: True)
     # emulated bfloat16 is slower than float32: weights in bfloat16, products in float32 where the kernel is

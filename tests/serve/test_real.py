@@ -22,8 +22,8 @@ from draftapprox.serve.scheduler import Scheduler
 from .conftest import running
 
 pytestmark = pytest.mark.real
-README = Path(__file__).resolve().parents[2] / "README.md"
-MODEL = "qwen2.5-coder-1.5b-instruct"  # the name the README's example sends
+SERVING = Path(__file__).resolve().parents[2] / "docs" / "guides" / "serving.md"
+MODEL = "qwen2.5-coder-1.5b-instruct"  # the name the serving guide's example sends
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
@@ -63,12 +63,12 @@ def real_server(real_pair):
         yield url, messages
 
 
-def test_the_readme_server_example_runs_and_finds_the_fact(real_server):
+def test_the_serving_guide_example_runs_and_finds_the_fact(real_server):
     url, _ = real_server
-    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "OpenAI(" in b)
+    block = next(b for b in re.findall(r"```python\n(.*?)```", SERVING.read_text(), flags=re.S) if "OpenAI(" in b)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(block.replace("http://127.0.0.1:8000/v1", url), str(README), "exec"), {})
+        exec(compile(block.replace("http://127.0.0.1:8000/v1", url), str(SERVING), "exec"), {})
     lines = out.getvalue().splitlines()
     assert ANSWER in lines[0], lines
     prompt_tokens, kept = map(int, lines[1].split())

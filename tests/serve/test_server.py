@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import httpx
 import openai
 import pytest
 
+from draftapprox.generation import DecodeBatch
 from draftapprox.methods import SpecPC
 
 from .conftest import MODEL, running, tiny_service, wait_for, words
@@ -251,9 +253,16 @@ def test_batched_answers_equal_answers_served_alone(server):
     assert together == alone
 
 
-def test_a_client_that_goes_away_has_its_work_cancelled_and_its_cache_freed(server):
+def test_a_client_that_goes_away_has_its_work_cancelled_and_its_cache_freed(server, monkeypatch):
     url, service = server
     scheduler = service.backend.scheduler
+    step = DecodeBatch.step
+
+    def slowed(self):  # every step a few milliseconds: the answers below cannot end before their client leaves
+        time.sleep(0.005)
+        return step(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", slowed)
     stream = client(url).completions.create(model=MODEL, prompt=words(100), max_tokens=1500, stream=True,
                                             extra_body={"draftapprox": {"method": "fullkv"}, "ignore_eos": True})
     for i, _ in enumerate(stream):
@@ -261,13 +270,13 @@ def test_a_client_that_goes_away_has_its_work_cancelled_and_its_cache_freed(serv
             break
     assert scheduler.held_bytes() > 0
     stream.close()
-    assert wait_for(lambda: scheduler.held_bytes() == 0 and not scheduler._running)
+    assert wait_for(lambda: scheduler.held_bytes() == 0 and not scheduler._running, 120)
     # and without streaming: the request's timeout is the client's
     with pytest.raises(openai.APITimeoutError):
         client(url, timeout=1.0).completions.create(model=MODEL, prompt=words(100), max_tokens=1800,
                                                      extra_body={"draftapprox": {"method": "fullkv"},
                                                                  "ignore_eos": True})
-    assert wait_for(lambda: scheduler.held_bytes() == 0 and not scheduler._running)
+    assert wait_for(lambda: scheduler.held_bytes() == 0 and not scheduler._running, 120)
 
 
 def test_a_burst_beyond_the_queue_gets_429_with_retry_after():

@@ -17,8 +17,16 @@ from .snapkv import SnapKV
 
 @dataclass
 class AdaKV(KVMethod):
-    """`scorer`: whose scores to allocate (its own budget is ignored); `alpha`: per-head floor, as a fraction of
-    the uniform share (kvpress's `alpha_safeguard`, default 0.2). Total pairs per layer are exactly G x budget."""
+    """A scorer's pairs chosen jointly across a layer's KV heads, so heads keep different numbers of pairs; the cache
+    holds them ragged (`cache.HeadwiseLayer`). Each layer keeps exactly KV heads x budget pairs.
+
+    Knobs:
+        `budget`: KV pairs kept per KV head, an int; or a float in (0, 1], that share of the prompt (never below
+            `window`). A budget at or above the prompt keeps every pair. Default 256.
+        `scorer`: the KV method whose scores are allocated (its own budget is ignored). Default `SnapKV()`.
+        `alpha`: each head's floor, as a share of the uniform share (kvpress's `alpha_safeguard`); in [0, 1].
+            Default 0.2.
+    """
 
     scorer: ScorerKV = field(default_factory=SnapKV)
     alpha: float = 0.2

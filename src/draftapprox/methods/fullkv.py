@@ -9,7 +9,11 @@ from .base import KVMethod
 
 @dataclass
 class FullKV(KVMethod):
-    """The budget is ignored; generation decodes from the uncompressed prefill cache."""
+    """No compression: the target decodes from the uncompressed prefill cache (the ceiling).
+
+    Knobs:
+        `budget`: ignored (accepted so that every method takes one).
+    """
 
     name = "fullkv"
     summary = "no compression: the uncompressed KV cache (ceiling)"

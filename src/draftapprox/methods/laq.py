@@ -17,8 +17,23 @@ from .speckv import SpecKV
 
 @dataclass
 class LAQ(SpecKV):
-    """The self-lookahead decodes `lookahead` tokens (None: max_new_tokens) from SnapKV at the same budget,
-    window, kernel, pool and reduction; the SpecKV stage is unchanged."""
+    """SpecKV whose lookahead is the target's own answer, decoded from a SnapKV cache at the same budget, window,
+    kernel, pool and reduction (no draft); the SpecKV stage is unchanged.
+
+    Knobs:
+        `budget`: KV pairs kept per KV head, an int; or a float in (0, 1], that share of the prompt (never below
+            `window`). A budget at or above the prompt keeps every pair. Default 256.
+        `window`: the last `window` prompt positions; their queries score every earlier pair, and their own pairs
+            are always kept. At least 1, at most the budget. Default 32.
+        `kernel`: width of the pooling over positions that spreads a pair's score to its neighbours before the
+            top-k; odd. Default 7.
+        `pool`: `max` or `avg` pooling. Default `max`.
+        `reduction`: how the scores of a KV head's query heads and query rows combine: `max` or `mean`. Default `max`.
+        `lookahead`: tokens the target writes from its SnapKV cache; None: the request's `max_new_tokens`.
+            Default None.
+        `sparse_prefill`, `prefill_window`, `prefill_vertical`: SpecKV's; refused here (the self-lookahead
+            decodes from the dense prefill).
+    """
 
     name = "laq"
     summary = "SpecKV with the target's own answer from a SnapKV cache as the lookahead (no draft)"

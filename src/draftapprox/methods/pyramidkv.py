@@ -14,7 +14,20 @@ from .snapkv import SnapKV
 
 @dataclass
 class PyramidKV(SnapKV):
-    """`beta`: the top layer gets `(C - window) / beta` non-window slots; the mean over layers stays exactly C."""
+    """SnapKV's scores with budgets that shrink linearly from the bottom layer to the top one, their mean exactly the
+    budget.
+
+    Knobs:
+        `budget`: KV pairs kept per KV head, an int; or a float in (0, 1], that share of the prompt (never below
+            `window`). A budget at or above the prompt keeps every pair. Default 256. (the mean over layers)
+        `window`: the last `window` prompt positions; their queries score every earlier pair, and their own pairs
+            are always kept. At least 1, at most the budget. Default 32.
+        `kernel`: width of the pooling over positions that spreads a pair's score to its neighbours before the
+            top-k; odd. Default 7.
+        `pool`: `max` or `avg` pooling. Default `max`.
+        `reduction`: how the scores of a KV head's query heads and query rows combine: `max` or `mean`. Default `max`.
+        `beta`: the top layer gets `(budget - window) / beta` non-window slots; > 1. Default 20.
+    """
 
     beta: float = 20.0
     name = "pyramidkv"

@@ -13,6 +13,16 @@ from .base import PromptMethod, positive
 
 @dataclass
 class RandomPC(PromptMethod):
+    """The last `window` prompt tokens plus others drawn at random: the floor a prompt method must beat.
+
+    Knobs:
+        `budget`: prompt tokens kept, an int; or a float in (0, 1], that share of the prompt (never below `window`).
+            A budget at or above the prompt keeps it whole. Default 256.
+        `keep_positions`: the kept tokens keep their original position ids (the target continues from the prompt's
+            length) instead of being renumbered 0..C-1 as the reference does. Default False.
+        `window`: the last tokens always kept. Default 64.
+        `seed`: the draw's seed (the same prompt and seed keep the same tokens). Default 0.
+    """
     window: int = 64
     seed: int = 0
     name = "randompc"

@@ -12,6 +12,14 @@ from .base import PromptMethod
 
 @dataclass
 class RecencyPC(PromptMethod):
+    """The last `budget` prompt tokens: the floor a prompt method must beat.
+
+    Knobs:
+        `budget`: prompt tokens kept, an int; or a float in (0, 1], that share of the prompt (never below `window`).
+            A budget at or above the prompt keeps it whole. Default 256.
+        `keep_positions`: the kept tokens keep their original position ids (the target continues from the prompt's
+            length) instead of being renumbered 0..C-1 as the reference does. Default False.
+    """
     name = "recencypc"
     summary = "the last `budget` prompt tokens (floor)"
 

@@ -18,16 +18,30 @@ from .scorer import ScorerKV, Scores
 
 @dataclass
 class SpecKV(ScorerKV):
-    """`lookahead`: draft tokens (None: the request's max_new_tokens, the reference default).
+    """The draft writes an approximate answer; the top pairs per KV head by the attention that the prompt's tail and
+    that answer pay them are kept.
 
     Window queries are the last `window + 1` prompt positions and every draft token; candidates are positions
     `< n - window - 1`; positions `n-window-1 .. n-2` are kept and the last prompt token is fed again on the
     compressed cache. The draft tokens run through the target on top of the shared prompt cache (the cheaper
     order the spec allows) and their pairs are discarded afterwards.
 
-    `sparse_prefill` (the paper's sparse prefill, off by default as in our accuracy grid): for prompts longer than
-    `prefill_window + prefill_vertical`, the target prefills prompt and draft tokens in one forward whose attention
-    is vertical-slash sparse (`sparse.VerticalSlash`), the columns picked per layer from these same scores.
+    Knobs:
+        `budget`: KV pairs kept per KV head, an int; or a float in (0, 1], that share of the prompt (never below
+            `window`). A budget at or above the prompt keeps every pair. Default 256.
+        `window`: the last `window` prompt positions; their queries score every earlier pair, and their own pairs
+            are always kept. At least 1, at most the budget. Default 32.
+        `kernel`: width of the pooling over positions that spreads a pair's score to its neighbours before the
+            top-k; odd. Default 7.
+        `pool`: `max` or `avg` pooling. Default `max`.
+        `reduction`: how the scores of a KV head's query heads and query rows combine: `max` or `mean`. Default `max`.
+        `lookahead`: draft tokens whose queries also score the prompt (the draft's greedy answer); None: the
+            request's `max_new_tokens`, as the reference. Default None.
+        `sparse_prefill`: the paper's sparse prefill: for prompts longer than `prefill_window + prefill_vertical`,
+            the target prefills prompt and draft tokens in one forward whose attention is vertical-slash sparse
+            (`sparse.VerticalSlash`), its columns picked per layer from these same scores. Default False.
+        `prefill_window`: the slash (recent) positions every query of that prefill sees. Default 2048.
+        `prefill_vertical`: the vertical (chosen) columns every query of that prefill sees. Default 2048.
     """
 
     lookahead: int | None = None

@@ -13,10 +13,19 @@ from .specpc import SpecPC
 
 @dataclass
 class SpecKVPC(Method):
-    """`budget`: KV pairs per head after SpecKV; `prompt_budget`: tokens kept by SpecPC (paper: 2048).
+    """SpecKV-PC: SpecPC cuts the prompt to `prompt_budget` tokens, then SpecKV keeps `budget` pairs per KV head of
+    what is left, reusing the draft tokens SpecPC wrote.
 
-    The SpecPC stage uses `kernel=neighbors=pc_kernel` (paper: 32) and writes `lookahead` draft tokens
-    (None: the request's max_new_tokens), whose attention it records and which SpecKV reuses.
+    Knobs:
+        `budget`: KV pairs kept per KV head, an int; or a float in (0, 1], that share of the prompt (never below
+            `window`). A budget at or above the prompt keeps every pair. Default 256. (after SpecKV)
+        `prompt_budget`: tokens SpecPC keeps (int, or a share of the prompt). Default 2048 (the paper's).
+        `pc_window`: SpecPC's window. Default 64.
+        `pc_kernel`: SpecPC's pooling width and neighbours (the paper: 32). Default 32.
+        `pc_start_layer`: SpecPC's first draft layer. Default 8.
+        `lookahead`: draft tokens written once and used by both stages; None: `max_new_tokens`. Default None.
+        `window`: SpecKV's window. Default 32.
+        `kernel`: SpecKV's pooling width; odd. Default 7.
     """
 
     prompt_budget: int | float = 2048

@@ -15,8 +15,24 @@ from .base import PromptMethod, choice, positive
 
 @dataclass
 class SpecPC(PromptMethod):
-    """Reference defaults: `window=64`, `lookahead=1` (prefill attention only: no decoding step), `pool=max`,
-    `kernel=64`, `neighbors=kernel`, `reduction=max`, `start_layer=8`, `weighted=True` (window rows weighted 0..1).
+    """The draft's attention over the prompt ranks its tokens; the top ones and their neighbours reach the target,
+    which can be any engine.
+
+    Knobs:
+        `budget`: prompt tokens kept, an int; or a float in (0, 1], that share of the prompt (never below `window`).
+            A budget at or above the prompt keeps it whole. Default 256.
+        `keep_positions`: the kept tokens keep their original position ids (the target continues from the prompt's
+            length) instead of being renumbered 0..C-1 as the reference does. Default False.
+        `window`: the last `window` prompt tokens; their queries (and the lookahead's) score the prompt, and they
+            are always kept. Default 64.
+        `lookahead`: draft tokens written, whose queries also score the prompt; 1: the prefill's attention alone,
+            no decoding step (the reference default). Default 1.
+        `pool`: `max` or `avg` pooling. Default `max`.
+        `kernel`: width of the pooling over positions; odd. Default 64.
+        `neighbors`: tokens kept on each side of a chosen one; None: `kernel`. Default None.
+        `reduction`: how layers, heads and query rows combine: `max` or `mean`. Default `max`.
+        `start_layer`: the first draft layer whose attention counts (the lowest ones attend broadly). Default 8.
+        `weighted`: window rows weighted 0..1 by recency, lookahead rows 1. Default True.
     """
 
     window: int = 64

@@ -14,10 +14,22 @@ from .base import PromptMethod, odd_kernel, positive
 
 @dataclass
 class SpecPrefill(PromptMethod):
-    """Defaults are the authors' released configuration (`look_ahead_cnt=8`, `pool_kernel_size=13`,
-    `chunk_size=32`): per layer and head, softmax over the prompt of the last prompt position and the lookahead
-    tokens, average-pooled; max over layers and heads, mean over lookahead steps; chunks ranked by mean score.
-    The budget is cut to exactly `C` tokens (the authors keep whole chunks, ceil(C / chunk) of them)."""
+    """Prompt chunks ranked by the draft's lookahead attention (the authors' SpecPrefill), kept tokens at their
+    original positions.
+
+    Per layer and head, the softmax over the prompt of the last prompt position and the lookahead tokens is
+    average-pooled; the max over layers and heads, the mean over lookahead steps; chunks are ranked by mean score.
+    The budget is cut to exactly `C` tokens (the authors keep whole chunks, ceil(C / chunk) of them).
+
+    Knobs:
+        `budget`: prompt tokens kept, an int; or a float in (0, 1], that share of the prompt . A budget at or above
+            the prompt keeps it whole. Default 256.
+        `lookahead`: draft tokens written whose queries score the prompt (`look_ahead_cnt`). Default 8.
+        `kernel`: width of the average pooling (`pool_kernel_size`); odd. Default 13.
+        `chunk`: tokens a ranked chunk holds (`chunk_size`). Default 32.
+        `keep_positions`: the kept tokens keep their original position ids (the target continues from the prompt's
+            length) instead of being renumbered 0..C-1 as the reference does. Default True.
+    """
 
     lookahead: int = 8
     kernel: int = 13

@@ -14,6 +14,14 @@ from .base import KVMethod, KVSelection, positive
 
 @dataclass
 class StreamingLLM(KVMethod):
+    """The first `sinks` prompt positions (attention sinks) and the most recent ones, up to the budget.
+
+    Knobs:
+        `budget`: KV pairs kept per KV head, an int; or a float in (0, 1], that share of the prompt (never below
+            `window`). A budget at or above the prompt keeps every pair. Default 256.
+        `sinks`: leading positions always kept, at least 0 and below the budget. Default 4.
+    """
+
     sinks: int = 4
     name = "streamingllm"
     summary = "first `sinks` tokens + the most recent ones; no scores"

@@ -56,19 +56,35 @@ class Lookahead:
 
 @dataclass
 class VeriSpecKV(ScorerKV):
-    """`verify`: the target checks the draft's answer and keeps it up to its first rejected token; `redraft`:
-    rounds in which the draft rewrites its answer from the target's token there; `correct`: target tokens written
-    from the last rejection on (0: none); `lookahead`: draft tokens (None: max_new_tokens).
-    `share`: fraction of the non-window slots kept for the prompt tail's own top pairs; `gate`: `none` (the share
-    as given), `agreement` (the share times the fraction of the draft the target rejected) or `margin` (times the
-    draft's mean doubt, 1 - top-1 + top-2 probability). `normalize`: `none` (SpecKV's max over raw attention),
-    `mass` (the mean of each source's per-head distribution) or `rank` (the max of each source's rank
-    percentile). `allocation`: `uniform` (the top pairs of every KV head) or `adaptive` (AdaKV, floor `alpha`).
-    `union`: the draft's whole first answer scores the prompt too, beside the verified lookahead.
+    """SpecKV whose draft answer the target verifies before it scores the prompt (see the module docstring).
+
     The defaults are what the development study chose (docs/results/robust-speckv.md): the verification with one
-    rewrite and 8 target tokens, union, AdaKV's allocation and `window=8`, a window sized for budgets of 64-256
-    rather than SpecKV's 32, which takes a quarter of a 128 budget. With `verify=False, redraft=0, correct=0,
-    union=False, allocation=uniform, window=32` it is SpecKV exactly."""
+    rewrite and 8 target tokens, union, AdaKV's allocation and `window=8`, a window sized for budgets of 64-256.
+    With `verify=False, redraft=0, correct=0, union=False, allocation=uniform, window=32` it is SpecKV exactly.
+
+    Knobs:
+        `budget`: KV pairs kept per KV head, an int; or a float in (0, 1], that share of the prompt (never below
+            `window`). A budget at or above the prompt keeps every pair. Default 256.
+        `window`: the last `window` prompt positions; their queries score every earlier pair, and their own pairs
+            are always kept. At least 1, at most the budget. Default 8.
+        `kernel`: width of the pooling over positions that spreads a pair's score to its neighbours before the
+            top-k; odd. Default 7.
+        `pool`: `max` or `avg` pooling. Default `max`.
+        `reduction`: how the scores of a KV head's query heads and query rows combine: `max` or `mean`. Default `max`.
+        `verify`: the target checks the draft's answer and keeps it up to its first rejected token. Default True.
+        `redraft`: rounds in which the draft rewrites its answer from the target's token at the rejection; >= 0.
+            Default 1.
+        `correct`: target tokens written from the last rejection on (0: none). Default 8.
+        `lookahead`: draft tokens; None: the request's `max_new_tokens`. Default None.
+        `share`: share of the non-window slots given to the prompt tail's own top pairs, in [0, 1]. Default 0.
+        `gate`: how the share is scaled: `none` (as given), `agreement` (times the share of the draft the target
+            rejected) or `margin` (times the draft's mean doubt, 1 - top-1 + top-2 probability). Default `none`.
+        `normalize`: how the two sources combine: `none` (SpecKV's max over raw attention), `mass` (the mean of each
+            source's per-head distribution) or `rank` (the max of each source's rank percentile). Default `none`.
+        `allocation`: `uniform` (the top pairs of every KV head) or `adaptive` (AdaKV). Default `adaptive`.
+        `alpha`: AdaKV's per-head floor, as a share of the uniform share; in [0, 1]. Default 0.2.
+        `union`: the draft's whole first answer scores the prompt too, beside the verified lookahead. Default True.
+    """
 
     window: int = 8
     verify: bool = True
