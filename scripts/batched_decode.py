@@ -16,9 +16,9 @@ from pathlib import Path
 
 from draftapprox.eval import ruler
 from draftapprox.generation import generate_batched, generate_prepared, new_state, prepare
-from draftapprox.markdown import splice, table
 from draftapprox.methods import FullKV, make
 from draftapprox.models.loading import load_pair, precision
+from draftapprox.report_pages import splice, table
 
 METHODS = ("streamingllm", "snapkv", "pyramidkv", "adakv", "speckv", "adaspeckv")
 

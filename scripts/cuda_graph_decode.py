@@ -20,9 +20,9 @@ import torch
 from draftapprox.eval import ruler
 from draftapprox.eval.answer_log import Results, read
 from draftapprox.generation import DecodeBatch, prepare, twin
-from draftapprox.markdown import publish, table
 from draftapprox.methods import FullKV, make
 from draftapprox.models.loading import load_pair, precision
+from draftapprox.report_pages import publish, table
 from draftapprox.static_decode import WARMUP_STEPS
 
 METHODS = {"fullkv": lambda: FullKV(), "speckv@256": lambda: make("speckv", 256, lookahead=32)}

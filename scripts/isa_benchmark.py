@@ -166,7 +166,7 @@ def _mark(value: float, limit: float) -> str:
 
 
 def report(args) -> None:
-    from draftapprox.markdown import publish, table
+    from draftapprox.report_pages import publish, table
 
     rows = _rows(args.jsonl)
     engine = {(r["env"]["level"], r["key"].split("|")[1], r["length"]): r for r in rows if r["what"] == "engine"}

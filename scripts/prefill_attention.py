@@ -24,10 +24,10 @@ from draftapprox.eval import ruler
 from draftapprox.forward import forward
 from draftapprox.generation import compress_prompt, new_state
 from draftapprox.kernels.probe import best
-from draftapprox.markdown import publish, table
 from draftapprox.methods import make
 from draftapprox.models.loading import load_pair, precision
 from draftapprox.models.rates import gemm_rate
+from draftapprox.report_pages import publish, table
 
 
 def _shapes(model) -> tuple[int, int, int]:

@@ -22,9 +22,9 @@ from draftapprox.cache import new_cache, reserve
 from draftapprox.eval import ruler
 from draftapprox.forward import forward
 from draftapprox.generation import compress_prompt, new_state
-from draftapprox.markdown import splice, table
 from draftapprox.methods import make
 from draftapprox.models.loading import load_pair, precision
+from draftapprox.report_pages import splice, table
 
 GROUPS = {
     "matrix multiplies": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "draftapprox::linear_bf16",

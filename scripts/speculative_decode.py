@@ -29,9 +29,9 @@ from draftapprox.eval import ruler
 from draftapprox.eval.answer_log import Results, read
 from draftapprox.generation import Prepared, encode, generate_prepared, new_state, prepare
 from draftapprox.kernels.probe import cpu_name
-from draftapprox.markdown import publish, table
 from draftapprox.methods import FullKV, make
 from draftapprox.models.loading import load_pair, precision
+from draftapprox.report_pages import publish, table
 from draftapprox.speculative import Drafter, parse
 
 CODE_PROMPTS = (

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from draftapprox.cli import main
-from draftapprox.markdown import START
+from draftapprox.report_pages import START
 
 from .conftest import save_tiny, tiny_model, tiny_tokenizer
 

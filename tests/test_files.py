@@ -3,7 +3,7 @@
 import pytest
 
 from draftapprox.errors import InputError
-from draftapprox.files import check_writable_folder, replace_generated, write_atomic
+from draftapprox.safe_write import check_writable_folder, replace_generated, write_atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

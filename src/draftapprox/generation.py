@@ -29,11 +29,11 @@ from .cache import (
     shallow_copy,
 )
 from .capture import QueryCapture, check_captured
-from .draft import PromptState
 from .errors import ConfigError, InputError
 from .forward import forward
 from .methods import METHODS, FullKV, KVMethod, Method, PromptMethod, SpecKVPC
 from .models.loading import Pair
+from .prompt_state import PromptState
 from .speculative import Drafter
 from .static_decode import StaticDecode
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .draft import PromptState
 from .errors import ConfigError, InputError
 from .generation import compress_prompt, new_state
 from .methods import Method, PromptMethod, SpecPC, make
 from .models.loading import Pair
+from .prompt_state import PromptState
 
 
 def select(state: PromptState, method: PromptMethod, protected: set[int], keep: int | None = None) -> list[int]:

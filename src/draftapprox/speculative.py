@@ -22,9 +22,9 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from .cache import cache_length, kv_bytes, new_cache, rewind_cache, shallow_copy
-from .draft import PromptState
 from .errors import ConfigError
 from .forward import forward
+from .prompt_state import PromptState
 
 AUTO = "auto"
 MAX_AUTO = 8

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from draftapprox.cli import app, run
-from draftapprox.markdown import END, START
+from draftapprox.report_pages import END, START
 
 
 class Tripwire(Exception):
@@ -224,7 +224,7 @@ def test_an_internal_error_is_one_line_naming_its_log_and_debug_prints_it(monkey
 
 
 def test_a_report_file_of_ours_is_spliced_and_a_foreign_one_refused(tmp_path):
-    from draftapprox.markdown import splice
+    from draftapprox.report_pages import splice
 
     ours = tmp_path / "ours.md"
     ours.write_text(f"# Title\n\nprose\n\n{START}\nold\n{END}\nafter\n")

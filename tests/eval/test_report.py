@@ -7,7 +7,7 @@ import pytest
 
 from draftapprox.errors import InputError
 from draftapprox.eval import report
-from draftapprox.markdown import END, START
+from draftapprox.report_pages import END, START
 
 FIXTURE = [
     # (method, budget, task, scores)

@@ -11,7 +11,7 @@ from draftapprox.bench import report
 from draftapprox.bench.targets import load
 from draftapprox.errors import InputError
 from draftapprox.eval import study
-from draftapprox.markdown import END, START
+from draftapprox.report_pages import END, START
 
 TASKS = ("niah_single_1", "vt")
 

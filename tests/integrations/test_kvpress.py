@@ -19,10 +19,10 @@ from transformers import DynamicCache  # noqa: E402
 
 import draftapprox as da  # noqa: E402
 from draftapprox.cache import compress_cache  # noqa: E402
-from draftapprox.draft import greedy_from  # noqa: E402
 from draftapprox.forward import forward  # noqa: E402
 from draftapprox.generation import new_state, prefill  # noqa: E402
 from draftapprox.integrations.kvpress import AdaSpecKVPress, SpecKVPress  # noqa: E402
+from draftapprox.prompt_state import greedy_from  # noqa: E402
 from tests.conftest import prompt_ids, tiny_model, tiny_tokenizer  # noqa: E402
 
 N, RATIO, WINDOW, LOOKAHEAD = 80, 0.75, 4, 6

@@ -17,9 +17,9 @@ from ..eval import ruler
 from ..eval.answer_log import Results
 from ..eval.peers import compression_ratio, drive
 from ..generation import apply_kv, new_state, prefill
-from ..markdown import publish, table
 from ..methods import SnapKV
 from ..models.loading import Pair
+from ..report_pages import publish, table
 
 TASK = "niah_single_2"  # any prompt serves: the work depends on the length only
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from ..eval import ruler
 from ..generation import compress_prompt, new_state
-from ..markdown import publish, table
 from ..methods import make
 from ..models.loading import Pair, load_model, precision
+from ..report_pages import publish, table
 
 
 def measure(draft: str | None, dtypes: list[str], against: str, tasks: list[str], length: int, samples: int,

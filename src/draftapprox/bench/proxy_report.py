@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..eval.answer_log import read
-from ..files import save_figure
-from ..markdown import publish, table
+from ..report_pages import publish, table
+from ..safe_write import save_figure
 
 NAMES = {"llamacpp": "llama.cpp (xllamacpp)", "vllm": "vLLM-CPU"}
 TARGETS = {

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..eval.report import read_keyed
-from ..files import save_figure
-from ..markdown import splice, table
+from ..report_pages import splice, table
+from ..safe_write import save_figure
 from .run import DRAFT_LIMIT, DRAFT_PREFILL, FLOORS, TARGET_LIMIT, TARGET_PREFILL
 
 PHASES = ("draft", "self_lookahead", "target_scoring", "scoring", "target_prefill", "target_lookahead",

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..eval.answer_log import read
-from ..files import save_figure
-from ..markdown import splice, table
+from ..report_pages import splice, table
+from ..safe_write import save_figure
 
 MIB = 2**20
 POOL = 512 * MIB  # the pool the fit table and the target use

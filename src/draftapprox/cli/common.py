@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from ..errors import ConfigError, InputError
-from ..files import check_writable_folder
+from ..safe_write import check_writable_folder
 
 app = typer.Typer(help="Draft-based approximate inference (SpecKV, SpecPC) for long-context LLMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -143,7 +143,7 @@ def check_output(path: Path, fields: tuple[str, ...] = ("key",)) -> None:
 
 def check_report_file(path: Path, option: str) -> None:
     """A markdown report to splice into, before any work: absent, or a report of ours (it has the markers)."""
-    from ..markdown import is_report
+    from ..report_pages import is_report
 
     if path.is_dir():
         raise InputError(f"{option} {path} is a folder; give a .md file")

@@ -166,7 +166,7 @@ def eval_diff(
     """List the prompts where two methods' answers scored differently, the largest loss first, with the expected
     answer and the draft's: the first thing to read when a method falls short."""
     from ..eval import report
-    from ..markdown import splice
+    from ..report_pages import splice
 
     require_files(inputs)
     if out is not None:

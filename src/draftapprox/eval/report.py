@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InputError
-from ..files import check_writable_folder, replace_generated, save_figure
-from ..markdown import splice
+from ..report_pages import splice
+from ..safe_write import check_writable_folder, replace_generated, save_figure
 from .answer_log import ANSWER_FIELDS, label_of
 from .metrics import bootstrap_mean_over_tasks, mean
 from .ruler import TASKS

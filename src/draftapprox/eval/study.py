@@ -16,8 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import InputError
-from ..files import replace_generated, save_figure
-from ..markdown import is_report, splice, table
+from ..report_pages import is_report, splice, table
+from ..safe_write import replace_generated, save_figure
 from .harness import parse_method
 from .metrics import bootstrap_mean_over_tasks
 from .report import load, paired_difference, write_csv

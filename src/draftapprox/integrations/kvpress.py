@@ -35,11 +35,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..cache import compress_cache, shallow_copy
 from ..capture import PREFIX, QueryCapture, check_captured, decoder_layers, prepare, scope
-from ..draft import PromptState
 from ..errors import ConfigError, InputError
 from ..forward import forward
 from ..methods import AdaSpecKV, SpecKV
 from ..methods.scorer import ScorerKV
+from ..prompt_state import PromptState
 
 try:
     from kvpress import BasePress

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..draft import PromptState
 from ..errors import ConfigError
+from ..prompt_state import PromptState
 from ..scoring import adaptive_mask
 from .base import KVMethod, KVSelection
 from .scorer import ScorerKV, Scores, select_with

@@ -18,8 +18,8 @@ from typing import ClassVar
 import torch
 from transformers import DynamicCache
 
-from ..draft import PromptState
 from ..errors import ConfigError
+from ..prompt_state import PromptState
 
 
 @dataclass

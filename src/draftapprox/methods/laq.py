@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import compress_cache
-from ..draft import PromptState, greedy_from
 from ..errors import ConfigError
+from ..prompt_state import PromptState, greedy_from
 from .snapkv import SnapKV
 from .speckv import SpecKV
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..draft import PromptState
+from ..prompt_state import PromptState
 from .base import PromptMethod
 
 

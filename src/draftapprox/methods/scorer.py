@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from ..draft import PromptState
+from ..prompt_state import PromptState
 from ..scoring import kv_head_scores, topk_mask, window_probs
 from .base import KVMethod, KVSelection, choice, odd_kernel, positive
 

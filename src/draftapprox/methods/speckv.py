@@ -9,8 +9,8 @@ import torch
 
 from ..cache import new_cache, truncate_cache
 from ..capture import QueryCapture, check_captured
-from ..draft import PromptState
 from ..forward import forward
+from ..prompt_state import PromptState
 from ..sparse import VerticalSlash
 from .base import positive
 from .scorer import ScorerKV, Scores

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from ..draft import PromptState, token_scores
+from ..prompt_state import PromptState, token_scores
 from ..scoring import reduce, specpc_select
 from .base import PromptMethod, choice, positive
 

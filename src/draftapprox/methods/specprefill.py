@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..draft import PromptState, token_scores
+from ..prompt_state import PromptState, token_scores
 from ..scoring import chunk_select, pool1d
 from .base import PromptMethod, odd_kernel, positive
 

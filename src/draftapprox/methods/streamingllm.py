@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from ..capture import decoder_layers
-from ..draft import PromptState
 from ..errors import ConfigError
+from ..prompt_state import PromptState
 from .base import KVMethod, KVSelection, positive
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel
 
-from ..draft import PromptState
+from ..prompt_state import PromptState
 from .specpc import SpecPC
 
 
@@ -37,7 +37,7 @@ class TargetPC(SpecPC):
     @property
     def rows(self) -> int:
         """Without lookahead tokens its window rows are those of the target's own prefill, so a shared prefill
-        that captures them serves it too (`draft.token_scores`)."""
+        that captures them serves it too (`prompt_state.token_scores`)."""
         return self.window if self.lookahead <= 1 else 0
 
     def scorer_model(self, state: PromptState) -> PreTrainedModel:

@@ -25,9 +25,9 @@ import torch
 
 from ..cache import new_cache, shallow_copy, truncate_cache
 from ..capture import QueryCapture, check_captured
-from ..draft import PromptState, greedy_from
 from ..errors import ConfigError
 from ..forward import forward
+from ..prompt_state import PromptState, greedy_from
 from ..scoring import adaptive_mask, rank, topk_mask
 from .base import choice, positive
 from .scorer import ScorerKV, Scores

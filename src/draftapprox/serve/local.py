@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from ..generation import Result
 from .events import Delta, Failed, Finished
 from .protocol import ApiError
+from .request import Work, poll
 from .scheduler import Done, Job, Rejected, Scheduler, Token
-from .work import Work, poll
 
 
 class TextStream:

@@ -28,7 +28,7 @@ from ..speculative import parse as parse_speculative
 from .events import Delta, Failed, Finished
 from .metrics import Metrics
 from .protocol import ApiError, Options, error_body, with_specprefill
-from .work import Disconnected, Work
+from .request import Disconnected, Work
 
 
 class Backend(Protocol):

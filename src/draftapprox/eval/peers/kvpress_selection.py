@@ -20,9 +20,9 @@ import torch
 
 from ...errors import ConfigError, InputError
 from ...generation import new_state, prefill
-from ...markdown import publish, table
 from ...methods import AdaKV, KVMethod, PyramidKV, SnapKV, StreamingLLM
 from ...methods.scorer import ScorerKV, select_with
+from ...report_pages import publish, table
 from .. import ruler
 from ..answer_log import Results, answer_key
 from ..harness import samples

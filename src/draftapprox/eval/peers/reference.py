@@ -19,9 +19,9 @@ import torch
 
 from ...errors import InputError
 from ...generation import compress_prompt, new_state, prefill
-from ...markdown import publish, table
 from ...methods import SpecKV, SpecPC
 from ...methods.scorer import select_with
+from ...report_pages import publish, table
 from .. import ruler
 from ..answer_log import Results, answer_key
 from ..harness import samples

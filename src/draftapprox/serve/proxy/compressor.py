@@ -25,7 +25,7 @@ from ...methods import PromptMethod
 from ...models.loading import Pair
 from ..metrics import Metrics
 from ..protocol import ApiError
-from ..work import Disconnected, poll
+from ..request import Disconnected, poll
 
 log = logging.getLogger("draftapprox.serve")
 

@@ -1,4 +1,5 @@
-"""What the draft model contributes: greedy lookahead tokens and its attention over the prompt.
+"""A prompt's shared state, which every method reads: the target's prefill and captured queries, and what the
+draft contributes (its greedy lookahead tokens, its cache, its attention over the prompt).
 
 One draft run serves every method that agrees on it: `PromptState.lookahead` memoises the greedy tokens, so SpecPC
 (writing `L` tokens while it records attention), SpecKV, Ada-SpecKV and SpecKV-PC on the same prompt pay once.

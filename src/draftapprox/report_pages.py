@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .files import replace_generated
+from .safe_write import replace_generated
 
 START, END = "<!-- generated tables: start -->", "<!-- generated tables: end -->"
 
