@@ -292,3 +292,13 @@ def test_a_check_of_several_tokens_gives_each_the_bits_of_a_one_token_step(layou
     checked = forward(pair.target, ids_new, copy.deepcopy(cache), positions, compressed=True, every=True,
                       rows_apart=True)
     assert torch.equal(sequential, checked)
+
+
+def test_auto_reads_a_batch_size_it_has_not_measured_from_the_nearest_one_it_has():
+    """A batch of four that has not stepped yet must not look free next to a measured draft forward: its step is
+    estimated from the measured batch of one, in seconds, and speculation that cannot pay is not chosen."""
+    costs = speculation.Costs(draft_ratio=0.33)
+    costs.saw_step(1, 1, 0.065)
+    costs.saw_draft(1, 0.024)
+    assert 0.06 < costs.step(4, 1) < 0.1 and costs.step(4, 3) > costs.step(4, 1)
+    assert speculation.choose_width(costs, 4, [(0.6, 0, 64, None)] * 4) == 0

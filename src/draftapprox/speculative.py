@@ -161,12 +161,17 @@ class Costs:
             self.draft = each if self.draft is None else 0.7 * self.draft + 0.3 * each
 
     def step(self, rows: int, width: int) -> float:
-        """A target step's seconds (in units of a one-token step where nothing of this batch size is measured)."""
+        """A target step's seconds: measured, else from this batch size's other widths, else from the nearest
+        batch size measured (a step reads the weights once, and each token it feeds adds `WIDTH_PRIOR` of that);
+        in units of a one-token step only while nothing at all is measured."""
         if (rows, width) in self.steps:
             return self.steps[rows, width]
         measured = sorted((w, s) for (r, w), s in self.steps.items() if r == rows)
         if not measured:
-            return 1 + WIDTH_PRIOR * rows * (width - 1)
+            if not self.steps:
+                return 1 + WIDTH_PRIOR * (rows * width - 1)
+            (r0, w0), s0 = min(self.steps.items(), key=lambda item: (abs(item[0][0] - rows), item[0][1]))
+            return s0 / (1 + WIDTH_PRIOR * (r0 * w0 - 1)) * (1 + WIDTH_PRIOR * (rows * width - 1))
         w0, s0 = measured[0]
         base = s0 / (1 + WIDTH_PRIOR * rows * (w0 - 1))
         if len(measured) > 1 and measured[-1][0] > w0:
