@@ -35,6 +35,9 @@ PRIOR_ACCEPTED, PRIOR_PROPOSED = 1.5, 2.0
 """The acceptance rate a sequence starts from (0.75), worth two proposals of evidence."""
 DECAY = 0.8
 """Weight the acceptance counts keep at each step: the rate follows the draft's recent agreement."""
+PAYS = 1.1
+"""How much more `auto` must expect of proposing, in tokens per second, than of none: its cost model leaves out what
+it cannot measure (a draft forward's Python, a batch's padding), so a promise within a tenth is not taken."""
 WIDTH_PRIOR = 0.04
 """Until measured, each extra token a target step checks adds this share of a one-token step (decoding is bound by
 reading the weights, which the extra tokens share)."""
@@ -189,7 +192,7 @@ def choose_width(costs: Costs, rows: int, candidates: list[tuple[float, int, int
     """How many tokens the `auto` sequences propose this step (0 to `MAX_AUTO`): the number with the most tokens
     per second over the whole step. `candidates` holds, per sequence, (acceptance rate, free proposals, most it may
     propose, its fixed proposal count or None for auto)."""
-    best, best_rate = 0, 0.0
+    best, best_rate, plain = 0, 0.0, None
     for k in range(MAX_AUTO + 1):
         tokens = drafting = 0.0
         width = 1
@@ -199,6 +202,7 @@ def choose_width(costs: Costs, rows: int, candidates: list[tuple[float, int, int
             drafting += max(0, own - free) * costs.draft_forward()
             width = max(width, own + 1)
         per_second = tokens / (drafting + costs.step(rows, width))
-        if per_second > best_rate * 1.0001:
+        plain = per_second if plain is None else plain
+        if per_second > best_rate * 1.0001 and (k == 0 or per_second >= plain * PAYS):
             best, best_rate = k, per_second
     return best
