@@ -18,7 +18,9 @@ from pathlib import Path
 from draftapprox.kernels.probe import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMAND = ["draftapprox", "generate", "--example", "-m", "speckv", "-b", "0.25", "--chat", "--json"]
+BESIDE = Path(sys.executable).parent / "draftapprox"  # this environment's command, activated or not
+COMMAND = [str(BESIDE) if BESIDE.exists() else "draftapprox", "generate", "--example", "-m", "speckv", "-b", "0.25",
+           "--chat", "--json"]
 PAGES = (ROOT / "README.md", ROOT / "docs" / "getting-started.md")
 START, END = "<!-- quickstart: start -->", "<!-- quickstart: end -->"
 SHOWN = ("text", "method", "prompt_tokens", "budget_tokens", "kv_bytes_full", "kv_bytes_kept", "new_tokens")

