@@ -37,7 +37,7 @@ def _measure(pair, first, batch_size: int, steps: int, static: bool) -> dict:
         began = time.perf_counter()
         out = batch.step()  # picking the tokens reads them back: every step ends synchronised
         seconds.append(time.perf_counter() - began)
-        tokens.append(out[0].token)
+        tokens.extend(out[0].tokens)
     timed = seconds[WARMUP_STEPS + 1:]  # the first steps stack the caches, warm up and capture
     step = statistics.median(timed)
     return {"step_seconds": seconds, "median_step": step, "tokens_per_second": batch_size / step,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from draftapprox.bench import report, run
+from draftapprox.bench.targets import load
 from draftapprox.errors import DraftApproxError, InputError
 from draftapprox.eval.answer_log import read
 
@@ -69,7 +71,8 @@ def test_bench_measures_every_job_and_length_once_and_reports(models, tmp_path):
         assert floor["prompt_tokens"] == int(0.25 * full["prompt_tokens"]) and floor["decode_per_token"] is None
     assert run.run(jobs, settings(models), out, progress=False) == 0  # resumed: nothing left to measure
 
-    written = report.write([out], tmp_path / "docs", command="draftapprox bench ...")
+    goals = load(Path(__file__).parents[2] / "scripts" / "targets" / "performance.toml", report.TARGETS)
+    written = report.write([out], tmp_path / "docs", command="draftapprox bench ...", goals=goals)
     text = written[0].read_text()
     assert "| fullkv | " in text and "(1.00x)" in text and "`draftapprox bench ...`" in text
     assert f"{pc_label} first token / (draft prefill + target prefill of kept)" in text

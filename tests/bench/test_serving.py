@@ -47,7 +47,7 @@ def test_bench_serve_measures_resumes_and_reports(folders, tmp_path, monkeypatch
     assert sorted(str(r["prefill_chunk"]) for r in rows if r["kind"] == "stall") == ["16", "auto"]
     text = (report / "serving.md").read_text()
     assert "### 512-token prompts" in text and "| speckv@256 | 2 |" in text and "### Targets" in text
-    assert "SpecKV@256 holds >= 10x" in text and "| auto |" in text
+    assert "SpecKV@256 holds FullKV's concurrent requests in 512 MiB >= 10x" in text and "| auto |" in text
     assert (report / "serving-throughput.png").stat().st_size > 0 and (report / "serving-stall.png").exists()
     capsys.readouterr()
     run(monkeypatch, *common)  # everything is there: nothing is measured again
