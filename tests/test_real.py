@@ -45,10 +45,10 @@ def test_cli_reports_speckv_bytes_in_proportion_to_the_budget(monkeypatch, capsy
 
 def test_speculative_decoding_keeps_the_greedy_answer_and_the_draft_is_taken(real_pair, haystack):
     """On the real pair the coder draft agrees with its target on most tokens of a code answer; on the haystack
-    prompt the draft methods' lookahead chains are reused. Every answer stays token for token the same."""
+    prompt SpecKV's lookahead chain is reused. Every answer stays token for token the same (the benchmark,
+    scripts/speculative_decode.py, checks every method on its RULER prompts)."""
     code = "Write a Python function that returns the n-th Fibonacci number, with a docstring."
-    for prompt, method, new in ((code, da.FullKV(), 48), (haystack, da.SpecKV(0.25), 12),
-                                (haystack, da.VeriSpecKV(128), 12), (haystack, da.SpecPC(0.25), 12)):
+    for prompt, method, new in ((code, da.FullKV(), 48), (haystack, da.SpecKV(0.25), 12)):
         plain = da.generate(real_pair, prompt, method, max_new_tokens=new, chat=True)
         for proposals in (4, "auto"):
             fast = da.generate(real_pair, prompt, method, max_new_tokens=new, chat=True, speculative=proposals)
