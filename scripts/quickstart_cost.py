@@ -16,6 +16,7 @@ from datetime import date
 from pathlib import Path
 
 from draftapprox.kernels.probe import cpu_name
+from draftapprox.report_pages import splice
 
 ROOT = Path(__file__).resolve().parents[1]
 BESIDE = Path(sys.executable).parent / "draftapprox"  # this environment's command, activated or not
@@ -40,9 +41,7 @@ def main() -> int:
             "`python scripts/quickstart_cost.py` measures it again). It printed, among the record's other keys:"
             "\n\n```json\n" + json.dumps({k: record[k] for k in SHOWN}) + "\n```")
     for page in PAGES:
-        content = page.read_text()
-        head, rest = content.split(START, 1)
-        page.write_text(f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
+        splice(page, text, (START, END))
     print(text)
     return 0
 

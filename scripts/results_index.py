@@ -15,6 +15,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from draftapprox.report_pages import splice, table
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 ACCURACY_METHODS = [("fullkv", ""), ("draft", ""), ("snapkv", "256"), ("adakv", "256"), ("speckv", "256"),
@@ -68,10 +70,6 @@ MACHINES = [
 
 def git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return [f"| {' | '.join(header)} |", "|" + "---|" * len(header), *(f"| {' | '.join(r)} |" for r in rows)]
 
 
 def accuracy() -> list[str]:
@@ -152,12 +150,6 @@ def machines() -> list[str]:
                  [[cpu, features, auto, f"[{page.split('/')[0]}]({page})"] for cpu, features, auto, page in MACHINES])
 
 
-def splice(path: Path, start: str, end: str, lines: list[str]) -> None:
-    text = path.read_text()
-    head, rest = text.split(start, 1)
-    path.write_text(head + start + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
-
-
 def main() -> int:
     accuracy_table, engine_table, speculative_table = accuracy(), engine(), speculative()
     engine_cpu = "AMD EPYC (Zen 4, AVX-512 BF16), 2 cores"
@@ -177,7 +169,7 @@ def main() -> int:
         "Superseded pages (an earlier engine) are kept under [archive/](archive/profile.md), each with a banner "
         "naming what replaced it.",
     ]
-    splice(RESULTS / "index.md", "<!-- index: start -->", "<!-- index: end -->", index)
+    splice(RESULTS / "index.md", "\n".join(index), ("<!-- index: start -->", "<!-- index: end -->"))
     rows = {r.split(" | ")[0].strip("| "): r for r in accuracy_table[2:]}
     speed = {r.split(" | ")[0].strip("| "): r for r in engine_table[2:]}
     pick = [("fullkv", "FullKV", "FullKV"), ("speckv@256", "SpecKV@256", "SpecKV@256"),
@@ -193,10 +185,9 @@ def main() -> int:
                 f"([engine](docs/results/{ENGINE_PAGE})); speculative decoding makes FullKV decode code {rate} as fast "
                 "([speculative](docs/results/speculative/README.md)). All of it: "
                 "[results](docs/results/index.md).", "",
-                "| method | RULER 2k | RULER 4k (6 tasks) | first token s, 4k (x vLLM-CPU) | decode ms/token, 4k "
-                "(x vLLM-CPU) |",
-                "|---|---|---|---|---|", *(f"| {' | '.join(r)} |" for r in body)]
-    splice(ROOT / "README.md", "<!-- headline: start -->", "<!-- headline: end -->", headline)
+                *table(["method", "RULER 2k", "RULER 4k (6 tasks)", "first token s, 4k (x vLLM-CPU)",
+                        "decode ms/token, 4k (x vLLM-CPU)"], body)]
+    splice(ROOT / "README.md", "\n".join(headline), ("<!-- headline: start -->", "<!-- headline: end -->"))
     print("wrote docs/results/index.md and the README's headline")
     return 0
 

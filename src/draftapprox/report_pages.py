@@ -9,21 +9,23 @@ from .safe_write import replace_generated
 START, END = "<!-- generated tables: start -->", "<!-- generated tables: end -->"
 
 
-def is_report(text: str) -> bool:
-    """Whether `text` is a report of ours: it holds the generated-tables markers."""
-    return START in text and END in text
+def is_report(text: str, markers: tuple[str, str] = (START, END)) -> bool:
+    """Whether `text` is a report of ours: it holds the generated-tables markers (or the `markers` given)."""
+    return markers[0] in text and markers[1] in text
 
 
-def splice(path: Path, generated: str) -> None:
+def splice(path: Path, generated: str, markers: tuple[str, str] = (START, END)) -> None:
     """Write the tables; in an existing report, replace only what is between the markers, so the prose written
-    around them survives a regeneration. A file without the markers is not ours and is refused, untouched."""
-    block = f"{START}\n{generated}\n{END}\n"
+    around them survives a regeneration. A file without the markers is not ours and is refused, untouched.
+    `markers`: another pair, for a page that holds more than one generated block (the README)."""
+    start, end = markers
+    block = f"{start}\n{generated}\n{end}\n"
     if path.is_file():
         text = path.read_text(errors="replace")
-        if is_report(text):
-            head, rest = text.split(START, 1)
-            block = head + block + rest.split(END, 1)[1].lstrip("\n")
-    replace_generated(path, block, is_report)
+        if is_report(text, markers):
+            head, rest = text.split(start, 1)
+            block = head + block + rest.split(end, 1)[1].lstrip("\n")
+    replace_generated(path, block, lambda text: is_report(text, markers))
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
