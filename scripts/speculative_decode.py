@@ -32,7 +32,7 @@ from draftapprox.kernels.probe import cpu_name
 from draftapprox.methods import FullKV, make
 from draftapprox.models.loading import load_pair, precision
 from draftapprox.report_pages import publish, table
-from draftapprox.speculative import Drafter, parse
+from draftapprox.speculative import parse
 
 CODE_PROMPTS = (
     "Write a Python function that parses an ISO 8601 date string into a timezone-aware datetime, with a "
@@ -98,10 +98,8 @@ def measure(args) -> None:
 
 def copied(p: Prepared) -> Prepared:
     """A prepared request with a cache (and a drafter) of its own: decoding takes over what it is given, so each
-    repeat decodes a copy of the same prepared request."""
-    drafter = p.drafter and Drafter(p.drafter.model, copy.deepcopy(p.drafter.cache), p.drafter.n,
-                                    list(p.drafter.chain), p.drafter.eos_ids)
-    return dataclasses.replace(p, cache=copy.deepcopy(p.cache), drafter=drafter)
+    repeat decodes a copy of the same prepared request, in the cache's own layout (not `twin`'s batch layout)."""
+    return dataclasses.replace(p, cache=copy.deepcopy(p.cache), drafter=p.drafter and p.drafter.copy())
 
 
 def report(args) -> None:

@@ -302,3 +302,12 @@ def test_auto_reads_a_batch_size_it_has_not_measured_from_the_nearest_one_it_has
     costs.saw_draft(1, 0.024)
     assert 0.06 < costs.step(4, 1) < 0.1 and costs.step(4, 3) > costs.step(4, 1)
     assert speculation.choose_width(costs, 4, [(0.6, 0, 64, None)] * 4) == 0
+
+
+def test_a_twin_of_a_speculating_request_drafts_with_a_drafter_of_its_own(close_pair):
+    from draftapprox.generation import generate_prepared, twin
+
+    first = prepare(close_pair, prompt_ids(100, seed=40), max_new_tokens=20, ignore_eos=True, speculative=3)
+    other = twin(first)
+    assert other.drafter is not first.drafter and other.drafter.cache is not first.drafter.cache
+    assert generate_prepared(close_pair, other).tokens == generate_prepared(close_pair, first).tokens

@@ -322,9 +322,9 @@ def finish(pair: Pair, prepared: Prepared, tokens: list[int], reason: str, decod
 
 
 def twin(p: Prepared) -> Prepared:
-    """Another request identical to `p`, with a copy of its cache (a batch takes over the cache of what joins it):
-    how a benchmark fills a batch from one prepared prompt."""
-    return dataclasses.replace(p, cache=batch_caches([p.cache]))
+    """Another request identical to `p`, with a copy of its cache (a batch takes over the cache of what joins it)
+    and of its drafter: how a benchmark fills a batch from one prepared prompt."""
+    return dataclasses.replace(p, cache=batch_caches([p.cache]), drafter=p.drafter and p.drafter.copy())
 
 
 def generate(pair: Pair, prompt: str | torch.Tensor, method: Method | None = None, *, max_new_tokens: int = 64,
@@ -360,7 +360,7 @@ def generate_batched(pair: Pair, prepared: list[Prepared], max_batch: int = 32,
     """
     if max_batch < 1:
         raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
-    weights = sum(t.numel() * t.element_size() for t in pair.target.parameters())
+    weights = _weight_bytes(pair.target)
     per_token = kv_bytes_per_token(pair.target)
     lengths = [cache_length(p.cache) for p in prepared]
     group: list[int] = []
@@ -371,6 +371,11 @@ def generate_batched(pair: Pair, prepared: list[Prepared], max_batch: int = 32,
         group.append(i)
     if group:
         yield from _decode_group(pair, prepared, group, static)
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters: what a decode step reads."""
+    return sum(t.numel() * t.element_size() for t in model.parameters())
 
 
 def _decode_group(pair: Pair, prepared: list[Prepared], group: list[int],
@@ -530,9 +535,7 @@ class DecodeBatch:
         if not speculating:
             return [[] for _ in members]
         if self._costs is None:
-            weights = [sum(t.numel() * t.element_size() for t in model.parameters())
-                       for model in (self.pair.draft, self.pair.target)]
-            self._costs = speculation.Costs(weights[0] / weights[1])
+            self._costs = speculation.Costs(_weight_bytes(self.pair.draft) / _weight_bytes(self.pair.target))
         room = [m.prepared.max_new_tokens - len(m.tokens) for m in members]
         width = 0
         if any(m.prepared.record.speculative == speculation.AUTO for m in speculating):

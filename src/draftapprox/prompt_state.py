@@ -14,7 +14,7 @@ from typing import TypeVar
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from .cache import new_cache
+from .cache import cache_length, new_cache
 from .capture import QueryCapture, check_captured, decoder_layers
 from .errors import ConfigError
 from .forward import Timings, forward
@@ -66,6 +66,16 @@ class PromptState:
             tokens = greedy(draft, self.input_ids, cache, length, self.eos_ids, margins=margins)
         self.remember_lookahead(tokens, length, margins, cache)
         return tokens
+
+    def draft_chain(self) -> tuple[list[int], DynamicCache] | None:
+        """The draft's lookahead tokens (of the first sequence) and its cache holding the prompt and every one of
+        them but the last, where a method left both; None otherwise. Speculative decoding continues from there."""
+        if self.draft_cache is None or self._lookahead is None:
+            return None
+        tokens = self._lookahead[0][0].tolist()
+        if not tokens or cache_length(self.draft_cache) != self.n + len(tokens) - 1:
+            return None
+        return tokens, self.draft_cache
 
     def lookahead_margins(self, length: int) -> torch.Tensor:
         """The draft's confidence in each of its first `length` lookahead tokens: the probability of its choice

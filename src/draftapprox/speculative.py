@@ -15,13 +15,14 @@ measured seconds of a draft forward and of a target step of each width, and prop
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from .cache import cache_length, kv_bytes, new_cache, rewind_cache, shallow_copy
+from .cache import kv_bytes, new_cache, rewind_cache, shallow_copy
 from .errors import ConfigError
 from .forward import forward
 from .prompt_state import PromptState
@@ -78,14 +79,18 @@ class Drafter:
         """The drafter of a prompt: the draft's lookahead cache and tokens where a method left them (a copy, so a
         state shared with other methods keeps its own), else a draft prefill of the prompt."""
         draft = state.require_draft("speculative decoding")
-        if state.draft_cache is not None and state._lookahead is not None:
-            tokens = state._lookahead[0][0].tolist()
-            if tokens and cache_length(state.draft_cache) == state.n + len(tokens) - 1:
-                return cls(draft, shallow_copy(state.draft_cache), state.n, tokens, state.eos_ids)
+        chain = state.draft_chain()
+        if chain is not None:
+            tokens, cache = chain
+            return cls(draft, shallow_copy(cache), state.n, tokens, state.eos_ids)
         cache = new_cache()
         with state.timings.phase("draft", draft.device):
             logits = forward(draft, state.input_ids, cache, 0)
         return cls(draft, cache, state.n, [int(logits[0].argmax())], state.eos_ids)
+
+    def copy(self) -> Drafter:
+        """A drafter of its own over a copy of this one's cache: for another request identical to this one's."""
+        return Drafter(self.model, copy.deepcopy(self.cache), self.n, list(self.chain), self.eos_ids)
 
     def free(self, written: list[int]) -> int:
         """Proposals after `written` the chain already holds (no draft forward needed)."""
