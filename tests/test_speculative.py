@@ -255,19 +255,20 @@ def test_auto_turns_off_on_a_draft_that_disagrees_and_probes_again(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["dense", "pyramid", "headwise", "batch"])
-def test_a_check_of_several_tokens_gives_each_the_bits_of_a_one_token_step(layout):
+def test_a_check_of_several_tokens_gives_each_the_bits_of_a_one_token_step(layout, isa):
     """In bfloat16 a product or an attention over five rows rounds differently from one over one row, which can
     flip a near-tie; `rows_apart` computes each row as its one-token step would, so greedy speculation takes
-    exactly the tokens decoding one at a time takes, on the engine's own bfloat16 path (packed weights too)."""
+    exactly the tokens decoding one at a time takes, on the engine's own bfloat16 path (packed weights too), at
+    every kernel level this CPU runs."""
     from draftapprox import kernels
     from draftapprox.cache import batch_caches, compress_cache
-    from draftapprox.models.compact import compact
+    from draftapprox.models.compact import compact, packable
     from draftapprox.models.fuse import fuse
 
     if not kernels.vectorised():
         pytest.skip("the bfloat16 kernels need a wide-vector build")
     target = fuse(tiny_model("qwen2", layers=3, seed=0, head_dim=32).to(torch.bfloat16))
-    pair = pair_from_models(compact(target, widen=False, pack=True), tiny_tokenizer())
+    pair = pair_from_models(compact(target, widen=False, pack=packable()), tiny_tokenizer())  # as loading packs
     ids, new = prompt_ids(120, seed=11), prompt_ids(6, seed=12)
     cache = new_cache()
     forward(pair.target, ids, cache, 0)

@@ -203,8 +203,8 @@ class BatchLayer(_TailLayer):
     """One layer of several sequences decoded together: every (sequence, KV head) keeps its own prompt pairs,
     padded to the longest with a validity mask, plus a dense tail of the tokens decoded since, which all sequences
     share in length. A sequence's tail may have holes (`forget`): speculative decoding feeds every sequence the
-    same number of tokens and takes back, per sequence, those its target rejected. `attend` replaces the model's
-    kernel: one query per sequence (decoding) or several, causal among themselves (a speculative check).
+    same number of tokens and takes back, per sequence, those its target rejected. Single-query attention only
+    (decoding; a speculative check attends one query at a time); `attend` replaces the model's kernel.
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
@@ -231,12 +231,13 @@ class BatchLayer(_TailLayer):
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
                tail_valid: torch.Tensor | None = None):
-        """Attention of `query (b, H, q, d)`, the newest `q` tail positions, over the padded prompt part and the
-        tail `key/value`, causal among the `q`; `tail_valid (t,)`, where given, masks tail positions not written
-        yet (a `StaticLayer`'s)."""
+        """Single-query attention over the padded prompt part and the tail `key/value`; `tail_valid (t,)`, where
+        given, masks tail positions not written yet (a `StaticLayer`'s)."""
         b, h, q, d = query.shape
+        if q != 1:
+            raise ValueError("a batch of compressed caches decodes one token per sequence at a time")
         g, t = self.prefix_keys.shape[1], key.shape[2]
-        rows = query.reshape(b, g, (h // g) * q, d)  # a KV head's query heads are consecutive (repeat_kv's order)
+        rows = query.view(b, g, h // g, d)  # a KV head's query heads are consecutive (repeat_kv's order)
         prefix = (rows @ self.prefix_keys.transpose(-1, -2)) * scaling
         prefix = prefix.masked_fill(~self.valid[:, :, None, :], float("-inf"))
         tail = (rows @ key.transpose(-1, -2)) * scaling
@@ -244,17 +245,12 @@ class BatchLayer(_TailLayer):
         if self.tail_valid is not None:  # (b, 1, 1, t): holes differ by sequence (`t`: a check's row sees fewer)
             own = ~self.tail_valid[:, None, None, :t]
             hidden = own if hidden is None else hidden | own
-        if q > 1:
-            newest = torch.arange(q, device=query.device)
-            causal = torch.arange(t, device=query.device)[None, :] > (t - q + newest)[:, None]  # (q, t)
-            causal = causal.repeat(h // g, 1)  # rows are (query head, query) pairs, query fastest
-            hidden = causal if hidden is None else hidden | causal
         if hidden is not None:
             tail = tail.masked_fill(hidden, float("-inf"))
         probs = torch.cat([prefix, tail], dim=-1).float().softmax(-1).to(query.dtype)
         prefix_probs, tail_probs = probs.split([prefix.shape[-1], tail.shape[-1]], dim=-1)
         out = prefix_probs @ self.prefix_values + tail_probs @ value
-        return out.reshape(b, h, q, d).transpose(1, 2).contiguous(), None
+        return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the sequences `rows` (the others finished)."""

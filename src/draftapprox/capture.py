@@ -119,11 +119,6 @@ def _make_wrapper(base: str):
                 return _rows_apart(own, query, key, value, scaling), None
             if own is not None:
                 return own.attend(query, key, value, scaling)
-            if (active.cache is not None and query.shape[2] > 1 and _plain(kwargs)
-                    and kwargs.get("sliding_window") is None):
-                # several new tokens over a compressed cache (a speculative check): they are its newest keys, and
-                # a mask built from one layer's length would be wrong for layers that hold another number
-                return causal(query, key, value, scaling), None
             if active.single_query_unmasked and query.shape[2] == 1:
                 attention_mask = None
             if query.shape[2] == 1 and attention_mask is None and _plain(kwargs):
